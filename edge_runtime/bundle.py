@@ -319,7 +319,7 @@ class Bundle:
             f"model    {m.model.id} ({m.model.family}, {m.model.num_blocks} blocks, d={m.model.hidden_size}, "
             f"task {m.model.task}/{m.model.num_labels})",
             f"split    {m.split} (head = embeddings + blocks 1..{m.split})",
-            f"backend  {', '.join(f'{b} ({m.step.get(b, "?")} step)' for b in m.backend)}",
+            "backend  " + ", ".join(f"{b} ({m.step.get(b, '?')} step)" for b in m.backend),
             f"target   {m.target.name} ({m.target.arch}, {m.target.cores} cores, {m.target.memory_mb} MB)",
             f"lora     r={m.lora.r} alpha={m.lora.alpha:g} on {', '.join(m.lora.target_modules)}; "
             f"{sum(_numel(p.shape) for p in m.trainable_parameters):,} trainable values in "
