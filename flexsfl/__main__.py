@@ -1,0 +1,5 @@
+import sys
+
+from flexsfl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,82 @@
+"""Aggregation maths as free functions over numpy arrays (no torch), tested against numpy.
+
+Layer-wise aggregation across heterogeneous split points (DESIGN.md, Algorithm step 7): for each
+block ``j``, the new global adapter is the sample-weighted mean of
+
+- the personal adapters ``θ_k^j`` of the clients whose head holds block ``j`` (``j < s_k``), each
+  weighted by its sample count ``n_k``, and
+- the server's own ``φ^j``, which the tail trained this round on the activations of the clients
+  whose head stops before ``j`` (``s_k <= j``), weighted by the sum of their samples.
+
+Tensors outside every client's head (deeper blocks, the task head) are only trained on the
+server and are left as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["ClientUpdate", "weighted_mean", "layerwise_fedavg", "fedavg"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientUpdate:
+    """What one client uploaded at the end of a round."""
+
+    params: Mapping[str, np.ndarray]  # canonical name -> tensor (its head's adapters)
+    num_samples: int  # n_k: examples it trained on this round
+    split: int  # s_k: blocks 0..s_k-1 are on the device
+
+
+def weighted_mean(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """``Σ w_i a_i / Σ w_i`` in float64, returned as float32. Weights must sum to > 0."""
+    w = np.asarray(weights, dtype=np.float64)
+    total = w.sum()
+    if not total > 0:
+        raise ValueError("weighted_mean: weights must sum to a positive number")
+    acc = np.zeros(arrays[0].shape, dtype=np.float64)
+    for a, wi in zip(arrays, w):
+        acc += wi * np.asarray(a, dtype=np.float64)
+    return (acc / total).astype(np.float32)
+
+
+def layerwise_fedavg(
+    global_params: Mapping[str, np.ndarray],
+    blocks: Mapping[str, int],
+    updates: Sequence[ClientUpdate],
+) -> dict[str, np.ndarray]:
+    """New global adapters after one FlexP-SFL round.
+
+    ``global_params``: the server's φ after this round's tail training (canonical name -> array);
+    ``blocks``: canonical name -> 0-based block (the task head maps to L); ``updates``: one per
+    client that finished the round. Returns a new dict; inputs are not modified.
+    """
+    out = dict(global_params)
+    if not updates:
+        return out
+    for name, phi in global_params.items():
+        j = blocks[name]
+        arrays, weights = [], []
+        server_weight = 0
+        for u in updates:
+            if j < u.split:
+                arrays.append(u.params[name])
+                weights.append(u.num_samples)
+            else:
+                server_weight += u.num_samples
+        if not arrays:
+            continue  # nobody trained block j on a device: φ^j is the server's alone
+        if server_weight:
+            arrays.append(phi)
+            weights.append(server_weight)
+        out[name] = weighted_mean(arrays, weights)
+    return out
+
+
+def fedavg(updates: Sequence[tuple[Mapping[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
+    """Plain FedAvg: the sample-weighted mean of every tensor all clients uploaded."""
+    names = updates[0][0].keys()
+    return {n: weighted_mean([p[n] for p, _ in updates], [k for _, k in updates]) for n in names}

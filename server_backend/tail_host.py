@@ -1,0 +1,213 @@
+"""The server's model: one global LoRA model, a tail per split point over its shared modules.
+
+:class:`TailHost` owns the global adapters ``φ`` (every block) and the task head, trains the
+tail on clients' smashed data, and hands out ``φ``'s head blocks for download. It is not thread
+safe: the server calls it from one worker thread, off the event loop.
+
+Cross-client batching: :meth:`TailHost.train_batch` runs the requests that arrived together as one
+forward/backward per split point. The objective is the *sum* of the clients' mean losses, so each
+client's ``g = ∂L_k/∂Z_k`` is exactly what it would get alone from the same weights; the tail then
+takes one optimizer step with the summed gradient instead of one step per request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from edge_runtime.errors import ConfigError
+from export.models import LoadedModel
+from export.partition import Head, Tail, block_of, build_head, build_tail, canonical_names, task_loss
+
+__all__ = ["OptimizerConfig", "StepRequest", "StepResult", "TailHost"]
+
+log = logging.getLogger("flexsfl.server.tail")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "sgd"  # "sgd" | "adamw"
+    lr: float = 1e-3
+    momentum: float = 0.0  # SGD only
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.name not in ("sgd", "adamw"):
+            raise ConfigError(f"optimizer {self.name!r} is not supported; use sgd or adamw")
+        if not self.lr > 0:
+            raise ConfigError(f"learning rate must be > 0, got {self.lr}")
+
+    def build(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        if self.name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRequest:
+    """One client's training step: smashed data and labels at its split point."""
+
+    split: int
+    z: np.ndarray  # [B, T, d] float32
+    attention_mask: np.ndarray  # [B, T] int64
+    labels: np.ndarray  # [B] (seq_cls) or [B, T] (causal_lm) int64
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    g: np.ndarray | None  # [B, T, d] float32: ∂L/∂Z; None when the request was refused
+    loss: float
+    error: str | None = None  # why the request was refused (nothing was changed by it)
+
+
+class TailHost:
+    """The global model. ``params`` maps canonical names to the live trainable tensors."""
+
+    def __init__(self, loaded: LoadedModel, optimizer: OptimizerConfig = OptimizerConfig()) -> None:
+        self.loaded = loaded
+        self.info = loaded.info
+        names = canonical_names(loaded.model)
+        self.params: dict[str, torch.nn.Parameter] = {
+            names[id(p)]: p for p in loaded.model.parameters() if p.requires_grad
+        }
+        L = self.info.num_blocks
+        self.blocks: dict[str, int] = {n: block_of(n, L) for n in self.params}
+        self.optimizer_config = optimizer
+        self.optimizer = optimizer.build(list(self.params.values()))
+        self._tails: dict[int, Tail] = {}
+        self._heads: dict[int, Head] = {}
+        self.steps = 0
+
+    # -- parts ---------------------------------------------------------------------------------
+    def tail(self, split: int) -> Tail:
+        if split not in self._tails:
+            self._tails[split] = build_tail(self.loaded, split)
+        return self._tails[split]
+
+    def head(self, split: int) -> Head:
+        if split not in self._heads:
+            self._heads[split] = build_head(self.loaded, split)
+        return self._heads[split]
+
+    def head_names(self, split: int) -> list[str]:
+        """Canonical names of ``φ``'s tensors in blocks ``0..split-1`` (what a client's head holds)."""
+        return [n for n, j in self.blocks.items() if j < split]
+
+    def head_specs(self, split: int) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(self.params[n].shape) for n in self.head_names(split)}
+
+    # -- state ---------------------------------------------------------------------------------
+    def head_params(self, split: int) -> dict[str, np.ndarray]:
+        """A copy of ``φ^{0..split-1}``: the alignment reference and initial personal adapters."""
+        return {n: self.params[n].detach().numpy().copy() for n in self.head_names(split)}
+
+    def state(self) -> dict[str, np.ndarray]:
+        """A copy of every trainable tensor (all adapters and the task head)."""
+        return {n: p.detach().numpy().copy() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Overwrite trainable tensors by name. Unknown names or shapes are an error; nothing is
+        changed unless every tensor fits."""
+        for n, a in state.items():
+            if n not in self.params:
+                raise ConfigError(f"state tensor {n!r} is not a trainable tensor of {self.info.id}")
+            if tuple(a.shape) != tuple(self.params[n].shape):
+                raise ConfigError(f"state tensor {n!r} has shape {tuple(a.shape)}, expected {tuple(self.params[n].shape)}")
+        for n, a in state.items():
+            self.params[n].copy_(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)))
+
+    # -- compute -------------------------------------------------------------------------------
+    def train_step(self, req: StepRequest) -> StepResult:
+        return self.train_batch([req])[0]
+
+    def train_batch(self, reqs: Sequence[StepRequest]) -> list[StepResult]:
+        """One optimizer step over all requests (grouped by split point).
+
+        A request whose loss is not finite is refused and takes no part in the step; if any
+        gradient comes out non-finite the whole step is refused (it would poison the shared
+        tail), and nothing changes.
+        """
+        results: list[StepResult | None] = [None] * len(reqs)
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(reqs):
+            groups.setdefault(r.split, []).append(i)
+        live = []  # (request index, z leaf, its rows, its T, its loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        for split, idx in groups.items():
+            z, mask, labels, rows = _concat([reqs[i] for i in idx], self.info.task)
+            z.requires_grad_(True)
+            logits = self.tail(split)(z, mask)
+            for i, r in zip(idx, rows):
+                loss = task_loss(logits[r], labels[r], self.info.task)
+                if math.isfinite(loss.item()):
+                    live.append((i, z, r, reqs[i].z.shape[1], loss))
+                else:
+                    results[i] = StepResult(None, math.nan, "the tail's loss is not finite for these activations")
+        if live:
+            torch.stack([loss for *_, loss in live]).sum().backward()
+            grads = {i: z.grad[r, :t].numpy().copy() for i, z, r, t, _ in live}
+            bad = {i for i, g in grads.items() if not np.isfinite(g).all()}
+            if bad:
+                for i, *_ in live:
+                    why = "the gradient for these activations is not finite" if i in bad else (
+                        "another request in the same batch was not finite; retry")
+                    results[i] = StepResult(None, math.nan, why)
+            else:
+                self.optimizer.step()
+                self.steps += 1
+                for i, *_, loss in live:
+                    results[i] = StepResult(grads[i], loss.item())
+            self.optimizer.zero_grad(set_to_none=True)
+        return results  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def predict(self, split: int, z: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Logits of the global tail for smashed data (no training)."""
+        return self.tail(split)(torch.from_numpy(z), torch.from_numpy(attention_mask)).numpy()
+
+    @torch.no_grad()
+    def predict_tokens(self, split: int, input_ids: np.ndarray, attention_mask: np.ndarray,
+                       head_params: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+        """Logits of the whole model for token ids, with optional personal head adapters swapped in
+        (for evaluating a client's personal model where the server knows the test data)."""
+        head = self.head(split)
+        ids, mask = torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
+        if head_params:
+            own = head.canonical()
+            swap = {n: torch.from_numpy(np.asarray(head_params[c], dtype=np.float32)) for n, c in own.items()}
+            z = torch.func.functional_call(head, swap, (ids, mask))
+        else:
+            z = head(ids, mask)
+        return self.tail(split)(z, mask).numpy()
+
+
+def _concat(reqs: Sequence[StepRequest], task: str):
+    """Stack requests along the batch, right-padding T with masked zeros (padding is invisible to
+    every query position that is not itself padding, so results equal running them alone)."""
+    t = max(r.z.shape[1] for r in reqs)
+    zs, masks, labels, slices = [], [], [], []
+    start = 0
+    for r in reqs:
+        b, ti, _ = r.z.shape
+        pad = t - ti
+        zs.append(np.pad(r.z, ((0, 0), (0, pad), (0, 0))))
+        masks.append(np.pad(r.attention_mask, ((0, 0), (0, pad))))
+        lab = r.labels
+        if task == "causal_lm":
+            lab = np.pad(lab, ((0, 0), (0, pad)), constant_values=-100)
+        labels.append(lab)
+        slices.append(slice(start, start + b))
+        start += b
+    if len(reqs) == 1:
+        z = torch.from_numpy(np.ascontiguousarray(reqs[0].z, dtype=np.float32)).clone()
+    else:
+        z = torch.from_numpy(np.concatenate(zs).astype(np.float32, copy=False))
+    mask = torch.from_numpy(np.concatenate(masks).astype(np.int64, copy=False))
+    lab = torch.from_numpy(np.concatenate(labels).astype(np.int64, copy=False))
+    return z, mask, lab, slices
