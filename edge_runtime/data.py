@@ -24,7 +24,7 @@ import json
 import os
 import pathlib
 import re
-import tempfile
+import secrets
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -90,21 +90,24 @@ def write_jsonl(path: str | os.PathLike, examples: Iterable[Example]) -> int:
     truncated data file behind. Parent directories are created. Returns the number written.
     """
     path = pathlib.Path(path)
+    # A unique sibling name opened with "x" (not mkstemp, which makes files 0600): the result
+    # gets the usual umask permissions.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        f = open(tmp, "x", encoding="utf-8", newline="\n")
     except OSError as e:
         raise DataError(f"{path}: cannot write ({e.strerror}); choose a writable location") from None
     n = 0
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+        with f:
             for ex in examples:
                 f.write(json.dumps({"label": ex.label, "text": ex.text}, ensure_ascii=False, sort_keys=True))
                 f.write("\n")
                 n += 1
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     return n
 
@@ -243,7 +246,9 @@ def _csv_rows(where: str, text: str) -> Iterator[tuple[int, dict[str, str]]]:
 
 
 def _jsonl_rows(where: str, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    for line, s in enumerate(text.splitlines(), start=1):
+    # JSON Lines are separated by "\n" only; str.splitlines would also cut at U+2028, U+0085...,
+    # which json.dumps(ensure_ascii=False) leaves unescaped inside strings.
+    for line, s in enumerate(text.split("\n"), start=1):
         if not s.strip():
             continue
         try:
