@@ -30,7 +30,7 @@ __all__ = ["TokenBatch", "TextEncoder"]
 
 # The exported head programs take 2 <= T <= max_seq: torch.export specializes a dynamic dim
 # whose example size is 1, so bundles never accept a single-token sequence.
-BUNDLE_MIN_SEQ = 2
+_BUNDLE_MIN_SEQ = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,7 @@ class TokenBatch:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.input_ids.shape  # type: ignore[return-value]
+        return (self.input_ids.shape[0], self.input_ids.shape[1])
 
 
 class TextEncoder:
@@ -124,7 +124,7 @@ class TextEncoder:
             max_seq=bundle.manifest.max_seq,
             pad_id=pad_id,
             fixed_length=fixed_length,
-            min_seq=min(BUNDLE_MIN_SEQ, bundle.manifest.max_seq),
+            min_seq=min(_BUNDLE_MIN_SEQ, bundle.manifest.max_seq),
         )
         if enc.vocab_size > bundle.manifest.model.vocab_size:
             raise BundleError(

@@ -183,8 +183,8 @@ class Partition:
 
     def label_skew(self) -> float:
         """Mean over clients of the total-variation distance between the client's label
-        distribution (train + test) and the whole partition's: 0 = every client looks alike,
-        1 - 1/C or more = clients hold disjoint classes."""
+        distribution (train + test) and the whole partition's. 0: every client has the overall
+        label mix; a client holding only one of C equally common classes scores 1 - 1/C."""
         counts = np.array([_counts(c.train + c.test, len(self.label_names)) for c in self.clients], dtype=np.float64)
         overall = counts.sum(0) / counts.sum()
         per = counts / np.maximum(counts.sum(1, keepdims=True), 1)
@@ -494,6 +494,9 @@ def partition_dataset(
     else:
         parts = np.array_split(rng.permutation(n), clients)
 
+    small = next((k for k, idx in enumerate(parts) if len(idx) < 2), None)
+    if small is not None:
+        raise DataError(f"{dataset.name}: client {small} would get {len(parts[small])} example(s), too few for a train and a test split; use fewer clients")
     splits = [_train_test(idx, labels, len(dataset.label_names), test_fraction, rng) for idx in parts]
     tests = [te[:max_test] for _, te in splits]
     in_test = {_key(dataset.examples[i].text) for te in tests for i in te}
@@ -502,6 +505,9 @@ def partition_dataset(
         kept = [i for i in tr if _key(dataset.examples[i].text) not in in_test]
         dropped += len(tr) - len(kept)
         trains.append(kept[:max_train])
+    empty = next((k for k, tr in enumerate(trains) if not tr), None)
+    if empty is not None:
+        raise DataError(f"{dataset.name}: every train text of client {empty} is also in some test set; use fewer clients or another seed")
     if dropped:
         log.info("%s: dropped %d train examples whose text is also in a test set", dataset.name, dropped)
 

@@ -10,6 +10,8 @@ import tarfile
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_runtime.data import Example, read_examples
 from edge_runtime.errors import ConfigError, DataError
@@ -363,3 +365,34 @@ def test_module_imports_without_torch_or_pandas():
 
     code = "import sys, server_backend.datasets; assert not {'torch', 'pandas'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    labels=st.lists(st.integers(0, 2), min_size=8, max_size=120),
+    clients=st.integers(1, 4),
+    scheme=st.sampled_from(ds.SCHEMES),
+    fraction=st.sampled_from([0.05, 0.2, 0.5, 0.9]),
+    seed=st.integers(0, 2**32),
+)
+def test_partition_invariants_on_random_small_data(labels, clients, scheme, fraction, seed):
+    # Texts repeat (i % 13) so duplicates across clients are common; groups are i % 5.
+    data = ds.Dataset(
+        name="random",
+        examples=tuple(Example(f"Text {i % 13}", y) for i, y in enumerate(labels)),
+        groups=tuple(f"g{i % 5}" for i in range(len(labels))),
+        label_names=("a", "b", "c"),
+    )
+    try:
+        part = ds.partition_dataset(data, scheme, clients, seed=seed, alpha=1.0, test_fraction=fraction)
+    except DataError as e:  # only the documented refusals
+        assert any(why in str(e) for why in ("fewer than", "cannot give", "too few for", "also in some test set"))
+        return
+    assert len(part.clients) == clients
+    train_keys = {_key(e) for c in part.clients for e in c.train}
+    assert not train_keys & {_key(e) for e in part.test}
+    used = sum(len(c.train) + len(c.test) for c in part.clients) + part.dropped_duplicates
+    assert used == len(labels)
+    for c in part.clients:
+        assert c.train and c.test  # every client can train and be evaluated
+    assert 0.0 <= part.label_skew() <= 1.0
