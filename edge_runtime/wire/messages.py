@@ -121,10 +121,12 @@ def _float(lo: float = -np.inf, *, above: bool = False) -> Check:
 
 def _text(choices: tuple[str, ...] = (), *, pattern: re.Pattern | None = None, empty: bool = True) -> Check:
     want = f"one of {', '.join(choices)}" if choices else "an identifier ([A-Za-z0-9._-], 1-128 chars)" if pattern else "a string"
+    if not empty:
+        want = "a non-empty string"
 
     def check(where: str, v: Any) -> str:
         if not _is_text(v) or (choices and v not in choices) or (pattern and not pattern.fullmatch(v)) or (not empty and not v):
-            raise _bad(where, want if empty else f"a non-empty {want}", v)
+            raise _bad(where, want, v)
         return v
 
     return check

@@ -14,12 +14,13 @@ encoding   payload dtype               payload                              deco
 ``fp32``   float32                     values as they are                   float32      exact
 ``fp16``   float16                     IEEE half, round to nearest even     float32      max(|x|·2⁻¹¹, 2⁻²⁵)
 ``bf16``   bfloat16                    top 16 bits of float32, RNE          float32      max(|x|·2⁻⁸, 2⁻¹³⁴)
-``int8``   int8                        int8 codes, then one float32 scale   float32      absmax(vector)/254
+``int8``   int8                        int8 codes, then one float32 scale   float32      absmax(vector)/254 + 2⁻¹⁴³
                                        per vector along the last dim                     (+ float32 rounding)
 =========  ==========================  ===================================  ===========  ==========================
 
-``fp16`` cannot carry ``|x| >= 65520`` (it would become Inf) and ``bf16`` cannot carry
-``|x| >= 3.3962e38``; :func:`encode` refuses such tensors instead of sending Inf.
+``fp16`` cannot carry ``|x| >= 65520`` (it would become Inf), ``bf16`` cannot carry
+``|x| >= 3.3962e38`` and ``int8`` not ``|x| > 3.37e38``; :func:`encode` refuses such tensors
+instead of sending Inf.
 bfloat16 has no numpy dtype; it travels as uint16 bit patterns.
 
 Every float tensor is checked for NaN/Inf when it is encoded and again when it is decoded
@@ -76,7 +77,14 @@ _PAYLOAD_DTYPES: dict[str, tuple[str, ...]] = {
 
 _F32 = np.dtype("<f4")
 _HEADER_KEYS = frozenset({"name", "dtype", "shape", "encoding", "nbytes"})
-_BF16_INF = 0x7F80  # bfloat16 exponent bits all set: Inf or NaN
+# Exponent bits of the 16-bit formats; all set means Inf or NaN.
+_FP16_EXP = 0x7C00
+_BF16_EXP = 0x7F80
+# Adding then subtracting 1.5 * 2**23 rounds a float32 of magnitude < 2**22 to the nearest
+# integer, ties to even (the sum has no fraction bits left): np.rint's result at a tenth of its cost.
+_ROUNDER = np.float32(1.5 * 2**23)
+# Largest int8 scale whose product with any code (-128..127) stays finite in float32.
+_INT8_MAX_SCALE = np.nextafter(np.float32(np.finfo(np.float32).max / 128), np.float32(0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,13 +198,10 @@ def _is_text(v: Any) -> bool:
     return True
 
 
-def _all_finite(a: np.ndarray) -> bool:
-    # A sum of finite values is finite unless it overflows, and any NaN/Inf makes it non-finite:
-    # so a finite sum proves the tensor finite in one cheap reduction; only a non-finite sum
-    # needs the element-wise check. Halves are summed in float32, where they cannot overflow.
-    if np.isfinite(a.sum(dtype=np.float32 if a.dtype.itemsize < 4 else None)):
-        return True
-    return bool(np.isfinite(a).all())
+def _bits_finite(bits: np.ndarray, exponent: int) -> bool:
+    """Whether no 16-bit float pattern has all ``exponent`` bits set (numpy's isfinite on
+    float16 is ten times slower than this integer check)."""
+    return not bits.size or int(np.max(bits & 0x7FFF)) < exponent
 
 
 def _non_finite(name: str, a: np.ndarray, what: str) -> TensorError:
@@ -233,7 +238,7 @@ def encode(name: str, array: np.ndarray, encoding: str) -> tuple[TensorHeader, t
         if encoding == "int8":
             dtype, parts = "int8", _quantize(name, x)
         else:
-            if not _all_finite(x):
+            if not np.isfinite(x).all():
                 raise _non_finite(name, x, "has")
             if encoding == "fp32":
                 dtype, parts = "float32", (x,)
@@ -248,8 +253,9 @@ def encode(name: str, array: np.ndarray, encoding: str) -> tuple[TensorHeader, t
 
 
 def _to_fp16(name: str, x: np.ndarray) -> np.ndarray:
-    h = x.astype("<f2")
-    if not _all_finite(h):
+    with np.errstate(over="ignore"):  # overflow is reported below, with the tensor's name
+        h = x.astype("<f2")
+    if not _bits_finite(h.view(np.uint16), _FP16_EXP):
         raise TensorError(f"tensor {name!r} has values of magnitude >= 65520, which overflow float16; use encoding bf16 or fp32")
     return h
 
@@ -264,7 +270,7 @@ def _to_bf16(name: str, x: np.ndarray) -> np.ndarray:
     r += u
     r >>= 16
     b = r.astype("<u2")
-    if b.size and int(np.max(b & 0x7FFF)) >= _BF16_INF:
+    if not _bits_finite(b, _BF16_EXP):
         raise TensorError(f"tensor {name!r} has values of magnitude >= 3.3962e38, which overflow bfloat16; use encoding fp32")
     return b
 
@@ -275,10 +281,17 @@ def _quantize(name: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     absmax = np.max(np.abs(v), axis=1, initial=0.0)  # NaN propagates, so this also checks finiteness
     if not np.isfinite(absmax).all():
         raise _non_finite(name, x, "has")
-    inv = np.divide(np.float32(127.0), absmax, out=np.zeros_like(absmax), where=absmax > 0)
-    q = np.rint(v * inv[:, None]).astype(np.int8)  # |v * inv| <= 127, so no clipping is needed
     scales = (absmax / np.float32(127.0)).astype(_F32)
-    return q, scales
+    if scales.size and scales.max() > _INT8_MAX_SCALE:
+        raise TensorError(f"tensor {name!r} has values of magnitude > 3.37e38, which overflow the int8 encoding; use encoding fp32")
+    # Codes are computed against the scale as stored, so decoding is consistent even where a
+    # tiny scale rounds to a float32 subnormal (and may round down: hence the clip). A scale of
+    # 0 (an all-zero vector, or one so tiny that absmax/127 underflows) divides by 1: codes 0.
+    q = v / np.where(scales > 0, scales, np.float32(1.0))[:, None]
+    np.clip(q, -127, 127, out=q)
+    q += _ROUNDER
+    q -= _ROUNDER
+    return q.astype(np.int8), scales
 
 
 def decode(header: TensorHeader, buffer: bytes | memoryview) -> np.ndarray:
@@ -295,8 +308,8 @@ def decode(header: TensorHeader, buffer: bytes | memoryview) -> np.ndarray:
         nvec, veclen = _vectors(shape)
         q = np.frombuffer(buffer, np.int8, count=nvec * veclen).reshape(nvec, veclen)
         scales = np.frombuffer(buffer, _F32, offset=nvec * veclen)
-        if not np.isfinite(scales).all() or (scales < 0).any():
-            raise TensorError(f"tensor {name!r}: int8 scales must be finite and >= 0", ErrorCode.NON_FINITE)
+        if not ((scales >= 0) & (scales <= _INT8_MAX_SCALE)).all():  # NaN fails both
+            raise TensorError(f"tensor {name!r}: int8 scales must be in [0, {_INT8_MAX_SCALE:.4g}] (larger ones overflow)", ErrorCode.NON_FINITE)
         out = (q * scales[:, None]).reshape(shape)
     else:
         raw = np.frombuffer(buffer, DTYPES[header.dtype]).reshape(shape)
@@ -304,18 +317,20 @@ def decode(header: TensorHeader, buffer: bytes | memoryview) -> np.ndarray:
             if header.dtype == "bool" and raw.size and int(raw.view(np.uint8).max()) > 1:
                 raise TensorError(f"tensor {name!r}: bool payload holds bytes other than 0 and 1")
             out = raw
-        elif enc == "bf16":
+        elif enc == "fp32":
+            if not np.isfinite(raw).all():
+                raise _non_finite(name, raw, "holds")
+            out = raw
+        elif enc == "fp16":
+            if not _bits_finite(raw.view(np.uint16), _FP16_EXP):
+                raise _non_finite(name, raw, "holds")
+            out = raw.astype(_F32)
+        else:  # bf16
             wide = raw.astype(np.uint32)
             wide <<= 16
             out = wide.view(_F32)
-        elif enc == "fp16":
-            if not _all_finite(raw):  # check before widening: half the memory traffic
-                raise _non_finite(name, raw, "holds")
-            out = raw.astype(_F32)
-        else:
-            out = raw
-        if enc in ("fp32", "bf16") and not _all_finite(out):
-            raise _non_finite(name, out, "holds")
+            if not _bits_finite(raw, _BF16_EXP):
+                raise _non_finite(name, out, "holds")
     if not out.flags.aligned:  # a payload after an odd-sized one; numpy copes, other consumers may not
         out = out.copy()
     out.flags.writeable = False
