@@ -1,0 +1,276 @@
+"""The device's training logic for one personal head, with no I/O.
+
+:class:`HeadTrainer` turns local examples into smashed data and applies the server's gradients;
+the websocket transport (:mod:`.transport`) moves its arrays. One step::
+
+    step = trainer.forward()              # Z = head(x; θ_k) for the next local batch
+    ... send step.z, step.attention_mask, step.labels; receive g, loss ...
+    trainer.backward(g, loss)             # G = g + λ ∂L_align/∂Z; θ_k -= optimizer(∂(Σ Z·G)/∂θ)
+
+Across rounds the trainer keeps θ_k (the personal head) unless the round's plan says otherwise
+(SplitFed starts every round from the global head), and its place in the local data. After every
+round :meth:`HeadTrainer.save` writes θ_k, the optimizer state and the data cursor to the state
+directory, so a restarted device resumes with its personal model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import time
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from .alignment import alignment_loss_and_grad
+from .backends import Backend
+from .bundle import Bundle
+from .data import Example, batches
+from .errors import ConfigError, TensorError
+from .optim import make_optimizer
+from .text import TextEncoder
+
+__all__ = ["RoundSettings", "Step", "RoundStats", "HeadTrainer"]
+
+log = logging.getLogger("flexsfl.edge.trainer")
+
+_STATE_FILE = "personal.safetensors"
+_META_FILE = "personal.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundSettings:
+    """What the server asked for this round (from RoundConfig)."""
+
+    round_id: int
+    local_steps: int
+    batch_size: int
+    lr: float
+    optimizer: str
+    align_lambda: float
+    personal: bool = True  # keep θ_k across rounds (False: start from the global head)
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One local batch after the head's forward, waiting for the server's gradient."""
+
+    z: np.ndarray  # [B, T, d] float32, the smashed data
+    attention_mask: np.ndarray  # [B, T] int64
+    labels: np.ndarray  # [B] or [B, T] int64
+
+
+@dataclasses.dataclass
+class RoundStats:
+    """Measured on the device during one round."""
+
+    steps: int = 0
+    samples: int = 0
+    loss_sum: float = 0.0
+    align_loss_sum: float = 0.0
+    forward_s: float = 0.0  # head forward(s), including the alignment reference
+    backward_s: float = 0.0  # head backward + optimizer step
+
+    def as_metrics(self) -> dict[str, float | int]:
+        n = max(self.steps, 1)
+        return {
+            "steps": self.steps,
+            "samples": self.samples,
+            "loss": self.loss_sum / n,
+            "align_loss": self.align_loss_sum / n,
+            "forward_ms": 1e3 * self.forward_s / n,
+            "backward_ms": 1e3 * self.backward_s / n,
+            "client_compute_ms": 1e3 * (self.forward_s + self.backward_s) / n,
+        }
+
+
+class HeadTrainer:
+    """Trains one personal head with a backend, on local examples."""
+
+    def __init__(self, bundle: Bundle, backend: Backend, train: Sequence[Example], test: Sequence[Example] = (),
+                 *, seed: int = 0, state_dir: str | os.PathLike | None = None, eval_batch_size: int | None = None) -> None:
+        m = bundle.manifest
+        if not train:
+            raise ConfigError("no training examples: give --data a non-empty CSV/JSONL file")
+        for where, exs in (("train", train), ("test", test)):
+            bad = next((e for e in exs if e.label >= m.model.num_labels), None)
+            if bad is not None and m.model.task == "seq_cls":
+                raise ConfigError(f"{where} data has label {bad.label}, but the model has {m.model.num_labels} classes")
+        self.bundle = bundle
+        self.backend = backend
+        self.encoder = TextEncoder.from_bundle(bundle)
+        self.train_set = list(train)
+        self.test_set = list(test)
+        self.seed = seed
+        self.task = m.model.task
+        self.eval_batch_size = min(eval_batch_size or m.max_batch, m.max_batch)
+        self.state_dir = pathlib.Path(state_dir) if state_dir else None
+        self.settings: RoundSettings | None = None
+        self.phi: dict[str, np.ndarray] | None = None  # the global head: alignment reference
+        self.has_personal = False  # θ_k has been initialised (from φ or a checkpoint)
+        self.epoch, self.position = 0, 0  # cursor in the local data
+        self._batches: Iterator[list[Example]] | None = None
+        self._optimizer = None
+        self._opt_key: tuple | None = None
+        self._pending: tuple[np.ndarray, np.ndarray | None, np.ndarray] | None = None  # (z, z_ref, mask)
+        self.stats = RoundStats()
+        self.last_round = -1
+        if self.state_dir is not None:
+            self._restore()
+
+    # -- rounds --------------------------------------------------------------------------------
+    def begin_round(self, settings: RoundSettings, adapters: Mapping[str, np.ndarray] | None) -> None:
+        """Start a round: take the global head ``φ`` (if sent) and set up the optimizer."""
+        if settings.batch_size > self.bundle.manifest.max_batch:
+            raise ConfigError(f"the server asks for batch {settings.batch_size}, over this bundle's limit "
+                              f"{self.bundle.manifest.max_batch}; re-export with a larger --max-batch")
+        self.settings = settings
+        if adapters is not None:
+            self.phi = {k: np.array(v, dtype=np.float32) for k, v in adapters.items()}
+            if not self.has_personal or not settings.personal:
+                self.backend.set_params(self.phi)  # θ_k <- φ: the first round, or no personalization
+                self.has_personal = True
+                self._optimizer = None  # new starting point: fresh optimizer state
+        elif not self.has_personal:
+            raise ConfigError("the server sent no adapters and this device has no personal head yet")
+        key = (settings.optimizer, settings.lr)
+        if self._optimizer is None or key != self._opt_key:
+            self._optimizer = make_optimizer(settings.optimizer, lr=settings.lr)
+            self._opt_key = key
+        self.stats = RoundStats()
+
+    def forward(self) -> Step:
+        """Next local batch -> Z (kept for :meth:`backward`); also Z' from φ when λ > 0."""
+        s = self._require_round()
+        batch = self._next_batch(s.batch_size)
+        enc = self.encoder.encode([e.text for e in batch])
+        labels = self._labels(batch, enc.input_ids, enc.attention_mask)
+        t0 = time.perf_counter()
+        z = self.backend.forward(enc.input_ids, enc.attention_mask, keep=True)
+        z_ref = None
+        if s.align_lambda > 0 and self.phi is not None:
+            z_ref = self.backend.forward(enc.input_ids, enc.attention_mask, params=self.phi, keep=False)
+        self.stats.forward_s += time.perf_counter() - t0
+        self._pending = (z, z_ref, enc.attention_mask)
+        self.stats.samples += len(batch)
+        return Step(z, enc.attention_mask, labels)
+
+    def backward(self, g: np.ndarray, loss: float) -> None:
+        """Apply the server's ``g = ∂L/∂Z`` (plus the alignment gradient) to θ_k."""
+        s = self._require_round()
+        if self._pending is None:
+            raise ConfigError("backward() without a forward(): one gradient per step")
+        z, z_ref, mask = self._pending
+        if g.shape != z.shape:
+            raise TensorError(f"the server's gradient has shape {list(g.shape)}, Z was {list(z.shape)}")
+        if not np.isfinite(g).all():
+            raise TensorError("the server's gradient has non-finite values")
+        self._pending = None
+        t0 = time.perf_counter()
+        G = g
+        if z_ref is not None:
+            align, dz = alignment_loss_and_grad(z, z_ref, mask)
+            G = g + np.float32(s.align_lambda) * dz
+            self.stats.align_loss_sum += align
+        grads = self.backend.backward(G)
+        self._optimizer.step(self.backend.params, grads)
+        self.stats.backward_s += time.perf_counter() - t0
+        self.stats.steps += 1
+        self.stats.loss_sum += float(loss)
+
+    def upload(self) -> tuple[dict[str, np.ndarray], int]:
+        """θ_k and the number of samples it was trained on this round."""
+        return self.backend.get_params(), max(self.stats.samples, 1)
+
+    def end_round(self) -> None:
+        """The round is aggregated: persist θ_k, optimizer state and the data cursor."""
+        if self.settings is not None:
+            self.last_round = self.settings.round_id
+        self.settings = None
+        if self.state_dir is not None:
+            self.save()
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def eval_batches(self) -> Iterator[Step]:
+        """Forward passes over the local test split (no gradient kept)."""
+        for i in range(0, len(self.test_set), self.eval_batch_size):
+            batch = self.test_set[i : i + self.eval_batch_size]
+            enc = self.encoder.encode([e.text for e in batch])
+            z = self.backend.forward(enc.input_ids, enc.attention_mask, keep=False)
+            yield Step(z, enc.attention_mask, self._labels(batch, enc.input_ids, enc.attention_mask))
+
+    @staticmethod
+    def score(task: str, logits: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
+        """(correct, counted) for one eval batch's server answer."""
+        if task == "causal_lm":  # the server answers [B, 3]: summed NLL, tokens, correct tokens
+            return int(logits[:, 2].sum()), int(logits[:, 1].sum())
+        return int((logits.argmax(-1) == labels).sum()), int(labels.shape[0])
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self) -> None:
+        from safetensors.numpy import save_file
+
+        assert self.state_dir is not None
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {f"theta/{k}": v for k, v in self.backend.get_params().items()}
+        if self.phi is not None:
+            tensors.update({f"phi/{k}": v for k, v in self.phi.items()})
+        if self._optimizer is not None:
+            tensors.update({f"opt/{k}": v for k, v in self._optimizer.state_dict().items()})
+        meta = {"layout_hash": self.bundle.manifest.layout_hash, "epoch": self.epoch, "position": self.position,
+                "last_round": self.last_round, "optimizer": list(self._opt_key) if self._opt_key else None}
+        tmp = self.state_dir / f".{_STATE_FILE}.tmp"
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, self.state_dir / _STATE_FILE)
+        (self.state_dir / _META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+    def _restore(self) -> None:
+        from safetensors.numpy import load_file
+
+        assert self.state_dir is not None
+        path, meta_path = self.state_dir / _STATE_FILE, self.state_dir / _META_FILE
+        if not (path.exists() and meta_path.exists()):
+            return
+        meta = json.loads(meta_path.read_text())
+        if meta.get("layout_hash") != self.bundle.manifest.layout_hash:
+            log.warning("%s holds a personal head for another bundle layout; starting fresh", self.state_dir)
+            return
+        tensors = load_file(str(path))
+        self.backend.set_params({k[6:]: v for k, v in tensors.items() if k.startswith("theta/")})
+        phi = {k[4:]: v for k, v in tensors.items() if k.startswith("phi/")}
+        self.phi = phi or None
+        if meta.get("optimizer"):
+            name, lr = meta["optimizer"]
+            self._optimizer = make_optimizer(name, lr=lr)
+            self._optimizer.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("opt/")})
+            self._opt_key = (name, lr)
+        self.epoch, self.position, self.last_round = meta["epoch"], meta["position"], meta["last_round"]
+        self.has_personal = True
+        log.info("restored the personal head from %s (after round %d)", path, self.last_round)
+
+    # -- internals -----------------------------------------------------------------------------
+    def _require_round(self) -> RoundSettings:
+        if self.settings is None:
+            raise ConfigError("no round in progress: call begin_round() first")
+        return self.settings
+
+    def _next_batch(self, size: int) -> list[Example]:
+        if self._batches is None:
+            self._batches = batches(self.train_set, size, seed=self.seed, epoch=self.epoch)
+            for _ in range(self.position):  # resume inside an epoch
+                next(self._batches, None)
+        batch = next(self._batches, None)
+        if batch is None:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._batches = batches(self.train_set, size, seed=self.seed, epoch=self.epoch)
+            batch = next(self._batches)
+        self.position += 1
+        return batch
+
+    def _labels(self, batch: list[Example], input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        if self.task == "causal_lm":  # next-token prediction on the text itself; padding ignored
+            return np.where(mask == 1, input_ids, -100).astype(np.int64)
+        return np.array([e.label for e in batch], dtype=np.int64)

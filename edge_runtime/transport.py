@@ -1,0 +1,224 @@
+"""The device side's only I/O: a websocket client that drives a trainer through the protocol.
+
+:func:`run_client` connects, says Hello, and then does what the server asks: for each round, the
+local steps (Z out, g back), the upload of θ_k, an evaluation of the personal model on the local
+test split, and the round's metrics. If the server goes away it reconnects with exponential
+backoff (with jitter) and carries on with the personal head it kept; a refusal that retrying
+cannot fix (unknown client, wrong token, a bundle for another model) ends it with that error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import ssl
+import time
+from typing import Any
+
+import numpy as np
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from .errors import AuthError, ConfigError, ErrorCode, FlexSFLError, OrderError, ProtocolError
+from .trainer import HeadTrainer, RoundSettings
+from .wire import (
+    ENCODINGS,
+    Activations,
+    Adapters,
+    Bye,
+    Connection,
+    Error,
+    Gradients,
+    Hello,
+    Limits,
+    Metrics,
+    Predictions,
+    Role,
+    RoundConfig,
+    RoundEnd,
+    Upload,
+    Welcome,
+)
+
+__all__ = ["ClientOptions", "ClientReport", "run_client"]
+
+log = logging.getLogger("flexsfl.edge")
+
+# Refusals that reconnecting cannot fix.
+_FATAL = {ErrorCode.UNAUTHORIZED, ErrorCode.BUNDLE_MISMATCH, ErrorCode.BAD_VERSION}
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientOptions:
+    server: str  # ws://host:port or wss://host:port
+    client_id: str
+    token: str
+    encodings: tuple[str, ...] = ENCODINGS  # preference order for Z and g
+    profile: dict = dataclasses.field(default_factory=dict)  # device profile sent in Hello
+    ca_file: str | None = None  # CA bundle for wss:// with a private CA
+    open_timeout: float = 10.0
+    max_retries: int = 0  # reconnect attempts in a row before giving up; 0 = forever
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    evaluate: bool = True  # evaluate on the local test split after every round
+
+    def __post_init__(self) -> None:
+        if not self.server.startswith(("ws://", "wss://")):
+            raise ConfigError(f"server URL {self.server!r} must start with ws:// or wss://")
+        bad = [e for e in self.encodings if e not in ENCODINGS]
+        if bad or not self.encodings:
+            raise ConfigError(f"encodings {bad} not supported; choose from {', '.join(ENCODINGS)}")
+
+
+@dataclasses.dataclass
+class ClientReport:
+    rounds: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the Metrics sent, per round
+    reconnects: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    reason: str = ""  # why it stopped (the server's Bye)
+
+
+class _Link:
+    """One open connection: the protocol state plus byte counters."""
+
+    def __init__(self, ws: ClientConnection, conn: Connection, report: ClientReport) -> None:
+        self.ws, self.conn, self.report = ws, conn, report
+        self.encoding = "fp32"
+
+    async def send(self, msg) -> None:
+        data = self.conn.send(msg)
+        await self.ws.send(data)
+        self.report.bytes_sent += len(data)
+
+    async def recv(self):
+        data = await self.ws.recv()
+        if isinstance(data, str):
+            raise ProtocolError("the server sent a text frame; is this a flexsfl server?")
+        self.report.bytes_received += len(data)
+        msg = self.conn.receive(data)
+        if isinstance(msg, Error):
+            exc = AuthError if msg.code in _FATAL else ProtocolError
+            raise exc(f"server refused: {msg.message}", msg.code)
+        return msg
+
+
+async def run_client(trainer: HeadTrainer, opts: ClientOptions, *, stop: asyncio.Event | None = None) -> ClientReport:
+    """Train until the server says Bye (returns) or refuses for good (raises)."""
+    report = ClientReport()
+    m = trainer.bundle.manifest
+    limits = Limits(max_frame_bytes=_frame_limit(trainer))
+    ssl_ctx = None
+    if opts.server.startswith("wss://"):
+        ssl_ctx = ssl.create_default_context(cafile=opts.ca_file)
+    failures = 0
+    while True:
+        try:
+            async with connect(opts.server, compression=None, max_size=limits.max_frame_bytes, ssl=ssl_ctx,
+                               open_timeout=opts.open_timeout, ping_interval=20, ping_timeout=60) as ws:
+                link = _Link(ws, Connection(Role.CLIENT, limits), report)
+                await link.send(Hello(client_id=opts.client_id, token=opts.token, layout_hash=m.layout_hash, split=m.split,
+                                      backend=trainer.backend.name, encodings=opts.encodings, profile=opts.profile))
+                welcome = await link.recv()
+                if not isinstance(welcome, Welcome):
+                    raise OrderError(f"expected Welcome, got {type(welcome).__name__}")
+                link.encoding = welcome.encoding
+                failures = 0
+                log.info("connected to %s as %s (split %d, %s, %s)", opts.server, opts.client_id, m.split,
+                         trainer.backend.name, welcome.encoding)
+                reason = await _serve_rounds(link, trainer, opts)
+                report.reason = reason
+                return report
+        except AuthError:
+            raise
+        except (OSError, ConnectionClosed, InvalidHandshake, asyncio.TimeoutError, ProtocolError) as e:
+            if isinstance(e, InvalidURI):
+                raise ConfigError(f"bad server URL {opts.server!r}: {e}") from None
+            failures += 1
+            report.reconnects += 1
+            if opts.max_retries and failures > opts.max_retries:
+                raise FlexSFLError(f"gave up on {opts.server} after {failures - 1} reconnects: {_why(e)}") from None
+            delay = min(opts.backoff_max, opts.backoff_initial * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+            log.warning("connection to %s lost (%s); retrying in %.1f s", opts.server, _why(e), delay)
+            if stop is not None and stop.is_set():
+                return report
+            await asyncio.sleep(delay)
+
+
+def _why(e: BaseException) -> str:
+    return str(e) or type(e).__name__
+
+
+def _frame_limit(trainer: HeadTrainer) -> int:
+    m = trainer.bundle.manifest
+    z = m.max_batch * m.max_seq * m.model.hidden_size * 4
+    params = sum(int(np.prod(p.shape)) * 4 for p in m.trainable_parameters)
+    return int(1.1 * max(z, params)) + (1 << 20)
+
+
+async def _serve_rounds(link: _Link, trainer: HeadTrainer, opts: ClientOptions) -> str:
+    """Answer the server until Bye. Returns the Bye's reason."""
+    while True:
+        msg = await link.recv()
+        if isinstance(msg, Bye):
+            return msg.reason
+        if not isinstance(msg, RoundConfig):
+            raise OrderError(f"expected RoundConfig between rounds, got {type(msg).__name__}")
+        adapters = None
+        if msg.extra.get("adapters", True):
+            a = await link.recv()
+            if not isinstance(a, Adapters):
+                raise OrderError(f"expected Adapters after RoundConfig, got {type(a).__name__}")
+            adapters = dict(a.tensors)
+        metrics = await _train_round(link, trainer, msg, adapters)
+        if opts.evaluate and trainer.test_set:
+            metrics.update(await _evaluate(link, trainer, msg.round_id))
+        metrics.update(bytes_sent=link.report.bytes_sent, bytes_received=link.report.bytes_received)
+        await link.send(Metrics(round_id=msg.round_id, metrics=metrics))
+        link.report.rounds.append({"round": msg.round_id, **metrics})
+        log.info("round %d: loss %.4f%s", msg.round_id, metrics["loss"],
+                 f", personal acc {metrics['personal_acc']:.3f}" if "personal_acc" in metrics else "")
+
+
+async def _train_round(link: _Link, trainer: HeadTrainer, cfg: RoundConfig, adapters) -> dict[str, Any]:
+    settings = RoundSettings(round_id=cfg.round_id, local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                             optimizer=cfg.optimizer, align_lambda=cfg.align_lambda,
+                             personal=bool(cfg.extra.get("personal", True)))
+    trainer.begin_round(settings, adapters)
+    wait = 0.0
+    t_round = time.perf_counter()
+    for step_id in range(cfg.local_steps):
+        step = trainer.forward()
+        t0 = time.perf_counter()
+        await link.send(Activations(round_id=cfg.round_id, step_id=step_id, mode="train", z=step.z,
+                                    attention_mask=step.attention_mask, labels=step.labels, encoding=link.encoding))
+        g = await link.recv()
+        if not isinstance(g, Gradients):
+            raise OrderError(f"expected Gradients, got {type(g).__name__}")
+        wait += time.perf_counter() - t0
+        trainer.backward(np.asarray(g.g, dtype=np.float32), g.loss)
+    params, n = trainer.upload()
+    await link.send(Upload(round_id=cfg.round_id, num_samples=n, tensors=params))
+    end = await link.recv()
+    if not isinstance(end, RoundEnd):
+        raise OrderError(f"expected RoundEnd, got {type(end).__name__}")
+    trainer.end_round()
+    metrics = trainer.stats.as_metrics()
+    metrics.update(roundtrip_ms=1e3 * wait / max(cfg.local_steps, 1), round_s=time.perf_counter() - t_round)
+    return metrics
+
+
+async def _evaluate(link: _Link, trainer: HeadTrainer, round_id: int) -> dict[str, float]:
+    """Personalized accuracy: θ_k's head + the global tail on the local test split."""
+    correct = total = 0
+    for i, step in enumerate(trainer.eval_batches()):
+        await link.send(Activations(round_id=round_id, step_id=i, mode="eval", z=step.z,
+                                    attention_mask=step.attention_mask, labels=step.labels, encoding=link.encoding))
+        p = await link.recv()
+        if not isinstance(p, Predictions):
+            raise OrderError(f"expected Predictions, got {type(p).__name__}")
+        c, n = HeadTrainer.score(trainer.task, np.asarray(p.logits), step.labels)
+        correct, total = correct + c, total + n
+    return {"personal_acc": correct / max(total, 1), "eval_examples": total}

@@ -1,0 +1,225 @@
+"""``flexsfl export``: a Hugging Face model -> an on-device training bundle, as a chain of named steps.
+
+    check target -> load model + LoRA -> cut head -> forward/backward programs -> lower per
+    backend -> tokenizer + PEFT adapter -> manifest -> verify (-> tar)
+
+Every step is one call; the bundle is staged in a temporary directory next to ``--out`` and
+renamed into place only when it is complete and verified, so a failed export never leaves a
+half-written bundle behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+from typing import Iterator
+
+from edge_runtime.bundle import Bundle, TensorSpec, load_bundle
+from edge_runtime.errors import ConfigError, ExportError
+from edge_runtime.targets import TargetProfile, get_target
+
+from .bundle_writer import tar_bundle, write_adapter, write_manifest, write_tokenizer
+
+__all__ = ["ExportConfig", "export_bundle", "target_notes", "BACKENDS"]
+
+log = logging.getLogger("flexsfl.export")
+
+BACKENDS = ("ort", "executorch")
+
+# What one client step costs with each backend's programs (recorded in every manifest).
+STEP_COST = {
+    "split": "one forward (returns Z and the saved activations) + one backward (takes them with G) per step",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    model: str  # minilm | smollm2 | a local HF directory
+    split: int  # s: blocks on the device
+    out: str  # bundle directory to create
+    backend: str = "ort"  # ort | executorch | all
+    target: str = "generic-x86_64"
+    task: str = "seq_cls"
+    num_labels: int = 2
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] | None = None
+    optimizer: str = "sgd"  # default on-device optimizer (the server may override per round)
+    lr: float = 1e-3
+    max_batch: int = 32  # programs accept 1 <= B <= max_batch
+    max_seq: int = 128  # and 2 <= T <= max_seq
+    tar: bool = False
+    seed: int = 0
+    ort_training_artifacts: bool = True  # also build ORT's own training/eval/optimizer/checkpoint files
+    force: bool = False  # replace an existing bundle directory
+
+    def __post_init__(self) -> None:
+        if self.backend not in (*BACKENDS, "all"):
+            raise ConfigError(f"--backend must be ort, executorch or all, got {self.backend!r}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ConfigError(f"--optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if self.max_batch < 1 or self.max_seq < 2:
+            raise ConfigError(f"--max-batch must be >= 1 and --max-seq >= 2 (got {self.max_batch}, {self.max_seq})")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        return BACKENDS if self.backend == "all" else (self.backend,)
+
+
+def target_notes(target: TargetProfile, backends: tuple[str, ...]) -> list[str]:
+    """What the device needs for these backends, said before anything is built."""
+    notes = []
+    if "ort" in backends and not target.ort_training_wheel:
+        notes.append(
+            f"{target.name} is {target.arch}: PyPI has no onnxruntime-training wheel for it. The bundle's "
+            "forward/backward programs run on the plain `onnxruntime` wheel (flexsfl flash installs it); ORT's own "
+            "training artifacts (ort/training) need ONNX Runtime built from source with --enable_training."
+        )
+    if "executorch" in backends:
+        notes.append("the executorch backend needs torch on the device (ExecuTorch's Python bindings link libtorch)")
+    return notes
+
+
+class _Steps:
+    """Named steps with timings, shown as they run."""
+
+    def __init__(self, total: int, show: bool) -> None:
+        self.total, self.show, self.n = total, show, 0
+        self.seconds: dict[str, float] = {}
+        self._console = None
+        if show:
+            from rich.console import Console
+
+            self._console = Console(stderr=True)
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        self.n += 1
+        t0 = time.perf_counter()
+        label = f"[{self.n}/{self.total}] {name}"
+        if self._console is not None:
+            with self._console.status(label + " ..."):
+                yield
+        else:
+            yield
+        dt = time.perf_counter() - t0
+        self.seconds[name] = round(dt, 3)
+        if self._console is not None:
+            self._console.print(f"{label}  [dim]{dt:.1f} s[/dim]")
+        log.info("%s: %.2f s", name, dt)
+
+
+def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, pathlib.Path]:
+    """Build, verify and place the bundle. Returns it and where it was written (dir or tarball)."""
+    from .models import LoraSettings, load_model
+    from .partition import build_head
+    from .programs import build_head_programs
+
+    target = get_target(cfg.target)
+    for note in target_notes(target, cfg.backends):
+        log.warning(note)
+    out = pathlib.Path(cfg.out)
+    if out.exists() and not cfg.force and any(out.iterdir()):
+        raise ConfigError(f"{out} already exists and is not empty; choose another --out or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    steps = _Steps(5 + len(cfg.backends) + int("ort" in cfg.backends and cfg.ort_training_artifacts), progress)
+    try:
+        with steps.step(f"load {cfg.model} with LoRA r={cfg.lora_r}"):
+            lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
+            loaded = load_model(cfg.model, task=cfg.task, num_labels=cfg.num_labels, lora=lora, seed=cfg.seed)
+        with steps.step(f"cut the head at split {cfg.split}"):
+            head = build_head(loaded, cfg.split)
+            names = [n for n, _ in head.trainable()]
+        with steps.step("build forward/backward programs"):
+            programs = build_head_programs(head, names, max_batch=cfg.max_batch, max_seq=cfg.max_seq)
+        specs: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {}
+        artifacts: dict[str, str] = {}
+        canonical = head.canonical()
+        rename = _param_renamer(canonical)
+        if "executorch" in cfg.backends:
+            from .lower_executorch import lower_executorch
+
+            with steps.step("lower to ExecuTorch (.pte)"):
+                pte = lower_executorch(programs, stage / "executorch")
+            artifacts["executorch.program"] = pte.relative_to(stage).as_posix()
+            specs["executorch.forward"] = rename(programs.forward_spec)
+            specs["executorch.backward"] = rename(programs.backward_spec)
+        if "ort" in cfg.backends:
+            from .lower_onnx import lower_onnx
+
+            with steps.step("lower to ONNX (forward.onnx, backward.onnx)"):
+                fwd, bwd = lower_onnx(programs, stage / "ort")
+            artifacts["ort.forward"] = fwd.relative_to(stage).as_posix()
+            artifacts["ort.backward"] = bwd.relative_to(stage).as_posix()
+            specs["ort.forward"] = rename(programs.forward_spec)
+            specs["ort.backward"] = rename(programs.backward_spec)
+            if cfg.ort_training_artifacts:
+                from .ort_training import build_ort_training_artifacts
+
+                with steps.step("build ONNX Runtime training artifacts"):
+                    ort = build_ort_training_artifacts(
+                        head, names, stage / "ort" / "training", max_batch=cfg.max_batch, max_seq=cfg.max_seq,
+                        optimizer=cfg.optimizer, label=f"{loaded.info.id} split {cfg.split}",
+                    )
+                for role, path in ort.files.items():
+                    artifacts[f"{role}_model" if role != "ort.checkpoint" else role] = path.relative_to(stage).as_posix()
+                specs["ort.training"] = (ort.inputs, ort.outputs)
+        with steps.step("write tokenizer and PEFT adapter"):
+            tokenizer = write_tokenizer(loaded, stage, cfg.max_seq)
+            adapter, params = write_adapter(loaded, head, stage)
+        order = [canonical[n] for n in names]
+        by_name = {p.name: p for p in params}
+        params = tuple(by_name[n] for n in order)  # program input order
+        with steps.step("write manifest and verify"):
+            write_manifest(
+                stage, loaded=loaded, split=cfg.split, backends=cfg.backends, target=target,
+                optimizer={"name": cfg.optimizer, "lr": cfg.lr}, max_batch=cfg.max_batch, max_seq=cfg.max_seq,
+                programs=specs, params=params, artifacts=artifacts, step={b: "split" for b in cfg.backends},
+                tokenizer=tokenizer, adapter=adapter,
+                extra={
+                    "seed": cfg.seed,
+                    "step_cost": STEP_COST["split"],
+                    "optimizers": "sgd and adamw run on the device in numpy for the split programs (ExecuTorch's own "
+                                  "Python training API offers SGD only)",
+                    "export_seconds": steps.seconds,
+                    "target_notes": target_notes(target, cfg.backends),
+                    "saved_activations": programs.num_saved,
+                },
+            )
+            load_bundle(stage)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    bundle = load_bundle(out)
+    where = out
+    if cfg.tar:
+        where = tar_bundle(out, out.with_name(out.name + ".tar.gz"))
+    return bundle, where
+
+
+def _param_renamer(canonical: dict[str, str]):
+    """Program specs name params by the head's module names; bundles use canonical (PEFT) names."""
+
+    def rename(spec) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        def fix(ts: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+            return tuple(TensorSpec(canonical.get(t.name, t.name), t.dtype, t.shape) for t in ts)
+
+        return fix(spec.inputs), fix(spec.outputs)
+
+    return rename
+
+
+def _unused(_: ExportError) -> None:  # keeps the import for type checkers of callers
+    pass

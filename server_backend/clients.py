@@ -1,0 +1,128 @@
+"""The client registry: which devices may connect, and the hash of each one's token.
+
+The file is JSON, written atomically with mode 0600::
+
+    {"version": 1, "clients": {"pi-kitchen": {"token_sha256": "…", "created": "2026-…"}}}
+
+Tokens are 256-bit random strings shown once by ``flexsfl clients add``; only their sha256 is
+stored (they are high-entropy secrets, so a fast hash is enough — no password stretching), and
+they are compared in constant time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import hmac
+import json
+import os
+import pathlib
+import re
+import secrets
+import tempfile
+
+from edge_runtime.errors import ConfigError
+
+__all__ = ["ClientRegistry", "add_client", "hash_token", "CLIENT_ID_RE", "add_parser"]
+
+CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_VERSION = 1
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientRegistry:
+    path: pathlib.Path
+    clients: dict[str, dict]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ClientRegistry":
+        p = pathlib.Path(path)
+        if not p.exists():
+            raise ConfigError(f"{p}: no clients file; create one with `flexsfl clients add ID --clients {p}`")
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{p}: not a readable clients file ({e})") from None
+        if not isinstance(data, dict) or data.get("version") != _VERSION or not isinstance(data.get("clients"), dict):
+            raise ConfigError(f"{p}: not a flexsfl clients file (version {_VERSION}); recreate it with `flexsfl clients add`")
+        for cid, entry in data["clients"].items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("token_sha256"), str):
+                raise ConfigError(f"{p}: client {cid!r} has no token_sha256; re-add it with `flexsfl clients add {cid} --rotate`")
+        return cls(p, data["clients"])
+
+    def authenticate(self, client_id: str, token: str) -> bool:
+        entry = self.clients.get(client_id)
+        # Hash even for unknown ids so timing does not tell which ids exist.
+        want = entry["token_sha256"] if entry else "0" * 64
+        ok = hmac.compare_digest(hash_token(token), want)
+        return bool(entry) and ok
+
+
+def _write(path: pathlib.Path, clients: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".clients-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"version": _VERSION, "clients": clients}, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def add_client(path: str | os.PathLike, client_id: str, *, rotate: bool = False) -> str:
+    """Register ``client_id`` (or give it a new token with ``rotate``) and return its fresh token."""
+    if not CLIENT_ID_RE.match(client_id):
+        raise ConfigError(f"client id {client_id!r} is invalid: use 1-64 letters, digits, '.', '_' or '-'")
+    p = pathlib.Path(path)
+    clients = ClientRegistry.load(p).clients if p.exists() else {}
+    if client_id in clients and not rotate:
+        raise ConfigError(f"client {client_id!r} already exists in {p}; pass --rotate to issue a new token")
+    token = secrets.token_urlsafe(32)
+    clients[client_id] = {
+        "token_sha256": hash_token(token),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    _write(p, clients)
+    return token
+
+
+def _run_add(args: argparse.Namespace) -> int:
+    token = add_client(args.clients, args.client_id, rotate=args.rotate)
+    if args.token_file:
+        tf = pathlib.Path(args.token_file)
+        tf.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+    print(token)
+    return 0
+
+
+def _run_list(args: argparse.Namespace) -> int:
+    reg = ClientRegistry.load(args.clients)
+    for cid, entry in sorted(reg.clients.items()):
+        print(f"{cid}\tcreated {entry.get('created', '?')}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("clients", help="manage the devices allowed to connect to a server")
+    csub = p.add_subparsers(dest="clients_cmd", required=True)
+    a = csub.add_parser("add", help="register a client and print its new token (shown once)")
+    a.add_argument("client_id")
+    a.add_argument("--clients", required=True, help="clients file (created if missing)")
+    a.add_argument("--rotate", action="store_true", help="issue a new token for an existing client")
+    a.add_argument("--token-file", help="also write the token to this file (mode 0600)")
+    a.set_defaults(func=_run_add)
+    ls = csub.add_parser("list", help="list registered clients")
+    ls.add_argument("--clients", required=True)
+    ls.set_defaults(func=_run_list)

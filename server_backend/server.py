@@ -1,0 +1,409 @@
+"""The websocket server: sessions, the round loop, and the server side of the protocol's I/O.
+
+One asyncio loop moves bytes and drives each connection's :class:`~edge_runtime.wire.Connection`;
+all torch work goes to the :class:`~.compute.ComputeWorker` thread. The round loop is written
+once here; what differs between FlexP-SFL and the baselines is a :class:`~.strategy.Strategy`.
+
+A client that sends anything the protocol refuses (garbage bytes, NaN tensors, wrong shapes, a
+wrong token, a bundle for another model) gets an ``Error`` with a one-line reason and a close
+code; it is logged, nothing it sent reaches the model, and every other session carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+import ssl
+import time
+from typing import Any
+
+import numpy as np
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from edge_runtime.bundle import layout_fingerprint
+from edge_runtime.errors import AuthError, ConfigError, ErrorCode, OrderError, ProtocolError, TensorError
+from edge_runtime.wire import (
+    ENCODINGS,
+    Activations,
+    Adapters,
+    Bye,
+    Connection,
+    Error,
+    Gradients,
+    Hello,
+    Limits,
+    Metrics,
+    Predictions,
+    Role,
+    RoundConfig,
+    RoundEnd,
+    Upload,
+    Welcome,
+    check_activations,
+    check_tensors,
+)
+
+from .aggregation import ClientUpdate
+from .clients import ClientRegistry
+from .compute import ComputeWorker
+from .state import ServerState
+from .strategy import Strategy
+from .tail_host import StepRequest, TailHost
+
+__all__ = ["ServerConfig", "FlexServer", "frame_limit"]
+
+log = logging.getLogger("flexsfl.server")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765  # 0 picks a free port (see FlexServer.port)
+    max_batch: int = 64  # largest B a client may send
+    max_seq: int = 512  # largest T a client may send
+    encodings: tuple[str, ...] = ENCODINGS  # what the server accepts for Z and g
+    batching: bool = True  # cross-client batching of steps at the same split point
+    hello_timeout: float = 30.0  # seconds a new connection has to say Hello
+    tls_cert: str | None = None  # PEM certificate + key: serve wss://
+    tls_key: str | None = None
+    exit_when_done: bool = True  # after the last round, say Bye to everyone and return
+
+    def __post_init__(self) -> None:
+        bad = [e for e in self.encodings if e not in ENCODINGS]
+        if bad or not self.encodings:
+            raise ConfigError(f"encodings {bad or '[]'} not supported; choose from {', '.join(ENCODINGS)}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("give both --tls-cert and --tls-key to serve wss://")
+
+
+def frame_limit(host: TailHost, max_batch: int, max_seq: int) -> int:
+    """The largest frame either side needs: Z or g at the batch limits, or every trainable tensor."""
+    d = host.info.hidden_size
+    z = max_batch * max_seq * d * 4
+    state = sum(int(np.prod(p.shape)) * 4 for p in host.params.values())
+    return int(1.1 * max(z, state)) + (1 << 20)
+
+
+@dataclasses.dataclass(eq=False)
+class Session:
+    """One connected client."""
+
+    client_id: str
+    split: int
+    backend: str
+    profile: dict
+    conn: Connection
+    ws: ServerConnection
+    connected: float = dataclasses.field(default_factory=time.time)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    steps: int = 0
+    upload: asyncio.Future | None = None  # the round's Upload, set by the round loop
+    metrics: asyncio.Future | None = None  # the round's Metrics (sent after the client's evaluation)
+    _send_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+
+    async def send(self, msg) -> None:
+        async with self._send_lock:
+            data = self.conn.send(msg)
+            await self.ws.send(data)
+            self.bytes_out += len(data)
+
+
+class FlexServer:
+    """Hosts the tail for every client and runs the rounds of a :class:`Strategy`."""
+
+    def __init__(self, host: TailHost, strategy: Strategy, registry: ClientRegistry | None, state: ServerState,
+                 config: ServerConfig = ServerConfig(), *, compute_threads: int | None = None) -> None:
+        self.host = host
+        self.strategy = strategy
+        self.registry = registry
+        self.state = state
+        self.config = config
+        self.worker = ComputeWorker(host, batching=config.batching, threads=compute_threads)
+        self.limits = Limits(max_frame_bytes=frame_limit(host, config.max_batch, config.max_seq))
+        self.sessions: dict[str, Session] = {}
+        self._changed = asyncio.Event()
+        self.port: int | None = None
+        self.round_id = 0  # next round to run
+        self.ready = asyncio.Event()  # set once listening (port known)
+        self.refused = 0  # connections closed for bad input, for reports
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def serve(self) -> None:
+        """Listen, run the strategy's rounds, return when they are done (or run until cancelled)."""
+        resumed = await asyncio.to_thread(self.state.load_global)
+        if resumed is not None:
+            last, tensors = resumed
+            self.host.load_state(tensors)
+            self.round_id = last + 1
+            log.info("resumed from %s after round %d", self.state.dir, last)
+        ssl_ctx = None
+        if self.config.tls_cert:
+            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_ctx.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        self.worker.start()
+        try:
+            async with serve(
+                self._handle,
+                self.config.host,
+                self.config.port,
+                ssl=ssl_ctx,
+                compression=None,  # deflate on float tensors costs ~50x time for ~nothing (recipes 3c)
+                max_size=self.limits.max_frame_bytes,
+                ping_interval=20,
+                ping_timeout=60,
+            ) as server:
+                self.port = server.sockets[0].getsockname()[1]
+                scheme = "wss" if ssl_ctx else "ws"
+                log.info("serving %s://%s:%d (%s, frames <= %d bytes)", scheme, self.config.host, self.port,
+                         self.strategy.name, self.limits.max_frame_bytes)
+                self.ready.set()
+                await self._run_rounds()
+                if self.config.exit_when_done:
+                    for s in list(self.sessions.values()):
+                        await self._close(s, Bye(reason="training finished"), 1000)
+                else:
+                    await asyncio.Future()
+        finally:
+            self.worker.stop()
+
+    # -- connections ---------------------------------------------------------------------------
+    async def _handle(self, ws: ServerConnection) -> None:
+        conn = Connection(Role.SERVER, self.limits)
+        session: Session | None = None
+        peer = ws.remote_address
+        try:
+            try:
+                data = await asyncio.wait_for(ws.recv(), self.config.hello_timeout)
+            except asyncio.TimeoutError:
+                raise OrderError(f"no Hello within {self.config.hello_timeout:.0f} s; send Hello first") from None
+            if isinstance(data, str):
+                raise ProtocolError("text frames are not part of the protocol; send binary frames", ErrorCode.MALFORMED_FRAME)
+            hello = conn.receive(data)
+            if not isinstance(hello, Hello):
+                return
+            session = await self._welcome(hello, conn, ws, len(data))
+            async for data in ws:
+                if isinstance(data, str):
+                    raise ProtocolError("text frames are not part of the protocol; send binary frames", ErrorCode.MALFORMED_FRAME)
+                session.bytes_in += len(data)
+                msg = conn.receive(data)
+                if isinstance(msg, (Bye, Error)):
+                    log.info("%s left: %s", session.client_id, getattr(msg, "reason", None) or getattr(msg, "message", ""))
+                    break
+                await self._dispatch(session, msg)
+        except ProtocolError as e:
+            who = session.client_id if session else f"{peer[0]}:{peer[1]}" if peer else "?"
+            log.warning("refused %s: %s", who, e)
+            self.refused += 1
+            self.state.log("refused", client=who, code=e.code.name, message=str(e))
+            try:
+                data = Error.from_exception(e).serialize()
+                await ws.send(data)
+                await ws.close(e.close_code, str(e)[:120])
+            except ConnectionClosed:
+                pass
+        except ConnectionClosed:
+            log.info("%s disconnected", session.client_id if session else peer)
+        finally:
+            if session is not None and self.sessions.get(session.client_id) is session:
+                del self.sessions[session.client_id]
+                for fut in (session.upload, session.metrics):
+                    if fut is not None and not fut.done():
+                        fut.set_exception(ConnectionError(f"{session.client_id} disconnected"))
+                self._changed.set()
+
+    async def _welcome(self, hello: Hello, conn: Connection, ws: ServerConnection, nbytes: int) -> Session:
+        info = self.host.info
+        if self.registry is not None and not self.registry.authenticate(hello.client_id, hello.token):
+            raise AuthError(f"client {hello.client_id!r} is unknown or its token is wrong; check --client-id and the token file")
+        if not 1 <= hello.split < info.num_blocks:
+            raise AuthError(f"split {hello.split} is outside 1..{info.num_blocks - 1} for {info.id}", ErrorCode.BUNDLE_MISMATCH)
+        want = layout_fingerprint(info, self.host.loaded.lora, hello.split)
+        if hello.layout_hash != want:
+            raise AuthError(
+                f"the bundle's layout hash does not match this server's model ({info.id}, {info.task}/{info.num_labels}, "
+                f"LoRA r={self.host.loaded.lora.r}) at split {hello.split}; export the bundle from the same model",
+                ErrorCode.BUNDLE_MISMATCH,
+            )
+        encoding = next((e for e in hello.encodings if e in self.config.encodings), None)
+        if encoding is None:
+            raise ProtocolError(
+                f"none of the client's encodings {list(hello.encodings)} is accepted (server: {list(self.config.encodings)})",
+                ErrorCode.BAD_TENSOR,
+            )
+        old = self.sessions.get(hello.client_id)
+        if old is not None:
+            await self._close(old, Bye(reason="replaced by a newer connection of the same client"), 1000)
+        session = Session(hello.client_id, hello.split, hello.backend, dict(hello.profile), conn, ws, bytes_in=nbytes)
+        await session.send(Welcome(
+            session_id=secrets.token_hex(8),
+            encoding=encoding,
+            max_frame_bytes=self.limits.max_frame_bytes,
+            info={"model": info.id, "strategy": self.strategy.name, "round": self.round_id, "task": info.task},
+        ))
+        self.sessions[hello.client_id] = session
+        self.state.client_seen(hello.client_id, hello.split, hello.backend, hello.profile)
+        self.state.log("hello", client=hello.client_id, split=hello.split, backend=hello.backend, encoding=encoding,
+                       profile=dict(hello.profile))
+        log.info("%s connected (split %d, %s, %s)", hello.client_id, hello.split, hello.backend, encoding)
+        self._changed.set()
+        return session
+
+    async def _dispatch(self, s: Session, msg) -> None:
+        info = self.host.info
+        if isinstance(msg, Activations):
+            check_activations(msg, hidden_size=info.hidden_size, max_batch=self.config.max_batch,
+                              max_seq=self.config.max_seq, num_labels=info.num_labels, task=info.task)
+            if msg.mode == "train":
+                t0 = time.perf_counter()
+                res = await self.worker.train(StepRequest(s.split, np.asarray(msg.z), np.asarray(msg.attention_mask),
+                                                          np.asarray(msg.labels)))
+                if res.g is None:
+                    raise TensorError(f"step {msg.step_id} refused: {res.error}", ErrorCode.NON_FINITE)
+                s.steps += 1
+                await s.send(Gradients(round_id=msg.round_id, step_id=msg.step_id, loss=res.loss, g=res.g,
+                                       encoding=s.conn.encoding))
+                self.state.log("step", client=s.client_id, round=msg.round_id, step=msg.step_id, loss=res.loss,
+                               batch=int(msg.z.shape[0]), seq=int(msg.z.shape[1]),
+                               server_ms=round(1e3 * (time.perf_counter() - t0), 3))
+            else:
+                logits = await self.worker.call(self._predict, s.split, np.asarray(msg.z), np.asarray(msg.attention_mask),
+                                                None if msg.labels is None else np.asarray(msg.labels))
+                await s.send(Predictions(round_id=msg.round_id, step_id=msg.step_id, logits=logits, encoding="fp32"))
+        elif isinstance(msg, Upload):
+            check_tensors(dict(msg.tensors), self._upload_specs(s), what="Upload")
+            if msg.num_samples < 1:
+                raise TensorError("Upload.num_samples must be >= 1 (the samples the adapters were trained on)")
+            for name, a in msg.tensors.items():
+                if not np.isfinite(a).all():
+                    raise TensorError(f"Upload tensor {name!r} has non-finite values", ErrorCode.NON_FINITE)
+            if s.upload is not None and not s.upload.done():
+                s.upload.set_result(msg)
+            else:
+                # Too late for its round (timed out): release the client without using the upload.
+                log.warning("%s: late upload for round %d ignored", s.client_id, msg.round_id)
+                await s.send(RoundEnd(round_id=msg.round_id, info={"late": True}))
+        elif isinstance(msg, Metrics):
+            self.state.log("client_metrics", client=s.client_id, round=msg.round_id, split=s.split, **dict(msg.metrics))
+            if s.metrics is not None and not s.metrics.done():
+                s.metrics.set_result(msg)
+
+    def _predict(self, split: int, z: np.ndarray, mask: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+        logits = self.host.predict(split, z, mask)
+        if self.host.info.task == "causal_lm":
+            # Full [B, T, V] logits would be huge: answer per sequence (summed NLL, tokens, correct).
+            return _lm_summary(logits, labels)
+        return logits.astype(np.float32)
+
+    def _upload_specs(self, s: Session) -> dict[str, tuple[int, ...]]:
+        if self.strategy.mode == "full":
+            return {n: tuple(p.shape) for n, p in self.host.params.items()}
+        return self.host.head_specs(s.split)
+
+    async def _close(self, s: Session, msg, code: int) -> None:
+        try:
+            await s.send(msg)
+        except (ProtocolError, ConnectionClosed):
+            pass
+        await s.ws.close(code)
+
+    # -- rounds --------------------------------------------------------------------------------
+    async def _wait_for_clients(self, n: int) -> None:
+        while len(self.sessions) < n:
+            log.info("waiting for clients: %d of %d connected", len(self.sessions), n)
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def _run_rounds(self) -> None:
+        cfg = self.strategy.cfg
+        while cfg.rounds == 0 or self.round_id < cfg.rounds:
+            await self._wait_for_clients(cfg.min_clients)
+            await self._run_round(self.round_id)
+            self.round_id += 1
+
+    async def _run_round(self, r: int) -> None:
+        cfg = self.strategy.cfg
+        chosen = [self.sessions[c] for c in self.strategy.select(r, list(self.sessions))]
+        t0 = time.perf_counter()
+        steps0 = self.worker.steps
+        await asyncio.to_thread(self.state.start_round, r, [s.client_id for s in chosen])
+        log.info("round %d: %s", r, ", ".join(f"{s.client_id}(s={s.split})" for s in chosen))
+        started = []
+        for s in chosen:
+            plan = await self.worker.call(self.strategy.plan, r, s.client_id, s.split, self.host)
+            s.upload = asyncio.get_running_loop().create_future()
+            try:
+                extra = {**plan.extra, "adapters": plan.adapters is not None}
+                await s.send(RoundConfig(round_id=r, local_steps=plan.local_steps, batch_size=plan.batch_size, lr=plan.lr,
+                                         optimizer=plan.optimizer, align_lambda=plan.align_lambda, extra=extra))
+                if plan.adapters is not None:
+                    await s.send(Adapters(round_id=r, tensors=dict(plan.adapters)))
+                started.append(s)
+            except (ConnectionClosed, ProtocolError) as e:
+                log.warning("round %d: could not start %s: %s", r, s.client_id, e)
+        uploads: dict[str, tuple[Session, Upload]] = {}
+        if started:
+            done, _ = await asyncio.wait([s.upload for s in started], timeout=cfg.round_timeout)
+            for s in started:
+                if s.upload in done and s.upload.exception() is None:
+                    uploads[s.client_id] = (s, s.upload.result())
+                elif not s.upload.done():
+                    s.upload.cancel()
+        dropped = sorted({s.client_id for s in started} - set(uploads))
+        if dropped:
+            log.warning("round %d: no upload from %s; left out of the aggregation", r, ", ".join(dropped))
+        updates = {cid: ClientUpdate(dict(u.tensors), u.num_samples, s.split) for cid, (s, u) in uploads.items()}
+        t_agg = time.perf_counter()
+        await self.worker.call(self.strategy.aggregate, r, self.host, updates)
+        agg_s = time.perf_counter() - t_agg
+        state = await self.worker.call(self.host.state)
+        await asyncio.to_thread(self._persist, r, state, uploads)
+        summary = {
+            "clients": sorted(uploads), "dropped": dropped, "steps": self.worker.steps - steps0,
+            "seconds": round(time.perf_counter() - t0, 3), "aggregate_seconds": round(agg_s, 4),
+            "samples": sum(u.num_samples for _, u in uploads.values()),
+        }
+        await asyncio.to_thread(self.state.finish_round, r, summary)
+        self.state.log("round", round=r, strategy=self.strategy.name, **summary,
+                       bytes={cid: {"in": s.bytes_in, "out": s.bytes_out} for cid, (s, _) in uploads.items()})
+        ended = []
+        for s, _ in uploads.values():
+            s.metrics = asyncio.get_running_loop().create_future()
+            try:
+                await s.send(RoundEnd(round_id=r, info={"clients": len(uploads), "seconds": summary["seconds"]}))
+                ended.append(s.metrics)
+            except (ConnectionClosed, ProtocolError) as e:
+                log.warning("round %d: could not end the round for %s: %s", r, s.client_id, e)
+        if ended:
+            # Clients evaluate their personal model after RoundEnd, then report: wait, so that the
+            # next RoundConfig never crosses an evaluation in flight.
+            await asyncio.wait(ended, timeout=cfg.round_timeout)
+        log.info("round %d done in %.1f s (%d clients, %d steps)", r, summary["seconds"], len(uploads), summary["steps"])
+
+    def _persist(self, r: int, state: dict, uploads: dict) -> None:
+        self.state.save_global(r, state)
+        for cid, (_, u) in uploads.items():
+            self.state.save_personal(cid, r, dict(u.tensors))
+            self.state.client_trained(cid, u.num_samples)
+
+
+def _lm_summary(logits: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+    """[B, T, V] logits + [B, T] labels -> [B, 3]: summed NLL, predicted tokens, correct tokens."""
+    b = logits.shape[0]
+    out = np.zeros((b, 3), np.float32)
+    if labels is None:
+        return out
+    lg, lab = logits[:, :-1].astype(np.float64), labels[:, 1:]
+    keep = lab != -100
+    m = lg.max(-1, keepdims=True)
+    logz = (m[..., 0] + np.log(np.exp(lg - m).sum(-1)))
+    picked = np.take_along_axis(lg, np.where(keep, lab, 0)[..., None], -1)[..., 0]
+    out[:, 0] = np.where(keep, logz - picked, 0).sum(1)
+    out[:, 1] = keep.sum(1)
+    out[:, 2] = (keep & (lg.argmax(-1) == lab)).sum(1)
+    return out
+

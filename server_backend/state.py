@@ -1,0 +1,169 @@
+"""Server state on disk: SQLite for rounds and clients, safetensors for tensors, JSONL for metrics.
+
+Layout of ``--state-dir``::
+
+    meta.json               model id/revision/task and LoRA layout this state belongs to
+    state.sqlite            rounds (id, times, participants, summary) and clients (split, last seen)
+    global.safetensors      φ and the task head after the last finished round (atomic replace)
+    personal/<id>.safetensors   the latest personal adapters θ_k each client uploaded
+    metrics.jsonl           one JSON object per event (steps, uploads, rounds, client metrics)
+
+Every tensor file is written to a temporary name and renamed, so a crash leaves the previous
+round's state whole; restarting ``flexsfl serve`` with the same state dir resumes after the last
+finished round. A state dir made for another model is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sqlite3
+import threading
+import time
+from typing import Any, Mapping
+
+import numpy as np
+
+from edge_runtime.errors import ConfigError
+
+__all__ = ["ServerState"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rounds (
+    round_id INTEGER PRIMARY KEY,
+    started REAL NOT NULL,
+    finished REAL,
+    clients TEXT NOT NULL,
+    summary TEXT
+);
+CREATE TABLE IF NOT EXISTS clients (
+    client_id TEXT PRIMARY KEY,
+    split INTEGER,
+    backend TEXT,
+    profile TEXT,
+    last_seen REAL,
+    rounds INTEGER NOT NULL DEFAULT 0,
+    samples INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+def _save_tensors(path: pathlib.Path, tensors: Mapping[str, np.ndarray], meta: dict[str, str]) -> None:
+    from safetensors.numpy import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def _load_tensors(path: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError and OSError
+        raise ConfigError(f"{path}: unreadable state file ({e}); restore it from a backup or start a new --state-dir") from None
+
+
+class ServerState:
+    """One server's persistent state. Thread-safe for the short writes the server makes."""
+
+    def __init__(self, state_dir: str | os.PathLike, layout: Mapping[str, Any]) -> None:
+        self.dir = pathlib.Path(state_dir)
+        (self.dir / "personal").mkdir(parents=True, exist_ok=True)
+        meta = self.dir / "meta.json"
+        layout = json.loads(json.dumps(dict(layout), sort_keys=True))
+        if meta.exists():
+            have = json.loads(meta.read_text())
+            if have != layout:
+                diff = sorted(k for k in set(have) | set(layout) if have.get(k) != layout.get(k))
+                raise ConfigError(
+                    f"{self.dir}: this state dir belongs to another model/layout (differs in: {', '.join(diff)}); "
+                    "use a new --state-dir"
+                )
+        else:
+            meta.write_text(json.dumps(layout, indent=2, sort_keys=True) + "\n")
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.dir / "state.sqlite", check_same_thread=False)
+        self._db.executescript(_SCHEMA)
+        self._metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+            self._metrics.close()
+
+    # -- tensors -------------------------------------------------------------------------------
+    def save_global(self, round_id: int, tensors: Mapping[str, np.ndarray]) -> None:
+        _save_tensors(self.dir / "global.safetensors", tensors, {"round_id": str(round_id)})
+
+    def load_global(self) -> tuple[int, dict[str, np.ndarray]] | None:
+        """``(last finished round, tensors)`` or None for a fresh state dir."""
+        path = self.dir / "global.safetensors"
+        if not path.exists():
+            return None
+        tensors, meta = _load_tensors(path)
+        return int(meta.get("round_id", "0")), tensors
+
+    def save_personal(self, client_id: str, round_id: int, tensors: Mapping[str, np.ndarray]) -> None:
+        _save_tensors(self.dir / "personal" / f"{client_id}.safetensors", tensors, {"round_id": str(round_id)})
+
+    def load_personal(self, client_id: str) -> dict[str, np.ndarray] | None:
+        path = self.dir / "personal" / f"{client_id}.safetensors"
+        return _load_tensors(path)[0] if path.exists() else None
+
+    # -- records -------------------------------------------------------------------------------
+    def start_round(self, round_id: int, clients: list[str]) -> None:
+        with self._lock, self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO rounds (round_id, started, clients) VALUES (?, ?, ?)",
+                (round_id, time.time(), json.dumps(clients)),
+            )
+
+    def finish_round(self, round_id: int, summary: Mapping[str, Any]) -> None:
+        with self._lock, self._db:
+            self._db.execute(
+                "UPDATE rounds SET finished = ?, summary = ? WHERE round_id = ?",
+                (time.time(), json.dumps(summary, sort_keys=True), round_id),
+            )
+
+    def rounds(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT round_id, started, finished, clients, summary FROM rounds ORDER BY round_id")
+            return [
+                {"round_id": r, "started": s, "finished": f, "clients": json.loads(c), "summary": json.loads(m) if m else None}
+                for r, s, f, c, m in rows.fetchall()
+            ]
+
+    def client_seen(self, client_id: str, split: int, backend: str, profile: Mapping[str, Any]) -> None:
+        with self._lock, self._db:
+            self._db.execute(
+                "INSERT INTO clients (client_id, split, backend, profile, last_seen) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(client_id) DO UPDATE SET split = excluded.split, backend = excluded.backend, "
+                "profile = excluded.profile, last_seen = excluded.last_seen",
+                (client_id, split, backend, json.dumps(dict(profile), sort_keys=True), time.time()),
+            )
+
+    def client_trained(self, client_id: str, samples: int) -> None:
+        with self._lock, self._db:
+            self._db.execute(
+                "UPDATE clients SET rounds = rounds + 1, samples = samples + ?, last_seen = ? WHERE client_id = ?",
+                (samples, time.time(), client_id),
+            )
+
+    def log(self, event: str, **fields: Any) -> None:
+        """Append one metrics event (``{"t": unix time, "event": ..., **fields}``) to metrics.jsonl."""
+        row = {"t": round(time.time(), 6), "event": event, **fields}
+        line = json.dumps(row, sort_keys=True, default=_jsonable)
+        with self._lock:
+            self._metrics.write(line + "\n")
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    raise TypeError(f"not JSON serializable: {type(v).__name__}")

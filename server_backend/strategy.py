@@ -1,0 +1,162 @@
+"""Round strategies: small classes with narrow hooks; the round loop is written once, in the server.
+
+A strategy decides who trains in a round (:meth:`Strategy.select`), what each selected client
+is told and given (:meth:`Strategy.plan`), and how the uploads change the global model
+(:meth:`Strategy.aggregate`). The maths live in :mod:`.aggregation` as free functions.
+
+- :class:`FlexPSFL`: personal heads kept on the device across rounds, global adapters sent as the
+  alignment reference (and as the first personal head), layer-wise aggregation across split
+  points. ``align_lambda = 0`` is the ablation.
+- :class:`SplitFed`: SplitFed/SplitLoRA: one split for everyone, no personalization (every round
+  starts from the global head), FedAvg of the heads.
+- :class:`FedAvg`: FedAvg-LoRA with the whole model on the device (client mode "full").
+- :class:`LocalOnly`: every client fine-tunes the whole model alone; nothing is aggregated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import ClassVar, Mapping, Sequence
+
+import numpy as np
+
+from edge_runtime.errors import ConfigError
+
+from .aggregation import ClientUpdate, fedavg, layerwise_fedavg
+
+__all__ = ["TrainConfig", "RoundPlan", "Strategy", "FlexPSFL", "SplitFed", "FedAvg", "LocalOnly", "STRATEGIES", "make_strategy"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How rounds run. Client-side values travel in each round's RoundConfig."""
+
+    rounds: int = 10  # rounds to run; 0 = until stopped
+    clients_per_round: int = 0  # 0 = every connected client
+    min_clients: int = 1  # wait for this many before starting a round
+    local_steps: int = 10  # tau: client steps per round
+    batch_size: int = 8
+    lr: float = 1e-3  # client learning rate
+    optimizer: str = "sgd"  # client optimizer: sgd | adamw
+    align_lambda: float = 0.0  # lambda of the alignment term
+    round_timeout: float = 600.0  # seconds to wait for uploads; late clients are left out of the round
+    seed: int = 0  # client sampling
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "clients_per_round"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("min_clients", "local_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ConfigError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if self.align_lambda < 0:
+            raise ConfigError(f"align_lambda must be >= 0, got {self.align_lambda}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundPlan:
+    """What one selected client receives when a round starts."""
+
+    local_steps: int
+    batch_size: int
+    lr: float
+    optimizer: str
+    align_lambda: float
+    adapters: Mapping[str, np.ndarray] | None  # tensors to download, or None
+    extra: Mapping[str, bool | int | float | str]  # mode ("split"|"full"), personal (keep own head)
+
+
+class Strategy:
+    """Hooks the server's round loop calls. Subclasses override :meth:`plan` and :meth:`aggregate`."""
+
+    name: ClassVar[str]
+    mode: ClassVar[str] = "split"  # "split": head on device, tail on server; "full": whole model on device
+    personal: ClassVar[bool] = True  # clients keep their own adapters across rounds
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+
+    def select(self, round_id: int, available: Sequence[str]) -> list[str]:
+        """The clients that train in ``round_id``: all, or a seeded sample of ``clients_per_round``."""
+        ids = sorted(available)
+        k = self.cfg.clients_per_round
+        if not k or k >= len(ids):
+            return ids
+        return sorted(random.Random(self.cfg.seed * 1_000_003 + round_id).sample(ids, k))
+
+    def _plan(self, adapters: Mapping[str, np.ndarray] | None, align_lambda: float) -> RoundPlan:
+        c = self.cfg
+        return RoundPlan(c.local_steps, c.batch_size, c.lr, c.optimizer, align_lambda, adapters,
+                         {"mode": self.mode, "personal": self.personal})
+
+    def plan(self, round_id: int, client_id: str, split: int, host) -> RoundPlan:
+        raise NotImplementedError
+
+    def aggregate(self, round_id: int, host, updates: Mapping[str, ClientUpdate]) -> None:
+        """Fold the round's uploads into ``host`` (the global model). Runs on the compute thread."""
+        raise NotImplementedError
+
+
+class FlexPSFL(Strategy):
+    name = "flexpsfl"
+
+    def plan(self, round_id, client_id, split, host):
+        # φ's head blocks: the alignment reference every round, the initial θ_k at the first.
+        return self._plan(host.head_params(split), self.cfg.align_lambda)
+
+    def aggregate(self, round_id, host, updates):
+        host.load_state(layerwise_fedavg(host.state(), host.blocks, list(updates.values())))
+
+
+class SplitFed(FlexPSFL):
+    name = "splitfed"
+    personal = False  # every round starts from the global head
+
+    def plan(self, round_id, client_id, split, host):
+        return self._plan(host.head_params(split), 0.0)
+
+
+class FedAvg(Strategy):
+    name = "fedavg"
+    mode = "full"
+    personal = False
+
+    def plan(self, round_id, client_id, split, host):
+        return self._plan(host.state(), 0.0)
+
+    def aggregate(self, round_id, host, updates):
+        if updates:
+            host.load_state(fedavg([(u.params, u.num_samples) for u in updates.values()]))
+
+
+class LocalOnly(Strategy):
+    name = "local"
+    mode = "full"
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__(cfg)
+        self._started: set[str] = set()
+
+    def plan(self, round_id, client_id, split, host):
+        # Everyone starts from the same pretrained model; after that nothing is shared.
+        first = client_id not in self._started
+        self._started.add(client_id)
+        return self._plan(host.state() if first else None, 0.0)
+
+    def aggregate(self, round_id, host, updates):
+        return None
+
+
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (FlexPSFL, SplitFed, FedAvg, LocalOnly)}
+
+
+def make_strategy(name: str, cfg: TrainConfig) -> Strategy:
+    try:
+        return STRATEGIES[name](cfg)
+    except KeyError:
+        raise ConfigError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}") from None
