@@ -33,7 +33,7 @@ from .errors import ConfigError, TensorError
 from .optim import make_optimizer
 from .text import TextEncoder
 
-__all__ = ["RoundSettings", "Step", "RoundStats", "HeadTrainer"]
+__all__ = ["RoundSettings", "Step", "RoundStats", "BatchCursor", "HeadTrainer"]
 
 log = logging.getLogger("flexsfl.edge.trainer")
 
@@ -87,6 +87,33 @@ class RoundStats:
         }
 
 
+class BatchCursor:
+    """Endless shuffled mini-batches over local examples; the position survives restarts.
+
+    Epoch ``e`` is :func:`~.data.batches` with ``(seed, e)``; ``position`` counts the batches
+    already taken in the current epoch.
+    """
+
+    def __init__(self, examples: Sequence[Example], seed: int, epoch: int = 0, position: int = 0) -> None:
+        self.examples, self.seed, self.epoch, self.position = examples, seed, epoch, position
+        self._it: Iterator[list[Example]] | None = None
+        self._size: int | None = None
+
+    def next(self, size: int) -> list[Example]:
+        if self._it is None or size != self._size:
+            # (Re)start the epoch's stream at the saved position (a new batch size restarts it).
+            self._it, self._size = batches(self.examples, size, seed=self.seed, epoch=self.epoch), size
+            for _ in range(self.position):
+                next(self._it, None)
+        batch = next(self._it, None)
+        if batch is None:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._it = batches(self.examples, size, seed=self.seed, epoch=self.epoch)
+            batch = next(self._it)
+        self.position += 1
+        return batch
+
+
 class HeadTrainer:
     """Trains one personal head with a backend, on local examples."""
 
@@ -111,8 +138,7 @@ class HeadTrainer:
         self.settings: RoundSettings | None = None
         self.phi: dict[str, np.ndarray] | None = None  # the global head: alignment reference
         self.has_personal = False  # θ_k has been initialised (from φ or a checkpoint)
-        self.epoch, self.position = 0, 0  # cursor in the local data
-        self._batches: Iterator[list[Example]] | None = None
+        self.cursor = BatchCursor(self.train_set, seed)
         self._optimizer = None
         self._opt_key: tuple | None = None
         self._pending: tuple[np.ndarray, np.ndarray | None, np.ndarray] | None = None  # (z, z_ref, mask)
@@ -120,6 +146,10 @@ class HeadTrainer:
         self.last_round = -1
         if self.state_dir is not None:
             self._restore()
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
 
     # -- rounds --------------------------------------------------------------------------------
     def begin_round(self, settings: RoundSettings, adapters: Mapping[str, np.ndarray] | None) -> None:
@@ -145,7 +175,7 @@ class HeadTrainer:
     def forward(self) -> Step:
         """Next local batch -> Z (kept for :meth:`backward`); also Z' from φ when λ > 0."""
         s = self._require_round()
-        batch = self._next_batch(s.batch_size)
+        batch = self.cursor.next(s.batch_size)
         enc = self.encoder.encode([e.text for e in batch])
         labels = self._labels(batch, enc.input_ids, enc.attention_mask)
         t0 = time.perf_counter()
@@ -220,7 +250,7 @@ class HeadTrainer:
             tensors.update({f"phi/{k}": v for k, v in self.phi.items()})
         if self._optimizer is not None:
             tensors.update({f"opt/{k}": v for k, v in self._optimizer.state_dict().items()})
-        meta = {"layout_hash": self.bundle.manifest.layout_hash, "epoch": self.epoch, "position": self.position,
+        meta = {"layout_hash": self.bundle.manifest.layout_hash, "epoch": self.cursor.epoch, "position": self.cursor.position,
                 "last_round": self.last_round, "optimizer": list(self._opt_key) if self._opt_key else None}
         tmp = self.state_dir / f".{_STATE_FILE}.tmp"
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
@@ -247,7 +277,8 @@ class HeadTrainer:
             self._optimizer = make_optimizer(name, lr=lr)
             self._optimizer.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("opt/")})
             self._opt_key = (name, lr)
-        self.epoch, self.position, self.last_round = meta["epoch"], meta["position"], meta["last_round"]
+        self.cursor = BatchCursor(self.train_set, self.seed, meta["epoch"], meta["position"])
+        self.last_round = meta["last_round"]
         self.has_personal = True
         log.info("restored the personal head from %s (after round %d)", path, self.last_round)
 
@@ -256,19 +287,6 @@ class HeadTrainer:
         if self.settings is None:
             raise ConfigError("no round in progress: call begin_round() first")
         return self.settings
-
-    def _next_batch(self, size: int) -> list[Example]:
-        if self._batches is None:
-            self._batches = batches(self.train_set, size, seed=self.seed, epoch=self.epoch)
-            for _ in range(self.position):  # resume inside an epoch
-                next(self._batches, None)
-        batch = next(self._batches, None)
-        if batch is None:
-            self.epoch, self.position = self.epoch + 1, 0
-            self._batches = batches(self.train_set, size, seed=self.seed, epoch=self.epoch)
-            batch = next(self._batches)
-        self.position += 1
-        return batch
 
     def _labels(self, batch: list[Example], input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         if self.task == "causal_lm":  # next-token prediction on the text itself; padding ignored

@@ -15,7 +15,7 @@ import logging
 import random
 import ssl
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
@@ -23,6 +23,9 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from .errors import AuthError, ConfigError, ErrorCode, FlexSFLError, OrderError, ProtocolError
 from .trainer import HeadTrainer, RoundSettings
+
+if TYPE_CHECKING:
+    from .full_trainer import FullModelTrainer
 from .wire import (
     ENCODINGS,
     Activations,
@@ -105,7 +108,7 @@ class _Link:
         return msg
 
 
-async def run_client(trainer: HeadTrainer, opts: ClientOptions, *, stop: asyncio.Event | None = None) -> ClientReport:
+async def run_client(trainer: "HeadTrainer | FullModelTrainer", opts: ClientOptions, *, stop: asyncio.Event | None = None) -> ClientReport:
     """Train until the server says Bye (returns) or refuses for good (raises)."""
     report = ClientReport()
     m = trainer.bundle.manifest
@@ -120,14 +123,14 @@ async def run_client(trainer: HeadTrainer, opts: ClientOptions, *, stop: asyncio
                                open_timeout=opts.open_timeout, ping_interval=20, ping_timeout=60) as ws:
                 link = _Link(ws, Connection(Role.CLIENT, limits), report)
                 await link.send(Hello(client_id=opts.client_id, token=opts.token, layout_hash=m.layout_hash, split=m.split,
-                                      backend=trainer.backend.name, encodings=opts.encodings, profile=opts.profile))
+                                      backend=trainer.backend_name, encodings=opts.encodings, profile=opts.profile))
                 welcome = await link.recv()
                 if not isinstance(welcome, Welcome):
                     raise OrderError(f"expected Welcome, got {type(welcome).__name__}")
                 link.encoding = welcome.encoding
                 failures = 0
                 log.info("connected to %s as %s (split %d, %s, %s)", opts.server, opts.client_id, m.split,
-                         trainer.backend.name, welcome.encoding)
+                         trainer.backend_name, welcome.encoding)
                 reason = await _serve_rounds(link, trainer, opts)
                 report.reason = reason
                 return report
@@ -155,7 +158,7 @@ def _frame_limit(trainer: HeadTrainer) -> int:
     m = trainer.bundle.manifest
     z = m.max_batch * m.max_seq * m.model.hidden_size * 4
     params = sum(int(np.prod(p.shape)) * 4 for p in m.trainable_parameters)
-    return int(1.1 * max(z, params)) + (1 << 20)
+    return int(1.1 * max(z, params)) + (8 << 20)  # + room for a whole-model upload (baselines)
 
 
 async def _serve_rounds(link: _Link, trainer: HeadTrainer, opts: ClientOptions) -> str:
@@ -172,9 +175,19 @@ async def _serve_rounds(link: _Link, trainer: HeadTrainer, opts: ClientOptions) 
             if not isinstance(a, Adapters):
                 raise OrderError(f"expected Adapters after RoundConfig, got {type(a).__name__}")
             adapters = dict(a.tensors)
+        full = msg.extra.get("mode", "split") == "full"
+        if full != hasattr(trainer, "train_local"):
+            raise ConfigError(
+                f"the server runs a {'whole-model' if full else 'split'} strategy but this client was started for "
+                f"{'split' if full else 'whole-model'} training; restart it {'with' if full else 'without'} --full-model"
+            )
         metrics = await _train_round(link, trainer, msg, adapters)
         if opts.evaluate and trainer.test_set:
-            metrics.update(await _evaluate(link, trainer, msg.round_id))
+            if full:
+                correct, total = trainer.evaluate()
+                metrics.update(personal_acc=correct / max(total, 1), eval_examples=total)
+            else:
+                metrics.update(await _evaluate(link, trainer, msg.round_id))
         metrics.update(bytes_sent=link.report.bytes_sent, bytes_received=link.report.bytes_received)
         await link.send(Metrics(round_id=msg.round_id, metrics=metrics))
         link.report.rounds.append({"round": msg.round_id, **metrics})
@@ -189,7 +202,9 @@ async def _train_round(link: _Link, trainer: HeadTrainer, cfg: RoundConfig, adap
     trainer.begin_round(settings, adapters)
     wait = 0.0
     t_round = time.perf_counter()
-    for step_id in range(cfg.local_steps):
+    if hasattr(trainer, "train_local"):  # whole model on the device: no steps over the wire
+        await asyncio.to_thread(trainer.train_local)
+    for step_id in range(0 if hasattr(trainer, "train_local") else cfg.local_steps):
         step = trainer.forward()
         t0 = time.perf_counter()
         await link.send(Activations(round_id=cfg.round_id, step_id=step_id, mode="train", z=step.z,

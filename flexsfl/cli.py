@@ -98,7 +98,12 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
 
 
 # Modules whose ``add_parser(subparsers)`` registers a subcommand (imports must stay torch-free).
-_PLUGIN_MODULES: list[str] = ["server_backend.datasets", "server_backend.clients"]
+_PLUGIN_MODULES: list[str] = [
+    "server_backend.datasets",
+    "server_backend.clients",
+    "server_backend.cli",
+    "edge_runtime.cli",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

