@@ -139,7 +139,7 @@ def _hex64(where: str, v: Any) -> str:
 
 
 def _encodings(where: str, v: Any) -> tuple[str, ...]:
-    if not isinstance(v, (list, tuple)) or not v or len(set(v)) != len(v) or not all(isinstance(e, str) and e in ENCODINGS for e in v):
+    if not isinstance(v, (list, tuple)) or not v or not all(isinstance(e, str) and e in ENCODINGS for e in v) or len(set(v)) != len(v):
         raise _bad(where, f"a non-empty list of distinct encodings from {', '.join(ENCODINGS)}", v)
     return tuple(v)
 
@@ -152,11 +152,11 @@ def _scalars(where: str, v: Any) -> dict[str, bool | int | float | str]:
         if not _is_text(k) or not k:
             raise _bad(f"{where} key", "a non-empty string", k)
         if isinstance(x, float) and not np.isfinite(x):
-            raise _bad(f"{where}[{k!r}]", "finite", x)
+            raise _bad(f"{where}[{k!r:.80}]", "finite", x)
         if not isinstance(x, (bool, int, float)) and not _is_text(x):
-            raise _bad(f"{where}[{k!r}]", "a bool, number or string", x)
+            raise _bad(f"{where}[{k!r:.80}]", "a bool, number or string", x)
         if _is_int(x) and abs(x) > _INT_MAX:
-            raise _bad(f"{where}[{k!r}]", "an int that fits 64 bits", x)
+            raise _bad(f"{where}[{k!r:.80}]", "an int that fits 64 bits", x)
     return dict(v)
 
 
@@ -233,7 +233,7 @@ def _describe(v: Any) -> str:
     if isinstance(v, np.ndarray):
         return f"{v.dtype.name}{list(v.shape)}"
     if isinstance(v, dict) and any(isinstance(x, np.ndarray) for x in v.values()):
-        return "{" + ", ".join(f"{k!r}: {_describe(x)}" for k, x in v.items()) + "}"
+        return "{" + ", ".join(f"{k!r:.80}: {_describe(x)}" for k, x in v.items()) + "}"
     return repr(v)
 
 
@@ -274,8 +274,8 @@ class Message:
                 raise TensorError(f"{cls}.tensors must be a non-empty dict of name -> float array")
             for name in t:
                 if not _is_text(name) or not name:
-                    raise TensorError(f"{cls}.tensors keys must be non-empty strings, got {name!r:.60}")
-            object.__setattr__(self, "tensors", {k: _normalize(f"{cls}.tensors[{k!r}]", _ANY_FLOAT, a) for k, a in t.items()})
+                    raise TensorError(f"{cls}.tensors keys must be non-empty strings, got {name!r:.80}")
+            object.__setattr__(self, "tensors", {k: _normalize(f"{cls}.tensors[{k!r:.80}]", _ANY_FLOAT, a) for k, a in t.items()})
         self._check()
 
     def _check(self) -> None:
@@ -332,24 +332,28 @@ class Message:
         name = cls.__name__
         want = cls._json_fields()
         if fields.keys() != set(want):
-            missing, extra = sorted(set(want) - fields.keys()), sorted(fields.keys() - set(want))
-            raise FrameError(f"{name}: " + "; ".join(
-                ([f"missing field(s) {', '.join(missing)}"] if missing else []) + ([f"unknown field(s) {', '.join(extra)}"] if extra else [])
-            ))
+            problems = []
+            if missing := sorted(set(want) - fields.keys()):
+                problems.append(f"missing field(s) {', '.join(missing)}")
+            if extra := sorted(fields.keys() - set(want)):
+                problems.append(f"unknown field(s) {', '.join(f'{k!r:.40}' for k in extra[:5])}")
+            raise FrameError(f"{name}: {'; '.join(problems)}")
         arrays: dict[str, np.ndarray] = {}
         encodings = set()
         for header, buf in tensors:
             slot = cls._slot(header.name)
             if slot is None:
-                raise TensorError(f"{name}: unexpected tensor {header.name!r}")
+                raise TensorError(f"{name}: unexpected tensor {header.name!r:.80}")
             if header.name in arrays:
-                raise TensorError(f"{name}: tensor {header.name!r} appears twice")
+                raise TensorError(f"{name}: tensor {header.name!r:.80} appears twice")
             if slot.kind == "float":
                 if header.encoding == "raw":
-                    raise TensorError(f"{name}: tensor {header.name!r} must be a float tensor, got {header.dtype}")
+                    raise TensorError(f"{name}: tensor {header.name!r:.80} must be a float tensor, got {header.dtype}")
                 encodings.add(header.encoding)
             elif (header.encoding, header.dtype) != ("raw", _WIRE_DTYPE[slot.kind]):
-                raise TensorError(f"{name}: tensor {header.name!r} must travel as raw {_WIRE_DTYPE[slot.kind]}, got {header.dtype}/{header.encoding}")
+                raise TensorError(
+                    f"{name}: tensor {header.name!r:.80} must travel as raw {_WIRE_DTYPE[slot.kind]}, got {header.dtype}/{header.encoding}"
+                )
             arrays[header.name] = decode(header, buf)
         if len(encodings) > 1:
             raise TensorError(f"{name}: float tensors use different encodings ({', '.join(sorted(encodings))}); one message uses one")
@@ -567,7 +571,9 @@ def parse(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
     if magic != MAGIC:
         raise FrameError(f"frame starts with {magic!r}, not {MAGIC!r}; the peer does not speak the flexsfl protocol")
     if version != PROTOCOL_VERSION:
-        raise FrameError(f"frame has protocol version {version}; this flexsfl speaks {PROTOCOL_VERSION}, upgrade the older side", ErrorCode.BAD_VERSION)
+        raise FrameError(
+            f"frame has protocol version {version}; this flexsfl speaks {PROTOCOL_VERSION}, upgrade the older side", ErrorCode.BAD_VERSION
+        )
     if kind not in MessageKind._value2member_map_:
         raise FrameError(f"frame has unknown message kind {kind}", ErrorCode.UNKNOWN_KIND)
     if flags:

@@ -163,12 +163,12 @@ class TensorHeader:
         name = obj["name"]
         if not _is_text(name) or not name:
             raise FrameError(f"{where}: name must be a non-empty string")
-        where = f"tensor {name!r}"
+        where = f"tensor {name!r:.80}"
         dtype, encoding, shape, nbytes = obj["dtype"], obj["encoding"], obj["shape"], obj["nbytes"]
         if not isinstance(encoding, str) or encoding not in _PAYLOAD_DTYPES:
-            raise TensorError(f"{where}: unknown encoding {encoding!r} (known: raw, {', '.join(ENCODINGS)})")
+            raise TensorError(f"{where}: unknown encoding {encoding!r:.40} (known: raw, {', '.join(ENCODINGS)})")
         if not isinstance(dtype, str) or dtype not in _PAYLOAD_DTYPES[encoding]:
-            raise TensorError(f"{where}: encoding {encoding!r} carries dtype {' or '.join(_PAYLOAD_DTYPES[encoding])}, not {dtype!r}")
+            raise TensorError(f"{where}: encoding {encoding!r} carries dtype {' or '.join(_PAYLOAD_DTYPES[encoding])}, not {dtype!r:.40}")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise TensorError(f"{where}: shape must be a list of non-negative ints, got {shape!r:.80}")
         if len(shape) > limits.max_ndim:
@@ -208,7 +208,7 @@ def _non_finite(name: str, a: np.ndarray, what: str) -> TensorError:
     bad = np.flatnonzero(~np.isfinite(a))
     first = np.unravel_index(bad[0], a.shape) if a.ndim else ()
     return TensorError(
-        f"tensor {name!r} {what} {bad.size} NaN/Inf value(s), first at index {tuple(int(i) for i in first)}; "
+        f"tensor {name!r:.80} {what} {bad.size} NaN/Inf value(s), first at index {tuple(int(i) for i in first)}; "
         f"the values diverged (lower the learning rate) or overflowed",
         ErrorCode.NON_FINITE,
     )
@@ -228,12 +228,12 @@ def encode(name: str, array: np.ndarray, encoding: str) -> tuple[TensorHeader, t
     if encoding == "raw":
         dtype = a.dtype.name
         if dtype not in _PAYLOAD_DTYPES["raw"]:
-            raise TensorError(f"tensor {name!r}: dtype {dtype} cannot travel raw (allowed: {', '.join(_PAYLOAD_DTYPES['raw'])})")
+            raise TensorError(f"tensor {name!r:.80}: dtype {dtype} cannot travel raw (allowed: {', '.join(_PAYLOAD_DTYPES['raw'])})")
         payload = np.ascontiguousarray(a, dtype=DTYPES[dtype])
         parts: tuple[np.ndarray, ...] = (payload,)
     elif encoding in ENCODINGS:
         if a.dtype.kind != "f":
-            raise TensorError(f"tensor {name!r}: encoding {encoding} is for float tensors, not {a.dtype.name}")
+            raise TensorError(f"tensor {name!r:.80}: encoding {encoding} is for float tensors, not {a.dtype.name}")
         x = np.ascontiguousarray(a, dtype=_F32)
         if encoding == "int8":
             dtype, parts = "int8", _quantize(name, x)
@@ -247,7 +247,7 @@ def encode(name: str, array: np.ndarray, encoding: str) -> tuple[TensorHeader, t
             else:
                 dtype, parts = "bfloat16", (_to_bf16(name, x),)
     else:
-        raise TensorError(f"tensor {name!r}: unknown encoding {encoding!r} (known: raw, {', '.join(ENCODINGS)})")
+        raise TensorError(f"tensor {name!r:.80}: unknown encoding {encoding!r:.40} (known: raw, {', '.join(ENCODINGS)})")
     header = TensorHeader(name, dtype, tuple(int(d) for d in a.shape), encoding, sum(p.nbytes for p in parts))
     return header, tuple(memoryview(p.reshape(-1).view(np.uint8)) for p in parts)
 
@@ -256,7 +256,7 @@ def _to_fp16(name: str, x: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):  # overflow is reported below, with the tensor's name
         h = x.astype("<f2")
     if not _bits_finite(h.view(np.uint16), _FP16_EXP):
-        raise TensorError(f"tensor {name!r} has values of magnitude >= 65520, which overflow float16; use encoding bf16 or fp32")
+        raise TensorError(f"tensor {name!r:.80} has values of magnitude >= 65520, which overflow float16; use encoding bf16 or fp32")
     return h
 
 
@@ -271,7 +271,7 @@ def _to_bf16(name: str, x: np.ndarray) -> np.ndarray:
     r >>= 16
     b = r.astype("<u2")
     if not _bits_finite(b, _BF16_EXP):
-        raise TensorError(f"tensor {name!r} has values of magnitude >= 3.3962e38, which overflow bfloat16; use encoding fp32")
+        raise TensorError(f"tensor {name!r:.80} has values of magnitude >= 3.3962e38, which overflow bfloat16; use encoding fp32")
     return b
 
 
@@ -283,7 +283,7 @@ def _quantize(name: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise _non_finite(name, x, "has")
     scales = (absmax / np.float32(127.0)).astype(_F32)
     if scales.size and scales.max() > _INT8_MAX_SCALE:
-        raise TensorError(f"tensor {name!r} has values of magnitude > 3.37e38, which overflow the int8 encoding; use encoding fp32")
+        raise TensorError(f"tensor {name!r:.80} has values of magnitude > 3.37e38, which overflow the int8 encoding; use encoding fp32")
     # Codes are computed against the scale as stored, so decoding is consistent even where a
     # tiny scale rounds to a float32 subnormal (and may round down: hence the clip). A scale of
     # 0 (an all-zero vector, or one so tiny that absmax/127 underflows) divides by 1: codes 0.
@@ -303,19 +303,21 @@ def decode(header: TensorHeader, buffer: bytes | memoryview) -> np.ndarray:
     """
     name, shape, enc = header.name, header.shape, header.encoding
     if len(buffer) != header.nbytes:
-        raise FrameError(f"tensor {name!r}: payload is {len(buffer)} bytes, header says {header.nbytes}")
+        raise FrameError(f"tensor {name!r:.80}: payload is {len(buffer)} bytes, header says {header.nbytes}")
     if enc == "int8":
         nvec, veclen = _vectors(shape)
         q = np.frombuffer(buffer, np.int8, count=nvec * veclen).reshape(nvec, veclen)
         scales = np.frombuffer(buffer, _F32, offset=nvec * veclen)
         if not ((scales >= 0) & (scales <= _INT8_MAX_SCALE)).all():  # NaN fails both
-            raise TensorError(f"tensor {name!r}: int8 scales must be in [0, {_INT8_MAX_SCALE:.4g}] (larger ones overflow)", ErrorCode.NON_FINITE)
+            raise TensorError(
+                f"tensor {name!r:.80}: int8 scales must be in [0, {_INT8_MAX_SCALE:.4g}] (larger ones overflow)", ErrorCode.NON_FINITE
+            )
         out = (q * scales[:, None]).reshape(shape)
     else:
         raw = np.frombuffer(buffer, DTYPES[header.dtype]).reshape(shape)
         if enc == "raw":
             if header.dtype == "bool" and raw.size and int(raw.view(np.uint8).max()) > 1:
-                raise TensorError(f"tensor {name!r}: bool payload holds bytes other than 0 and 1")
+                raise TensorError(f"tensor {name!r:.80}: bool payload holds bytes other than 0 and 1")
             out = raw
         elif enc == "fp32":
             if not np.isfinite(raw).all():

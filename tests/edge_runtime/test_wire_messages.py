@@ -273,7 +273,7 @@ Z_BYTES = np.float32([1, 2]).tobytes()
         (frame(header={"fields": {"reason": ""}, "tensors": []}, payload=b"x"), ErrorCode.MALFORMED_FRAME, "accounts for \\d+; the frame is padded"),
         (frame(header={"fields": {}, "tensors": [{}] * 5000}), ErrorCode.TOO_LARGE, "5000 tensors, over the limit of 4096"),
         (frame(header={"fields": {}}), ErrorCode.MALFORMED_FRAME, 'exactly the keys'),
-        (frame(header={"fields": {"reason": "", "why": 1}, "tensors": []}), ErrorCode.MALFORMED_FRAME, "Bye: unknown field\\(s\\) why"),
+        (frame(header={"fields": {"reason": "", "why": 1}, "tensors": []}), ErrorCode.MALFORMED_FRAME, "Bye: unknown field\\(s\\) 'why'"),
         (frame(kind=MessageKind.HELLO, header={"fields": {"client_id": "a"}, "tensors": []}), ErrorCode.MALFORMED_FRAME,
          "Hello: missing field\\(s\\) backend, encodings, layout_hash, profile, protocol_version, split, token"),
         (frame(MessageKind.ACTIVATIONS, {"fields": ACT_FIELDS, "tensors": _z_table()}, Z_BYTES[:4]), ErrorCode.MALFORMED_FRAME,
