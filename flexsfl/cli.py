@@ -9,6 +9,7 @@ status 2; nothing prints a traceback unless ``--debug`` is given.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -92,17 +93,21 @@ def _add_bundle(sub: argparse._SubParsersAction) -> None:
 # Each entry adds one subcommand; modules owned by a role add their own parsers.
 def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     regs: list[Callable[[argparse._SubParsersAction], None]] = [_add_export, _add_bundle]
-    for mod in _PLUGIN_MODULES:
-        regs.append(lambda sub, mod=mod: __import__(mod, fromlist=["add_parser"]).add_parser(sub))
+    for entry in _PLUGINS:
+        mod, _, fn = entry.partition(":")
+        regs.append(lambda sub, mod=mod, fn=fn or "add_parser": getattr(importlib.import_module(mod), fn)(sub))
     return regs
 
 
-# Modules whose ``add_parser(subparsers)`` registers a subcommand (imports must stay torch-free).
-_PLUGIN_MODULES: list[str] = [
-    "server_backend.datasets",
-    "server_backend.clients",
+# ``module[:function]`` whose ``function(subparsers)`` (default ``add_parser``) registers a
+# subcommand. Importing them must stay cheap and torch-free.
+_PLUGINS: list[str] = [
+    "server_backend.simulate:add_demo_parser",
+    "server_backend.simulate",
     "server_backend.cli",
     "edge_runtime.cli",
+    "server_backend.clients",
+    "server_backend.datasets",
 ]
 
 

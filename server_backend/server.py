@@ -17,7 +17,7 @@ import logging
 import secrets
 import ssl
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from websockets.asyncio.server import ServerConnection, serve
@@ -53,7 +53,7 @@ from .state import ServerState
 from .strategy import Strategy
 from .tail_host import StepRequest, TailHost
 
-__all__ = ["ServerConfig", "FlexServer", "frame_limit"]
+__all__ = ["ServerConfig", "FlexServer", "RoundUpload", "frame_limit"]
 
 log = logging.getLogger("flexsfl.server")
 
@@ -87,6 +87,15 @@ def frame_limit(host: TailHost, max_batch: int, max_seq: int) -> int:
     return int(1.1 * max(z, state)) + (1 << 20)
 
 
+@dataclasses.dataclass(frozen=True)
+class RoundUpload:
+    """What one client uploaded in a round, as handed to ``on_round_end``."""
+
+    split: int
+    params: dict[str, np.ndarray]
+    num_samples: int
+
+
 @dataclasses.dataclass(eq=False)
 class Session:
     """One connected client."""
@@ -116,7 +125,8 @@ class FlexServer:
     """Hosts the tail for every client and runs the rounds of a :class:`Strategy`."""
 
     def __init__(self, host: TailHost, strategy: Strategy, registry: ClientRegistry | None, state: ServerState,
-                 config: ServerConfig = ServerConfig(), *, compute_threads: int | None = None) -> None:
+                 config: ServerConfig = ServerConfig(), *, compute_threads: int | None = None,
+                 on_round_end: Callable[[int, dict[str, "RoundUpload"]], dict] | None = None) -> None:
         self.host = host
         self.strategy = strategy
         self.registry = registry
@@ -130,6 +140,9 @@ class FlexServer:
         self.round_id = 0  # next round to run
         self.ready = asyncio.Event()  # set once listening (port known)
         self.refused = 0  # connections closed for bad input, for reports
+        # Called on the compute thread after each round (e.g. a simulation's evaluation); what it
+        # returns is logged as the round's "eval" event. Its time is not counted as round time.
+        self.on_round_end = on_round_end
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def serve(self) -> None:
@@ -382,6 +395,13 @@ class FlexServer:
             # Clients evaluate their personal model after RoundEnd, then report: wait, so that the
             # next RoundConfig never crosses an evaluation in flight.
             await asyncio.wait(ended, timeout=cfg.round_timeout)
+            for f in ended:
+                if f.done() and not f.cancelled():
+                    f.exception()  # retrieved: a client that left is already logged
+        if self.on_round_end is not None:
+            got = {cid: RoundUpload(s.split, dict(u.tensors), u.num_samples) for cid, (s, u) in uploads.items()}
+            evals = await self.worker.call(self.on_round_end, r, got)
+            self.state.log("eval", round=r, **evals)
         log.info("round %d done in %.1f s (%d clients, %d steps)", r, summary["seconds"], len(uploads), summary["steps"])
 
     def _persist(self, r: int, state: dict, uploads: dict) -> None:
