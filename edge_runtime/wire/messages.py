@@ -89,14 +89,14 @@ class MessageKind(enum.IntEnum):
 
 # --- field validators: (where, value) -> normalized value, or FrameError naming the field ---
 
-Check = Callable[[str, Any], Any]
+_Check = Callable[[str, Any], Any]
 
 
 def _bad(where: str, want: str, v: Any) -> FrameError:
     return FrameError(f"{where} must be {want}, got {type(v).__name__} {v!r:.60}")
 
 
-def _int(lo: int = 0) -> Check:
+def _int(lo: int = 0) -> _Check:
     def check(where: str, v: Any) -> int:
         if not _is_int(v) or not lo <= v <= _INT_MAX:
             raise _bad(where, f"an int in [{lo}, 2**63)", v)
@@ -105,7 +105,7 @@ def _int(lo: int = 0) -> Check:
     return check
 
 
-def _float(lo: float = -np.inf, *, above: bool = False) -> Check:
+def _float(lo: float = -np.inf, *, above: bool = False) -> _Check:
     want = f"a finite number {'>' if above else '>='} {lo:g}" if lo > -np.inf else "a finite number"
 
     def check(where: str, v: Any) -> float:
@@ -119,7 +119,7 @@ def _float(lo: float = -np.inf, *, above: bool = False) -> Check:
     return check
 
 
-def _text(choices: tuple[str, ...] = (), *, pattern: re.Pattern | None = None, empty: bool = True) -> Check:
+def _text(choices: tuple[str, ...] = (), *, pattern: re.Pattern | None = None, empty: bool = True) -> _Check:
     want = f"one of {', '.join(choices)}" if choices else "an identifier ([A-Za-z0-9._-], 1-128 chars)" if pattern else "a string"
     if not empty:
         want = "a non-empty string"
@@ -166,7 +166,7 @@ def _error_code(where: str, v: Any) -> ErrorCode:
     return ErrorCode(v)
 
 
-def _field(check: Check, *, secret: bool = False, **kw: Any) -> Any:
+def _field(check: _Check, *, secret: bool = False, **kw: Any) -> Any:
     """A JSON field of a message, validated by ``check`` on construction; a ``secret`` one
     never shows in ``repr`` (messages get logged)."""
     return dataclasses.field(metadata={"check": check, "secret": secret}, **kw)

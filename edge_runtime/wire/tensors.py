@@ -99,10 +99,10 @@ class Limits:
     # Whole frame. Z for B=8, T=512, d=2048 in fp32 is 32 MiB; the transport sets the
     # websocket max_size to this too.
     max_frame_bytes: int = 64 << 20
-    # The JSON header: field values and the tensor table (an adapter upload of ~500 tensors
-    # with PEFT names takes ~60 KiB at most).
+    # The JSON header: field values and the tensor table. The largest we expect, an Upload of
+    # LoRA on all 7 projections of SmolLM2's 30 blocks (420 PEFT-named tensors), takes 56 KiB.
     max_header_bytes: int = 64 << 10
-    # Tensors in one frame; LoRA on every projection of a 30-block model is ~420 tensors.
+    # Tensors in one frame (that Upload has 420).
     max_tensors: int = 4096
     # Dimensions per tensor: [B, T, d] is 3; 6 leaves room and stops silly shapes.
     max_ndim: int = 6
@@ -159,7 +159,7 @@ class TensorHeader:
         where = f"tensor table entry {index}"
         if not isinstance(obj, dict) or obj.keys() != _HEADER_KEYS:
             keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-            raise FrameError(f"{where} must be an object with keys {sorted(_HEADER_KEYS)}, got {keys}")
+            raise FrameError(f"{where} must be an object with keys {sorted(_HEADER_KEYS)}, got {str(keys):.120}")
         name = obj["name"]
         if not _is_text(name) or not name:
             raise FrameError(f"{where}: name must be a non-empty string")
