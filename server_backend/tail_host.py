@@ -169,6 +169,7 @@ class TailHost:
     @torch.no_grad()
     def predict(self, split: int, z: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Logits of the global tail for smashed data (no training)."""
+        z, attention_mask = np.array(z, dtype=np.float32), np.array(attention_mask, dtype=np.int64)
         return self.tail(split)(torch.from_numpy(z), torch.from_numpy(attention_mask)).numpy()
 
     @torch.no_grad()
@@ -189,25 +190,29 @@ class TailHost:
 
 def _concat(reqs: Sequence[StepRequest], task: str):
     """Stack requests along the batch, right-padding T with masked zeros (padding is invisible to
-    every query position that is not itself padding, so results equal running them alone)."""
+    every query position that is not itself padding, so results equal running them alone).
+
+    Returns fresh, writable tensors ``z`` [ΣB, T, d], ``mask``, ``labels`` and each request's rows.
+    """
     t = max(r.z.shape[1] for r in reqs)
-    zs, masks, labels, slices = [], [], [], []
-    start = 0
+    rows, start = [], 0
     for r in reqs:
-        b, ti, _ = r.z.shape
-        pad = t - ti
-        zs.append(np.pad(r.z, ((0, 0), (0, pad), (0, 0))))
-        masks.append(np.pad(r.attention_mask, ((0, 0), (0, pad))))
-        lab = r.labels
-        if task == "causal_lm":
-            lab = np.pad(lab, ((0, 0), (0, pad)), constant_values=-100)
-        labels.append(lab)
-        slices.append(slice(start, start + b))
-        start += b
+        rows.append(slice(start, start + r.z.shape[0]))
+        start += r.z.shape[0]
     if len(reqs) == 1:
-        z = torch.from_numpy(np.ascontiguousarray(reqs[0].z, dtype=np.float32)).clone()
-    else:
-        z = torch.from_numpy(np.concatenate(zs).astype(np.float32, copy=False))
-    mask = torch.from_numpy(np.concatenate(masks).astype(np.int64, copy=False))
-    lab = torch.from_numpy(np.concatenate(labels).astype(np.int64, copy=False))
-    return z, mask, lab, slices
+        r = reqs[0]
+        return (torch.from_numpy(np.array(r.z, dtype=np.float32)), torch.from_numpy(np.array(r.attention_mask, dtype=np.int64)),
+                torch.from_numpy(np.array(r.labels, dtype=np.int64)), rows)
+    d = reqs[0].z.shape[2]
+    z = np.zeros((start, t, d), np.float32)
+    mask = np.zeros((start, t), np.int64)
+    labels = np.full((start, t) if task == "causal_lm" else (start,), -100, np.int64)
+    for r, rr in zip(reqs, rows):
+        ti = r.z.shape[1]
+        z[rr, :ti] = r.z
+        mask[rr, :ti] = r.attention_mask
+        if task == "causal_lm":
+            labels[rr, :ti] = r.labels
+        else:
+            labels[rr] = r.labels
+    return torch.from_numpy(z), torch.from_numpy(mask), torch.from_numpy(labels), rows
