@@ -38,7 +38,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 import torch
 from onnxscript import rewriter
-from onnxscript.optimizer._constant_folding import FoldConstantsPass
+from onnxscript.optimizer import _constant_folding as constant_folding
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from edge_runtime.bundle import TensorSpec
@@ -151,7 +151,8 @@ def build_ort_training_artifacts(
 
     Files appear in ``out_dir`` only once all were built (others there are left alone, same-named
     ones replaced). Raises :class:`ConfigError` for bad arguments and :class:`ExportError` when a
-    step fails; the head is left as it was.
+    step fails; the head is left as it was. Not thread-safe: while ORT builds the graphs, the
+    process's working directory and file descriptor 2 are redirected.
     """
     label = label or type(head).__name__
     params = _check_arguments(head, param_names, max_batch, max_seq, optimizer, example_batch)
@@ -198,7 +199,7 @@ def build_ort_training_artifacts(
         optimizer={"name": optimizer, **(ADAMW_HYPERPARAMETERS if optimizer == "adamw" else {})},
         inputs=inputs,
         outputs=outputs,
-        parameters={n: n for n in param_names},  # _map_parameters checked that the graph keeps torch's names
+        parameters={n: n for n in param_names},  # the exporter keeps torch's names; _frozen_parameters checked
         timings=timings,
     )
 
@@ -328,7 +329,12 @@ def _prepare_for_training(model: ir.Model, head: torch.nn.Module) -> onnx.ModelP
         ir.passes.PassManager(
             [
                 # Also rewrites torch.split's SplitToSequence/SequenceAt (no gradient) into Split.
-                FoldConstantsPass(shape_inference=True, input_size_limit=8192, output_size_limit=65536, should_fold=should_fold),
+                constant_folding.FoldConstantsPass(
+                    shape_inference=True,
+                    input_size_limit=constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+                    output_size_limit=constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+                    should_fold=should_fold,
+                ),
                 rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES),
                 ir_passes.RemoveUnusedNodesPass(),
             ],
@@ -422,19 +428,22 @@ def _native_stderr_silenced():
 
 
 def _fix_for_ort(stage: pathlib.Path) -> None:
-    """Make the generated files load in onnxruntime-training 1.19 and step like torch.optim."""
+    """Make the generated files load in onnxruntime-training 1.19, quietly, and step like torch.optim."""
     for name in (TRAINING_MODEL_NAME, EVAL_MODEL_NAME, OPTIMIZER_MODEL_NAME):
         model = onnx.load(stage / name)
-        changed = model.ir_version > _ORT_MAX_IR_VERSION
         model.ir_version = min(model.ir_version, _ORT_MAX_IR_VERSION)
-        for node in model.graph.node:
-            if node.op_type == "AdamWOptimizer":
-                # onnxblock hard-codes Hugging Face's AdamW (adam_mode=1); see ADAMW_HYPERPARAMETERS.
-                for attr in node.attribute:
-                    if attr.name == "adam_mode":
-                        attr.i, changed = 0, True
-        if changed:
-            onnx.save(model, stage / name)
+        if name == OPTIMIZER_MODEL_NAME:
+            for out in model.graph.output:
+                # onnxblock declares the update flag as [1] where ORT infers a scalar, and every
+                # Optimizer load then logs a shape-merge warning on the device.
+                out.type.tensor_type.ClearField("shape")
+            for node in model.graph.node:
+                if node.op_type == "AdamWOptimizer":
+                    # onnxblock hard-codes Hugging Face's AdamW (adam_mode=1); see ADAMW_HYPERPARAMETERS.
+                    for attr in node.attribute:
+                        if attr.name == "adam_mode":
+                            attr.i = 0
+        onnx.save(model, stage / name)
 
 
 def _verify(

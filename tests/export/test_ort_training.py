@@ -60,12 +60,12 @@ def built(request, models, tmp_path_factory):
 
 
 def _batch(vocab, b, t, seed):
-    """Random ids and a right-padded mask: row i keeps t - i * t // (2 b) tokens (row 0 is full)."""
+    """Random ids and a right-padded mask: row i loses i * t // (2 b) tokens, the last row at least one."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, min(vocab, 5000), (b, t), generator=g)
     mask = torch.ones(b, t, dtype=torch.int64)
-    for i in range(1, b):
-        mask[i, t - i * t // (2 * b) - 1 :] = 0
+    for i in range(b):
+        mask[i, t - max(i * t // (2 * b), int(i == b - 1)) :] = 0
     return ids, mask
 
 
@@ -187,7 +187,7 @@ def tiny_gpt2(tiny_model_dirs):
 
 
 def test_five_adamw_steps_match_torch_adamw(tiny_gpt2, tmp_path):
-    head = build_head(tiny_gpt2, 2)
+    head = build_head(tiny_gpt2, 1)
     names = [n for n, _ in head.trainable()]
     art = build_ort_training_artifacts(head, names, tmp_path, max_batch=MAX_BATCH, max_seq=MAX_SEQ, optimizer="adamw")
     assert art.optimizer == {"name": "adamw", **ADAMW_HYPERPARAMETERS}
@@ -209,7 +209,7 @@ def test_five_adamw_steps_match_torch_adamw(tiny_gpt2, tmp_path):
 def test_peft_default_init_keeps_every_adapter_and_the_callers_state(tiny_model_dirs, tmp_path, monkeypatch):
     # Untouched PEFT adapters: every lora_B is zero, so equal initializers must not be merged.
     lm = load_model(str(tiny_model_dirs["llama"]), num_labels=2)
-    head = build_head(lm, 2)
+    head = build_head(lm, 1)
     names = [n for n, _ in head.trainable()]
     head.train()
     # onnxblock deletes ./temp.onnx when its blocks are collected; a user's file of that name survives
