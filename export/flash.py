@@ -40,10 +40,11 @@ import threading
 import time
 import tomllib
 import zipfile
-from typing import BinaryIO, Callable, Iterable
+from typing import BinaryIO
+from collections.abc import Callable, Iterable
 
 from edge_runtime.bundle import MANIFEST_NAME, Bundle, Manifest, load_bundle, sha256_file
-from edge_runtime.errors import ConfigError, FlashError, FlexSFLError
+from edge_runtime.errors import ConfigError, FlashError
 
 from . import flash_remote
 
@@ -125,7 +126,7 @@ class Remote:
                 raise ConfigError(f"-o {opt!r}: ssh options are Key=Value, e.g. -o StrictHostKeyChecking=accept-new")
 
     @classmethod
-    def parse(cls, destination: str, **settings) -> "Remote":
+    def parse(cls, destination: str, **settings) -> Remote:
         """``user@host``, ``user@host:DIR`` or ``user@[v6addr]:DIR``; ``settings`` are the other fields."""
         user, at, rest = destination.rpartition("@")
         if rest.startswith("["):
@@ -224,7 +225,7 @@ class DeviceInfo:
     directory: str  # DIR, absolute
 
     @classmethod
-    def from_probe(cls, d: dict) -> "DeviceInfo":
+    def from_probe(cls, d: dict) -> DeviceInfo:
         return cls(
             arch=d["arch"], python=".".join(map(str, d["python"])), python_path=d["python_path"],
             memory_mb=d["memory"] // _MB, free_mb=d["free"] // _MB, cores=d["cores"], user=d["user"],
@@ -443,7 +444,7 @@ class _Session:
         self._errors = open(os.path.join(self._tmp, "master.err"), "wb")  # a file: a pipe could fill up and stall ssh
         self._master: subprocess.Popen | None = None
 
-    def __enter__(self) -> "_Session":
+    def __enter__(self) -> _Session:
         # The master's remote command ends at EOF on its stdin, which only this process holds:
         # if we die, even by SIGKILL, the pipe closes and the connection goes with us.
         self._master = subprocess.Popen(
@@ -719,7 +720,9 @@ def _client_config(remote: Remote, dev: dict, settings: ClientSettings, backend:
     """The device's config.json after this flash, or None if it cannot be complete yet."""
     root = dev["dir"]
     old = dev["config"] if isinstance(dev["config"], dict) else {}
-    cfg = {**old, "bundle": posixpath.join(root, flash_remote.CURRENT), "backend": backend}
+    # The personal adapters live outside bundles/, so switching or pruning bundles never loses them.
+    cfg = {"state_dir": posixpath.join(root, flash_remote.STATE), **old,
+           "bundle": posixpath.join(root, flash_remote.CURRENT), "backend": backend}
     for key, value in (("server", settings.server), ("client_id", settings.client_id), ("threads", settings.threads)):
         if value is not None:
             cfg[key] = value
@@ -835,7 +838,7 @@ def flash(
         verified=verified, retried=retried, runtime=runtime,
         config=posixpath.join(dev["dir"], flash_remote.CONFIG) if config else None,
         unit=conf["unit"],
-        **_service_outcome(conf, device, run_cmd, service and config is not None),
+        **_service_outcome(conf, device, run_cmd, service),
     )
 
 
@@ -851,36 +854,38 @@ def _notes(dev: dict, config: dict | None, install: bool) -> tuple[str, ...]:
     return tuple(notes)
 
 
-def _service_outcome(conf: dict, device: DeviceInfo, run_cmd: str, wanted: bool) -> dict:
+def _service_outcome(conf: dict, device: DeviceInfo, run_cmd: str, service: bool) -> dict:
     """The report's service line and the commands for the person, from the configure step's reply."""
-    scope = "" if device.root else " --user"
-    logs = f"journalctl{scope} -u {UNIT_NAME.removesuffix('.service')} -f"
-    if not wanted:
-        return {"service": "not installed (--no-service)" if conf["unit"] is None else "", "commands": (run_cmd,)}
+    if conf["unit"] is None:  # --no-service, or no complete config yet (a note says so)
+        return {"service": "not installed (--no-service)", "commands": (run_cmd,)} if not service else {}
     unit = f"{UNIT_NAME} ({'system' if device.root else 'user'} unit {conf['unit']})"
     if conf["started"]:
-        return {"service": f"{unit} enabled, {'restarted' if conf['changed'] else 'running'}", "commands": (logs,)}
-    why = conf["error"] or "systemd is not running on the device"
-    return {
-        "service": f"{unit} written, not started: {why}",
-        "commands": (" && ".join(conf["commands"]), run_cmd) if conf["error"] else (run_cmd,),
-    }
+        verb = "restarted" if conf["changed"] else "running"
+        return {"service": f"{unit} enabled, {verb}", "commands": (_follow_logs(device),)}
+    if conf["error"]:
+        return {"service": f"{unit} written, not started: {conf['error']}",
+                "commands": (" && ".join(conf["commands"]), run_cmd)}
+    return {"service": f"{unit} written, not started: systemd is not running on the device", "commands": (run_cmd,)}
 
 
 def rollback(destination: str | Remote, *, python: str = "python3") -> FlashReport:
     """Switch DIR/current back to DIR/previous (and previous to what was current); restart the service."""
     remote = destination if isinstance(destination, Remote) else Remote.parse(destination)
     with _Session(remote, python) as session:
-        dev = session.call("probe", {"dir": remote.directory, "bundle": "", "data": None})
+        dev = session.call("probe", {"dir": remote.directory})
         session.remote = remote = _remote_dir(remote, dev)
         result = session.call("rollback", {"dir": remote.directory})
     device = DeviceInfo.from_probe(dev)
-    scope = "" if device.root else " --user"
-    return FlashReport(
-        remote=str(remote), device=device, bundle=None, current=result["current"], previous=result["previous"],
-        service=f"{UNIT_NAME} restarted" if result["restarted"] else "not restarted (no unit, or systemd is not running)",
-        commands=(f"journalctl{scope} -u {UNIT_NAME.removesuffix('.service')} -f",) if result["restarted"] else (),
-    )
+    if result["restarted"]:
+        service, commands = f"{UNIT_NAME} restarted", (_follow_logs(device),)
+    else:
+        service, commands = "not restarted (no unit, or systemd is not running)", ()
+    return FlashReport(remote=str(remote), device=device, bundle=None, current=result["current"],
+                       previous=result["previous"], service=service, commands=commands)
+
+
+def _follow_logs(device: DeviceInfo) -> str:
+    return f"journalctl{'' if device.root else ' --user'} -u {UNIT_NAME.removesuffix('.service')} -f"
 
 
 # -- command line ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ The device directory DIR holds::
     DIR/.staging-<sha>/              an upload in progress (only complete files carry their name)
     DIR/venv/                        the edge runtime; venv/.flexsfl-wheel.json says which wheel
     DIR/config.json, DIR/token       what ``flexsfl edge run --config DIR/config.json`` reads
+    DIR/state/                       the runtime's personal adapters; no flash touches it
 
 A bundle directory under ``bundles/`` only ever appears by renaming a staging directory whose
 every sha256 was checked, so ``current`` and ``previous`` always name complete bundles; an upload
@@ -48,6 +49,7 @@ VENV = "venv"
 WHEEL_MARKER = ".flexsfl-wheel.json"
 CONFIG = "config.json"
 TOKEN = "token"
+STATE = "state"
 UNIT_NAME = "flexsfl-edge.service"
 _CHUNK = 1 << 20
 
@@ -64,10 +66,14 @@ def _sha256(path):
     return h.hexdigest()
 
 
+def _is_sha(name):
+    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
+
+
 def _safe_join(root, rel):
     parts = rel.split("/")
     if rel.startswith("/") or not rel or any(p in ("", ".", "..") for p in parts):
-        raise RemoteError("refusing path {!r}: it escapes the bundle directory".format(rel))
+        raise RemoteError(f"refusing path {rel!r}: it escapes the bundle directory")
     return os.path.join(root, *parts)
 
 
@@ -241,7 +247,7 @@ def op_receive(req, stream):
     with tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
             if not member.isfile():
-                raise RemoteError("refusing {!r} in the upload: not a regular file".format(member.name))
+                raise RemoteError(f"refusing {member.name!r} in the upload: not a regular file")
             path = _safe_join(dest, member.name)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             src = tar.extractfile(member)
@@ -304,7 +310,8 @@ def op_activate(req):
         keep = {_link_target(root, CURRENT), _link_target(root, PREVIOUS)}
         removed = []
         for name in sorted(os.listdir(bdir)):
-            if name not in keep:
+            # Only what a flash put there: whatever else someone keeps in bundles/ stays.
+            if name not in keep and (_is_sha(name) or name.startswith(".old-")):
                 shutil.rmtree(os.path.join(bdir, name))
                 removed.append(name)
         for name in sorted(os.listdir(root)):
@@ -318,11 +325,11 @@ def op_rollback(req):
     """Swap ``current`` and ``previous``, then restart the service if it runs under systemd."""
     root = _root(req)
     if not os.path.isdir(root):
-        raise RemoteError("{} does not exist: nothing was flashed there".format(root))
+        raise RemoteError(f"{root} does not exist: nothing was flashed there")
     with _Lock(root):
         cur, prev = _link_target(root, CURRENT), _link_target(root, PREVIOUS)
         if prev is None:
-            raise RemoteError("no previous bundle in {} to roll back to".format(root))
+            raise RemoteError(f"no previous bundle in {root} to roll back to")
         # current first: if we die between the two renames, the rollback has still happened.
         _set_link(root, CURRENT, prev)
         if cur is not None:
@@ -345,7 +352,7 @@ def _run(cmd, stream=False):
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
         out = proc.stdout.strip()
     if proc.returncode != 0:
-        last = out.splitlines()[-1] if out else "exit status {}".format(proc.returncode)
+        last = out.splitlines()[-1] if out else f"exit status {proc.returncode}"
         raise RemoteError("`{}` failed on the device: {}".format(" ".join(cmd), last))
     return out
 
@@ -420,7 +427,7 @@ def op_configure(req):
     started, error = False, None
     if unit is not None and systemd:
         if os.geteuid() != 0 and "XDG_RUNTIME_DIR" not in os.environ:
-            os.environ["XDG_RUNTIME_DIR"] = "/run/user/{}".format(os.geteuid())  # where `systemctl --user` finds the manager
+            os.environ["XDG_RUNTIME_DIR"] = f"/run/user/{os.geteuid()}"  # where `systemctl --user` finds the manager
         try:
             for cmd in commands:
                 _run(cmd)
@@ -445,7 +452,7 @@ def main():
     except RemoteError as e:
         reply = {"ok": False, "error": str(e)}
     except (OSError, tarfile.TarError, EOFError) as e:
-        reply = {"ok": False, "error": "{}: {}".format(type(e).__name__, e)}
+        reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
     sys.stdout.write("\n" + json.dumps(reply) + "\n")
     sys.stdout.flush()
     sys.exit(0 if reply["ok"] else 1)

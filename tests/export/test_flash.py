@@ -9,6 +9,7 @@ processes. Only ``test_runtime_*`` install the runtime venv (pip on the "device"
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import dataclasses
 import hashlib
@@ -30,6 +31,7 @@ import pytest
 from edge_runtime.bundle import MANIFEST_NAME, load_bundle
 from edge_runtime.errors import ConfigError, FlashError
 from edge_runtime.targets import TARGETS, TargetProfile
+from export import flash_remote
 from export.bundle_writer import tar_bundle
 from export.flash import (
     ClientSettings,
@@ -140,6 +142,11 @@ def test_units_run_the_edge_runtime_with_restart_and_sandboxing():
     assert "User=" not in user and "ProtectSystem" not in user and "WantedBy=default.target\n" in user
 
 
+def test_device_script_stays_within_python_3_6_syntax():
+    # The probe must run on an old python3 to say it is too old, not die of a SyntaxError.
+    ast.parse(pathlib.Path(flash_remote.__file__).read_text(), feature_version=(3, 6))
+
+
 def test_wheel_digest_follows_contents_not_timestamps(tmp_path):
     wheel = build_wheel(tmp_path)
     with zipfile.ZipFile(wheel) as z:
@@ -183,7 +190,7 @@ def test_first_flash_installs_bundle_config_token_and_unit(sshd, device, tmp_pat
     d = str(path)
     assert json.loads((path / "config.json").read_text()) == {
         "server": "ws://127.0.0.1:8765", "client_id": "pi-7", "token_file": f"{d}/token",
-        "bundle": f"{d}/current", "data": f"{d}/data.csv", "backend": "ort",
+        "bundle": f"{d}/current", "data": f"{d}/data.csv", "backend": "ort", "state_dir": f"{d}/state",
     }
     token = path / "token"
     assert token.read_text() == "s3cret-token"
@@ -214,7 +221,7 @@ def test_changed_bundle_sends_only_changed_files(sshd, device, tmp_path):
     name, path = device
     files = bundle_files(3)
     old = write_bundle(tmp_path / "old", files)
-    new = write_bundle(tmp_path / "new", {**files, f"adapter/adapter_model.safetensors": b"retrained" * 100})
+    new = write_bundle(tmp_path / "new", {**files, "adapter/adapter_model.safetensors": b"retrained" * 100})
     first = flash(old, remote(sshd, name), install=False)
     second = flash(new, remote(sshd, name), install=False)
     assert second.uploaded == ("adapter/adapter_model.safetensors", MANIFEST_NAME)
@@ -241,9 +248,10 @@ def test_rollback_switches_back_and_forth(sshd, device, tmp_path):
     assert load_bundle(path / "current").manifest_sha256 == one.bundle
     forth = rollback(remote(sshd, name))
     assert (forth.current, forth.previous) == (two.bundle, one.bundle)
-    # A third bundle prunes the oldest: the device keeps current and previous only.
+    # A third bundle prunes the oldest: the device keeps current and previous, and what it did not put there.
+    (path / "bundles/notes").mkdir()
     three = flash(write_bundle(tmp_path / "3", bundle_files(6)), remote(sshd, name), install=False)
-    assert sorted(p.name for p in (path / "bundles").iterdir()) == sorted([two.bundle, three.bundle])
+    assert sorted(p.name for p in (path / "bundles").iterdir()) == sorted([two.bundle, three.bundle, "notes"])
 
 
 def test_tar_gz_bundle_flashes_like_its_directory(sshd, device, tmp_path):
