@@ -1,0 +1,412 @@
+"""What this device can give to training: memory, cores, board, and the measured speed of its head.
+
+A :class:`DeviceProfile` is what split selection (:mod:`export.split_selection`) plans with and
+what a client reports in its ``Hello``. ``flexsfl edge probe --bundle B`` builds one on the
+device: it reads the facts the kernel knows (``/proc/meminfo``, the CPUs this process may run
+on, ``uname -m``, the board name from the device tree, NVIDIA's ``/etc/nv_tegra_release`` on a
+Jetson, the CPU from ``/proc/cpuinfo``) and times forward + backward of the bundle's own head
+with the real runtime (:func:`measure_head_throughput`), so ``head_gflops`` is what this device
+achieves on this kind of work, not a datasheet peak. Network bandwidth cannot be measured
+without a server, so the user states it (``--uplink-mbps``/``--downlink-mbps``).
+
+Profiles are JSON objects of flat scalars (what ``Hello.profile`` carries); a value that is not
+known is left out rather than written as ``null``. Reading one is strict: an unknown or missing
+field, or a value of the wrong type or range, is a one-line :class:`ConfigError` naming it.
+
+Nothing here imports torch; the backend being timed is whatever ``open_backend`` returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+import socket
+import statistics
+import time
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from .errors import ConfigError
+
+__all__ = [
+    "DEFAULT_BUDGET_FRACTION",
+    "DeviceProfile",
+    "HeadThroughput",
+    "probe_device",
+    "measure_head_throughput",
+    "read_profile",
+    "write_profile",
+    "add_parser",
+    "run_probe",
+]
+
+log = logging.getLogger("flexsfl.edge.probe")
+
+# Training may use this share of the memory that is available when the probe runs: the rest is
+# headroom for the OS, the page cache and whatever else the device runs.
+DEFAULT_BUDGET_FRACTION = 0.5
+
+ACCELERATORS = ("none", "cuda")
+
+# /proc/cpuinfo on aarch64 names cores by (implementer, part) only.
+_ARM_CORES = {
+    ("0x41", "0xd03"): "ARM Cortex-A53",
+    ("0x41", "0xd04"): "ARM Cortex-A35",
+    ("0x41", "0xd05"): "ARM Cortex-A55",
+    ("0x41", "0xd07"): "ARM Cortex-A57",
+    ("0x41", "0xd08"): "ARM Cortex-A72",  # Raspberry Pi 4
+    ("0x41", "0xd09"): "ARM Cortex-A73",
+    ("0x41", "0xd0a"): "ARM Cortex-A75",
+    ("0x41", "0xd0b"): "ARM Cortex-A76",  # Raspberry Pi 5
+    ("0x41", "0xd0c"): "ARM Neoverse-N1",
+    ("0x41", "0xd0d"): "ARM Cortex-A77",
+    ("0x41", "0xd41"): "ARM Cortex-A78",
+    ("0x41", "0xd42"): "ARM Cortex-A78AE",  # Jetson Orin
+    ("0x41", "0xd4f"): "ARM Neoverse-V2",
+    ("0x4e", "0x004"): "NVIDIA Carmel",  # Jetson Xavier
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive_number(v: Any) -> bool:
+    return _number(v) and v > 0
+
+
+def _text(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+# field -> (check, what the field must be); optional fields also accept None (= not known).
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "name": (lambda v: _text(v) and bool(v.strip()), "a non-empty string"),
+    "arch": (lambda v: _text(v) and bool(v), "a non-empty string such as aarch64 or x86_64"),
+    "cores": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    "memory_mb": (lambda v: _is_int(v) and v >= 1, "an int >= 1 (MB of RAM)"),
+    "memory_budget_mb": (lambda v: _is_int(v) and v >= 1, "an int >= 1 (MB training may use)"),
+    "head_gflops": (_positive_number, "a number > 0 (GFLOP/s) or absent"),
+    "uplink_mbps": (_positive_number, "a number > 0 (Mbit/s) or absent"),
+    "downlink_mbps": (_positive_number, "a number > 0 (Mbit/s) or absent"),
+    "rtt_ms": (lambda v: _number(v) and v >= 0, "a number >= 0 (ms) or absent"),
+    "device_model": (_text, "a string"),
+    "cpu_model": (_text, "a string"),
+    "accelerator": (lambda v: v in ACCELERATORS, f"one of {', '.join(ACCELERATORS)}"),
+    "backend": (_text, "a string (the runtime head_gflops was measured with)"),
+}
+_OPTIONAL = {"head_gflops", "uplink_mbps", "downlink_mbps", "rtt_ms"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceProfile:
+    """One device's resources. Sizes in MB (10^6 bytes), bandwidths in Mbit/s, None = not known."""
+
+    name: str  # a label for the device; the hostname by default
+    arch: str  # `uname -m`: aarch64, x86_64
+    cores: int  # CPUs this process may run on
+    memory_mb: int  # physical RAM (MemTotal)
+    memory_budget_mb: int  # what training may use (weights, activations, runtime), <= memory_mb
+    head_gflops: float | None = None  # achieved GFLOP/s of one head step (forward + backward) with `backend`
+    uplink_mbps: float | None = None  # device -> server
+    downlink_mbps: float | None = None  # server -> device
+    rtt_ms: float | None = None  # round-trip time to the server
+    device_model: str = ""  # board ("Raspberry Pi 4 Model B Rev 1.4") or system product name
+    cpu_model: str = ""  # "ARM Cortex-A72", "Intel(R) Xeon(R) ..."
+    accelerator: str = "none"  # "none" or "cuda" (Jetson, NVIDIA GPU)
+    backend: str = ""  # runtime that measured head_gflops: "ort", "executorch", "torch"
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is None and f.name in _OPTIONAL:
+                continue
+            check, what = _CHECKS[f.name]
+            if not check(v):
+                raise ConfigError(f"device profile: field {f.name!r} must be {what}, got {v!r}")
+        if self.memory_budget_mb > self.memory_mb:
+            raise ConfigError(
+                f"device profile: field 'memory_budget_mb' ({self.memory_budget_mb}) exceeds 'memory_mb' "
+                f"({self.memory_mb}); lower the budget"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        """A flat JSON object; unknown (None) values are left out."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, d: Any, *, where: str = "device profile") -> "DeviceProfile":
+        """Strict inverse of :meth:`to_json`; every error is one line naming ``where`` and the field."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{where}: must be a JSON object, got {type(d).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        for k in d:
+            if k not in known:
+                raise ConfigError(f"{where}: unknown field {k!r}; known fields: {', '.join(known)}")
+        for f in dataclasses.fields(cls):
+            if f.name not in d and f.default is dataclasses.MISSING:
+                raise ConfigError(f"{where}: missing field {f.name!r}; write it with `flexsfl edge probe --json FILE`")
+        try:
+            return cls(**d)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("device profile", where, 1)) from None
+
+
+def read_profile(path: str | os.PathLike) -> DeviceProfile:
+    """Load a profile written by ``flexsfl edge probe --json``."""
+    p = pathlib.Path(path)
+    try:
+        raw = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the device profile ({e.strerror}); write one with `flexsfl edge probe --json`") from None
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise ConfigError(f"{p}: not valid JSON ({e}); write it with `flexsfl edge probe --json`") from None
+    return DeviceProfile.from_json(data, where=str(p))
+
+
+def write_profile(profile: DeviceProfile, path: str | os.PathLike) -> None:
+    """Write sorted, indented JSON atomically (a temporary name, then a rename)."""
+    p = pathlib.Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(profile.to_json(), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, p)
+
+
+def _read(root: pathlib.Path, rel: str) -> str | None:
+    try:
+        return (root / rel).read_text(errors="replace")
+    except OSError:
+        return None
+
+
+def _meminfo(root: pathlib.Path) -> tuple[int, int]:
+    """(MemTotal, MemAvailable) in MB from /proc/meminfo."""
+    text = _read(root, "proc/meminfo")
+    if text is None:
+        raise ConfigError(f"{root / 'proc/meminfo'}: cannot read it (flexsfl devices run Linux); pass --memory-budget-mb")
+    kb = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            kb[key.strip()] = int(parts[0])
+    if "MemTotal" not in kb:
+        raise ConfigError(f"{root / 'proc/meminfo'}: no MemTotal line; pass --memory-budget-mb")
+    # Kernels before 3.14 have no MemAvailable; free memory is the closest thing they report.
+    avail = kb.get("MemAvailable", kb.get("MemFree", kb["MemTotal"]))
+    return kb["MemTotal"] * 1024 // 10**6, avail * 1024 // 10**6
+
+
+def _cgroup_limit_mb(root: pathlib.Path) -> int | None:
+    """The cgroup v2 memory limit of this process (systemd MemoryMax=, a container), if any."""
+    text = _read(root, "sys/fs/cgroup/memory.max")
+    if text is None or not text.strip().isdigit():
+        return None  # no cgroup v2 or "max"
+    return int(text.strip()) // 10**6
+
+
+def _device_model(root: pathlib.Path) -> str:
+    for rel in ("proc/device-tree/model", "sys/firmware/devicetree/base/model", "sys/devices/virtual/dmi/id/product_name"):
+        text = _read(root, rel)
+        if text and text.strip("\x00\n "):
+            return text.strip("\x00\n ")
+    return ""
+
+
+def _cpu_model(root: pathlib.Path) -> str:
+    text = _read(root, "proc/cpuinfo") or ""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    if fields.get("model name"):  # x86, and some arm kernels
+        return fields["model name"]
+    impl, part = fields.get("CPU implementer", ""), fields.get("CPU part", "")
+    if impl or part:
+        return _ARM_CORES.get((impl.lower(), part.lower()), f"ARM implementer {impl} part {part}")
+    return ""
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def probe_device(
+    *,
+    name: str | None = None,
+    memory_budget_mb: int | None = None,
+    budget_fraction: float = DEFAULT_BUDGET_FRACTION,
+    head_gflops: float | None = None,
+    backend: str = "",
+    uplink_mbps: float | None = None,
+    downlink_mbps: float | None = None,
+    rtt_ms: float | None = None,
+    root: str | os.PathLike = "/",
+) -> DeviceProfile:
+    """This machine's profile. ``root`` is where ``/proc``, ``/sys`` and ``/etc`` are read from.
+
+    The budget is ``memory_budget_mb`` if given, else ``budget_fraction`` of the memory
+    available now (capped by a cgroup v2 memory limit, when the process runs under one).
+    ``arch`` and ``cores`` always describe the running process, whatever ``root`` is.
+    """
+    if not 0 < budget_fraction <= 1:
+        raise ConfigError(f"budget_fraction must be in (0, 1], got {budget_fraction}")
+    r = pathlib.Path(root)
+    total, avail = _meminfo(r)
+    limit = _cgroup_limit_mb(r)
+    if limit is not None:
+        avail = min(avail, limit)
+    if memory_budget_mb is None:
+        memory_budget_mb = max(1, int(avail * budget_fraction))
+    elif _is_int(memory_budget_mb) and memory_budget_mb > total:
+        raise ConfigError(f"--memory-budget-mb {memory_budget_mb} is more than this device's {total} MB of RAM")
+    jetson = _read(r, "etc/nv_tegra_release") is not None
+    accelerator = "cuda" if jetson or (r / "dev/nvidia0").exists() else "none"
+    return DeviceProfile(
+        name=name or socket.gethostname() or "device",
+        arch=os.uname().machine,
+        cores=_cores(),
+        memory_mb=total,
+        memory_budget_mb=memory_budget_mb,
+        head_gflops=head_gflops,
+        uplink_mbps=uplink_mbps,
+        downlink_mbps=downlink_mbps,
+        rtt_ms=rtt_ms,
+        device_model=_device_model(r),
+        cpu_model=_cpu_model(r),
+        accelerator=accelerator,
+        backend=backend,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadThroughput:
+    """Timed head steps: ``gflops`` = the step's FLOPs / the median step time."""
+
+    batch: int
+    seq: int
+    reps: int
+    step_flops: float  # FLOPs of one forward + backward at (batch, seq)
+    median_s: float
+    min_s: float
+    max_s: float
+
+    @property
+    def gflops(self) -> float:
+        return self.step_flops / self.median_s / 1e9
+
+
+def measure_head_throughput(
+    backend: Any,
+    *,
+    batch: int,
+    seq: int,
+    step_flops: float,
+    vocab_size: int,
+    reps: int = 5,
+    warmup: int = 1,
+    seed: int = 0,
+) -> HeadThroughput:
+    """Time ``reps`` head steps (``forward(ids, mask, keep=True)`` then ``backward(grad_z)``).
+
+    ``backend`` is an :class:`edge_runtime.backends.Backend`; its parameters are not changed
+    (gradients are computed, no optimizer step is taken). Inputs are random token ids in
+    ``[0, vocab_size)`` with a full attention mask, and a random ``grad_z`` of ``z``'s shape.
+    ``step_flops`` is the FLOP count of one forward + backward at ``(batch, seq)``
+    (:func:`export.split_selection.head_step_flops`); ``warmup`` untimed steps come first so
+    one-time allocations and lazy initialisation are not counted.
+    """
+    if batch < 1 or seq < 2 or reps < 1 or warmup < 0:
+        raise ConfigError(f"need batch >= 1, seq >= 2, reps >= 1, warmup >= 0 (got {batch}, {seq}, {reps}, {warmup})")
+    if not step_flops > 0:
+        raise ConfigError(f"step_flops must be > 0, got {step_flops}")
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab_size, size=(batch, seq), dtype=np.int64)
+    mask = np.ones((batch, seq), dtype=np.int64)
+    grad = None
+    times = []
+    for i in range(warmup + reps):
+        t0 = time.perf_counter()
+        z = backend.forward(ids, mask, keep=True)
+        if grad is None:
+            grad = rng.standard_normal(np.shape(z)).astype(np.float32)
+        backend.backward(grad)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return HeadThroughput(
+        batch=batch, seq=seq, reps=reps, step_flops=float(step_flops),
+        median_s=statistics.median(times), min_s=min(times), max_s=max(times),
+    )
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    """``flexsfl edge probe``: print this device's profile as JSON (and write it with ``--json``)."""
+    head_gflops, backend_name = None, ""
+    if args.bundle:
+        from .backends import open_backend
+        from .bundle import load_bundle
+
+        # The FLOP count needs only the model's shape numbers; split_selection is torch-free.
+        from export.split_selection import ModelCost, head_step_flops
+
+        bundle = load_bundle(args.bundle)
+        m = bundle.manifest
+        backend_name = args.backend or (m.target.preferred_backend if m.target.preferred_backend in m.backend else m.backend[0])
+        if backend_name not in m.backend and backend_name != "torch":
+            raise ConfigError(f"backend {backend_name!r} is not in this bundle (has: {', '.join(m.backend)})")
+        batch = args.batch or min(8, m.max_batch)
+        seq = args.seq or min(128, m.max_seq)
+        if not (1 <= batch <= m.max_batch and 2 <= seq <= m.max_seq):
+            raise ConfigError(f"--batch/--seq must be within the bundle's limits (batch <= {m.max_batch}, 2 <= seq <= {m.max_seq})")
+        cost = ModelCost.from_manifest(m)
+        backend = open_backend(backend_name, bundle, threads=args.threads)
+        t = measure_head_throughput(
+            backend, batch=batch, seq=seq, reps=args.reps, vocab_size=m.model.vocab_size,
+            step_flops=head_step_flops(cost, m.split, batch=batch, seq=seq),
+        )
+        head_gflops = round(t.gflops, 3)
+        log.info("head step (split %d, batch %d, seq %d, %s): median %.1f ms over %d reps -> %.2f GFLOP/s",
+                 m.split, batch, seq, backend_name, t.median_s * 1e3, t.reps, t.gflops)
+    profile = probe_device(
+        name=args.name, memory_budget_mb=args.memory_budget_mb, head_gflops=head_gflops, backend=backend_name,
+        uplink_mbps=args.uplink_mbps, downlink_mbps=args.downlink_mbps, rtt_ms=args.rtt_ms,
+    )
+    if args.json:
+        write_profile(profile, args.json)
+    print(json.dumps(profile.to_json(), indent=2, sort_keys=True))
+    return 0
+
+
+def add_parser(edge_sub: argparse._SubParsersAction) -> None:
+    """Add ``probe`` to the ``flexsfl edge`` subcommands."""
+    p = edge_sub.add_parser("probe", help="measure this device (memory, cores, head speed) and print its profile")
+    p.add_argument("--bundle", help="bundle whose head is timed for head_gflops (without it, no speed is measured)")
+    p.add_argument("--backend", choices=["ort", "executorch", "torch"], help="default: the target's preferred one")
+    p.add_argument("--threads", type=int, help="threads for the runtime")
+    p.add_argument("--batch", type=int, help="batch size of the timed steps (default: min(8, bundle max))")
+    p.add_argument("--seq", type=int, help="sequence length of the timed steps (default: min(128, bundle max))")
+    p.add_argument("--reps", type=int, default=5, help="timed steps; the median is reported")
+    p.add_argument("--uplink-mbps", dest="uplink_mbps", type=float, help="device -> server bandwidth, Mbit/s")
+    p.add_argument("--downlink-mbps", dest="downlink_mbps", type=float, help="server -> device bandwidth, Mbit/s")
+    p.add_argument("--rtt-ms", dest="rtt_ms", type=float, help="round-trip time to the server, ms")
+    p.add_argument("--memory-budget-mb", dest="memory_budget_mb", type=int,
+                   help=f"memory training may use (default: {DEFAULT_BUDGET_FRACTION:.0%} of what is available now)")
+    p.add_argument("--name", help="label for this device (default: the hostname)")
+    p.add_argument("--json", metavar="FILE", help="also write the profile to FILE")
+    p.set_defaults(func=run_probe)
