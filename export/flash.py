@@ -386,7 +386,9 @@ def wheel_digest(path: str | os.PathLike) -> str:
                 if not name.endswith(".dist-info/RECORD"):
                     h.update(name.encode() + b"\0" + hashlib.sha256(z.read(name)).digest())
     except (OSError, zipfile.BadZipFile) as e:
-        raise ConfigError(f"--wheel {path}: not a readable wheel ({e}); build one with `pip wheel --no-deps .`") from None
+        raise ConfigError(
+            f"--wheel {path}: not a readable wheel ({e}); build one with `pip wheel --no-deps .`"
+        ) from None
     return h.hexdigest()
 
 
@@ -461,7 +463,9 @@ class _Session:
                 raise _ssh_error(self.remote, err, None)
             if time.monotonic() > deadline:
                 self.close()
-                raise FlashError(f"no answer from {self.remote.login} within {4 * _CONNECT_TIMEOUT_S} s; check the address")
+                raise FlashError(
+                    f"no answer from {self.remote.login} within {4 * _CONNECT_TIMEOUT_S} s; check the address"
+                )
             time.sleep(0.02)
         return self
 
@@ -540,7 +544,10 @@ class _Session:
                     "or pass --python PATH"
                 )
             if any("SyntaxError" in ln for ln in stderr):
-                raise FlashError(f"{self.remote.login}: {self.python} on the device is too old for flexsfl; install Python >= 3.11 or pass --python PATH")
+                raise FlashError(
+                    f"{self.remote.login}: {self.python} on the device is too old for flexsfl; install "
+                    "Python >= 3.11 there or pass --python PATH"
+                )
             raise FlashError(f"{self.remote.login}: the device's {op} step failed ({_last_line(stderr)})")
         if not reply.get("ok"):
             said = f" (its output ended: {_last_line(stderr)})" if any(ln.strip() for ln in stderr) else ""
@@ -642,7 +649,7 @@ def _send(session: _Session, root: pathlib.Path, plan: _Plan, label: str,
     if not checked["bad"]:
         return into, (), checked["checked"]
     bad = tuple(checked["bad"])
-    log.warning("sha256 mismatch on the device for %s; sending %s again", ", ".join(bad), "it" if len(bad) == 1 else "them")
+    log.warning("sha256 mismatch on the device for %s; sending it again", ", ".join(bad))
     # Files verified where they are (a bundle already on the device) are linked into staging.
     links = {} if into == plan.staging else {
         rel: posixpath.join(session.remote.directory, into, rel) for rel in plan.files if rel not in bad
@@ -735,7 +742,9 @@ def _client_config(remote: Remote, dev: dict, settings: ClientSettings, backend:
         return cfg
     if settings.given:
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in missing)
-        raise ConfigError(f"{remote}: the client config needs {flags} too (the device has no config.json with them yet)")
+        raise ConfigError(
+            f"{remote}: the client config needs {flags} too (the device has no config.json with them yet)"
+        )
     return None
 
 
@@ -817,7 +826,8 @@ def flash(
                 service=f"would write {UNIT_NAME}" if unit_text else "",
             )
 
-        log.info("sending %d files (%.1f MB), %d already on the device", len(plan.upload), upload_bytes / 1e6, len(plan.reused))
+        log.info("sending %d files (%s), %d already on the device", len(plan.upload), _size(upload_bytes),
+                 len(plan.reused))
         verified_in, retried, verified = _send(session, loaded.root, plan, "bundle", on_progress)
         if runtime_plan is not None:
             log.info("installing flexsfl[%s] into %s/venv (pip on the device; minutes on a Pi)", extra, dev["dir"])
@@ -912,16 +922,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     c = p.add_argument_group("client config (DIR/config.json; omitted settings keep the device's)")
     c.add_argument("--server", metavar="URL", help="ws:// or wss:// URL of `flexsfl serve`")
     c.add_argument("--client-id", metavar="ID", help="this device's client id on the server")
-    c.add_argument("--token-file", metavar="F", help="local file with the client's token (copied to DIR/token, mode 0600)")
+    c.add_argument("--token-file", metavar="F",
+                   help="local file with the client's token (copied to DIR/token, mode 0600)")
     c.add_argument("--data", metavar="PATH", help="the data set's path on the device (relative: under DIR)")
     c.add_argument("--backend", choices=sorted(EXTRAS), help="runtime backend (default: the target's preferred one)")
     c.add_argument("--threads", type=int, metavar="N", help="runtime threads (default: the runtime decides)")
     p.add_argument("--python", default="python3", metavar="PATH", help="python on the device (default: python3)")
     p.add_argument("--wheel", metavar="FILE", help="flexsfl wheel to install (default: built from this checkout)")
     p.add_argument("--skip-install", action="store_true", help="leave the runtime in DIR/venv as it is")
-    p.add_argument("--no-service", action="store_true", help="write the config but no systemd unit; print the run command")
+    p.add_argument("--no-service", action="store_true",
+                   help="write the config but no systemd unit; print the run command")
     p.add_argument("--dry-run", action="store_true", help="probe, check and plan; change nothing on the device")
-    p.add_argument("--rollback", action="store_true", help="switch DIR/current back to the previous bundle (give only user@host[:DIR])")
+    p.add_argument("--rollback", action="store_true",
+                   help="switch DIR/current back to the previous bundle (give only user@host[:DIR])")
     p.set_defaults(func=run)
     return p
 
@@ -933,7 +946,8 @@ def run(args: argparse.Namespace) -> int:
     """
     from rich.console import Console
     from rich.logging import RichHandler
-    from rich.progress import BarColumn, DownloadColumn, Progress as Bars, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import Progress as Bars
 
     if args.rollback:
         if args.destination is not None or args.bundle is None:

@@ -132,7 +132,7 @@ class _Lock:
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise RemoteError("another flash is switching bundles in this directory; wait for it and retry")
+            raise RemoteError("another flash is switching bundles in this directory; wait for it and retry") from None
         return self
 
     def __exit__(self, *exc):
@@ -252,8 +252,10 @@ def op_receive(req, stream):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             src = tar.extractfile(member)
             with open(path + ".part", "wb") as out:
-                for block in iter(lambda: src.read(_CHUNK), b""):
+                block = src.read(_CHUNK)
+                while block:
                     out.write(block)
+                    block = src.read(_CHUNK)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(path + ".part", path)
@@ -280,7 +282,9 @@ def op_verify(req):
 
 
 def op_activate(req):
-    """Make bundles/<sha> current and prune; with ``staged``, the verified staging directory becomes bundles/<sha> first.
+    """Make bundles/<sha> current and prune the rest.
+
+    With ``staged``, the verified staging directory becomes bundles/<sha> first.
 
     ``previous`` becomes the bundle that was current; every other bundle and staging directory
     is removed so the device keeps two bundles at most.
@@ -375,7 +379,7 @@ def op_install(req):
     _run(pip + ["{}[{}]".format(wheel, req["extra"])], stream=True)
     # Same version, other contents: pip calls that "already satisfied", so replace it outright.
     _run(pip + ["--no-deps", "--force-reinstall", wheel], stream=True)
-    _run([python, "-c", "import edge_runtime.bundle"])
+    _run([os.path.join(venv, "bin", "flexsfl"), "edge", "run", "--help"])  # the command the unit runs
     _write_atomic(marker, json.dumps({"digest": req["digest"], "extra": req["extra"],
                                       "wheel": os.path.basename(wheel)}).encode())
     os.unlink(wheel)

@@ -146,7 +146,8 @@ def sshd(tmp_path_factory) -> SSHServer:
         f"AllowUsers {pw.pw_name}\nPubkeyAuthentication yes\nPasswordAuthentication no\n"
         "KbdInteractiveAuthentication no\nUsePAM no\nMaxSessions 20\nLogLevel VERBOSE\n"
     )
-    proc = subprocess.Popen([binary, "-D", "-e", "-f", str(config)], stderr=open(tmp / "sshd.log", "wb"))
+    with open(tmp / "sshd.log", "wb") as log:
+        proc = subprocess.Popen([binary, "-D", "-e", "-f", str(config)], stderr=log)
     deadline = time.monotonic() + 10
     while True:
         try:

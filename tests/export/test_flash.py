@@ -69,7 +69,8 @@ def current(path: pathlib.Path, link: str = "current") -> str | None:
     return os.readlink(p).removeprefix("bundles/") if p.is_symlink() else None
 
 
-def settings(sshd: SSHServer, tmp_path: pathlib.Path, device_path: pathlib.Path, data: str = "data.csv") -> ClientSettings:
+def settings(sshd: SSHServer, tmp_path: pathlib.Path, device_path: pathlib.Path, data: str = "data.csv"
+             ) -> ClientSettings:
     """Complete client settings; the data file is put on the device, owned by the ssh user."""
     token = tmp_path / "token"
     token.write_text("s3cret-token\n")
@@ -176,7 +177,8 @@ def test_first_flash_installs_bundle_config_token_and_unit(sshd, device, tmp_pat
     bundle = write_bundle(tmp_path / "b", bundle_files(1))
     sha = load_bundle(bundle).manifest_sha256
     seen: list[Progress] = []
-    report = flash(bundle, remote(sshd, name), settings=settings(sshd, tmp_path, path), install=False, on_progress=seen.append)
+    report = flash(bundle, remote(sshd, name), settings=settings(sshd, tmp_path, path), install=False,
+                   on_progress=seen.append)
 
     assert set(report.uploaded) == {*load_bundle(bundle).manifest.files, MANIFEST_NAME}
     assert report.verified == len(report.uploaded) and report.reused == ()
@@ -228,7 +230,7 @@ def test_changed_bundle_sends_only_changed_files(sshd, device, tmp_path):
     assert set(second.reused) == {"ort/forward.onnx", "tokenizer/tokenizer.json", "adapter/adapter_config.json"}
     assert (second.current, second.previous) == (second.bundle, first.bundle)
     # Unchanged files are hard links to the previous bundle's, not copies.
-    a, b = (path / "bundles" / first.bundle / "ort/forward.onnx"), (path / "bundles" / second.bundle / "ort/forward.onnx")
+    a, b = (path / "bundles" / sha / "ort/forward.onnx" for sha in (first.bundle, second.bundle))
     assert a.stat().st_ino == b.stat().st_ino
     assert load_bundle(path / "current").manifest_sha256 == second.bundle
     assert load_bundle(path / "previous").manifest_sha256 == first.bundle
@@ -418,7 +420,8 @@ def test_too_little_disk_is_refused_before_copying(sshd, device, tmp_path):
         pytest.skip("this container may not mount a tmpfs")
     try:
         bundle = write_bundle(tmp_path / "b", bundle_files(15, big_mb=16))
-        with pytest.raises(FlashError, match=r"MB free in .* but the flash needs about \d+ MB \(16\.\d MB of bundle files\)"):
+        refused = r"MB free in .* but the flash needs about \d+ MB \(16\.\d MB of bundle files\)"
+        with pytest.raises(FlashError, match=refused):
             flash(bundle, remote(sshd, name), install=False)
         assert list(path.iterdir()) == []
     finally:
@@ -462,9 +465,11 @@ def test_incomplete_client_config_and_missing_data_are_refused_before_copying(ss
 
 def test_later_flash_keeps_the_devices_client_config(sshd, device, tmp_path):
     name, path = device
-    flash(write_bundle(tmp_path / "1", bundle_files(20)), remote(sshd, name), settings=settings(sshd, tmp_path, path), install=False)
+    first = settings(sshd, tmp_path, path)
+    flash(write_bundle(tmp_path / "1", bundle_files(20)), remote(sshd, name), settings=first, install=False)
     before = json.loads((path / "config.json").read_text())
-    flash(write_bundle(tmp_path / "2", bundle_files(21)), remote(sshd, name), settings=ClientSettings(threads=2), install=False)
+    later = ClientSettings(threads=2)
+    flash(write_bundle(tmp_path / "2", bundle_files(21)), remote(sshd, name), settings=later, install=False)
     assert json.loads((path / "config.json").read_text()) == {**before, "threads": 2}
 
 
@@ -526,13 +531,14 @@ def test_runtime_is_installed_without_torch_and_reads_the_bundle(sshd, installed
     assert probe.stdout.strip() == report.bundle
     no_torch = ssh_run(sshd, f"{py} -c 'import torch'")
     assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
-    assert os.access(path / "venv/bin/flexsfl", os.X_OK)
+    cli = ssh_run(sshd, f"{path}/venv/bin/flexsfl edge run --help")  # what the unit's ExecStart runs
+    assert cli.returncode == 0 and "--config" in cli.stdout, cli.stderr
     marker = json.loads((path / "venv/.flexsfl-wheel.json").read_text())
     assert marker["extra"] == "edge" and re.fullmatch(r"[0-9a-f]{64}", marker["digest"])
     assert list((path / "wheels").iterdir()) == []  # the uploaded wheel is removed once installed
 
 
-def test_runtime_unit_passes_systemd_analyze(sshd, installed, tmp_path):
+def test_runtime_units_pass_systemd_analyze(sshd, installed, tmp_path):
     report, *_ = installed
     if shutil.which("systemd-analyze") is None:
         pytest.skip("no systemd-analyze here")
@@ -540,6 +546,11 @@ def test_runtime_unit_passes_systemd_analyze(sshd, installed, tmp_path):
     runtime_dir.mkdir(mode=0o700)
     check = subprocess.run(["systemd-analyze", "--user", "verify", report.unit], capture_output=True, text=True,
                            env={**os.environ, "XDG_RUNTIME_DIR": str(runtime_dir)})
+    assert check.returncode == 0 and check.stderr == "", check.stderr
+    # The unit root would get, for the same DIR (it names the real venv, so ExecStart must exist).
+    system = tmp_path / "flexsfl-edge.service"
+    system.write_text(render_unit(report.device.directory, user=sshd.user, system=True))
+    check = subprocess.run(["systemd-analyze", "verify", str(system)], capture_output=True, text=True)
     assert check.returncode == 0 and check.stderr == "", check.stderr
 
 
