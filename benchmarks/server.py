@@ -1,0 +1,369 @@
+"""``flexsfl bench server``: steps/s of one server under N concurrent clients, with and without
+cross-client batching.
+
+The server is the real one (:class:`~server_backend.server.FlexServer` with a
+:class:`~server_backend.tail_host.TailHost`, FlexP-SFL strategy, no client registry), run in this
+process. Each client is a **separate process** (:func:`client_worker`) that speaks the real
+protocol over a loopback websocket but computes nothing: it sends a fixed random Z [B, T, d]
+with random labels for each of its τ steps, waits for g, uploads the adapters it was sent, and
+reports metrics, so what is measured is the server's work, not the clients'.
+
+Per configuration (batching on/off × number of clients) the server runs ``rounds`` rounds of
+τ steps; the first is a warm-up. Over the later rounds::
+
+    steps_per_s     steps answered / (last g received - first Z sent), all clients together
+    latency_ms      each step's Z-sent -> g-received time at the client (p50, p90)
+    batch_mean      steps per TailHost.train_batch call (cross-client batching at work)
+    busy_frac       the compute thread's busy time / the window
+
+``speedup`` (batched steps/s over per-request steps/s at the same client count) is the number the
+issue asks for; the target is >= 2x at 16 clients. ``--profile`` samples the server process with
+py-spy during the headline configuration and writes the hottest functions (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import logging
+import pathlib
+import shutil
+import subprocess
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.errors import ConfigError
+from edge_runtime.wire import ENCODINGS
+
+from .report import Column, line_plot, markdown_table, summarize, write_results
+
+__all__ = ["ServerBenchConfig", "run_server_bench", "client_worker", "add_arguments", "config_from_args"]
+
+log = logging.getLogger("flexsfl.bench.server")
+
+_FP16_MIN_NORMAL = 2.0**-14
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerBenchConfig:
+    model: str = "minilm"
+    split: int = 3  # every client's split point (MiniLM has 6 blocks: a mid split)
+    batch: int = 8  # B of every client step
+    seq: int = 128  # T
+    clients: tuple[int, ...] = (1, 2, 4, 8, 16)  # the sweep
+    modes: tuple[str, ...] = ("batched", "per-request")
+    local_steps: int = 4  # τ per round
+    rounds: int = 2  # the first is a warm-up, not measured
+    threads: int = 1  # torch threads of the server's compute worker
+    encoding: str = "fp32"
+    profile: bool = False  # py-spy the server during the largest configuration of each mode
+    out: str = "results/bench"
+
+    def __post_init__(self) -> None:
+        if not self.clients or min(self.clients) < 1:
+            raise ConfigError(f"--clients must be positive counts, got {list(self.clients)}")
+        bad = [m for m in self.modes if m not in ("batched", "per-request")]
+        if bad or not self.modes:
+            raise ConfigError(f"--modes {bad or '(none)'}: choose batched and/or per-request")
+        if self.rounds < 2:
+            raise ConfigError(f"--rounds must be >= 2 (the first is a warm-up), got {self.rounds}")
+        for name in ("split", "batch", "seq", "local_steps", "threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.encoding not in ENCODINGS:
+            raise ConfigError(f"--encoding must be one of {', '.join(ENCODINGS)}, got {self.encoding!r}")
+
+
+# --- the synthetic client (one process each) ------------------------------------------------------
+
+
+async def _client(spec: dict[str, Any]) -> dict[str, Any]:
+    from websockets.asyncio.client import connect
+
+    from edge_runtime.wire import (
+        Activations, Adapters, Bye, Connection, Gradients, Hello, Limits, Metrics, Role, RoundConfig, RoundEnd, Upload, Welcome,
+    )
+
+    rng = np.random.default_rng(spec["seed"])
+    b, t, d = spec["batch"], spec["seq"], spec["hidden"]
+    z = rng.standard_normal((b, t, d), dtype=np.float32)
+    mask = np.ones((b, t), np.int64)
+    labels = rng.integers(0, 2, b).astype(np.int64)
+    limits = Limits(max_frame_bytes=spec["max_frame_bytes"])
+    conn = Connection(Role.CLIENT, limits)
+    steps: list[tuple[int, float, float]] = []  # (round, Z sent, g received)
+    g_abs: list[np.ndarray] = []
+
+    async with connect(spec["url"], compression=None, max_size=limits.max_frame_bytes, open_timeout=120,
+                       ping_interval=None) as ws:
+        async def recv():
+            return conn.receive(await ws.recv())
+
+        await ws.send(conn.send(Hello(client_id=spec["client_id"], token="", layout_hash=spec["layout_hash"], split=spec["split"],
+                                      backend="synthetic", encodings=(spec["encoding"],))))
+        welcome = await recv()
+        assert isinstance(welcome, Welcome), welcome
+        while True:
+            msg = await recv()
+            if isinstance(msg, Bye):
+                break
+            assert isinstance(msg, RoundConfig), msg
+            adapters = dict((await recv()).tensors) if msg.extra.get("adapters") else {}
+            for step in range(msg.local_steps):
+                t0 = time.perf_counter()
+                await ws.send(conn.send(Activations(round_id=msg.round_id, step_id=step, mode="train", z=z, attention_mask=mask,
+                                                    labels=labels, encoding=welcome.encoding)))
+                g = await recv()
+                steps.append((msg.round_id, t0, time.perf_counter()))
+                assert isinstance(g, Gradients), g
+                if len(g_abs) < 2:
+                    g_abs.append(np.abs(np.asarray(g.g)).ravel())
+            await ws.send(conn.send(Upload(round_id=msg.round_id, num_samples=b * msg.local_steps, tensors=adapters)))
+            end = await recv()
+            assert isinstance(end, RoundEnd), end
+            await ws.send(conn.send(Metrics(round_id=msg.round_id, metrics={"steps": msg.local_steps})))
+    a = np.concatenate(g_abs) if g_abs else np.zeros(1, np.float32)
+    g_stats = {"g_abs_median": float(np.median(a)), "g_abs_max": float(a.max()),
+               "g_frac_below_fp16_normal": float(np.mean((a > 0) & (a < _FP16_MIN_NORMAL)))}
+    return {"steps": steps, **g_stats}
+
+
+def client_worker(chan) -> None:
+    """Worker: one spec -> ``{"ready"}``; runs the client to the server's Bye -> its step times."""
+    spec = chan.recv()
+    chan.send({"ready": True})
+    chan.send(asyncio.run(_client(spec)))
+    chan.recv()  # stop
+
+
+# --- one configuration --------------------------------------------------------------------------
+
+
+class _PySpy:
+    """py-spy sampling this process while a configuration runs (``--profile``)."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        exe = shutil.which("py-spy") or str(pathlib.Path(__import__("sys").executable).parent / "py-spy")
+        if not pathlib.Path(exe).exists():
+            raise ConfigError("--profile needs py-spy: pip install py-spy")
+        import os
+
+        self.path = path
+        self.proc = subprocess.Popen([exe, "record", "--pid", str(os.getpid()), "--rate", "200", "--threads",
+                                      "--format", "raw", "--output", str(path), "--nonblocking"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> dict[str, Any]:
+        import signal
+
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(60)
+        return hot_functions(self.path)
+
+
+def hot_functions(raw: pathlib.Path, top: int = 12) -> dict[str, Any]:
+    """Per thread, from py-spy's raw (collapsed stack) output: the share of samples inside each
+    function (inclusive) and at each leaf function (self). Frames in >= 98% of a thread's
+    samples (thread bootstrap, the worker loop) say nothing and are left out."""
+    incl: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    leaf: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    totals: collections.Counter = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        thread, *frames = stack.split(";")
+        n = int(count)
+        totals[thread] += n
+        names = [f.split(" (")[0] for f in frames]
+        for f in set(names):
+            incl[thread][f] += n
+        if names:
+            leaf[thread][names[-1]] += n
+    out = {}
+    for thread in sorted(totals, key=totals.get, reverse=True):
+        n = totals[thread]
+        out[thread] = {
+            "samples": n,
+            "inclusive": [(f, round(c / n, 3)) for f, c in incl[thread].most_common() if c < 0.98 * n][:top],
+            "self": [(f, round(c / n, 3)) for f, c in leaf[thread].most_common(top)],
+        }
+    return out
+
+
+async def _serve_one(loaded, cfg: ServerBenchConfig, mode: str, n: int, logs: pathlib.Path, profile: bool) -> dict[str, Any]:
+    from edge_runtime.bundle import layout_fingerprint
+    from server_backend.server import FlexServer, ServerConfig, frame_limit
+    from server_backend.state import ServerState
+    from server_backend.strategy import TrainConfig, make_strategy
+    from server_backend.tail_host import OptimizerConfig, TailHost
+
+    from .worker import Worker
+
+    info = loaded.info
+    host = TailHost(loaded, OptimizerConfig("sgd", 1e-4))
+    strategy = make_strategy("flexpsfl", TrainConfig(rounds=cfg.rounds, min_clients=n, local_steps=cfg.local_steps,
+                                                     batch_size=cfg.batch, lr=1e-4, round_timeout=3600))
+    state_dir = pathlib.Path(tempfile.mkdtemp(prefix="bench-server-"))
+    state = ServerState(state_dir, {"model": info.id, "bench": True})
+    server = FlexServer(host, strategy, None, state,
+                        ServerConfig(port=0, batching=mode == "batched", max_batch=cfg.batch, max_seq=cfg.seq,
+                                     encodings=(cfg.encoding,), hello_timeout=300),
+                        compute_threads=cfg.threads)
+    serving = asyncio.create_task(server.serve())
+    workers: list[Worker] = []
+    spy = None
+    try:
+        await server.ready.wait()
+        spec = {
+            "url": f"ws://127.0.0.1:{server.port}", "layout_hash": layout_fingerprint(info, loaded.lora, cfg.split),
+            "split": cfg.split, "hidden": info.hidden_size, "batch": cfg.batch, "seq": cfg.seq, "encoding": cfg.encoding,
+            "max_frame_bytes": frame_limit(host, cfg.batch, cfg.seq),
+        }
+        for k in range(n):
+            w = Worker("benchmarks.server:client_worker", threads=1, name=f"client{k}", log_dir=logs)
+            workers.append(w)
+            w.send({**spec, "client_id": f"bench{k}", "seed": k})
+        for w in workers:
+            await asyncio.to_thread(w.recv, 300)
+        # The warm-up round ends when the server moves on to round 1: the timed counters start there.
+        while server.round_id < 1 and not serving.done():
+            await asyncio.sleep(0.005)
+        w = server.worker
+        start = (w.busy_seconds, w.steps, w.batches)
+        if profile:
+            spy = _PySpy(logs / f"server-{mode}-{n}.pyspy.txt")
+        await serving
+        busy, steps, batches = w.busy_seconds - start[0], w.steps - start[1], w.batches - start[2]
+        hot = spy.stop() if spy else None
+        spy = None
+        results = [await asyncio.to_thread(w.recv, 300) for w in workers]
+    finally:
+        if spy is not None:
+            spy.stop()
+        if not serving.done():
+            serving.cancel()
+        for w in workers:
+            w.close()
+        state.close()
+        shutil.rmtree(state_dir, ignore_errors=True)
+    timed = [(t0, t1) for r in results for rnd, t0, t1 in r["steps"] if rnd >= 1]
+    window = max(t1 for _, t1 in timed) - min(t0 for t0, _ in timed)
+    row = {
+        "mode": mode, "clients": n, "model": info.id, "split": cfg.split, "batch": cfg.batch, "seq": cfg.seq,
+        "threads": cfg.threads, "encoding": cfg.encoding, "local_steps": cfg.local_steps, "rounds": cfg.rounds,
+        "steps_timed": len(timed), "window_s": round(window, 3), "steps_per_s": round(len(timed) / window, 3),
+        **summarize([t1 - t0 for t0, t1 in timed], "latency"),
+        # timed rounds: steps per TailHost.train_batch call, and the compute thread's busy share
+        # (which includes the aggregation and persistence between rounds)
+        "batch_mean": round(steps / max(batches, 1), 2), "busy_frac": round(busy / window, 3),
+        "g_abs_median": float(np.median([r["g_abs_median"] for r in results])),
+        "g_frac_below_fp16_normal": float(np.mean([r["g_frac_below_fp16_normal"] for r in results])),
+    }
+    if hot is not None:
+        row["profile"] = hot
+    return row
+
+
+def _plot(rows: list[dict[str, Any]], path: pathlib.Path, cfg: ServerBenchConfig, machine: dict) -> pathlib.Path:
+    series = {}
+    for mode in cfg.modes:
+        pts = sorted((r["clients"], r["steps_per_s"]) for r in rows if r["mode"] == mode)
+        series[mode] = ([p[0] for p in pts], [p[1] for p in pts])
+    return line_plot(path, series, xlabel="concurrent clients", ylabel="steps / s (server)",
+                     title=f"server throughput: {cfg.model} split {cfg.split}, B={cfg.batch}, T={cfg.seq}",
+                     subtitle=f"{machine['cpu']}, {cfg.threads} torch thread(s), commit {machine['commit']}")
+
+
+_COLUMNS: list[Column] = [
+    ("clients", "clients", "d"),
+    ("mode", "mode", "s"),
+    ("steps_per_s", "steps/s", ".2f"),
+    ("speedup", "batched / per-request", ".2f"),
+    ("latency_ms_p50", "latency p50 ms", ".0f"),
+    ("latency_ms_p90", "latency p90 ms", ".0f"),
+    ("batch_mean", "steps per batch", ".1f"),
+    ("busy_frac", "compute busy", ".0%"),
+    ("load_avg", "load avg", ".1f"),
+]
+
+
+def run_server_bench(cfg: ServerBenchConfig) -> tuple[list[dict[str, Any]], str]:
+    """Run the sweep; write ``server.json`` / ``.csv`` / ``.png`` under ``cfg.out``; returns rows and a summary."""
+    from export.models import load_model
+
+    from .machine import machine_info
+
+    out = pathlib.Path(cfg.out)
+    logs = out / "logs"
+    import torch
+
+    torch.set_num_threads(cfg.threads)  # the event loop's own torch calls (none expected) stay in line
+    loaded = load_model(cfg.model, attn_implementation="sdpa")
+    if not 1 <= cfg.split < loaded.info.num_blocks:
+        raise ConfigError(f"--split {cfg.split} is outside 1..{loaded.info.num_blocks - 1} for {cfg.model}")
+    rows = []
+    top = max(cfg.clients)
+    # Interleave the modes at each client count, so both see the same machine load.
+    for n in sorted(cfg.clients):
+        for mode in cfg.modes:
+            load = machine_info()["load_avg"]
+            log.info("server bench: %s, %d client(s)", mode, n)
+            row = asyncio.run(_serve_one(loaded, cfg, mode, n, logs, cfg.profile and n == top))
+            row["load_avg"] = load
+            rows.append(row)
+    per_req = {r["clients"]: r["steps_per_s"] for r in rows if r["mode"] == "per-request"}
+    for r in rows:
+        if r["mode"] == "batched" and r["clients"] in per_req:
+            r["speedup"] = round(r["steps_per_s"] / per_req[r["clients"]], 3)
+    machine = machine_info()
+    paths = write_results(out, "server", rows, machine, meta={"config": dataclasses.asdict(cfg)})
+    png = _plot(rows, out / "server.png", cfg, machine) if len(cfg.clients) > 1 else None
+    head = next((r for r in rows if r["clients"] == top and "speedup" in r), None)
+    lines = [
+        f"## server: {cfg.model} split {cfg.split}, B={cfg.batch}, T={cfg.seq}, {cfg.threads} torch thread(s), "
+        f"τ={cfg.local_steps}, {cfg.rounds - 1} timed round(s)",
+        "",
+        markdown_table(rows, _COLUMNS),
+        "",
+    ]
+    if head is not None:
+        verdict = "met" if head["speedup"] >= 2 else "NOT met"
+        lines.append(f"cross-client batching at {top} clients: {head['speedup']:.2f}x steps/s (target >= 2x: {verdict})")
+    for r in rows:
+        for thread, prof in r.get("profile", {}).items():
+            hot = ", ".join(f"{f} {s:.0%}" for f, s in prof["self"][:5])
+            lines.append(f"profile {r['mode']} {r['clients']} clients, {thread} ({prof['samples']} samples): {hot}")
+    lines.append(f"results: {paths['json']}, {paths['csv']}" + (f", {png}" if png else ""))
+    return rows, "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = ServerBenchConfig()
+    p.add_argument("--model", default=d.model, help=f"minilm, smollm2 or a local HF directory (default {d.model})")
+    p.add_argument("--split", type=int, default=d.split, help=f"every client's split point (default {d.split})")
+    p.add_argument("--batch", type=int, default=d.batch, help=f"B per client step (default {d.batch})")
+    p.add_argument("--seq", type=int, default=d.seq, help=f"T (default {d.seq})")
+    p.add_argument("--clients", default=",".join(map(str, d.clients)), help="client counts to sweep (default 1,2,4,8,16)")
+    p.add_argument("--modes", default=",".join(d.modes), help="batched and/or per-request (default both)")
+    p.add_argument("--local-steps", type=int, default=d.local_steps, help=f"τ, steps per client per round (default {d.local_steps})")
+    p.add_argument("--rounds", type=int, default=d.rounds, help=f"rounds per configuration, the first untimed (default {d.rounds})")
+    p.add_argument("--threads", type=int, default=d.threads, help=f"torch threads of the server (default {d.threads})")
+    p.add_argument("--encoding", default=d.encoding, choices=ENCODINGS, help="transfer encoding of Z and g")
+    p.add_argument("--profile", action="store_true", help="sample the server with py-spy at the largest client count")
+    p.add_argument("--out", default=d.out, help=f"results directory (default {d.out})")
+
+
+def config_from_args(args: argparse.Namespace) -> ServerBenchConfig:
+    try:
+        clients = tuple(int(c) for c in args.clients.split(","))
+    except ValueError:
+        raise ConfigError(f"--clients must be comma-separated integers, got {args.clients!r}") from None
+    return ServerBenchConfig(model=args.model, split=args.split, batch=args.batch, seq=args.seq, clients=clients,
+                             modes=tuple(args.modes.split(",")), local_steps=args.local_steps, rounds=args.rounds,
+                             threads=args.threads, encoding=args.encoding, profile=args.profile, out=args.out)
