@@ -147,9 +147,14 @@ class Remote:
         return f"{self.user + '@' if self.user else ''}{host}:{self.directory}"
 
     def ssh_argv(self) -> list[str]:
-        """``ssh`` and its options, before the login; never prompts (BatchMode)."""
-        argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={_CONNECT_TIMEOUT_S}",
-                "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
+        """``ssh`` and its options, before the login.
+
+        It never prompts (BatchMode), never allocates a terminal (-T: the streams carry binary
+        data), and ignores a RemoteCommand or port forwardings set for the host in ~/.ssh/config.
+        """
+        argv = ["ssh", "-T", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={_CONNECT_TIMEOUT_S}",
+                "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4",
+                "-o", "RemoteCommand=none", "-o", "ClearAllForwardings=yes"]
         if self.port is not None:
             argv += ["-p", str(self.port)]
         if self.identity is not None:
