@@ -817,19 +817,16 @@ def flash(
         run_cmd = f"{dev['dir']}/venv/bin/flexsfl edge run --config {dev['dir']}/{flash_remote.CONFIG}"
         notes = _notes(dev, config, install)
         if install:
-            state = "installed" if runtime_plan else "up to date"
+            state = ("would install" if dry_run else "installed") if runtime_plan else "up to date"
             runtime = f"flexsfl[{extra}] in {dev['dir']}/venv: {state}"
         else:
             runtime = "left alone (--skip-install)"
         report = FlashReport(
             remote=str(remote), device=device, bundle=sha, current=dev["current"], previous=dev["previous"],
-            uploaded=plan.upload, upload_bytes=upload_bytes, reused=plan.reused, notes=notes,
+            uploaded=plan.upload, upload_bytes=upload_bytes, reused=plan.reused, runtime=runtime, notes=notes,
         )
         if dry_run:
-            return dataclasses.replace(
-                report, dry_run=True, runtime=("would install" if runtime_plan else runtime),
-                service=f"would write {UNIT_NAME}" if unit_text else "",
-            )
+            return dataclasses.replace(report, dry_run=True, service=f"would write {UNIT_NAME}" if unit_text else "")
 
         log.info("sending %d files (%s), %d already on the device", len(plan.upload), _size(upload_bytes),
                  len(plan.reused))
@@ -850,7 +847,7 @@ def flash(
         current=act["current"], previous=act["previous"],
         uploaded=tuple(dict.fromkeys((*plan.upload, *retried))),
         upload_bytes=upload_bytes + sum((loaded.root / rel).stat().st_size for rel in retried),
-        verified=verified, retried=retried, runtime=runtime,
+        verified=verified, retried=retried,
         config=posixpath.join(dev["dir"], flash_remote.CONFIG) if config else None,
         unit=conf["unit"],
         **_service_outcome(conf, device, run_cmd, service),

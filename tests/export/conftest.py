@@ -55,6 +55,13 @@ def _ensure_sshd() -> str | None:
     return SSHD if os.path.exists(SSHD) else None
 
 
+def pytest_collection_modifyitems(items):
+    # The pyproject's "ssh" marker, on every test that logs in to the loopback sshd.
+    for item in items:
+        if "sshd" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ssh)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

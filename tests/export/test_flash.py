@@ -148,8 +148,13 @@ def test_device_script_stays_within_python_3_6_syntax():
     ast.parse(pathlib.Path(flash_remote.__file__).read_text(), feature_version=(3, 6))
 
 
-def test_wheel_digest_follows_contents_not_timestamps(tmp_path):
-    wheel = build_wheel(tmp_path)
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory) -> pathlib.Path:
+    """This checkout's wheel, built once: the checkout may change between two builds."""
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+def test_wheel_digest_follows_contents_not_timestamps(wheel, tmp_path):
     with zipfile.ZipFile(wheel) as z:
         names = {n for n in z.namelist()}
         assert "export/flash_remote.py" in names and "edge_runtime/bundle.py" in names
@@ -485,6 +490,20 @@ def test_dry_run_plans_and_changes_nothing(sshd, device, tmp_path, capsys):
     assert not path.exists()
 
 
+def test_backend_picks_the_runtime_extra(sshd, device, tmp_path, wheel):
+    name, path = device
+    both = TargetProfile("x86-et", "x86_64", 2, 4096, "executorch")
+    bundle = write_bundle(tmp_path / "b", bundle_files(23), target=both, backend=("ort", "executorch"))
+    plan = flash(bundle, remote(sshd, name), wheel=wheel, dry_run=True)
+    assert plan.runtime == f"flexsfl[edge-executorch] in {path}/venv: would install"  # the target's preference
+    plan = flash(bundle, remote(sshd, name), wheel=wheel, dry_run=True, settings=ClientSettings(backend="ort"))
+    assert plan.runtime == f"flexsfl[edge] in {path}/venv: would install"
+    only_ort = write_bundle(tmp_path / "o", bundle_files(24))
+    with pytest.raises(ConfigError, match="--backend executorch: the bundle holds ort"):
+        flash(only_ort, remote(sshd, name), wheel=wheel, settings=ClientSettings(backend="executorch"))
+    assert not path.exists()
+
+
 def test_cli_refuses_wrong_arguments():
     p = argparse.ArgumentParser(prog="flexsfl")
     add_parser(p.add_subparsers())
@@ -498,16 +517,12 @@ def test_cli_refuses_wrong_arguments():
 
 
 @pytest.fixture(scope="module")
-def installed(sshd, tmp_path_factory):
-    """A first flash that installs this checkout's wheel as flexsfl[edge] in DIR/venv.
-
-    The wheel is built once and reused, since the checkout may change between two builds.
-    """
+def installed(sshd, wheel, tmp_path_factory):
+    """A first flash that installs this checkout's wheel as flexsfl[edge] in DIR/venv."""
     tmp = tmp_path_factory.mktemp("installed")
     name = f"flexsfl-rt-{secrets.token_hex(3)}"
     path = sshd.home / name
     bundle = write_bundle(tmp / "b", bundle_files(30))
-    wheel = build_wheel(tmp / "wheel")
     t0 = time.monotonic()
     report = flash(bundle, remote(sshd, name), settings=settings(sshd, tmp, path), wheel=wheel)
     yield report, name, path, bundle, wheel, time.monotonic() - t0
