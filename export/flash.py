@@ -838,6 +838,8 @@ def flash(
                                      "extra": extra, "digest": digest}, what="the runtime install")
         act = session.call("activate", {"dir": remote.directory, "bundle": sha,
                                         "staged": verified_in == plan.staging})
+        if act["removed"]:
+            log.info("pruned %s from %s/bundles", ", ".join(b[:16] for b in act["removed"]), dev["dir"])
         conf = session.call("configure", {
             "dir": remote.directory, "config": config, "token": token, "unit": unit_text,
             "changed": act["switched"] or runtime_plan is not None,
@@ -890,6 +892,8 @@ def rollback(destination: str | Remote, *, python: str = "python3") -> FlashRepo
     device = DeviceInfo.from_probe(dev)
     if result["restarted"]:
         service, commands = f"{UNIT_NAME} restarted", (_follow_logs(device),)
+    elif result["error"]:
+        service, commands = f"not restarted: {result['error']}", ()
     else:
         service, commands = "not restarted (no unit, or systemd is not running)", ()
     return FlashReport(remote=str(remote), device=device, bundle=None, current=result["current"],

@@ -179,7 +179,7 @@ def op_probe(req):
     bundles = {}
     bdir = os.path.join(root, BUNDLES)
     if os.path.isdir(bdir):
-        for sha in sorted(os.listdir(bdir)):
+        for sha in sorted(filter(_is_sha, os.listdir(bdir))):
             man = _read_json(os.path.join(bdir, sha, MANIFEST))
             if isinstance(man, dict) and isinstance(man.get("files"), dict):
                 bundles[sha] = man["files"]
@@ -195,6 +195,7 @@ def op_probe(req):
     venv_python = os.path.join(root, VENV, "bin", "python")
     data = os.path.join(root, os.path.expanduser(req["data"])) if req.get("data") else None
     uid = os.geteuid()
+    disk = os.statvfs(_existing(root))
     return {
         "arch": os.uname().machine,
         "python": list(sys.version_info[:3]),
@@ -203,9 +204,8 @@ def op_probe(req):
         "venv_ok": all(importlib.util.find_spec(m) is not None for m in ("venv", "ensurepip")),
         "user": pwd.getpwuid(uid).pw_name,
         "uid": uid,
-        "home": os.path.expanduser("~"),
         "dir": root,
-        "free": os.statvfs(_existing(root)).f_bavail * os.statvfs(_existing(root)).f_frsize,
+        "free": disk.f_bavail * disk.f_frsize,
         "writable": os.access(_existing(root), os.W_OK),
         "memory": _memory_bytes(),
         "cores": os.cpu_count() or 1,
@@ -222,7 +222,7 @@ def op_probe(req):
 
 
 def op_receive(req, stream):
-    """Fill directory ``req["dir"]``: hard-link ``req["links"]`` (rel -> existing file), then write the tar stream.
+    """Fill DIR/``req["into"]``: hard-link ``req["links"]`` (rel -> existing file), then write the tar stream.
 
     Every file is written as ``name.part``, synced, then renamed, so a file with its final name
     is always complete; a dropped connection leaves at most one ``.part`` behind.
@@ -282,9 +282,7 @@ def op_verify(req):
 
 
 def op_activate(req):
-    """Make bundles/<sha> current and prune the rest.
-
-    With ``staged``, the verified staging directory becomes bundles/<sha> first.
+    """Make bundles/<sha> current (with ``staged``, moving the verified staging directory there first).
 
     ``previous`` becomes the bundle that was current; every other bundle and staging directory
     is removed so the device keeps two bundles at most.
@@ -339,12 +337,11 @@ def op_rollback(req):
         if cur is not None:
             _set_link(root, PREVIOUS, cur)
         _fsync_dir(root)
-    restarted = False
-    unit = _unit_path()
-    if os.path.isdir("/run/systemd/system") and os.path.isfile(unit):
-        _run(_systemctl("try-restart", UNIT_NAME))
-        restarted = True
-    return {"current": prev, "previous": cur, "restarted": restarted}
+    restarted, error = False, None
+    if os.path.isdir("/run/systemd/system") and os.path.isfile(_unit_path()):
+        error = _run_systemctl([_systemctl("try-restart", UNIT_NAME)])
+        restarted = error is None
+    return {"current": prev, "previous": cur, "restarted": restarted, "error": error}
 
 
 def _run(cmd, stream=False):
@@ -384,6 +381,21 @@ def op_install(req):
                                       "wheel": os.path.basename(wheel)}).encode())
     os.unlink(wheel)
     return {"venv": venv}
+
+
+def _run_systemctl(commands):
+    """Run service commands; return None, or the one-line failure.
+
+    A failure is reported, not raised: by now the bundle is switched, and that stands.
+    """
+    if os.geteuid() != 0 and "XDG_RUNTIME_DIR" not in os.environ:
+        os.environ["XDG_RUNTIME_DIR"] = f"/run/user/{os.geteuid()}"  # where `systemctl --user` finds the manager
+    try:
+        for cmd in commands:
+            _run(cmd)
+    except RemoteError as e:
+        return str(e)
+    return None
 
 
 def _unit_path():
@@ -430,14 +442,8 @@ def op_configure(req):
                      _systemctl("restart" if changed else "start", UNIT_NAME)]
     started, error = False, None
     if unit is not None and systemd:
-        if os.geteuid() != 0 and "XDG_RUNTIME_DIR" not in os.environ:
-            os.environ["XDG_RUNTIME_DIR"] = f"/run/user/{os.geteuid()}"  # where `systemctl --user` finds the manager
-        try:
-            for cmd in commands:
-                _run(cmd)
-            started = True
-        except RemoteError as e:  # the bundle is in place by now: report it, do not undo the flash
-            error = str(e)
+        error = _run_systemctl(commands)
+        started = error is None
     return {"unit": unit, "systemd": systemd, "started": started, "error": error, "changed": changed,
             "commands": [" ".join(c) for c in commands]}
 
