@@ -168,7 +168,9 @@ def read_profile(path: str | os.PathLike) -> DeviceProfile:
     try:
         raw = p.read_text()
     except OSError as e:
-        raise ConfigError(f"{p}: cannot read the device profile ({e.strerror}); write one with `flexsfl edge probe --json`") from None
+        raise ConfigError(
+            f"{p}: cannot read the device profile ({e.strerror}); write one with `flexsfl edge probe --json`"
+        ) from None
     try:
         data = json.loads(raw)
     except ValueError as e:
@@ -359,11 +361,11 @@ def run_probe(args: argparse.Namespace) -> int:
     """``flexsfl edge probe``: print this device's profile as JSON (and write it with ``--json``)."""
     head_gflops, backend_name = None, ""
     if args.bundle:
-        from .backends import open_backend
-        from .bundle import load_bundle
-
         # The FLOP count needs only the model's shape numbers; split_selection is torch-free.
         from export.split_selection import ModelCost, head_step_flops
+
+        from .backends import open_backend
+        from .bundle import load_bundle
 
         bundle = load_bundle(args.bundle)
         m = bundle.manifest
@@ -373,7 +375,9 @@ def run_probe(args: argparse.Namespace) -> int:
         batch = args.batch or min(8, m.max_batch)
         seq = args.seq or min(128, m.max_seq)
         if not (1 <= batch <= m.max_batch and 2 <= seq <= m.max_seq):
-            raise ConfigError(f"--batch/--seq must be within the bundle's limits (batch <= {m.max_batch}, 2 <= seq <= {m.max_seq})")
+            raise ConfigError(
+                f"--batch/--seq must be within the bundle's limits (batch <= {m.max_batch}, 2 <= seq <= {m.max_seq})"
+            )
         cost = ModelCost.from_manifest(m)
         backend = open_backend(backend_name, bundle, threads=args.threads)
         t = measure_head_throughput(

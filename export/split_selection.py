@@ -37,8 +37,11 @@ block's matmul weights, ``P_lora`` its LoRA weights)::
 
 Base weights are frozen, so the backward only propagates activation gradients through them
 (1× their forward cost, not the 2× of full training); ``QKᵀ`` and ``PV`` multiply two
-activations and need both gradients (2×); LoRA needs input and weight gradients (2×). Lookups,
-norms and pointwise ops are not counted: ``head_gflops`` is measured against this same count
+activations and need both gradients (2×); LoRA needs input and weight gradients (2×). The
+head's first block needs no gradient for its input, so the layers that read it skip theirs (and
+``dK`` too, without LoRA on K). These counts equal what ``torch.utils.flop_counter`` counts on
+the real head and tail (tested). Lookups, norms and pointwise ops are not counted:
+``head_gflops`` is measured against this same count
 (:func:`edge_runtime.probe.measure_head_throughput`), so their cost is folded into the rate.
 
 **Saved activations** per token and block, ``saved(T)``, counted on the programs that
@@ -50,8 +53,10 @@ norms and pointwise ops are not counted: ``head_gflops`` is measured against thi
     + 2·h·T                            the softmax output and its dtype-cast copy
     + r per LoRA'd linear, and each distinct input of a LoRA'd linear once (d, or dff for the down projection)
 
-Block 1 keeps slightly less (its input needs no gradient); it is counted like the others, which
-overestimates by at most 3·d floats per token.
+The first block keeps less: no gradient flows into its input, so the norm before attention
+(gpt2: d + 1, llama: 2·d + 2) and, without LoRA on K, Q are not kept. With LoRA on the
+attention projections this matches the programs exactly (tested); with LoRA only further down
+a block it overestimates.
 
 **Fixed memory** (resident set, measured on x86-64 with Python 3.11): the edge process with
 numpy, tokenizers, websockets and safetensors is 34 MB (:data:`PYTHON_MB`). Runtimes
@@ -143,6 +148,11 @@ _GGUF_LLAMA = {
 }
 
 
+# The block input as the linears see it, and the linear that produces K, per family.
+_INPUT_OF = {"bert": "x", "gpt2": "ln1", "llama": "ln1"}
+_K_LINEAR = {"bert": "attention.self.key", "gpt2": "attn.c_attn", "llama": "self_attn.k_proj"}
+
+
 @dataclasses.dataclass(frozen=True)
 class _Linear:
     """A linear layer of one block: where PEFT names it, its shape, and the activation it reads."""
@@ -173,7 +183,7 @@ class ModelCost:
     vocab_size: int
     max_positions: int
     lora_r: int
-    lora_targets: tuple[str, ...]  # PEFT target_modules (suffixes of module names), or ("all-linear",)
+    lora_targets: tuple[str, ...]  # PEFT target_modules: module names or their dotted suffixes
     task: str = "seq_cls"  # "seq_cls" | "causal_lm"
     num_labels: int = 2
     type_vocab_size: int = 2  # bert's token-type embeddings
@@ -237,7 +247,9 @@ class ModelCost:
             else:
                 dims["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))
                 if bool(config.get("attention_bias")) != bool(config.get("mlp_bias")):
-                    raise ConfigError("model config: attention_bias and mlp_bias differ; flexsfl's cost model needs both or neither")
+                    raise ConfigError(
+                        "model config: attention_bias and mlp_bias differ; flexsfl's cost model needs both or neither"
+                    )
                 dims["bias"] = bool(config.get("attention_bias"))
         return cls(
             family=family, vocab_size=need("vocab_size"), lora_r=lora_r,
@@ -303,8 +315,6 @@ class ModelCost:
     @functools.cached_property
     def _lora_linears(self) -> tuple[_Linear, ...]:
         """The block linears PEFT puts adapters on: a target matches a module whose name is it or ends in ``.target``."""
-        if self.lora_targets == ("all-linear",):
-            return self._linears
         hit = []
         for t in self.lora_targets:
             matched = [lin for lin in self._linears if lin.name == t or lin.name.endswith("." + t)]
@@ -359,9 +369,20 @@ class ModelCost:
         """FLOPs per token of one block's forward with ``seq`` keys per query."""
         return 2 * self.block_matmul_params + 4 * seq * self.attention_width + 2 * self.lora_params_per_block
 
-    def backward_flops(self, seq: int) -> float:
-        """FLOPs per token of one block's backward: activation grads through frozen weights, LoRA grads."""
-        return 2 * self.block_matmul_params + 8 * seq * self.attention_width + 4 * self.lora_params_per_block
+    def backward_flops(self, seq: int, *, first: bool = False) -> float:
+        """FLOPs per token of one block's backward: activation grads through frozen weights, LoRA grads.
+
+        ``first``: the head's first block, whose input needs no gradient: the layers that read
+        it skip their input gradient, and without LoRA on K so does ``dK``.
+        """
+        flops = 2 * self.block_matmul_params + 8 * seq * self.attention_width + 4 * self.lora_params_per_block
+        if first:
+            reads_input = _INPUT_OF[self.family]
+            flops -= 2 * sum(lin.fan_in * lin.fan_out for lin in self._linears if lin.reads == reads_input)
+            flops -= 2 * self.lora_r * sum(lin.fan_in for lin in self._lora_linears if lin.reads == reads_input)
+            if not self._lora_on_k:
+                flops -= 2 * seq * self.attention_width
+        return flops
 
     def final_flops(self, seq: int) -> float:
         """FLOPs per token of the server's norm + task head, forward and backward."""
@@ -372,8 +393,8 @@ class ModelCost:
             return 2 * d * c * 3
         return 2 * d * self.vocab_size * 2  # frozen LM head: forward + input gradient
 
-    def saved_floats(self, seq: int) -> float:
-        """fp32 values per token one block keeps from its forward for its backward."""
+    def saved_floats(self, seq: int, *, first: bool = False) -> float:
+        """fp32 values per token one block keeps from its forward for its backward (``first``: the head's first block)."""
         d, dff, qd = self.hidden_size, self.intermediate_size, self.attention_width
         base = {
             "bert": 3 * qd + 2 * d + dff + 2,
@@ -383,7 +404,15 @@ class ModelCost:
         size = {"x": d, "ln1": d, "ln2": d, "ctx": qd, "act": dff}
         lora = self._lora_linears
         inputs = {lin.reads for lin in lora}
-        return base + 2 * self.num_heads * seq + self.lora_r * len(lora) + sum(size[r] for r in inputs)
+        n = base + 2 * self.num_heads * seq + self.lora_r * len(lora) + sum(size[r] for r in inputs)
+        if first:
+            # The norm before attention (gpt2, llama) needs no gradient, nor does Q without LoRA on K.
+            n -= {"bert": 0, "gpt2": d + 1, "llama": 2 * d + 2}[self.family] + (0 if self._lora_on_k else qd)
+        return n
+
+    @property
+    def _lora_on_k(self) -> bool:
+        return any(lin.name == _K_LINEAR[self.family] for lin in self._lora_linears)
 
 
 def config_subset(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -450,8 +479,9 @@ def head_step_flops(cost: ModelCost, s: int, *, batch: int, seq: int, align: boo
     """FLOPs of one device step: forward + backward of blocks 1..s (+ the forward for Z' if ``align``)."""
     _check_split(cost, s)
     _check_shape(batch, seq)
-    per_token = cost.forward_flops(seq) * (2 if align else 1) + cost.backward_flops(seq)
-    return batch * seq * s * per_token
+    forward = s * cost.forward_flops(seq) * (2 if align else 1)
+    backward = cost.backward_flops(seq, first=True) + (s - 1) * cost.backward_flops(seq)
+    return batch * seq * (forward + backward)
 
 
 def tail_step_flops(cost: ModelCost, s: int, *, batch: int, seq: int) -> float:
@@ -484,7 +514,7 @@ def memory_breakdown_mb(
     return {
         "weights": _F32 * (cost.embedding_params + s * cost.block_params) / _MB,
         "adapters": _F32 * s * cost.lora_params_per_block * (2 + OPTIMIZER_STATES[optimizer]) / _MB,
-        "activations": s * block_acts / _MB,
+        "activations": (_F32 * tokens * cost.saved_floats(seq, first=True) + (s - 1) * block_acts) / _MB,
         "workspace": block_acts / _MB,
         "io": _F32 * tokens * cost.hidden_size * (3 if align else 2) / _MB,
         "runtime": RUNTIME_MB[runtime] + PYTHON_MB,
