@@ -828,8 +828,11 @@ def flash(
         if dry_run:
             return dataclasses.replace(report, dry_run=True, service=f"would write {UNIT_NAME}" if unit_text else "")
 
-        log.info("sending %d files (%s), %d already on the device", len(plan.upload), _size(upload_bytes),
-                 len(plan.reused))
+        if plan.upload:
+            log.info("sending %d files (%s); %d already on the device", len(plan.upload), _size(upload_bytes),
+                     len(plan.reused))
+        else:
+            log.info("nothing to send: checking the %d files on the device", len(plan.reused))
         verified_in, retried, verified = _send(session, loaded.root, plan, "bundle", on_progress)
         if runtime_plan is not None:
             log.info("installing flexsfl[%s] into %s/venv (pip on the device; minutes on a Pi)", extra, dev["dir"])
