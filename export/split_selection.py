@@ -55,8 +55,9 @@ the real head and tail (tested). Lookups, norms and pointwise ops are not counte
 
 The first block keeps less: no gradient flows into its input, so the norm before attention
 (gpt2: d + 1, llama: 2·d + 2) and, without LoRA on K, Q are not kept. With LoRA on the
-attention projections this matches the programs exactly (tested); with LoRA only further down
-a block it overestimates.
+attention's input projections (the default) this matches the programs exactly (tested);
+without it, the first block's attention keeps nothing, and its K, V and probabilities are
+over-counted (as are their gradients' FLOPs): a safe error of under one block's attention.
 
 **Fixed memory** (resident set, measured on x86-64 with Python 3.11): the edge process with
 numpy, tokenizers, websockets and safetensors is 34 MB (:data:`PYTHON_MB`). Runtimes

