@@ -9,9 +9,11 @@ with random labels for each of its τ steps, waits for g, uploads the adapters i
 reports metrics, so what is measured is the server's work, not the clients'.
 
 Per configuration (batching on/off × number of clients) the server runs ``rounds`` rounds of
-τ steps; the first is a warm-up. Over the later rounds::
+τ steps; the first is a warm-up. Each configuration is run ``repeats`` times, interleaved with the
+others. Over the later rounds::
 
-    steps_per_s     steps answered / (last g received - first Z sent), all clients together
+    steps_per_s     steps answered / (last g received - first Z sent), all clients together;
+                    the median repeat, with the slowest and fastest beside it
     latency_ms      each step's Z-sent -> g-received time at the client (p50, p90)
     batch_mean      steps per TailHost.train_batch call (cross-client batching at work)
     busy_frac       the compute thread's busy time / the window
@@ -59,6 +61,7 @@ class ServerBenchConfig:
     modes: tuple[str, ...] = ("batched", "per-request")
     local_steps: int = 4  # τ per round
     rounds: int = 2  # the first is a warm-up, not measured
+    repeats: int = 3  # runs per configuration, interleaved; rows give the median run
     threads: int = 1  # torch threads of the server's compute worker
     encoding: str = "fp32"
     profile: bool = False  # py-spy the server during the largest configuration of each mode
@@ -72,7 +75,7 @@ class ServerBenchConfig:
             raise ConfigError(f"--modes {bad or '(none)'}: choose batched and/or per-request")
         if self.rounds < 2:
             raise ConfigError(f"--rounds must be >= 2 (the first is a warm-up), got {self.rounds}")
-        for name in ("split", "batch", "seq", "local_steps", "threads"):
+        for name in ("split", "batch", "seq", "local_steps", "threads", "repeats"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.encoding not in ENCODINGS:
@@ -254,19 +257,39 @@ async def _serve_one(loaded, cfg: ServerBenchConfig, mode: str, n: int, logs: pa
         shutil.rmtree(state_dir, ignore_errors=True)
     timed = [(t0, t1) for r in results for rnd, t0, t1 in r["steps"] if rnd >= 1]
     window = max(t1 for _, t1 in timed) - min(t0 for t0, _ in timed)
-    row = {
-        "mode": mode, "clients": n, "model": info.id, "split": cfg.split, "batch": cfg.batch, "seq": cfg.seq,
-        "threads": cfg.threads, "encoding": cfg.encoding, "local_steps": cfg.local_steps, "rounds": cfg.rounds,
-        "steps_timed": len(timed), "window_s": round(window, 3), "steps_per_s": round(len(timed) / window, 3),
-        **summarize([t1 - t0 for t0, t1 in timed], "latency"),
+    run = {
+        "steps": len(timed), "window_s": window, "latency_s": [t1 - t0 for t0, t1 in timed],
         # timed rounds: steps per TailHost.train_batch call, and the compute thread's busy share
         # (which includes the aggregation and persistence between rounds)
-        "batch_mean": round(steps / max(batches, 1), 2), "busy_frac": round(busy / window, 3),
+        "batch_mean": steps / max(batches, 1), "busy_frac": busy / window,
         "g_abs_median": float(np.median([r["g_abs_median"] for r in results])),
         "g_frac_below_fp16_normal": float(np.mean([r["g_frac_below_fp16_normal"] for r in results])),
     }
     if hot is not None:
-        row["profile"] = hot
+        run["profile"] = hot
+    return run
+
+
+def _row(cfg: ServerBenchConfig, model_id: str, mode: str, n: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's repeats -> its row: the median run's steps/s (min and max beside it),
+    latency percentiles over every timed step of every repeat."""
+    rates = sorted(r["steps"] / r["window_s"] for r in runs)
+    row = {
+        "mode": mode, "clients": n, "model": model_id, "split": cfg.split, "batch": cfg.batch, "seq": cfg.seq,
+        "threads": cfg.threads, "encoding": cfg.encoding, "local_steps": cfg.local_steps, "rounds": cfg.rounds,
+        "repeats": len(runs), "steps_timed": sum(r["steps"] for r in runs),
+        "steps_per_s": round(float(np.median(rates)), 3), "steps_per_s_min": round(rates[0], 3),
+        "steps_per_s_max": round(rates[-1], 3), "steps_per_s_runs": [round(x, 3) for x in rates],
+        **summarize([x for r in runs for x in r["latency_s"]], "latency"),
+        "batch_mean": round(float(np.mean([r["batch_mean"] for r in runs])), 2),
+        "busy_frac": round(float(np.mean([r["busy_frac"] for r in runs])), 3),
+        "g_abs_median": float(np.median([r["g_abs_median"] for r in runs])),
+        "g_frac_below_fp16_normal": float(np.mean([r["g_frac_below_fp16_normal"] for r in runs])),
+        "load_avg": round(float(np.mean([r["load_avg"] for r in runs])), 2),
+    }
+    profiles = [r["profile"] for r in runs if "profile" in r]
+    if profiles:
+        row["profile"] = profiles[-1]
     return row
 
 
@@ -284,6 +307,8 @@ _COLUMNS: list[Column] = [
     ("clients", "clients", "d"),
     ("mode", "mode", "s"),
     ("steps_per_s", "steps/s", ".2f"),
+    ("steps_per_s_min", "min", ".2f"),
+    ("steps_per_s_max", "max", ".2f"),
     ("speedup", "batched / per-request", ".2f"),
     ("latency_ms_p50", "latency p50 ms", ".0f"),
     ("latency_ms_p90", "latency p90 ms", ".0f"),
@@ -307,16 +332,18 @@ def run_server_bench(cfg: ServerBenchConfig) -> tuple[list[dict[str, Any]], str]
     loaded = load_model(cfg.model, attn_implementation="sdpa")
     if not 1 <= cfg.split < loaded.info.num_blocks:
         raise ConfigError(f"--split {cfg.split} is outside 1..{loaded.info.num_blocks - 1} for {cfg.model}")
-    rows = []
     top = max(cfg.clients)
-    # Interleave the modes at each client count, so both see the same machine load.
-    for n in sorted(cfg.clients):
-        for mode in cfg.modes:
-            load = machine_info()["load_avg"]
-            log.info("server bench: %s, %d client(s)", mode, n)
-            row = asyncio.run(_serve_one(loaded, cfg, mode, n, logs, cfg.profile and n == top))
-            row["load_avg"] = load
-            rows.append(row)
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {(m, n): [] for n in cfg.clients for m in cfg.modes}
+    # Interleave: every repeat visits every configuration, the modes side by side at each client
+    # count (in alternating order), so all of them see the same drift in machine load.
+    for rep in range(cfg.repeats):
+        for n in sorted(cfg.clients):
+            for mode in cfg.modes if rep % 2 == 0 else tuple(reversed(cfg.modes)):
+                log.info("server bench: %s, %d client(s), repeat %d/%d", mode, n, rep + 1, cfg.repeats)
+                load = machine_info()["load_avg"]
+                profile = cfg.profile and n == top and rep == cfg.repeats - 1
+                runs[(mode, n)].append({**asyncio.run(_serve_one(loaded, cfg, mode, n, logs, profile)), "load_avg": load})
+    rows = [_row(cfg, loaded.info.id, mode, n, runs[(mode, n)]) for n in sorted(cfg.clients) for mode in cfg.modes]
     per_req = {r["clients"]: r["steps_per_s"] for r in rows if r["mode"] == "per-request"}
     for r in rows:
         if r["mode"] == "batched" and r["clients"] in per_req:
@@ -327,7 +354,7 @@ def run_server_bench(cfg: ServerBenchConfig) -> tuple[list[dict[str, Any]], str]
     head = next((r for r in rows if r["clients"] == top and "speedup" in r), None)
     lines = [
         f"## server: {cfg.model} split {cfg.split}, B={cfg.batch}, T={cfg.seq}, {cfg.threads} torch thread(s), "
-        f"τ={cfg.local_steps}, {cfg.rounds - 1} timed round(s)",
+        f"τ={cfg.local_steps}, {cfg.rounds - 1} timed round(s); median of {cfg.repeats} interleaved repeat(s)",
         "",
         markdown_table(rows, _COLUMNS),
         "",
@@ -353,6 +380,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default=",".join(d.modes), help="batched and/or per-request (default both)")
     p.add_argument("--local-steps", type=int, default=d.local_steps, help=f"τ, steps per client per round (default {d.local_steps})")
     p.add_argument("--rounds", type=int, default=d.rounds, help=f"rounds per configuration, the first untimed (default {d.rounds})")
+    p.add_argument("--repeats", type=int, default=d.repeats, help=f"runs per configuration, interleaved (default {d.repeats})")
     p.add_argument("--threads", type=int, default=d.threads, help=f"torch threads of the server (default {d.threads})")
     p.add_argument("--encoding", default=d.encoding, choices=ENCODINGS, help="transfer encoding of Z and g")
     p.add_argument("--profile", action="store_true", help="sample the server with py-spy at the largest client count")
@@ -366,4 +394,4 @@ def config_from_args(args: argparse.Namespace) -> ServerBenchConfig:
         raise ConfigError(f"--clients must be comma-separated integers, got {args.clients!r}") from None
     return ServerBenchConfig(model=args.model, split=args.split, batch=args.batch, seq=args.seq, clients=clients,
                              modes=tuple(args.modes.split(",")), local_steps=args.local_steps, rounds=args.rounds,
-                             threads=args.threads, encoding=args.encoding, profile=args.profile, out=args.out)
+                             repeats=args.repeats, threads=args.threads, encoding=args.encoding, profile=args.profile, out=args.out)

@@ -47,11 +47,12 @@ def test_wire_config_refuses_bad_values():
 
 def test_server_bench_batched_and_per_request(tmp_path, tiny_model_dirs):
     cfg = ServerBenchConfig(model=str(tiny_model_dirs["gpt2"]), split=1, batch=2, seq=8, clients=(1, 2), local_steps=2,
-                            rounds=2, out=str(tmp_path))
+                            rounds=2, repeats=1, out=str(tmp_path))
     rows, summary = run_server_bench(cfg)
     assert [(r["clients"], r["mode"]) for r in rows] == [(1, "batched"), (1, "per-request"), (2, "batched"), (2, "per-request")]
     for r in rows:
-        assert r["steps_timed"] == r["clients"] * cfg.local_steps  # round 0 is the untimed warm-up
+        assert r["repeats"] == 1 and r["steps_timed"] == r["clients"] * cfg.local_steps  # round 0 is the untimed warm-up
+        assert r["steps_per_s_min"] == r["steps_per_s"] == r["steps_per_s_max"]
         assert r["steps_per_s"] > 0 and r["latency_ms_p50"] > 0 and r["batch_mean"] >= 1
         assert 0 <= r["g_frac_below_fp16_normal"] <= 1
     assert all(r["batch_mean"] == 1 for r in rows if r["mode"] == "per-request")
@@ -67,6 +68,8 @@ def test_server_config_refuses_bad_values():
         ServerBenchConfig(modes=("fast",))
     with pytest.raises(ConfigError, match="--clients"):
         ServerBenchConfig(clients=(0,))
+    with pytest.raises(ConfigError, match="--repeats"):
+        ServerBenchConfig(repeats=0)
 
 
 def test_hot_functions_from_collapsed_stacks(tmp_path):
