@@ -53,7 +53,6 @@ __all__ = ["WireConfig", "run_wire", "echo_worker", "add_arguments", "config_fro
 
 log = logging.getLogger("flexsfl.bench.wire")
 
-_G_SCALE = 1e-4  # gradients of a mean loss w.r.t. Z are small; fp16 and int8 must carry them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +60,9 @@ class WireConfig:
     batch: int = 8  # B
     seq: int = 128  # T
     hidden: int = 384  # d (MiniLM)
+    # std of the synthetic g. Real ones are tiny: the MiniLM tail at split 3, B=8, T=128 returns a
+    # median |g| of 5.6e-6 (bench server), i.e. a std of ~8e-6 for a normal with that median.
+    g_scale: float = 8e-6
     encodings: tuple[str, ...] = ENCODINGS
     reps: int = 60  # timed steps per encoding
     warmup: int = 10  # untimed steps first
@@ -81,6 +83,8 @@ class WireConfig:
         for name in ("batch", "seq", "hidden", "reps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if not self.g_scale > 0:
+            raise ConfigError(f"--g-scale must be > 0, got {self.g_scale}")
         if self.warmup < 0:
             raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
         if self.step_ms is not None and not self.step_ms > 0:
@@ -91,13 +95,13 @@ def _rel_err(decoded: np.ndarray, sent: np.ndarray) -> float:
     return float(np.linalg.norm(decoded - sent) / max(np.linalg.norm(sent), 1e-30))
 
 
-def _tensors(batch: int, seq: int, hidden: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _tensors(batch: int, seq: int, hidden: int, g_scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Z, mask, labels and g; both sides rebuild the same ones from the seed."""
     rng = np.random.default_rng(1234)
     z = rng.standard_normal((batch, seq, hidden), dtype=np.float32)
     mask = np.ones((batch, seq), np.int64)
     labels = rng.integers(0, 2, batch).astype(np.int64)
-    g = (_G_SCALE * rng.standard_normal((batch, seq, hidden), dtype=np.float32)).astype(np.float32)
+    g = (g_scale * rng.standard_normal((batch, seq, hidden), dtype=np.float32)).astype(np.float32)
     return z, mask, labels, g
 
 
@@ -108,8 +112,8 @@ class _Echo:
     """A protocol peer that answers every train Activations with a Gradients of the same shape,
     doing the server's parsing and validation but no model work."""
 
-    def __init__(self, hidden: int, max_batch: int, max_seq: int) -> None:
-        self.hidden, self.max_batch, self.max_seq = hidden, max_batch, max_seq
+    def __init__(self, hidden: int, max_batch: int, max_seq: int, g_scale: float) -> None:
+        self.hidden, self.max_batch, self.max_seq, self.g_scale = hidden, max_batch, max_seq, g_scale
         self.limits = Limits(max_frame_bytes=int(1.1 * max_batch * max_seq * hidden * 4) + (1 << 20))
         self.stats: dict[str, dict[str, Any]] = {}  # encoding -> parse/serialize seconds, errors
 
@@ -133,7 +137,7 @@ class _Echo:
             t1 = time.perf_counter()
             shape = msg.z.shape
             if shape not in g_cache:
-                z, _, _, g = _tensors(*shape)
+                z, _, _, g = _tensors(*shape, self.g_scale)
                 g_cache[shape] = g
                 st["z_rel_err"] = _rel_err(np.asarray(msg.z), z)
             frame = conn.send(Gradients(round_id=msg.round_id, step_id=msg.step_id, loss=0.5, g=g_cache[shape], encoding=enc))
@@ -144,12 +148,12 @@ class _Echo:
 
 
 def echo_worker(chan) -> None:
-    """Worker: ``{"hidden", "max_batch", "max_seq"}`` -> ``{"port"}``; then ``{"stats": enc}`` -> that
+    """Worker: ``{"hidden", "max_batch", "max_seq", "g_scale"}`` -> ``{"port"}``; then ``{"stats": enc}`` -> that
     encoding's server-side timings."""
     from websockets.asyncio.server import serve
 
     spec = chan.recv()
-    echo = _Echo(spec["hidden"], spec["max_batch"], spec["max_seq"])
+    echo = _Echo(spec["hidden"], spec["max_batch"], spec["max_seq"], spec["g_scale"])
     loop = asyncio.new_event_loop()
     started = threading.Event()
     port: list[int] = []
@@ -174,7 +178,7 @@ def echo_worker(chan) -> None:
 async def _client(port: int, enc: str, cfg: WireConfig) -> dict[str, Any]:
     from websockets.asyncio.client import connect
 
-    z, mask, labels, g_sent = _tensors(cfg.batch, cfg.seq, cfg.hidden)
+    z, mask, labels, g_sent = _tensors(cfg.batch, cfg.seq, cfg.hidden, cfg.g_scale)
     limits = Limits(max_frame_bytes=int(1.1 * z.nbytes) + (1 << 20))
     conn = Connection(Role.CLIENT, limits)
     rtt, codec, sizes = [], [], {}
@@ -257,7 +261,8 @@ def run_wire(cfg: WireConfig) -> tuple[list[dict[str, Any]], str]:
     step_ms, step_src = _step_reference(cfg, logs)
     rows = []
     with Worker("benchmarks.wire:echo_worker", threads=1, name="wire-echo", log_dir=logs) as echo:
-        port = echo.request({"hidden": cfg.hidden, "max_batch": cfg.batch, "max_seq": cfg.seq}, timeout=120)["port"]
+        port = echo.request({"hidden": cfg.hidden, "max_batch": cfg.batch, "max_seq": cfg.seq, "g_scale": cfg.g_scale},
+                            timeout=120)["port"]
         for enc in cfg.encodings:
             machine = machine_info()
             got = asyncio.run(_client(port, enc, cfg))
@@ -302,6 +307,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encodings", default=",".join(d.encodings), help="comma-separated (default: all)")
     p.add_argument("--reps", type=int, default=d.reps, help=f"timed steps per encoding (default {d.reps})")
     p.add_argument("--warmup", type=int, default=d.warmup, help=f"untimed steps first (default {d.warmup})")
+    p.add_argument("--g-scale", type=float, default=d.g_scale, help=f"std of the synthetic gradient (default {d.g_scale:g})")
     p.add_argument("--step-ms", type=float, default=None, help="the client's training step in ms, for the overhead fraction")
     p.add_argument("--latency-json", default=None, help="take the step time from this `bench latency` result "
                                                         "(default: OUT/latency.json if present, else measure the eager head)")
@@ -313,7 +319,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> WireConfig:
-    return WireConfig(batch=args.batch, seq=args.seq, hidden=args.hidden, encodings=tuple(args.encodings.split(",")),
-                      reps=args.reps, warmup=args.warmup, step_ms=args.step_ms, latency_json=args.latency_json,
+    return WireConfig(batch=args.batch, seq=args.seq, hidden=args.hidden, g_scale=args.g_scale,
+                      encodings=tuple(args.encodings.split(",")), reps=args.reps, warmup=args.warmup, step_ms=args.step_ms, latency_json=args.latency_json,
                       accuracy=args.accuracy, sim_data=args.sim_data, sim_clients=args.sim_clients,
                       sim_rounds=args.sim_rounds, out=args.out)
