@@ -320,6 +320,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> WireConfig:
     return WireConfig(batch=args.batch, seq=args.seq, hidden=args.hidden, g_scale=args.g_scale,
-                      encodings=tuple(args.encodings.split(",")), reps=args.reps, warmup=args.warmup, step_ms=args.step_ms, latency_json=args.latency_json,
-                      accuracy=args.accuracy, sim_data=args.sim_data, sim_clients=args.sim_clients,
+                      encodings=tuple(args.encodings.split(",")), reps=args.reps, warmup=args.warmup, step_ms=args.step_ms,
+                      latency_json=args.latency_json, accuracy=args.accuracy, sim_data=args.sim_data, sim_clients=args.sim_clients,
                       sim_rounds=args.sim_rounds, out=args.out)
