@@ -1,0 +1,44 @@
+"""``flexsfl bench ...`` parsers and handlers (registered by ``benchmarks.cli.add_parser``)."""
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.cli import add_parser
+from edge_runtime.errors import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flexsfl")
+    add_parser(p.add_subparsers(dest="command"))
+    return p
+
+
+def test_building_the_parsers_imports_no_torch():
+    # In a fresh interpreter: other tests in this process may have imported torch already.
+    code = ("import sys, argparse; from benchmarks.cli import add_parser; p = argparse.ArgumentParser(); "
+            "add_parser(p.add_subparsers()); print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_bench_wire_prints_the_summary_and_the_machine(tmp_path, capsys):
+    args = _parser().parse_args(["bench", "wire", "--batch", "2", "--seq", "8", "--hidden", "16", "--reps", "2", "--warmup", "0",
+                                 "--encodings", "fp32,int8", "--step-ms", "5", "--out", str(tmp_path)])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "| fp32 |" in out and "| int8 |" in out and "machine:" in out and "commit" in out
+    assert (tmp_path / "wire.json").exists()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["bench", "server", "--clients", "1,x"], "--clients must be comma-separated integers"),
+    (["bench", "latency", "--model", "minilm", "--splits", "1,,2"], "--splits must be comma-separated integers"),
+    (["bench", "latency", "--model", "minilm", "--backend", "tflite"], "--backend tflite"),
+    (["bench", "wire", "--encodings", "fp8"], "--encodings fp8"),
+])
+def test_bad_arguments_are_config_errors(argv, match):
+    args = _parser().parse_args(argv)
+    with pytest.raises(ConfigError, match=match):
+        args.func(args)

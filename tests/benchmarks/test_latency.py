@@ -1,0 +1,58 @@
+"""The latency benchmark runs every backend in its own process and produces well-formed rows
+(a tiny random GPT-2 bundle; no timing assertions)."""
+
+import json
+
+import pytest
+
+from benchmarks.latency import LatencyConfig, export_cached, run_latency
+from edge_runtime.bundle import load_bundle
+from edge_runtime.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_model_dirs, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("bench-bundles")
+    return export_cached(str(tiny_model_dirs["gpt2"]), 1, max_batch=4, max_seq=16, cache=cache)
+
+
+def test_export_cached_reuses_the_bundle(tiny_bundle, tiny_model_dirs):
+    again = export_cached(str(tiny_model_dirs["gpt2"]), 1, max_batch=4, max_seq=16, cache=tiny_bundle.parent)
+    assert again == tiny_bundle and set(load_bundle(again).manifest.backend) == {"ort", "executorch"}
+
+
+def test_latency_rows_for_every_backend(tiny_bundle, tmp_path):
+    cfg = LatencyConfig(bundle=str(tiny_bundle), batch=(2,), seq=(8,), reps=4, rounds=2, warmup=1, out=str(tmp_path),
+                        json=str(tmp_path / "extra.json"))
+    rows, summary = run_latency(cfg)
+    assert [r["backend"] for r in rows] == ["torch", "ort", "executorch"]
+    need = ("backend", "split", "batch", "seq", "threads", "forward_ms_p50", "train_step_ms_p50", "train_step_ms_p90",
+            "peak_rss_mb", "bytes_per_step")
+    for r in rows:
+        assert all(r.get(k) is not None for k in need), r
+        assert (r["split"], r["batch"], r["seq"], r["threads"]) == (1, 2, 8, 1)
+        assert r["train_step_n"] == 4 and r["forward_ms_p50"] > 0 and r["train_step_ms_p90"] >= r["train_step_ms_p50"]
+        assert r["peak_rss_mb"] > 10
+        assert r["bytes_per_step"] > 2 * 2 * 8 * 64 * 4  # Z and g in fp32, plus headers, mask, labels
+        assert r["flops_forward"] > 0 and r["flops_backward"] > 0 and 0 < r["frac_of_peak"]
+    torch_row, ort_row, et_row = rows
+    assert torch_row["vs_torch"] == 1.0 and torch_row["artifact_mb"] is None
+    assert ort_row["artifact_mb"] > 0 and et_row["artifact_mb"] > 0
+    doc = json.loads((tmp_path / "latency.json").read_text())
+    assert doc["meta"]["gemm_peak_1thread"]["peak_gflops"] > 0 and doc["rows"][0]["machine"]["commit"]
+    assert json.loads((tmp_path / "extra.json").read_text()) == doc
+    assert "| torch |" in summary
+
+
+def test_latency_refuses_what_the_bundle_cannot_do(tiny_bundle, tmp_path):
+    with pytest.raises(ConfigError, match="exceed bundle"):
+        run_latency(LatencyConfig(bundle=str(tiny_bundle), batch=(8,), seq=(8,), out=str(tmp_path)))
+
+
+def test_latency_config_needs_one_bundle_or_one_model():
+    with pytest.raises(ConfigError, match="either --bundle"):
+        LatencyConfig()
+    with pytest.raises(ConfigError, match="either --bundle"):
+        LatencyConfig(bundle="b", model="minilm")
+    with pytest.raises(ConfigError, match="--backend"):
+        LatencyConfig(model="minilm", backends=("tflite",))
