@@ -31,8 +31,10 @@ class ComputeWorker:
     *args)`` runs any other model work (predictions, aggregation) in order with the steps.
     """
 
-    def __init__(self, host: TailHost, *, batching: bool = True, max_batch_requests: int = 64, threads: int | None = None):
+    def __init__(self, host: TailHost, *, batching: bool = True, max_batch_requests: int = 64, threads: int | None = None,
+                 on_batch: Callable[[list[str], float], None] | None = None):
         self.host = host
+        self.on_batch = on_batch  # called on this thread after each step batch: (request tags, seconds)
         self.batching = batching
         self.max_batch_requests = max_batch_requests
         self._threads = threads
@@ -102,7 +104,10 @@ class ComputeWorker:
                 _resolve(fut, exc=e)
             return
         finally:
-            self.busy_seconds += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.busy_seconds += dt
+        if self.on_batch is not None:
+            self.on_batch([req.tag for _, req, _ in items], dt)
         self.batches += 1
         self.steps += len(items)
         for (_, _, fut), res in zip(items, results):

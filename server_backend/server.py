@@ -132,7 +132,8 @@ class FlexServer:
         self.registry = registry
         self.state = state
         self.config = config
-        self.worker = ComputeWorker(host, batching=config.batching, threads=compute_threads)
+        self.worker = ComputeWorker(host, batching=config.batching, threads=compute_threads,
+                                    on_batch=lambda tags, s: self.state.log("batch", steps=tags, ms=round(1e3 * s, 3)))
         self.limits = Limits(max_frame_bytes=frame_limit(host, config.max_batch, config.max_seq))
         self.sessions: dict[str, Session] = {}
         self._changed = asyncio.Event()
@@ -274,7 +275,7 @@ class FlexServer:
             if msg.mode == "train":
                 t0 = time.perf_counter()
                 res = await self.worker.train(StepRequest(s.split, np.asarray(msg.z), np.asarray(msg.attention_mask),
-                                                          np.asarray(msg.labels)))
+                                                          np.asarray(msg.labels), tag=f"{s.client_id}:{msg.round_id}:{msg.step_id}"))
                 if res.g is None:
                     raise TensorError(f"step {msg.step_id} refused: {res.error}", ErrorCode.NON_FINITE)
                 s.steps += 1

@@ -85,24 +85,26 @@ DEMO = SimConfig(
 )
 
 
-def _choose_splits(cfg: SimConfig, info) -> tuple[list[int], list[dict]]:
+def _choose_splits(cfg: SimConfig) -> tuple[list[int], list[dict]]:
     """Per-client split points, and the profile + prediction behind each (logged)."""
     if cfg.splits is not None:
         splits = list(cfg.splits) * (cfg.clients if len(cfg.splits) == 1 else 1)
         return splits, [{"pinned": s} for s in splits]
     if cfg.profiles is None:
         raise ConfigError("give --splits (one per client) or --profiles (device profile names) to choose split points")
-    from export.split_selection import EXAMPLE_PROFILES, ModelCost, choose_split
+    from export.split_selection import EXAMPLE_PROFILES, ModelCost, choose_split, read_model_config
 
-    cost = ModelCost.from_model_info(info) if hasattr(ModelCost, "from_model_info") else ModelCost.from_info(info)
+    cost = ModelCost.from_config(read_model_config(cfg.model), num_labels=cfg.num_labels)
     splits, why = [], []
     for name in cfg.profiles:
         if name not in EXAMPLE_PROFILES:
             raise ConfigError(f"unknown device profile {name!r}; choose from {', '.join(EXAMPLE_PROFILES)}")
-        profile = EXAMPLE_PROFILES[name]
-        choice = choose_split(cost, profile, batch=cfg.batch_size, seq=cfg.max_seq, concurrent_clients=cfg.clients)
+        choice = choose_split(cost, EXAMPLE_PROFILES[name], batch=cfg.batch_size, seq=cfg.max_seq, optimizer=cfg.optimizer,
+                              runtime=cfg.backend, encoding=cfg.encoding, align=cfg.align_lambda > 0)
+        log.info("%s: split %d (%s)", name, choice.split, choice.reason)
         splits.append(choice.split)
-        why.append({"profile": name, **choice.to_json()})
+        why.append({"profile": name, "split": choice.split, "reason": choice.reason,
+                    "predicted": choice.chosen.to_json()})
     return splits, why
 
 
@@ -176,7 +178,7 @@ async def _run(cfg: SimConfig, out: pathlib.Path, progress) -> dict:
                         max_train=cfg.max_train, max_test=cfg.max_test, overwrite=True)
     progress(f"loading {cfg.model}")
     loaded = load_model(cfg.model, num_labels=cfg.num_labels, seed=cfg.seed, attn_implementation="sdpa")
-    splits, why = _choose_splits(cfg, loaded.info)
+    splits, why = _choose_splits(cfg)
     if cfg.strategy == "splitfed" and len(set(splits)) > 1:
         splits = [min(splits)] * cfg.clients  # SplitFed has one split for everyone: the smallest that fits
     cache = pathlib.Path(cfg.bundle_cache) if cfg.bundle_cache else _default_cache()

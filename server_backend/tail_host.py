@@ -56,6 +56,7 @@ class StepRequest:
     z: np.ndarray  # [B, T, d] float32
     attention_mask: np.ndarray  # [B, T] int64
     labels: np.ndarray  # [B] (seq_cls) or [B, T] (causal_lm) int64
+    tag: str = ""  # who asked ("client:round:step"), for the server's log
 
 
 @dataclasses.dataclass(frozen=True)
