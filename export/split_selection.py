@@ -5,10 +5,12 @@ and blocks ``1..s``; batch ``B``, sequence length ``T``, everything fp32)::
 
     memory(s) = 4 B · (embedding + s · block parameters)             frozen weights
               + 4 B · s · LoRA parameters · (2 + optimizer states)   adapters + gradients + SGD 0 / momentum 1 / AdamW 2
-              + 4 B · B · T · s · saved(T)                           activations the backward reads
-              + 4 B · B · T · saved(T)                               one block's working set in the backward
+              + copies · 4 B · B · T · s · saved(T)                  activations the backward reads
+              + workspace · 4 B · B · T · saved(T)                   the runtime's transient buffers
               + 4 B · B · T · d · (2, or 3 with alignment)           Z, the server's gradient G (and Z')
-              + runtime + Python                                     fixed, per runtime (below)
+              + runtime + Python                                     fixed
+
+with ``copies``, ``workspace`` and the fixed part per runtime (:data:`RUNTIMES`, below).
 
     time(s)   = head FLOPs(s) / P.head_gflops                        the device, at its measured rate
               + |Z| / uplink + |g| / downlink + RTT                  the network, in the transfer encoding
@@ -59,12 +61,16 @@ attention's input projections (the default) this matches the programs exactly (t
 without it, the first block's attention keeps nothing, and its K, V and probabilities are
 over-counted (as are their gradients' FLOPs): a safe error of under one block's attention.
 
-**Fixed memory** (resident set, measured on x86-64 with Python 3.11): the edge process with
-numpy, tokenizers, websockets and safetensors is 34 MB (:data:`PYTHON_MB`). Runtimes
-(:data:`RUNTIME_MB`): ONNX Runtime without torch (as on a device) adds 20 MB on import
-(onnxruntime 1.32) plus its sessions' arenas; ExecuTorch's Python bindings link libtorch and add
-325 MB; eager torch adds 190 MB. (The x86 ``onnxruntime-training`` 1.19.2 wheel imports torch
-when it is installed, 255 MB; a device without torch does not pay that.)
+**Runtimes** (:data:`RUNTIMES`; resident set sizes measured on x86-64, Python 3.11). The edge
+process with numpy, tokenizers, websockets and safetensors is 34 MB (:data:`PYTHON_MB`).
+ExecuTorch's Python bindings link libtorch (325 MB on import) and hold the saved activations
+three times (the forward's planned arena, the outputs copied to Python, the backward's planned
+inputs); the model matches the peak RSS of MiniLM at splits 1, 3 and 5 (batch 8, seq 128:
+554, 758, 945 MB measured) within 2 %. It plans memory for the bundle's ``max_batch × max_seq``,
+so plan with those. Eager torch keeps them about once (1.25: autograd saves a few extra views).
+ONNX Runtime without torch, as on a device, adds 20 MB on import (onnxruntime 1.32); its
+sessions read the saved numpy arrays in place. (The x86 ``onnxruntime-training`` 1.19.2 wheel
+imports torch when it is installed, 255 MB; a device without torch does not pay that.)
 """
 
 from __future__ import annotations
@@ -88,7 +94,8 @@ from .models import DEFAULT_TARGETS, resolve_model
 __all__ = [
     "FAMILIES",
     "OPTIMIZER_STATES",
-    "RUNTIME_MB",
+    "Runtime",
+    "RUNTIMES",
     "PYTHON_MB",
     "DEFAULT_SERVER_GFLOPS",
     "DEFAULT_CLIENTS",
@@ -114,10 +121,30 @@ log = logging.getLogger("flexsfl.split")
 FAMILIES = ("bert", "gpt2", "llama")
 OPTIMIZER_STATES = {"sgd": 0, "sgd-momentum": 1, "adamw": 2}  # fp32 tensors per trainable tensor
 PYTHON_MB = 35.0  # interpreter + numpy, tokenizers, websockets, safetensors (34 MB measured)
-RUNTIME_MB = {
-    "ort": 60.0,  # onnxruntime without torch: 20 MB import + session state and arenas
-    "executorch": 330.0,  # Python bindings link libtorch (325 MB measured on import)
-    "torch": 190.0,  # eager PyTorch (190 MB measured on import)
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """How a training runtime spends device memory besides the weights."""
+
+    fixed_mb: float  # the runtime itself, resident before the first step (Python not included)
+    activation_copies: float  # how many times the saved activations are resident during a step
+    workspace_blocks: float  # transient buffers, in units of one block's saved activations
+    note: str = ""
+
+
+RUNTIMES = {
+    # Not yet measured with the ORT backend: one copy of the saved activations (numpy arrays that
+    # the backward session reads in place) and the arena's working set, as eager torch.
+    "ort": Runtime(60.0, 1.0, 1.5, "onnxruntime without torch: 20 MB import + session state and arenas"),
+    # Measured: peak RSS of minilm at splits 1, 3, 5 (batch 8, seq 128) within 2 % of this model.
+    # The forward's planned arena, the outputs copied out to Python and the backward's planned
+    # inputs each hold the saved activations.
+    "executorch": Runtime(330.0, 3.0, 2.0, "Python bindings link libtorch: 325 MB on import; "
+                                           "memory is planned for the bundle's max batch x max seq"),
+    # Measured likewise (within 3 %; autograd keeps a few extra views). The reference backend
+    # loads transformers, peft and the whole model: 420 MB with MiniLM before the first step.
+    "torch": Runtime(385.0, 1.25, 1.5, "torch + transformers + peft and the model, measured with MiniLM"),
 }
 # A 16-core server CPU reaches ~200 GFLOP/s of fp32 training throughput; 16 clients share it.
 DEFAULT_SERVER_GFLOPS = 200.0
@@ -508,17 +535,18 @@ def memory_breakdown_mb(
     _check_shape(batch, seq)
     if optimizer not in OPTIMIZER_STATES:
         raise ConfigError(f"unknown optimizer {optimizer!r}; choose one of: {', '.join(OPTIMIZER_STATES)}")
-    if runtime not in RUNTIME_MB:
-        raise ConfigError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIME_MB)}")
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+    rt = RUNTIMES[runtime]
     tokens = batch * seq
     block_acts = _F32 * tokens * cost.saved_floats(seq)
     return {
         "weights": _F32 * (cost.embedding_params + s * cost.block_params) / _MB,
         "adapters": _F32 * s * cost.lora_params_per_block * (2 + OPTIMIZER_STATES[optimizer]) / _MB,
-        "activations": (_F32 * tokens * cost.saved_floats(seq, first=True) + (s - 1) * block_acts) / _MB,
-        "workspace": block_acts / _MB,
+        "activations": rt.activation_copies * (_F32 * tokens * cost.saved_floats(seq, first=True) + (s - 1) * block_acts) / _MB,
+        "workspace": rt.workspace_blocks * block_acts / _MB,
         "io": _F32 * tokens * cost.hidden_size * (3 if align else 2) / _MB,
-        "runtime": RUNTIME_MB[runtime] + PYTHON_MB,
+        "runtime": rt.fixed_mb + PYTHON_MB,
     }
 
 
@@ -663,6 +691,9 @@ def choose_split(
     if estimates[0].network_s is None:
         notes.append("network time not included: the profile has no uplink_mbps/downlink_mbps "
                      "(it is the same at every split, so the choice does not change)")
+    if runtime == "executorch":
+        notes.append(f"ExecuTorch plans memory for the bundle's max batch x max seq: export with --max-batch {batch} "
+                     f"--max-seq {seq} for these numbers to hold")
     fitting = [e for e in estimates if e.fits]
     if not fitting:
         raise ConfigError(_nothing_fits(estimates[0], budget, batch, seq, mem))
@@ -732,12 +763,12 @@ EXAMPLE_PROFILES: dict[str, DeviceProfile] = {
     p.name: p
     for p in (
         DeviceProfile(
-            name="rpi4", arch="aarch64", cores=4, memory_mb=4096, memory_budget_mb=600, head_gflops=4.0,
+            name="rpi4", arch="aarch64", cores=4, memory_mb=4096, memory_budget_mb=1000, head_gflops=4.0,
             uplink_mbps=20.0, downlink_mbps=50.0, rtt_ms=15.0, device_model="Raspberry Pi 4 Model B (example)",
             cpu_model="ARM Cortex-A72", backend="executorch",
         ),
         DeviceProfile(
-            name="rpi5", arch="aarch64", cores=4, memory_mb=8192, memory_budget_mb=560, head_gflops=20.0,
+            name="rpi5", arch="aarch64", cores=4, memory_mb=8192, memory_budget_mb=800, head_gflops=20.0,
             uplink_mbps=100.0, downlink_mbps=100.0, rtt_ms=5.0, device_model="Raspberry Pi 5 (example)",
             cpu_model="ARM Cortex-A76", backend="executorch",
         ),
@@ -810,7 +841,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pin", type=int, help="use this split (refused if it does not fit the memory budget)")
     p.add_argument("--memory-budget-mb", dest="memory_budget_mb", type=int, help="override the profile's budget")
     p.add_argument("--optimizer", choices=list(OPTIMIZER_STATES), default="sgd", help="on-device optimizer")
-    p.add_argument("--runtime", choices=list(RUNTIME_MB), help="device runtime (default: the profile's backend, else ort)")
+    p.add_argument("--runtime", choices=list(RUNTIMES), help="device runtime (default: the profile's backend, else ort)")
     p.add_argument("--encoding", choices=list(ENCODINGS), default="fp32", help="transfer encoding of Z and g")
     p.add_argument("--server-gflops", dest="server_gflops", type=float, default=DEFAULT_SERVER_GFLOPS,
                    help="the server's achieved training throughput")

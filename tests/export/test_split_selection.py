@@ -396,7 +396,7 @@ def _plan(argv):
 def test_plan_prints_a_table_and_the_choice(capsys):
     assert _plan(["--model", "minilm", "--profile", "rpi5"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"^split 3: fastest of the splits that fit 560 MB", out, re.M)
+    assert re.search(r"^split 3: fastest of the splits that fit 800 MB", out, re.M)
     assert re.search(r"3 .*yes.*chosen", out) and re.search(r"4 .*no", out)
 
 
