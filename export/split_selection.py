@@ -130,21 +130,22 @@ class Runtime:
     fixed_mb: float  # the runtime itself, resident before the first step (Python not included)
     activation_copies: float  # how many times the saved activations are resident during a step
     workspace_blocks: float  # transient buffers, in units of one block's saved activations
-    note: str = ""
 
 
 RUNTIMES = {
     # Not yet measured with the ORT backend: one copy of the saved activations (numpy arrays that
     # the backward session reads in place) and the arena's working set, as eager torch.
-    "ort": Runtime(60.0, 1.0, 1.5, "onnxruntime without torch: 20 MB import + session state and arenas"),
+    # onnxruntime without torch: 20 MB import + session state and arenas.
+    "ort": Runtime(60.0, 1.0, 1.5),
     # Measured: peak RSS of minilm at splits 1, 3, 5 (batch 8, seq 128) within 2 % of this model.
     # The forward's planned arena, the outputs copied out to Python and the backward's planned
     # inputs each hold the saved activations.
-    "executorch": Runtime(330.0, 3.0, 2.0, "Python bindings link libtorch: 325 MB on import; "
-                                           "memory is planned for the bundle's max batch x max seq"),
+    # Its Python bindings link libtorch: 325 MB on import. Memory is planned for the bundle's
+    # max batch x max seq, whatever the batch.
+    "executorch": Runtime(330.0, 3.0, 2.0),
     # Measured likewise (within 3 %; autograd keeps a few extra views). The reference backend
     # loads transformers, peft and the whole model: 420 MB with MiniLM before the first step.
-    "torch": Runtime(385.0, 1.25, 1.5, "torch + transformers + peft and the model, measured with MiniLM"),
+    "torch": Runtime(385.0, 1.25, 1.5),
 }
 # A 16-core server CPU reaches ~200 GFLOP/s of fp32 training throughput; 16 clients share it.
 DEFAULT_SERVER_GFLOPS = 200.0
@@ -475,7 +476,8 @@ def _gguf_config(path: pathlib.Path) -> dict[str, Any]:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # noqa: BLE001 - gguf raises ValueError/OSError/struct errors for bad files
         raise ConfigError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-    arch = reader.fields["general.architecture"].contents()
+    field = reader.fields.get("general.architecture")
+    arch = field.contents() if field is not None else None
     if arch != "llama":
         raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported; flexsfl reads llama GGUF files")
     config: dict[str, Any] = {"model_type": "llama"}
@@ -543,7 +545,8 @@ def memory_breakdown_mb(
     return {
         "weights": _F32 * (cost.embedding_params + s * cost.block_params) / _MB,
         "adapters": _F32 * s * cost.lora_params_per_block * (2 + OPTIMIZER_STATES[optimizer]) / _MB,
-        "activations": rt.activation_copies * (_F32 * tokens * cost.saved_floats(seq, first=True) + (s - 1) * block_acts) / _MB,
+        "activations": rt.activation_copies * (_F32 * tokens * cost.saved_floats(seq, first=True) + (s - 1) * block_acts)
+        / _MB,
         "workspace": rt.workspace_blocks * block_acts / _MB,
         "io": _F32 * tokens * cost.hidden_size * (3 if align else 2) / _MB,
         "runtime": rt.fixed_mb + PYTHON_MB,
@@ -712,11 +715,12 @@ def choose_split(
             )
         reason = f"pinned by the user (the fastest split that fits is {best.split}: {best.time_s:.3g} s/step)"
         return SplitChoice(pin, tuple(estimates), reason, pinned=True, notes=tuple(notes))
-    return SplitChoice(best.split, tuple(estimates), _why(cost, profile, best, estimates, budget, server_gflops, clients),
-                       notes=tuple(notes))
+    reason = _why(profile, best, estimates, budget, server_gflops, clients)
+    log.debug("%s: split %d, %s", profile.name, best.split, reason)
+    return SplitChoice(best.split, tuple(estimates), reason, notes=tuple(notes))
 
 
-def _why(cost, profile, best, estimates, budget, server_gflops, clients) -> str:
+def _why(profile, best, estimates, budget, server_gflops, clients) -> str:
     share = server_gflops / clients
     reason = f"fastest of the splits that fit {budget} MB ({best.time_s:.3g} s/step)"
     if profile.head_gflops > share:
