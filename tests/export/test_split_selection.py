@@ -17,8 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
+from edge_runtime.bundle import SCHEMA_VERSION, LoraInfo, Manifest, ModelInfo
 from edge_runtime.errors import ConfigError
 from edge_runtime.probe import DeviceProfile, write_profile
+from edge_runtime.targets import TARGETS
 from export.models import LoraSettings, load_model
 from export.partition import build_head, build_tail, task_loss
 from export.split_selection import (
@@ -363,6 +365,30 @@ def test_config_subset_is_enough_to_rebuild_the_cost(minilm_cost, tiny_model_dir
         sub = config_subset(full)
         assert json.loads(json.dumps(sub)) == sub
         assert ModelCost.from_config(sub) == ModelCost.from_config(full)
+
+
+def _manifest(model_id: str, extra: dict) -> Manifest:
+    return Manifest(
+        schema_version=SCHEMA_VERSION,
+        model=ModelInfo(id=model_id, revision="sha256:" + "0" * 64, family="bert", num_blocks=6, hidden_size=384,
+                        vocab_size=30522, task="seq_cls", num_labels=3),
+        split=2, backend=("ort",), target=TARGETS["rpi4"], optimizer={"name": "sgd", "lr": 0.01},
+        lora=LoraInfo(r=4, alpha=8.0, dropout=0.0, target_modules=("query", "key", "value")),
+        max_batch=8, max_seq=64, inputs={}, outputs={}, trainable_parameters=(), artifacts={}, step={},
+        tokenizer="tokenizer/tokenizer.json", adapter="adapter", files={}, extra=extra,
+    )
+
+
+def test_cost_from_a_manifest_uses_its_lora_task_and_model_config(minilm_cost, tmp_path):
+    want = dataclasses.replace(minilm_cost, lora_r=4, lora_targets=("query", "key", "value"), num_labels=3)
+    # A bundle carries the model's shape numbers, so a device without the model can plan ...
+    carried = _manifest(str(tmp_path / "not-on-this-device"), {"model_config": config_subset(read_model_config("minilm"))})
+    assert ModelCost.from_manifest(carried) == want
+    # ... an older bundle falls back to the model it names, when that is installed here ...
+    assert ModelCost.from_manifest(_manifest("minilm", {})) == want
+    # ... and otherwise the error says what to do.
+    with pytest.raises(ConfigError, match="bundle has no extra.model_config and its model is not readable here .*re-export"):
+        ModelCost.from_manifest(_manifest(str(tmp_path / "not-on-this-device"), {}))
 
 
 def test_bad_model_configs_are_refused(tmp_path):
