@@ -1,0 +1,141 @@
+"""The one small interface every on-device runtime implements, and a lazy registry.
+
+A backend runs a bundle's two head programs::
+
+    z = backend.forward(input_ids, attention_mask)       # Z [B, T, d]; keeps what backward needs
+    grads = backend.backward(G)                          # ∂(Σ Z·G)/∂θ for every trainable tensor
+    optimizer.step(backend.params, grads)                # in place (edge_runtime.optim)
+
+``params`` are the personal adapters θ: float32 arrays keyed by their canonical (PEFT) names, in
+the manifest's ``trainable_parameters`` order. ``forward(..., params=φ, keep=False)`` runs the
+head with other adapters (the alignment reference) without disturbing the kept forward.
+
+Each runtime lives in its own module, imported only when chosen, so that an unstable runtime
+API is touched in one file and a missing runtime gives one clear error:
+
+- ``ort``: ONNX Runtime (``forward.onnx`` + ``backward.onnx``); no torch needed.
+- ``executorch``: ExecuTorch (one ``.pte`` with ``forward`` and ``backward`` methods); its Python
+  bindings need torch.
+- ``torch``: eager PyTorch, the reference for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from typing import ClassVar, Mapping
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..errors import BackendError, BundleError, ConfigError
+
+__all__ = ["Backend", "BACKENDS", "open_backend", "load_initial_params", "check_batch"]
+
+# name -> "module:Class", imported on first use
+BACKENDS = {
+    "ort": "edge_runtime.backends.ort:OrtBackend",
+    "executorch": "edge_runtime.backends.executorch:ExecuTorchBackend",
+    "torch": "edge_runtime.backends.torch_eager:TorchBackend",
+}
+
+
+class Backend(abc.ABC):
+    """A head's forward and backward programs on one runtime. Not thread-safe."""
+
+    name: ClassVar[str]
+    bundle: Bundle
+    params: dict[str, np.ndarray]
+
+    @abc.abstractmethod
+    def __init__(self, bundle: Bundle, *, threads: int | None = None) -> None: ...
+
+    @abc.abstractmethod
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, *,
+                params: Mapping[str, np.ndarray] | None = None, keep: bool = True) -> np.ndarray:
+        """``Z`` float32 [B, T, d] for int64 [B, T] inputs, with ``self.params`` or ``params``.
+
+        ``keep=True`` stores what :meth:`backward` needs (replacing any earlier kept forward).
+        """
+
+    @abc.abstractmethod
+    def backward(self, grad_z: np.ndarray) -> dict[str, np.ndarray]:
+        """Gradients of ``Σ Z·grad_z`` for the last kept forward, by canonical name. Consumes it."""
+
+    def get_params(self) -> dict[str, np.ndarray]:
+        return {n: a.copy() for n, a in self.params.items()}
+
+    def set_params(self, params: Mapping[str, np.ndarray]) -> None:
+        """Replace θ (all tensors, checked against the manifest); arrays are copied."""
+        self.params = _checked(self.bundle, params, "set_params")
+
+
+def _checked(bundle: Bundle, params: Mapping[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    specs = bundle.manifest.trainable_parameters
+    names = [p.name for p in specs]
+    if set(params) != set(names):
+        extra, missing = sorted(set(params) - set(names)), sorted(set(names) - set(params))
+        raise ConfigError(f"{where}: adapter names do not match the bundle (missing {missing[:2]}, unexpected {extra[:2]})")
+    out = {}
+    for p in specs:
+        a = np.asarray(params[p.name])
+        if tuple(a.shape) != tuple(p.shape):
+            raise ConfigError(f"{where}: {p.name!r} has shape {list(a.shape)}, the bundle expects {list(p.shape)}")
+        if not np.isfinite(a).all():
+            raise ConfigError(f"{where}: {p.name!r} has non-finite values")
+        out[p.name] = np.array(a, dtype=np.float32)
+    return out
+
+
+def load_initial_params(bundle: Bundle) -> dict[str, np.ndarray]:
+    """θ from the bundle's PEFT adapter file, in manifest order."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    from ..bundle import ADAPTER_WEIGHTS_NAME
+
+    path = bundle.adapter_dir / ADAPTER_WEIGHTS_NAME
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise BundleError(f"{path}: unreadable adapter file ({e}); re-export the bundle") from None
+    return _checked(bundle, tensors, str(path))
+
+
+def check_batch(bundle: Bundle, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int64 C-contiguous copies of a batch the programs accept, or a one-line ConfigError."""
+    m = bundle.manifest
+    ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
+    if ids.ndim != 2 or mask.shape != ids.shape:
+        raise ConfigError(f"input_ids {list(ids.shape)} and attention_mask {list(mask.shape)} must both be [B, T]")
+    b, t = ids.shape
+    if not 1 <= b <= m.max_batch or not 2 <= t <= m.max_seq:
+        raise ConfigError(f"batch [{b}, {t}] is outside this bundle's limits (1..{m.max_batch} x 2..{m.max_seq}); "
+                          "use smaller batches or re-export with larger --max-batch/--max-seq")
+    if not (np.issubdtype(ids.dtype, np.integer) and np.issubdtype(mask.dtype, np.integer)):
+        raise ConfigError(f"input_ids and attention_mask must be integers, got {ids.dtype} and {mask.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= m.model.vocab_size):
+        raise ConfigError(f"token ids must be in 0..{m.model.vocab_size - 1}; is this the bundle's tokenizer?")
+    return np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(mask, dtype=np.int64)
+
+
+def open_backend(name: str, bundle: Bundle, *, threads: int | None = None) -> Backend:
+    """The backend ``name`` for ``bundle``, imported now; BackendError says what to install."""
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    if name != "torch" and name not in bundle.manifest.backend:
+        raise ConfigError(f"bundle {bundle.root} has no {name} programs (has: {', '.join(bundle.manifest.backend)}); "
+                          f"export it with --backend {name} or all")
+    module, cls = BACKENDS[name].split(":")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise BackendError(f"the {name} backend cannot be loaded here ({e}); {_INSTALL[name]}") from None
+    return getattr(mod, cls)(bundle, threads=threads)
+
+
+_INSTALL = {
+    "ort": "pip install 'flexsfl[edge]' (onnxruntime-training on x86_64, onnxruntime on aarch64)",
+    "executorch": "pip install 'flexsfl[edge-executorch]' (needs torch)",
+    "torch": "pip install 'flexsfl[server]'",
+}
