@@ -1,0 +1,590 @@
+"""Split a LoRA head into a forward program and a backward program (one forward per step).
+
+A client step is ``z = head(x; θ)`` → send ``z`` → wait for ``G = dL/dz`` → backpropagate.
+A fused forward+backward program would run the forward a second time once ``G`` arrives; here
+the joint graph is cut in two, as AOTAutograd does for eager training::
+
+    forward (input_ids, attention_mask, *params)        -> (z, *saved)
+    backward(*saved, grad_z, *params)                   -> (*param_grads)
+
+``saved`` are the activations the backward needs; the backward never recomputes the forward.
+
+How (and why this route): the head is wrapped so the loss is ``Σ head(x)·G`` (its gradient
+w.r.t. θ is exactly the vector-Jacobian product), exported with dynamic batch/seq by
+``torch.export`` and turned into a joint forward+backward graph in core ATen by
+``_export_forward_backward`` — the same entry ExecuTorch's own training examples use, and it
+keeps symbolic shapes. AOTAutograd's partitioners (``default_partition``,
+``min_cut_rematerialization_partition``) want its own joint format and hand SymInts to the
+backward as extra inputs, which neither ExecuTorch nor ONNX can take; so the cut is done here,
+on the export graph:
+
+* backward nodes: everything on the path from ``G`` to a parameter gradient;
+* values the backward reads that depend only on weights or constants (weight transposes),
+  and view-like ops of forward values, are recomputed in the backward (free or nearly);
+* every other forward value the backward reads is *saved*: a forward output;
+* SymInts the backward needs are re-derived from ``grad_z``'s dims (``grad_z`` has the same
+  ``[batch, seq, d]`` as ``z``); ``*_like`` ops become ``full`` of their symbolic shape so the
+  loss itself is never recomputed;
+* a saved tensor whose shape has a composite dim (``batch*seq``, ``4*batch``) is reshaped to
+  plain dims on the way out and back on the way in, so every program input has only ``batch``,
+  ``seq`` and int dims — what ``torch.export`` (and ExecuTorch's planner) can bound.
+
+Private torch APIs are used only in this module and in ``lower_*.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import operator
+import time
+from collections.abc import Iterator, Sequence
+
+import sympy
+import torch
+from torch import fx
+from torch.export import Dim, ExportedProgram
+from torch.export.graph_signature import InputKind, OutputKind
+
+from edge_runtime.bundle import ProgramSpec, TensorSpec
+from edge_runtime.errors import ConfigError, ExportError
+
+__all__ = ["HeadPrograms", "build_head_programs", "export_programs", "BATCH", "SEQ"]
+
+log = logging.getLogger("flexsfl.export.programs")
+
+BATCH = "batch"  # dynamic dim names used in every TensorSpec
+SEQ = "seq"
+MIN_SEQ = 2  # torch.export specializes size-1 dims, and a 1-token sequence is no use for training
+
+_aten = torch.ops.aten
+
+# Ops whose output is a view (or a metadata-only change) of their first input: when the
+# backward needs one of these of a forward value, it recomputes it from that value instead of
+# saving a second tensor with the same data.
+_VIEW_OPS = {
+    _aten.view.default,
+    _aten._unsafe_view.default,
+    _aten.reshape.default,
+    _aten.permute.default,
+    _aten.t.default,
+    _aten.transpose.int,
+    _aten.unsqueeze.default,
+    _aten.squeeze.dim,
+    _aten.squeeze.dims,
+    _aten.expand.default,
+    _aten.alias.default,
+    _aten.slice.Tensor,
+    _aten.select.int,
+}
+# Ops that read only their input's metadata (shape/dtype), rewritten to ``full``.
+_LIKE_OPS = {
+    _aten.full_like.default: None,  # fill value is args[1]
+    _aten.zeros_like.default: 0.0,
+    _aten.ones_like.default: 1.0,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadPrograms:
+    """The two programs of one head, with the specs of every input and output.
+
+    ``forward(input_ids int64 [B,T], attention_mask int64 [B,T], *params) -> (z float32 [B,T,d], *saved)``
+    ``backward(*saved, grad_z float32 [B,T,d], *params) -> (*grads)``, grads in ``param_names`` order.
+
+    ``params`` are the trainable tensors in ``param_names`` order (all of them, in both
+    programs, even where one does not read some); every other weight of the head is a constant
+    inside the programs. Dims in the specs are ints or :data:`BATCH` / :data:`SEQ`, with
+    ``1 <= batch <= max_batch`` and ``2 <= seq <= max_seq``.
+    """
+
+    forward: fx.GraphModule
+    backward: fx.GraphModule
+    param_names: tuple[str, ...]
+    initial_params: tuple[torch.Tensor, ...]  # θ at export time (detached copies)
+    forward_spec: ProgramSpec
+    backward_spec: ProgramSpec
+    max_batch: int
+    max_seq: int
+    hidden_size: int
+    build_seconds: float
+
+    @property
+    def num_saved(self) -> int:
+        return len(self.forward_spec.outputs) - 1
+
+    def dims(self) -> dict[str, Dim]:
+        """Fresh ``torch.export`` dims for :data:`BATCH` and :data:`SEQ` with this head's bounds."""
+        return {BATCH: Dim(BATCH, min=1, max=self.max_batch), SEQ: Dim(SEQ, min=MIN_SEQ, max=self.max_seq)}
+
+    def example_forward_args(self, batch: int = 2, seq: int = 16, *, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """Random ``(input_ids, attention_mask, *params)`` with the last row half padded."""
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, 100, (batch, seq), generator=gen, dtype=torch.int64)
+        mask = torch.ones(batch, seq, dtype=torch.int64)
+        mask[-1, seq // 2 :] = 0
+        return (ids, mask, *self.initial_params)
+
+    def example_backward_args(self, batch: int = 2, seq: int = 16, *, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """``(*saved, grad_z, *params)`` from running the forward program on example inputs."""
+        fwd = self.example_forward_args(batch, seq, seed=seed)
+        with torch.no_grad():
+            z, *saved = self.forward(*fwd)
+        grad_z = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed + 1))
+        return (*saved, grad_z, *self.initial_params)
+
+
+def build_head_programs(
+    head: torch.nn.Module,
+    param_names: Sequence[str],
+    *,
+    max_batch: int,
+    max_seq: int,
+    example_batch: tuple[int, int] = (2, 16),
+) -> HeadPrograms:
+    """Trace ``head`` once and split its joint graph into forward and backward programs.
+
+    ``head.forward(input_ids int64 [B,T], attention_mask int64 [B,T]) -> z float32 [B,T,d]``;
+    ``param_names`` are names from ``head.named_parameters()`` (the LoRA tensors), in the order
+    the programs take them. The head is traced in eval mode (no dropout) with its
+    ``requires_grad`` flags temporarily set to exactly ``param_names``; both are restored.
+    Raises :class:`ConfigError` for bad arguments and :class:`ExportError` if the head cannot be
+    traced with dynamic batch/seq.
+    """
+    t0 = time.perf_counter()
+    param_names = tuple(param_names)
+    named = dict(head.named_parameters())
+    _check_args(named, param_names, max_batch, max_seq, example_batch)
+
+    B, T = example_batch
+    ids = torch.zeros(B, T, dtype=torch.int64)
+    mask = torch.ones(B, T, dtype=torch.int64)
+    with _training_view(head, set(param_names)), torch.no_grad():
+        z = head(ids, mask)
+    if not (isinstance(z, torch.Tensor) and z.dtype == torch.float32 and z.dim() == 3 and tuple(z.shape[:2]) == (B, T)):
+        raise ExportError(
+            f"head must return z float32 [B,T,d]; it returned {_describe(z)} for a [{B},{T}] batch"
+        )
+    d = z.shape[2]
+
+    batch, seq = Dim(BATCH, min=1, max=max_batch), Dim(SEQ, min=MIN_SEQ, max=max_seq)
+    dyn = {0: batch, 1: seq}
+    with _training_view(head, set(param_names)):
+        try:
+            # sdpa's fused kernels have no decomposition that keeps views legal under the
+            # joint trace; the math kernel does (ExecuTorch's examples do the same).
+            with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+                ep = torch.export.export(
+                    _SurrogateLoss(head), (ids, mask, torch.zeros(B, T, d)), dynamic_shapes=(dyn, dyn, dyn), strict=False
+                )
+                # Joint forward+backward graph in core ATen; symbolic shapes are kept.
+                from torch.export.experimental import _export_forward_backward
+
+                joint = _export_forward_backward(ep, joint_loss_index=0)
+        except Exception as e:  # torch raises many types here; the user needs one line
+            raise ExportError(
+                f"could not trace the head with dynamic batch (1..{max_batch}) and seq ({MIN_SEQ}..{max_seq}): "
+                f"{type(e).__name__}: {_first_line(e)}; lower max_seq/max_batch or use eager attention"
+            ) from e
+    fwd, bwd, fspec, bspec = _Partitioner(joint, param_names).run()
+    initial = tuple(named[n].detach().clone() for n in param_names)
+    progs = HeadPrograms(
+        forward=fwd,
+        backward=bwd,
+        param_names=param_names,
+        initial_params=initial,
+        forward_spec=fspec,
+        backward_spec=bspec,
+        max_batch=max_batch,
+        max_seq=max_seq,
+        hidden_size=d,
+        build_seconds=time.perf_counter() - t0,
+    )
+    log.info(
+        "head programs: %d forward / %d backward nodes, %d saved tensors, %.1f s",
+        len(fwd.graph.nodes), len(bwd.graph.nodes), progs.num_saved, progs.build_seconds,
+    )
+    return progs
+
+
+def export_programs(programs: HeadPrograms) -> tuple[ExportedProgram, ExportedProgram]:
+    """Both programs as ``torch.export`` programs with dynamic ``batch``/``seq`` (for lowering).
+
+    Traced size-obliviously: otherwise the solver meets guards from contiguity checks on the
+    backward's reshaped inputs (``seq*min(8, 8*seq) == 8*seq``) that hold for every size but
+    that it cannot prove, and refuses the named dims. :func:`_check_dynamic` then verifies that
+    every named dim is still symbolic with exactly its bounds.
+    """
+    dims = programs.dims()
+    bounds = {BATCH: (1, programs.max_batch), SEQ: (MIN_SEQ, programs.max_seq)}
+    out = []
+    for which, gm, spec, args in (
+        ("forward", programs.forward, programs.forward_spec, programs.example_forward_args()),
+        ("backward", programs.backward, programs.backward_spec, programs.example_backward_args()),
+    ):
+        shapes = tuple({i: dims[s] for i, s in enumerate(t.shape) if isinstance(s, str)} or None for t in spec.inputs)
+        try:
+            with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+                ep = torch.export.export(gm, args, dynamic_shapes=shapes, strict=False)
+        except Exception as e:
+            raise ExportError(f"re-exporting the {which} program failed: {type(e).__name__}: {_first_line(e)}") from e
+        _check_dynamic(ep, spec, bounds, which)
+        out.append(ep)
+    return out[0], out[1]
+
+
+def _check_dynamic(ep: ExportedProgram, spec: ProgramSpec, bounds: dict, which: str) -> None:
+    """Every named dim of every input is still symbolic with exactly its declared bounds."""
+    users = [n for n in ep.graph.nodes if n.op == "placeholder"][-len(spec.inputs):]
+    for t, n in zip(spec.inputs, users):
+        for s, v in zip(t.shape, _val(n).shape):
+            if not isinstance(s, str):
+                continue
+            if not isinstance(v, torch.SymInt):
+                raise ExportError(f"{which} program: {t.name} dim {s!r} was specialized to {v}; the head is not shape-generic")
+            r = ep.range_constraints.get(v.node.expr)
+            if r is None or (int(r.lower), int(r.upper)) != bounds[s]:
+                raise ExportError(f"{which} program: {t.name} dim {s!r} has range {r}, expected {list(bounds[s])}")
+
+
+_WRAPPED = "head."  # prefix of the head's names inside _SurrogateLoss
+
+
+class _SurrogateLoss(torch.nn.Module):
+    """``loss = Σ head(x)·G``: its gradient w.r.t. θ is the VJP of ``z`` with ``G``."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, input_ids, attention_mask, grad_z):
+        z = self.head(input_ids, attention_mask)
+        return (z * grad_z).sum(), z.detach()
+
+
+@contextlib.contextmanager
+def _training_view(head: torch.nn.Module, trainable: set[str]) -> Iterator[None]:
+    flags = {n: p.requires_grad for n, p in head.named_parameters()}
+    modes = {m: m.training for m in head.modules()}
+    try:
+        head.eval()
+        for n, p in head.named_parameters():
+            p.requires_grad_(n in trainable)
+        yield
+    finally:
+        for n, p in head.named_parameters():
+            p.requires_grad_(flags[n])
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _check_args(named, param_names, max_batch, max_seq, example_batch) -> None:
+    if not param_names:
+        raise ConfigError("param_names is empty; pass the head's LoRA parameter names")
+    if len(set(param_names)) != len(param_names):
+        raise ConfigError("param_names has duplicates; each trainable tensor must be named once")
+    for n in param_names:
+        if n not in named:
+            raise ConfigError(f"param_names: the head has no parameter {n!r} (e.g. {next(iter(named), '-')!r})")
+        if named[n].dtype != torch.float32:
+            raise ConfigError(f"param_names: {n!r} is {named[n].dtype}; trainable tensors must be float32")
+    if max_batch < 1 or max_seq < MIN_SEQ:
+        raise ConfigError(f"max_batch must be >= 1 and max_seq >= {MIN_SEQ} (got {max_batch}, {max_seq})")
+    b, t = example_batch
+    # 0/1-sized example dims would be specialized by torch.export, so the example needs >= 2.
+    if not (2 <= b <= max_batch and max(2, MIN_SEQ) <= t <= max_seq):
+        raise ConfigError(f"example_batch {example_batch} must satisfy 2 <= B <= max_batch and 2 <= T <= max_seq")
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} {list(x.shape)}"
+    return type(x).__name__
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0][:300] if s else type(e).__name__
+
+
+def _val(n: fx.Node):
+    return n.meta.get("val")
+
+
+def _is_sym(n: fx.Node) -> bool:
+    return isinstance(_val(n), (torch.SymInt, int)) and n.op == "call_function"
+
+
+class _Partitioner:
+    """Cuts the joint graph of ``_export_forward_backward`` into two GraphModules."""
+
+    def __init__(self, joint: ExportedProgram, param_names: tuple[str, ...]) -> None:
+        self.joint = joint
+        self.param_names = param_names
+        self.graph = joint.graph_module.graph
+        sig = joint.graph_signature
+        nodes = {n.name: n for n in self.graph.nodes if n.op == "placeholder"}
+        self.user = [nodes[s.arg.name] for s in sig.input_specs if s.kind == InputKind.USER_INPUT]
+        self.ids, self.mask, self.gz = self.user
+        by_target = {s.target: nodes[s.arg.name] for s in sig.input_specs if s.kind == InputKind.PARAMETER}
+        self.params = [by_target[_WRAPPED + n] for n in param_names]
+        # Frozen weights, buffers and lifted constants become attributes of the new modules.
+        state = {**joint.state_dict, **joint.constants}
+        self.consts = {
+            nodes[s.arg.name]: state[s.target].detach().clone()
+            for s in sig.input_specs
+            if s.kind != InputKind.USER_INPUT and nodes[s.arg.name] not in self.params
+        }
+        out = list(self.graph.output_node().args[0])
+        self.z = next(n for n, s in zip(out, sig.output_specs) if s.kind == OutputKind.USER_OUTPUT)
+        grads = {s.target: n for n, s in zip(out, sig.output_specs) if s.kind == OutputKind.GRADIENT_TO_PARAMETER}
+        missing = [n for n in param_names if _WRAPPED + n not in grads]
+        if missing:
+            raise ExportError(f"parameter {missing[0]!r} does not affect z (no gradient); drop it from param_names")
+        self.grads = [grads[_WRAPPED + n] for n in param_names]
+        self.symbols = self._symbols()
+
+    def _symbols(self) -> dict[sympy.Symbol, tuple[str, int]]:
+        """sympy symbol of each dynamic dim -> (its name, the dim of z/grad_z it sizes)."""
+        syms = {}
+        for name, i in ((BATCH, 0), (SEQ, 1)):
+            s = _val(self.ids).shape[i]
+            if not isinstance(s, torch.SymInt) or not isinstance(s.node.expr, sympy.Symbol):
+                raise ExportError(f"the head specialized the {name} dim to {s}; it must work for any {name} size")
+            syms[s.node.expr] = (name, i)
+        return syms
+
+    # -- classification -------------------------------------------------------------------
+
+    def run(self) -> tuple[fx.GraphModule, fx.GraphModule, ProgramSpec, ProgramSpec]:
+        g = self.graph
+        order = {n: i for i, n in enumerate(g.nodes)}
+
+        # Which nodes carry data from the user inputs (not just their shapes)?
+        from_input: set[fx.Node] = {self.ids, self.mask}
+        from_grad: set[fx.Node] = {self.gz}
+        for n in g.nodes:
+            if n.op != "call_function" or _shape_only(n):
+                continue
+            ins = n.all_input_nodes
+            if any(a in from_grad for a in ins):
+                from_grad.add(n)
+            elif any(a in from_input for a in ins):
+                from_input.add(n)
+
+        # Backward nodes: on a path from grad_z to a parameter gradient.
+        bwd_nodes = {n for n in _ancestors(self.grads) if n in from_grad}
+        recompute: set[fx.Node] = set()  # forward-side nodes copied into the backward
+        saved: set[fx.Node] = set()
+        stack = [a for n in bwd_nodes if not _shape_only(n) for a in n.all_input_nodes]
+        while stack:
+            a = stack.pop()
+            if a in bwd_nodes or a in recompute or a in saved or a.op == "placeholder":
+                continue
+            if _shape_only(a):
+                recompute.add(a)  # re-derived from grad_z's dims
+            elif a not in from_input or (a.target in _VIEW_OPS and a.args[0] in from_input):
+                recompute.add(a)
+                stack.extend(a.all_input_nodes)
+            else:
+                saved.add(a)
+        saved_list = sorted(saved, key=order.get)
+        if self.z.target is _aten.alias.default:  # the wrapper's z.detach(); output z itself
+            self.z = self.z.args[0]
+
+        fwd, fspec = self._build_forward(saved_list, order)
+        bwd, bspec = self._build_backward(saved_list, bwd_nodes | recompute, order, fspec)
+        return fwd, bwd, fspec, bspec
+
+    # -- graph building ------------------------------------------------------------------
+
+    def _canonical(self, v: torch.Tensor) -> list[int | sympy.Symbol]:
+        """Shape of ``v`` with every composite symbolic dim split into int/symbol factors."""
+        out: list[int | sympy.Symbol] = []
+        for s in v.shape:
+            expr = sympy.sympify(s.node.expr if isinstance(s, torch.SymInt) else s)
+            coeff, factors = expr.as_coeff_mul()
+            flat = []
+            for f in factors:
+                base, exp = f.as_base_exp()
+                if not (base in self.symbols and exp.is_Integer and exp > 0):
+                    raise ExportError(f"a saved activation has a dim {expr} that is not a product of batch and seq")
+                flat += [base] * int(exp)
+            if coeff != 1 or not flat:
+                out.append(int(coeff))
+            out += flat
+        return out
+
+    def _emit_sym(self, graph: fx.Graph, s, dims: dict) -> object:
+        """An fx argument (int or node) computing the SymInt/sympy ``s`` from ``dims``."""
+        if isinstance(s, int):
+            return s
+        expr = sympy.sympify(s.node.expr if isinstance(s, torch.SymInt) else s)
+        return _emit_expr(graph, expr, lambda sym: self._dim_node(graph, sym, dims))
+
+    def _dim_node(self, graph: fx.Graph, sym: sympy.Symbol, dims: dict) -> fx.Node:
+        if sym not in self.symbols:
+            raise ExportError(f"the graph uses a size {sym} that is neither batch nor seq; the head is data-dependent")
+        name, i = self.symbols[sym]
+        if name not in dims:
+            dims[name] = graph.call_function(_aten.sym_size.int, (dims["src"], i))
+        return dims[name]
+
+    def _copy(self, graph: fx.Graph, nodes: list[fx.Node], env: dict, dims: dict, consts: dict) -> None:
+        """Copy ``nodes`` (in order) into ``graph``; shapes are re-derived from ``dims["src"]``."""
+
+        def arg(a: fx.Node):
+            if a in env:
+                return env[a]
+            if a in self.consts:
+                if a not in consts:
+                    consts[a] = graph.get_attr(f"_c{len(consts)}")
+                    consts[a].meta["val"] = _val(a)
+                return consts[a]
+            raise ExportError(f"internal: node {a.name} is used before it is defined while splitting the graph")
+
+        for n in nodes:
+            if _is_sym(n):
+                env[n] = self._emit_sym(graph, _val(n), dims)
+            elif n.target in _LIKE_OPS:
+                v = _val(n)
+                fill = n.args[1] if _LIKE_OPS[n.target] is None else _LIKE_OPS[n.target]
+                shape = [self._emit_sym(graph, s, dims) for s in v.shape]
+                kw = {"dtype": v.dtype, "device": v.device, "pin_memory": False}
+                env[n] = graph.call_function(_aten.full.default, (shape, fill), kw)
+            else:
+                env[n] = graph.node_copy(n, arg)
+            if isinstance(env[n], fx.Node):
+                env[n].meta = dict(n.meta)
+
+    def _module(self, graph: fx.Graph, consts: dict) -> fx.GraphModule:
+        root = torch.nn.Module()
+        for node, attr in consts.items():
+            root.register_buffer(attr.target, self.consts[node])  # shared by both programs
+        graph.eliminate_dead_code()
+        gm = fx.GraphModule(root, graph)
+        gm.graph.lint()
+        return gm
+
+    def _param_specs(self) -> list[TensorSpec]:
+        return [TensorSpec(n, "float32", tuple(_val(p).shape)) for n, p in zip(self.param_names, self.params)]
+
+    def _placeholders(self, graph: fx.Graph, env: dict) -> None:
+        for name, p in zip(self.param_names, self.params):
+            env[p] = graph.placeholder(_safe(name))
+            env[p].meta = dict(p.meta)
+
+    def _build_forward(self, saved: list[fx.Node], order: dict) -> tuple[fx.GraphModule, ProgramSpec]:
+        g = fx.Graph()
+        env: dict = {}
+        for name, ph in (("input_ids", self.ids), ("attention_mask", self.mask)):
+            env[ph] = g.placeholder(name)
+            env[ph].meta = dict(ph.meta)
+        self._placeholders(g, env)
+        dims = {"src": env[self.ids]}
+        consts: dict = {}
+        body = sorted(_ancestors([self.z, *saved]) - set(env), key=order.get)
+        self._copy(g, [n for n in body if n.op != "placeholder"], env, dims, consts)
+        outs = [env[self.z]]
+        out_specs = [TensorSpec("z", "float32", (BATCH, SEQ, _val(self.z).shape[2]))]
+        for i, s in enumerate(saved):
+            canon = self._canonical(_val(s))
+            out = env[s]
+            if _is_split(canon, _val(s)):
+                out = g.call_function(_aten.reshape.default, (out, [self._emit_sym(g, c, dims) for c in canon]))
+            outs.append(out)
+            shape = tuple(c if isinstance(c, int) else self.symbols[c][0] for c in canon)
+            out_specs.append(TensorSpec(f"saved_{i}", _dtype_name(_val(s).dtype), shape))
+        g.output(tuple(outs))
+        in_specs = (
+            TensorSpec("input_ids", "int64", (BATCH, SEQ)),
+            TensorSpec("attention_mask", "int64", (BATCH, SEQ)),
+            *self._param_specs(),
+        )
+        return self._module(g, consts), ProgramSpec(in_specs, tuple(out_specs))
+
+    def _build_backward(self, saved: list[fx.Node], nodes: set[fx.Node], order: dict, fspec: ProgramSpec):
+        g = fx.Graph()
+        env: dict = {}
+        inputs = [g.placeholder(f"saved_{i}") for i in range(len(saved))]
+        env[self.gz] = g.placeholder("grad_z")
+        env[self.gz].meta = dict(self.gz.meta)
+        self._placeholders(g, env)
+        dims = {"src": env[self.gz]}
+        for s, ph in zip(saved, inputs):
+            ph.meta = dict(s.meta)
+            env[s] = ph
+            if _is_split(self._canonical(_val(s)), _val(s)):
+                env[s] = g.call_function(_aten.view.default, (ph, [self._emit_sym(g, d, dims) for d in _val(s).shape]))
+        consts: dict = {}
+        body = sorted((n for n in nodes if n not in env and n.op != "placeholder"), key=order.get)
+        self._copy(g, body, env, dims, consts)
+        g.output(tuple(env[n] for n in self.grads))
+        in_specs = (*fspec.outputs[1:], TensorSpec("grad_z", "float32", fspec.outputs[0].shape), *self._param_specs())
+        out_specs = tuple(TensorSpec(f"grad.{n}", "float32", tuple(_val(p).shape)) for n, p in zip(self.param_names, self.params))
+        return self._module(g, consts), ProgramSpec(in_specs, out_specs)
+
+
+def _shape_only(n: fx.Node) -> bool:
+    """Nodes that read only shapes: recomputed wherever needed, never saved."""
+    return n.op == "call_function" and (_is_sym(n) or n.target in _LIKE_OPS)
+
+
+def _is_split(canon: list, v: torch.Tensor) -> bool:
+    """Whether a saved tensor travels reshaped to ``canon`` (it has a composite dim)."""
+    own = [s if isinstance(s, int) else sympy.sympify(s.node.expr) for s in v.shape]
+    return own != canon
+
+
+def _emit_expr(graph: fx.Graph, expr: sympy.Expr, leaf) -> object:
+    if expr.is_Integer:
+        return int(expr)
+    if expr.is_Symbol:
+        return leaf(expr)
+    if expr.is_Mul or expr.is_Add:
+        op = operator.mul if expr.is_Mul else operator.add
+        parts = [_emit_expr(graph, a, leaf) for a in expr.args]
+        acc = parts[0]
+        for p in parts[1:]:
+            acc = graph.call_function(op, (acc, p))
+        return acc
+    if expr.is_Pow and expr.exp.is_Integer and expr.exp > 0:
+        base = _emit_expr(graph, expr.base, leaf)
+        acc = base
+        for _ in range(int(expr.exp) - 1):
+            acc = graph.call_function(operator.mul, (acc, base))
+        return acc
+    if type(expr).__name__ == "FloorDiv":
+        a, b = (_emit_expr(graph, x, leaf) for x in expr.args)
+        return graph.call_function(operator.floordiv, (a, b))
+    raise ExportError(f"a shape in the graph is {expr}, which the split programs cannot re-derive from batch/seq")
+
+
+def _ancestors(roots) -> set[fx.Node]:
+    """``roots`` and every node they read, not looking past shape-only nodes."""
+    seen: set[fx.Node] = set()
+    stack = list(roots)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if not _shape_only(n):
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _safe(name: str) -> str:
+    return "p_" + "".join(c if c.isalnum() else "_" for c in name)
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.int64: "int64", torch.bool: "bool", torch.int32: "int32",
+                torch.float16: "float16", torch.bfloat16: "bfloat16", torch.uint8: "uint8", torch.int8: "int8"}
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    try:
+        return _DTYPE_NAMES[dt]
+    except KeyError:
+        raise ExportError(f"a saved activation has dtype {dt}, which bundles cannot describe") from None
