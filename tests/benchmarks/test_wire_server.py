@@ -56,7 +56,8 @@ def test_server_bench_batched_and_per_request(tmp_path, tiny_model_dirs):
         assert r["steps_per_s"] > 0 and r["latency_ms_p50"] > 0 and r["batch_mean"] >= 1
         assert 0 <= r["g_frac_below_fp16_normal"] <= 1
     assert all(r["batch_mean"] == 1 for r in rows if r["mode"] == "per-request")
-    assert all("speedup" in r for r in rows if r["mode"] == "batched")
+    assert all("speedup" in r and r["speedup_cpu"] > 0 for r in rows if r["mode"] == "batched")
+    assert all(r["cpu_ms_per_step"] > 0 for r in rows)
     assert (tmp_path / "server.png").stat().st_size > 0 and (tmp_path / "server.csv").exists()
     assert "cross-client batching at 2 clients" in summary
 
