@@ -3,14 +3,15 @@
 For a client with device profile ``P`` and a candidate split ``s`` (its head is the embeddings
 and blocks ``1..s``; batch ``B``, sequence length ``T``, everything fp32)::
 
-    memory(s) = 4 B · (embedding + s · block parameters)             frozen weights
+    memory(s) = 4 B · (embedding + w · s · block parameters)         frozen weights
               + 4 B · s · LoRA parameters · (2 + optimizer states)   adapters + gradients + SGD 0 / momentum 1 / AdamW 2
               + copies · 4 B · B · T · s · saved(T)                  activations the backward reads
               + workspace · 4 B · B · T · saved(T)                   the runtime's transient buffers
               + 4 B · B · T · d · (2, or 3 with alignment)           Z, the server's gradient G (and Z')
               + runtime + Python                                     fixed
 
-with ``copies``, ``workspace`` and the fixed part per runtime (:data:`RUNTIMES`, below).
+with the block weights' copies ``w``, ``copies``, ``workspace`` and the fixed part per runtime
+(:data:`RUNTIMES`, below).
 
     time(s)   = head FLOPs(s) / P.head_gflops                        the device, at its measured rate
               + |Z| / uplink + |g| / downlink + RTT                  the network, in the transfer encoding
@@ -61,16 +62,22 @@ attention's input projections (the default) this matches the programs exactly (t
 without it, the first block's attention keeps nothing, and its K, V and probabilities are
 over-counted (as are their gradients' FLOPs): a safe error of under one block's attention.
 
-**Runtimes** (:data:`RUNTIMES`; resident set sizes measured on x86-64, Python 3.11). The edge
-process with numpy, tokenizers, websockets and safetensors is 34 MB (:data:`PYTHON_MB`).
-ExecuTorch's Python bindings link libtorch (325 MB on import) and hold the saved activations
-three times (the forward's planned arena, the outputs copied to Python, the backward's planned
-inputs); the model matches the peak RSS of MiniLM at splits 1, 3 and 5 (batch 8, seq 128:
-554, 758, 945 MB measured) within 2 %. It plans memory for the bundle's ``max_batch × max_seq``,
-so plan with those. Eager torch keeps them about once (1.25: autograd saves a few extra views).
-ONNX Runtime without torch, as on a device, adds 20 MB on import (onnxruntime 1.32); its
-sessions read the saved numpy arrays in place. (The x86 ``onnxruntime-training`` 1.19.2 wheel
-imports torch when it is installed, 255 MB; a device without torch does not pay that.)
+**Runtimes** (:data:`RUNTIMES`). The constants are fitted to the peak resident set of MiniLM's
+head at splits 1, 3 and 5 (batch 8, seq 128, one thread, x86-64, Python 3.11); the model is
+within 11 % of each of the nine measurements::
+
+    runtime                          fixed     measured peak MB (s = 1, 3, 5)   model
+    ort (onnxruntime 1.32, no torch)   45 MB    254, 437, 547                    284, 426, 568
+    executorch 1.5.1 (portable)       330 MB    554, 758, 945                    560, 745, 930
+    torch 2.13 eager (reference)      385 MB    555, 643, 746                    554, 639, 725
+
+The edge process itself (Python, numpy, tokenizers, websockets, safetensors) is 34 MB
+(:data:`PYTHON_MB`). ONNX Runtime loads each block's weights twice (the backward program needs
+them too) and holds the saved activations about twice. ExecuTorch's Python bindings link
+libtorch (325 MB on import), it holds the saved activations three times, and it plans memory
+for the bundle's ``max_batch × max_seq`` whatever the batch, so plan with those. (On x86, the
+``onnxruntime-training`` 1.19.2 wheel imports torch when torch is installed, 255 MB more; a
+device runs the plain ``onnxruntime`` wheel, as measured here.)
 """
 
 from __future__ import annotations
@@ -125,27 +132,27 @@ PYTHON_MB = 35.0  # interpreter + numpy, tokenizers, websockets, safetensors (34
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
-    """How a training runtime spends device memory besides the weights."""
+    """How a training runtime spends device memory besides the embedding (fitted to measured peak RSS)."""
 
-    fixed_mb: float  # the runtime itself, resident before the first step (Python not included)
+    fixed_mb: float  # the runtime itself and the sessions' own state (Python not included)
+    block_weight_copies: int  # how many copies of each block's frozen weights it loads
     activation_copies: float  # how many times the saved activations are resident during a step
     workspace_blocks: float  # transient buffers, in units of one block's saved activations
 
 
+# Fitted to the peak RSS of MiniLM's head at splits 1, 3 and 5 (batch 8, seq 128, one thread);
+# the model is within 11 % of every measurement (see the module docstring).
 RUNTIMES = {
-    # Not yet measured with the ORT backend: one copy of the saved activations (numpy arrays that
-    # the backward session reads in place) and the arena's working set, as eager torch.
-    # onnxruntime without torch: 20 MB import + session state and arenas.
-    "ort": Runtime(60.0, 1.0, 1.5),
-    # Measured: peak RSS of minilm at splits 1, 3, 5 (batch 8, seq 128) within 2 % of this model.
-    # The forward's planned arena, the outputs copied out to Python and the backward's planned
-    # inputs each hold the saved activations.
-    # Its Python bindings link libtorch: 325 MB on import. Memory is planned for the bundle's
-    # max batch x max seq, whatever the batch.
-    "executorch": Runtime(330.0, 3.0, 2.0),
-    # Measured likewise (within 3 %; autograd keeps a few extra views). The reference backend
-    # loads transformers, peft and the whole model: 420 MB with MiniLM before the first step.
-    "torch": Runtime(385.0, 1.25, 1.5),
+    # forward.onnx and backward.onnx each hold the blocks' weights (the backward needs them for
+    # input gradients); the forward's outputs are copied out of its arena into numpy.
+    "ort": Runtime(fixed_mb=45.0, block_weight_copies=2, activation_copies=2.0, workspace_blocks=3.0),
+    # One .pte holds the weights once. The forward's planned arena, the outputs copied to Python
+    # and the backward's planned inputs each hold the saved activations; memory is planned for
+    # the bundle's max batch x max seq, whatever the batch.
+    "executorch": Runtime(fixed_mb=330.0, block_weight_copies=1, activation_copies=3.0, workspace_blocks=2.0),
+    # Autograd keeps a few extra views. The reference backend loads transformers, peft and the
+    # whole model.
+    "torch": Runtime(fixed_mb=385.0, block_weight_copies=1, activation_copies=1.25, workspace_blocks=1.5),
 }
 # A 16-core server CPU reaches ~200 GFLOP/s of fp32 training throughput; 16 clients share it.
 DEFAULT_SERVER_GFLOPS = 200.0
@@ -543,7 +550,7 @@ def memory_breakdown_mb(
     tokens = batch * seq
     block_acts = _F32 * tokens * cost.saved_floats(seq)
     return {
-        "weights": _F32 * (cost.embedding_params + s * cost.block_params) / _MB,
+        "weights": _F32 * (cost.embedding_params + rt.block_weight_copies * s * cost.block_params) / _MB,
         "adapters": _F32 * s * cost.lora_params_per_block * (2 + OPTIMIZER_STATES[optimizer]) / _MB,
         "activations": rt.activation_copies * (_F32 * tokens * cost.saved_floats(seq, first=True) + (s - 1) * block_acts)
         / _MB,
@@ -757,29 +764,30 @@ def _nothing_fits(smallest: SplitEstimate, budget: float, batch: int, seq: int, 
 
 
 # Illustrative devices for the demo and the docs (typical achieved rates and budgets, not
-# measurements). With minilm at batch 8, seq 128 and the default server (200 GFLOP/s shared by
-# 16 clients) they land on different splits for different reasons: the Pi 4 is slower than its
-# share of the server (split 1, although 4 blocks would fit); the Pi 5 is faster, so it wants
-# every block, but it shares its RAM with other services and its budget stops it at split 3;
-# the Jetson is faster still, with room for every split point (split 5), despite its slow uplink,
-# which costs the same at every split.
+# measurements), running the plain onnxruntime wheel, which has aarch64 builds. With minilm at
+# batch 8, seq 128 and the default server (200 GFLOP/s shared by 16 clients) they land on
+# different splits for different reasons: the Pi 4 is slower than its share of the server
+# (split 1, although 2 blocks would fit); the Pi 5 is faster, so it wants every block, but it
+# shares its RAM with other services and its budget stops it at split 3; the Jetson is faster
+# still, with room for every split point (split 5), despite its slow uplink, which costs the
+# same at every split.
 EXAMPLE_PROFILES: dict[str, DeviceProfile] = {
     p.name: p
     for p in (
         DeviceProfile(
-            name="rpi4", arch="aarch64", cores=4, memory_mb=4096, memory_budget_mb=1000, head_gflops=4.0,
+            name="rpi4", arch="aarch64", cores=4, memory_mb=4096, memory_budget_mb=400, head_gflops=4.0,
             uplink_mbps=20.0, downlink_mbps=50.0, rtt_ms=15.0, device_model="Raspberry Pi 4 Model B (example)",
-            cpu_model="ARM Cortex-A72", backend="executorch",
+            cpu_model="ARM Cortex-A72", backend="ort",
         ),
         DeviceProfile(
-            name="rpi5", arch="aarch64", cores=4, memory_mb=8192, memory_budget_mb=800, head_gflops=20.0,
+            name="rpi5", arch="aarch64", cores=4, memory_mb=8192, memory_budget_mb=450, head_gflops=20.0,
             uplink_mbps=100.0, downlink_mbps=100.0, rtt_ms=5.0, device_model="Raspberry Pi 5 (example)",
-            cpu_model="ARM Cortex-A76", backend="executorch",
+            cpu_model="ARM Cortex-A76", backend="ort",
         ),
         DeviceProfile(
             name="jetson-orin", arch="aarch64", cores=6, memory_mb=8192, memory_budget_mb=2048, head_gflops=60.0,
             uplink_mbps=10.0, downlink_mbps=40.0, rtt_ms=40.0, device_model="Jetson Orin Nano 8GB (example)",
-            cpu_model="ARM Cortex-A78AE", accelerator="cuda", backend="executorch",
+            cpu_model="ARM Cortex-A78AE", accelerator="cuda", backend="ort",
         ),
     )
 }
