@@ -10,7 +10,8 @@ RSS is its own. Per (split, B, T) and backend::
                       backward with a fixed G, optimizer step (numpy SGD/AdamW of the bundle's
                       default optimizer) — for eager PyTorch: one forward with the graph
                       retained, then autograd backward, then the same optimizer step
-    peak_rss_mb       the backend process's peak resident memory (imports included)
+    peak_rss_mb       the backend process's peak resident memory (imports included; the ORT
+                      process runs with torch made unimportable, as on a device without it)
     artifact_mb       the files the backend loads from the bundle
     bytes_per_step    the Activations (Z, mask, labels) and Gradients (g) frames, fp32
     flops_*           forward and backward FLOPs of the step, counted with
@@ -35,6 +36,7 @@ import json
 import logging
 import pathlib
 import resource
+import sys
 import time
 from typing import Any
 
@@ -107,6 +109,11 @@ def backend_worker(chan) -> None:
     ``{"reps": n}`` -> n forward-only and n train-step timings (alternating); ``{"flops": true}``
     -> forward/backward FLOPs (torch only); ``{"finish": true}`` -> peak RSS."""
     spec = chan.recv()
+    if spec["backend"] == "ort":
+        # As on a device, where the ORT client has no torch: onnxruntime-training imports torch
+        # whenever it is installed (~200 MB of RSS that a device would not pay). This also proves
+        # the ORT path never needs it.
+        sys.modules["torch"] = None  # type: ignore[assignment]
     rss_start = _rss_mb()
     from edge_runtime.backends import open_backend
     from edge_runtime.bundle import load_bundle
@@ -271,8 +278,15 @@ def measure_step(model: str, split: int, batch: int, seq: int, *, backend: str =
 
     cfg = LatencyConfig(model=model, splits=(split,), backends=(backend,), threads=threads, batch=(batch,), seq=(seq,),
                         reps=reps, rounds=1, cache=cache)
-    bundle = load_bundle(export_cached(model, split, max_batch=max(32, batch), max_seq=max(128, seq), cache=_cache(cfg)))
+    bundle = load_bundle(export_cached(model, split, max_batch=max(32, batch), max_seq=max(128, seq), cache=_cache(cfg),
+                                       backend=_export_backend(cfg.backends)))
     return _measure(bundle, [backend], batch, seq, cfg, pathlib.Path(log_dir or cfg.out) / "logs", lambda: None)[0]
+
+
+def _export_backend(backends: tuple[str, ...]) -> str:
+    """What to export for these backends (eager torch needs only a manifest: the smallest bundle)."""
+    device = [b for b in backends if b != "torch"]
+    return "all" if len(device) > 1 else device[0] if device else "ort"
 
 
 def _cache(cfg: LatencyConfig) -> pathlib.Path:
@@ -317,7 +331,7 @@ def run_latency(cfg: LatencyConfig) -> tuple[list[dict[str, Any]], str]:
         bundles = [load_bundle(cfg.bundle)]
     else:
         bundles = [load_bundle(export_cached(cfg.model, s, max_batch=max(32, *cfg.batch), max_seq=max(128, *cfg.seq),
-                                             cache=_cache(cfg)))
+                                             cache=_cache(cfg), backend=_export_backend(cfg.backends)))
                    for s in cfg.splits]
     for bundle in bundles:
         m = bundle.manifest
