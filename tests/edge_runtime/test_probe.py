@@ -216,6 +216,34 @@ def test_measure_head_throughput_times_forward_and_backward():
         measure_head_throughput(head, batch=0, seq=32, vocab_size=50, step_flops=1.0)
 
 
+@pytest.fixture(scope="module")
+def ort_bundle(tiny_model_dirs, tmp_path_factory):
+    """A real bundle with ONNX Runtime programs: the tiny Llama cut at split 2."""
+    from edge_runtime.bundle import load_bundle
+    from export.pipeline import ExportConfig, export_bundle
+
+    out = tmp_path_factory.mktemp("probe") / "bundle"
+    export_bundle(ExportConfig(model=str(tiny_model_dirs["llama"]), split=2, out=str(out), backend="ort", max_batch=4,
+                               max_seq=32, ort_training_artifacts=False), progress=False)
+    return load_bundle(out)
+
+
+@pytest.mark.slow
+def test_measure_head_throughput_with_the_real_ort_backend(ort_bundle):
+    from edge_runtime.backends import open_backend
+    from export.split_selection import ModelCost, head_step_flops
+
+    m = ort_bundle.manifest
+    backend = open_backend("ort", ort_bundle, threads=1)
+    before = backend.get_params()
+    flops = head_step_flops(ModelCost.from_manifest(m), m.split, batch=4, seq=32)
+    t = measure_head_throughput(backend, batch=4, seq=32, reps=4, vocab_size=m.model.vocab_size, step_flops=flops)
+    assert t.reps == 4 and 0 < t.min_s <= t.median_s <= t.max_s
+    assert t.gflops == pytest.approx(flops / t.median_s / 1e9) and t.gflops > 0
+    after = backend.get_params()
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # timing does not train
+
+
 def _probe_cli(argv):
     parser = argparse.ArgumentParser(prog="flexsfl")
     edge = parser.add_subparsers(dest="command").add_parser("edge").add_subparsers(dest="edge_cmd")
@@ -232,6 +260,18 @@ def test_probe_cli_prints_and_writes_the_profile(tmp_path, capsys):
     p = read_profile(out)
     assert printed == p.to_json()
     assert (p.name, p.uplink_mbps, p.downlink_mbps, p.rtt_ms, p.memory_budget_mb) == ("here", 25.0, 80.0, 12.0, 512)
+
+
+@pytest.mark.slow
+def test_probe_cli_measures_the_bundles_head(ort_bundle, tmp_path, capsys):
+    out = tmp_path / "me.json"
+    assert _probe_cli(["--bundle", str(ort_bundle.root), "--backend", "ort", "--threads", "1", "--reps", "2",
+                       "--json", str(out)]) == 0
+    p = read_profile(out)
+    assert json.loads(capsys.readouterr().out) == p.to_json()
+    assert p.backend == "ort" and p.head_gflops > 0
+    with pytest.raises(ConfigError, match=r"--batch/--seq must be within the bundle's limits \(batch <= 4"):
+        _probe_cli(["--bundle", str(ort_bundle.root), "--batch", "5"])
 
 
 def test_probe_imports_without_torch():
