@@ -3,7 +3,9 @@
 The "device" is this machine seen through sshd as a throwaway user, so the tests read the device
 directory straight from that user's home to check what the flash left there. Nothing is mocked:
 bundles are real files with real sha256s, uploads go through ssh, interruptions kill real
-processes. Only ``test_runtime_*`` install the runtime venv (pip on the "device", once per module).
+processes. Most tests flash small hand-made bundles (real files and manifests) without the
+runtime; one module fixture exports a real bundle from a tiny GPT-2, installs the runtime venv
+with pip on the "device" and the tests that use it run the head and ``flexsfl edge run`` there.
 """
 
 from __future__ import annotations
@@ -69,16 +71,16 @@ def current(path: pathlib.Path, link: str = "current") -> str | None:
     return os.readlink(p).removeprefix("bundles/") if p.is_symlink() else None
 
 
-def settings(sshd: SSHServer, tmp_path: pathlib.Path, device_path: pathlib.Path, data: str = "data.csv"
-             ) -> ClientSettings:
+def settings(sshd: SSHServer, tmp_path: pathlib.Path, device_path: pathlib.Path, data: str = "data.csv",
+             server: str = "ws://127.0.0.1:8765") -> ClientSettings:
     """Complete client settings; the data file is put on the device, owned by the ssh user."""
     token = tmp_path / "token"
     token.write_text("s3cret-token\n")
     device_path.mkdir(exist_ok=True)
-    (device_path / data).write_text("text,label\nfine,1\n")
+    (device_path / data).write_text("text,label\na fine day,1\na dull film,0\n")
     for p in (device_path, device_path / data):
         os.chown(p, sshd.uid, -1)
-    return ClientSettings(server="ws://127.0.0.1:8765", client_id="pi-7", token_file=str(token), data=data)
+    return ClientSettings(server=server, client_id="pi-7", token_file=str(token), data=data)
 
 
 # -- argument parsing and rendering (no ssh) -----------------------------------------------------
@@ -517,15 +519,23 @@ def test_cli_refuses_wrong_arguments():
 
 
 @pytest.fixture(scope="module")
-def installed(sshd, wheel, tmp_path_factory):
-    """A first flash that installs this checkout's wheel as flexsfl[edge] in DIR/venv."""
+def installed(sshd, wheel, tiny_model_dirs, tmp_path_factory):
+    """A bundle exported from a (tiny, random) GPT-2 and flashed with flexsfl[edge] installed in DIR/venv.
+
+    Yields (report, DIR name, DIR path, bundle, wheel, server URL, seconds the flash took).
+    """
+    from export.pipeline import ExportConfig, export_bundle
+
     tmp = tmp_path_factory.mktemp("installed")
+    exported, _ = export_bundle(ExportConfig(model=str(tiny_model_dirs["gpt2"]), split=1, out=str(tmp / "bundle"),
+                                             backend="ort", ort_training_artifacts=False),
+                                progress=False)
     name = f"flexsfl-rt-{secrets.token_hex(3)}"
     path = sshd.home / name
-    bundle = write_bundle(tmp / "b", bundle_files(30))
+    server = f"ws://127.0.0.1:{free_port()}"  # nothing listens there
     t0 = time.monotonic()
-    report = flash(bundle, remote(sshd, name), settings=settings(sshd, tmp, path), wheel=wheel)
-    yield report, name, path, bundle, wheel, time.monotonic() - t0
+    report = flash(exported.root, remote(sshd, name), settings=settings(sshd, tmp, path, server=server), wheel=wheel)
+    yield report, name, path, exported.root, wheel, server, time.monotonic() - t0
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -536,14 +546,17 @@ def ssh_run(sshd: SSHServer, command: str) -> subprocess.CompletedProcess:
 
 
 def test_runtime_is_installed_without_torch_and_reads_the_bundle(sshd, installed):
-    report, name, path, bundle, wheel, seconds = installed
+    report, name, path, bundle, wheel, server, seconds = installed
     print(f"first flash with runtime install: {seconds:.1f} s")
     assert report.runtime == f"flexsfl[edge] in {path}/venv: installed"
     py = f"{path}/venv/bin/python"
-    probe = ssh_run(sshd, f"{py} -c 'import onnxruntime, edge_runtime.bundle as b; "
-                          f"print(b.load_bundle(\"{path}/current\").manifest_sha256)'")
-    assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.strip() == report.bundle
+    # The device's own runtime opens the flashed bundle and runs its head: Z is [B, T, d].
+    head = ssh_run(sshd, f"{py} -c 'import numpy as np; from edge_runtime.bundle import load_bundle; "
+                         "from edge_runtime.backends import open_backend; "
+                         f"b = load_bundle(\"{path}/current\"); ids = np.ones((2, 8), np.int64); "
+                         "print(b.manifest_sha256, open_backend(\"ort\", b, threads=1).forward(ids, ids).shape)'")
+    assert head.returncode == 0, head.stderr
+    assert head.stdout.split(maxsplit=1) == [report.bundle, "(2, 8, 64)\n"]
     no_torch = ssh_run(sshd, f"{py} -c 'import torch'")
     assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
     cli = ssh_run(sshd, f"{path}/venv/bin/flexsfl edge run --help")  # what the unit's ExecStart runs
@@ -551,6 +564,16 @@ def test_runtime_is_installed_without_torch_and_reads_the_bundle(sshd, installed
     marker = json.loads((path / "venv/.flexsfl-wheel.json").read_text())
     assert marker["extra"] == "edge" and re.fullmatch(r"[0-9a-f]{64}", marker["digest"])
     assert list((path / "wheels").iterdir()) == []  # the uploaded wheel is removed once installed
+
+
+def test_flashed_runtime_starts_from_its_config(sshd, installed):
+    # What the unit runs: it reads config.json, the token, the data and the bundle, opens the
+    # backend and then keeps trying to reach the server (nothing listens there), so 8 s later it
+    # is still running and has named the server (it gets there in about a second).
+    report, name, path, bundle, wheel, server, _ = installed
+    run = ssh_run(sshd, f"cd {path} && timeout 8 {path}/venv/bin/flexsfl edge run --config {path}/config.json")
+    assert run.returncode == 124, run.stderr  # still running: no config, bundle or data error
+    assert server in run.stderr + run.stdout
 
 
 def test_runtime_units_pass_systemd_analyze(sshd, installed, tmp_path):
@@ -570,7 +593,7 @@ def test_runtime_units_pass_systemd_analyze(sshd, installed, tmp_path):
 
 
 def test_runtime_is_not_reinstalled_for_the_same_wheel(sshd, installed, tmp_path):
-    report, name, path, bundle, wheel, _ = installed
+    report, name, path, bundle, wheel, *_ = installed
     marker = path / "venv/.flexsfl-wheel.json"
     before = marker.stat().st_mtime_ns
     again = flash(bundle, remote(sshd, name), wheel=wheel)
