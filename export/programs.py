@@ -60,10 +60,12 @@ MIN_SEQ = 2  # torch.export specializes size-1 dims, and a 1-token sequence is n
 
 _aten = torch.ops.aten
 
-# Ops whose output is a view (or a metadata-only change) of their first input: when the
-# backward needs one of these of a forward value, it recomputes it from that value instead of
-# saving a second tensor with the same data.
+# Ops whose output is a view, a metadata-only change or a plain copy of their first input
+# (``clone`` is eval-mode dropout and ``.contiguous()``): when the backward needs one of these
+# of a forward value, it recomputes it from that value instead of saving a second tensor with
+# the same data.
 _VIEW_OPS = {
+    _aten.clone.default,
     _aten.view.default,
     _aten._unsafe_view.default,
     _aten.reshape.default,
@@ -375,16 +377,25 @@ class _Partitioner:
 
         # Backward nodes: on a path from grad_z to a parameter gradient.
         bwd_nodes = {n for n in _ancestors(self.grads) if n in from_grad}
+        # What the forward computes anyway: only these are saved. Forward-side values that only
+        # the backward reads (the erf/exp of gelu's derivative, ...) are computed there, as
+        # eager autograd does, so the forward -- on the critical path -- does no extra work.
+        forward_needed = _ancestors([self.z])
+        forward_needed |= {u for n in forward_needed if isinstance(_val(n), tuple) for u in n.users}  # all outputs of multi-output ops
         recompute: set[fx.Node] = set()  # forward-side nodes copied into the backward
         saved: set[fx.Node] = set()
         stack = [a for n in bwd_nodes if not _shape_only(n) for a in n.all_input_nodes]
         while stack:
             a = stack.pop()
-            if a in bwd_nodes or a in recompute or a in saved or a.op == "placeholder":
+            if a in bwd_nodes or a in recompute or a in saved:
+                continue
+            if a.op == "placeholder":
+                if a in (self.ids, self.mask):
+                    saved.add(a)
                 continue
             if _shape_only(a):
                 recompute.add(a)  # re-derived from grad_z's dims
-            elif a not in from_input or (a.target in _VIEW_OPS and a.args[0] in from_input):
+            elif a not in from_input or a not in forward_needed or (a.target in _VIEW_OPS and a.args[0] in from_input):
                 recompute.add(a)
                 stack.extend(a.all_input_nodes)
             else:
