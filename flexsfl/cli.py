@@ -108,6 +108,8 @@ _PLUGINS: list[str] = [
     "edge_runtime.cli",
     "server_backend.clients",
     "server_backend.datasets",
+    "export.flash",
+    "export.split_selection",
 ]
 
 

@@ -2,10 +2,10 @@
 
 ``python bad_client.py PORT CLIENT_ID TOKEN_FILE LAYOUT_HASH SPLIT HIDDEN OUT.json``
 
-It first joins a round with valid credentials and sends NaN activations; then, each on a fresh
-connection, a wrong token, an unknown client, a bundle for another model, garbage bytes, a text
-frame, activations with the wrong hidden size, an out-of-order upload and an oversized frame. For
-each it records what the server answered (Error code and message) and the close code, in OUT.json.
+Each on a fresh connection, it sends a wrong token, an unknown client, a bundle for another model,
+garbage bytes, a text frame, activations with the wrong hidden size, an out-of-order upload and an
+oversized frame; then it prints "joined", joins a round with valid credentials and sends NaN
+activations. For each it records what the server answered (Error code and message) and the close code, in OUT.json.
 """
 
 from __future__ import annotations
@@ -47,7 +47,50 @@ async def main(port, cid, token, layout, split, hidden, out_path):
     url = f"ws://127.0.0.1:{port}"
     results = {}
 
-    # 1. join the round for real, then send NaN activations
+    async def attempt(name, hello_kw=None, then=None, raw=None):
+        ws = await connect(url, compression=None, max_size=MAX)
+        try:
+            conn = Connection(Role.CLIENT)
+            if raw is not None:
+                await ws.send(raw)
+            else:
+                kw = {"cid": cid, "token": token, "layout": layout, "split": split, **(hello_kw or {})}
+                await ws.send(conn.send(Hello(client_id=kw["cid"], token=kw["token"], layout_hash=kw["layout"],
+                                              split=kw["split"], backend="bad")))
+                if then is not None:
+                    conn.receive(await ws.recv())  # Welcome
+                    try:
+                        await ws.send(then(conn))
+                    except ConnectionClosed:
+                        pass  # the server may close while a big frame is still going out
+            results[name] = await _answer(ws)
+        finally:
+            try:
+                await ws.close()
+            except Exception:  # noqa: BLE001 - the server already tore the connection down
+                pass
+
+    await attempt("wrong_token", {"token": "not-the-token"})
+    await attempt("unknown_client", {"cid": "nobody"})
+    await attempt("other_model", {"layout": "0" * 64})
+    await attempt("garbage_first", raw=b"\x00garbage\xff" * 10)
+    await attempt("text_frame", raw="hello")
+    await attempt("garbage_after_hello", then=lambda c: b"FSFL\x01\x07\x00\x00\xff\xff\xff\xff")
+    wrong = np.zeros((2, 6, hidden + 1), np.float32)
+
+    def wrong_shape(c):
+        # eval Activations are allowed between rounds; the hidden size is not this model's
+        return c.send(Activations(round_id=0, step_id=0, mode="eval", z=wrong, attention_mask=np.ones((2, 6), np.int64),
+                                  encoding=c.encoding))
+
+    await attempt("wrong_shape", then=wrong_shape)
+
+    # An Upload between rounds (serialized directly: our own Connection would refuse to send it)
+    await attempt("upload_out_of_order", then=lambda c: Upload(round_id=0, num_samples=1,
+                                                                tensors={"x": np.zeros(2, np.float32)}).serialize())
+    await attempt("oversized", then=lambda c: b"FSFL" + bytes(MAX // 4))
+    # last: join the round for real, then send NaN activations
+    print("joined", flush=True)
     async with connect(url, compression=None, max_size=MAX) as ws:
         conn = Connection(Role.CLIENT)
         await _hello(ws, conn, cid, token, layout, split)
@@ -72,39 +115,6 @@ async def main(port, cid, token, layout, split, hidden, out_path):
         await ws.send(bytes(frame))
         results["nan_activations"] = await _answer(ws)
 
-    async def attempt(name, hello_kw=None, then=None, raw=None):
-        async with connect(url, compression=None, max_size=MAX) as ws:
-            conn = Connection(Role.CLIENT)
-            if raw is not None:
-                await ws.send(raw)
-            else:
-                kw = {"cid": cid, "token": token, "layout": layout, "split": split, **(hello_kw or {})}
-                await ws.send(conn.send(Hello(client_id=kw["cid"], token=kw["token"], layout_hash=kw["layout"],
-                                              split=kw["split"], backend="bad")))
-                if then is not None:
-                    conn.receive(await ws.recv())  # Welcome
-                    await ws.send(then(conn))
-            results[name] = await _answer(ws)
-
-    await attempt("wrong_token", {"token": "not-the-token"})
-    await attempt("unknown_client", {"cid": "nobody"})
-    await attempt("other_model", {"layout": "0" * 64})
-    await attempt("garbage_first", raw=b"\x00garbage\xff" * 10)
-    await attempt("text_frame", raw="hello")
-    await attempt("garbage_after_hello", then=lambda c: b"FSFL\x01\x07\x00\x00\xff\xff\xff\xff")
-    wrong = np.zeros((2, 6, hidden + 1), np.float32)
-
-    def wrong_shape(c):
-        # eval Activations are allowed between rounds; the hidden size is not this model's
-        return c.send(Activations(round_id=0, step_id=0, mode="eval", z=wrong, attention_mask=np.ones((2, 6), np.int64),
-                                  encoding=c.encoding))
-
-    await attempt("wrong_shape", then=wrong_shape)
-
-    # An Upload between rounds (serialized directly: our own Connection would refuse to send it)
-    await attempt("upload_out_of_order", then=lambda c: Upload(round_id=0, num_samples=1,
-                                                                tensors={"x": np.zeros(2, np.float32)}).serialize())
-    await attempt("oversized", then=lambda c: b"FSFL" + bytes(MAX // 4))
     with open(out_path, "w") as f:
         json.dump(results, f, indent=2)
 
