@@ -85,14 +85,15 @@ def lower_executorch(programs: HeadPrograms, out_dir: str | pathlib.Path, *, xnn
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / PTE_NAME
-    # 1. torch.export both programs with dynamic batch/seq.
-    ep_f, ep_b = export_programs(programs)
+    # 1. torch.export both programs with dynamic batch/seq; addmm -> mm + add (ExecuTorch's
+    #    addmm kernel is the slow one) and, for XNNPACK, erf from ops it runs.
+    rewrites = {torch.ops.aten.addmm.default: _addmm_as_mm_add}
+    if xnnpack:
+        rewrites[torch.ops.aten.erf.default] = _erf_for_xnnpack
+    ep_f, ep_b = export_programs(programs, rewrites=rewrites)
     try:
-        # 2. addmm -> mm + add, then fold weight transposes into constants.
-        decomp = {torch.ops.aten.addmm.default: _addmm_as_mm_add}
-        if xnnpack:
-            decomp[torch.ops.aten.erf.default] = _erf_for_xnnpack
-        ep_f, ep_b = (constant_prop_pass(ep.run_decompositions(decomp)) for ep in (ep_f, ep_b))
+        # 2. Fold weight transposes into constants (XNNPACK pre-packs constant GEMM weights).
+        ep_f, ep_b = constant_prop_pass(ep_f), constant_prop_pass(ep_b)
         # 3. Edge dialect, both methods in one program so constants are shared; XNNPACK takes
         #    the GEMMs and the heavy elementwise ops.
         edge = to_edge_transform_and_lower(

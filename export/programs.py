@@ -35,11 +35,12 @@ Private torch APIs are used only in this module and in ``lower_*.py``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import operator
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import sympy
 import torch
@@ -134,6 +135,9 @@ class HeadPrograms:
         with torch.no_grad():
             z, *saved = self.forward(*fwd)
         grad_z = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed + 1))
+        # Fresh contiguous tensors, as a runtime passes them: some outputs are views (of a
+        # split), and torch.export would trace their bases as extra dynamic inputs.
+        saved = [t.clone(memory_format=torch.contiguous_format) for t in saved]
         return (*saved, grad_z, *self.initial_params)
 
 
@@ -210,8 +214,13 @@ def build_head_programs(
     return progs
 
 
-def export_programs(programs: HeadPrograms) -> tuple[ExportedProgram, ExportedProgram]:
+def export_programs(
+    programs: HeadPrograms, *, rewrites: Mapping[torch._ops.OpOverload, Callable] | None = None
+) -> tuple[ExportedProgram, ExportedProgram]:
     """Both programs as ``torch.export`` programs with dynamic ``batch``/``seq`` (for lowering).
+
+    ``rewrites`` maps ATen ops to Python functions that compute them from other ops (a
+    runtime's preferred decomposition); they are traced in place of the op, at no extra cost.
 
     Traced size-obliviously: otherwise the solver meets guards from contiguity checks on the
     backward's reshaped inputs (``seq*min(8, 8*seq) == 8*seq``) that hold for every size but
@@ -225,6 +234,12 @@ def export_programs(programs: HeadPrograms) -> tuple[ExportedProgram, ExportedPr
         ("forward", programs.forward, programs.forward_spec, programs.example_forward_args()),
         ("backward", programs.backward, programs.backward_spec, programs.example_backward_args()),
     ):
+        if rewrites:
+            gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+            for n in gm.graph.nodes:
+                if n.op == "call_function" and n.target in rewrites:
+                    n.target = rewrites[n.target]
+            gm.recompile()
         shapes = tuple({i: dims[s] for i, s in enumerate(t.shape) if isinstance(s, str)} or None for t in spec.inputs)
         try:
             with torch.fx.experimental._config.patch(backed_size_oblivious=True):
