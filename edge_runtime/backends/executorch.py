@@ -1,0 +1,58 @@
+"""ExecuTorch backend: one ``.pte`` with a ``forward`` and a ``backward`` method.
+
+ExecuTorch's Python bindings link libtorch and take torch tensors, so torch is imported here,
+lazily, and nowhere else in the edge runtime. numpy and torch share memory both ways
+(``torch.from_numpy`` / ``Tensor.numpy``); the saved activations stay torch tensors from the
+forward's outputs to the backward's inputs. All ExecuTorch API use of the edge runtime is in
+this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from ..bundle import Bundle
+from ..errors import BackendError
+from . import INSTALL_HINTS, ProgramBackend, _first_line
+
+__all__ = ["ExecuTorchBackend"]
+
+
+class ExecuTorchBackend(ProgramBackend):
+    name: ClassVar[str] = "executorch"
+
+    def __init__(self, bundle: Bundle, *, threads: int | None = None) -> None:
+        try:
+            import torch
+            from executorch.extension.pybindings import portable_lib
+            from executorch.runtime import Runtime
+        except ImportError as e:
+            raise BackendError(f"ExecuTorch is not usable here ({e}); {INSTALL_HINTS['executorch']}") from None
+        self._torch = torch
+        if threads:
+            # XNNPACK's thread pool is process-wide; it is what runs the delegated kernels.
+            portable_lib._unsafe_reset_threadpool(threads)
+        path = bundle.path("executorch.program")
+        try:
+            program = Runtime.get().load_program(path)
+            self._methods = {m: program.load_method(m) for m in ("forward", "backward")}
+        except Exception as e:  # noqa: BLE001 - the bindings raise RuntimeError/ValueError
+            raise BackendError(f"{path}: ExecuTorch cannot load it ({_first_line(e)}); re-export the bundle with this "
+                               "executorch version") from None
+        if any(m is None for m in self._methods.values()):
+            raise BackendError(f"{path}: the program lacks a forward or backward method; re-export the bundle")
+        self._program = program  # the methods borrow the program's memory
+        self._setup(bundle, {m: meth.metadata.num_inputs() for m, meth in self._methods.items()})
+
+    def _run(self, method: str, inputs: list[Any]) -> list[Any]:
+        torch = self._torch
+        args = [a if isinstance(a, torch.Tensor) else torch.from_numpy(a) for a in inputs]
+        try:
+            outs = self._methods[method].execute(args)
+        except Exception as e:  # noqa: BLE001
+            raise BackendError(f"ExecuTorch {method} failed for inputs of shape {list(args[0].shape)}: {_first_line(e)}; "
+                               "check the batch against the bundle's limits or re-export it") from None
+        if method == "forward":
+            return [outs[0].numpy(), *outs[1:]]
+        return [o.numpy() for o in outs]
+
