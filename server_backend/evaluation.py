@@ -53,7 +53,7 @@ class Evaluator:
     def accuracy(self, examples: Sequence[Example], params: Mapping[str, np.ndarray] | None = None) -> float:
         """Accuracy of the global model, or of it with ``params`` (canonical names) swapped in."""
         model = self.host.loaded.model
-        swap = {self._own[n]: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for n, a in (params or {}).items()}
+        swap = {self._own[n]: torch.from_numpy(np.array(a, dtype=np.float32)) for n, a in (params or {}).items()}
         correct = total = 0
         for ids, mask, labels in self._batches(examples):
             if swap:

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -412,10 +413,11 @@ def table(summary: dict) -> str:
         t.add_column(col, justify="right" if col not in ("client", "data") else "left")
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for c in summary["per_client"]:
-        t.add_row(c["client"], ",".join(c["groups"]), str(c["split"]), fmt(c["personal_acc"]), fmt(c["generalization_acc"]),
+        groups = c["groups"][0] + (f" +{len(c['groups']) - 1}" if len(c["groups"]) > 1 else "")
+        t.add_row(c["client"], groups, str(c["split"]), fmt(c["personal_acc"]), fmt(c["generalization_acc"]),
                   f"{c['step_ms']:.0f}", "-" if c["wire_ms"] is None else f"{c['wire_ms']:.1f}", f"{c['bytes'] / 1e6:.1f}")
     f = summary["final"]
-    console = Console(record=True, width=120)
+    console = Console(record=True, width=120, file=io.StringIO())
     console.print(t)
     console.print(f"global model accuracy {fmt(f['global_acc'])}; mean personalized {fmt(f['personal_acc'])}; "
                   f"mean generalization {fmt(f['generalization_acc'])}")

@@ -34,7 +34,7 @@ class OptimizerConfig:
     name: str = "sgd"  # "sgd" | "adamw"
     lr: float = 1e-3
     momentum: float = 0.0  # SGD only
-    weight_decay: float = 0.0
+    weight_decay: float | None = None  # None: torch's default (SGD 0, AdamW 0.01), as on the device
 
     def __post_init__(self) -> None:
         if self.name not in ("sgd", "adamw"):
@@ -43,9 +43,10 @@ class OptimizerConfig:
             raise ConfigError(f"learning rate must be > 0, got {self.lr}")
 
     def build(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        wd = {} if self.weight_decay is None else {"weight_decay": self.weight_decay}
         if self.name == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, **wd)
+        return torch.optim.AdamW(params, lr=self.lr, **wd)
 
 
 @dataclasses.dataclass(frozen=True)
