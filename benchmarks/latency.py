@@ -326,7 +326,6 @@ def run_latency(cfg: LatencyConfig) -> tuple[list[dict[str, Any]], str]:
 
     out = pathlib.Path(cfg.out)
     logs = out / "logs"
-    peaks = [measure_gemm_peak(1, log_dir=logs)]
     if cfg.bundle is not None:
         bundles = [load_bundle(cfg.bundle)]
     else:
@@ -344,6 +343,7 @@ def run_latency(cfg: LatencyConfig) -> tuple[list[dict[str, Any]], str]:
                 if b > m.max_batch or t > m.max_seq:
                     raise ConfigError(f"batch {b} / seq {t} exceed bundle {bundle.root}'s limits "
                                       f"({m.max_batch} / {m.max_seq}); re-export with larger --max-batch / --max-seq")
+    peaks = [measure_gemm_peak(1, log_dir=logs)]
     rows: list[dict[str, Any]] = []
     backends = list(cfg.backends)
     with Progress(transient=True) as bar:
