@@ -10,14 +10,12 @@ and blocks ``1..s``; batch ``B``, sequence length ``T``, everything fp32)::
               + 4 B · B · T · d · (2, or 3 with alignment)           Z, the server's gradient G (and Z')
               + runtime + Python                                     fixed
 
-with the block weights' copies ``w``, ``copies``, ``workspace`` and the fixed part per runtime
-(:data:`RUNTIMES`, below).
-
     time(s)   = head FLOPs(s) / P.head_gflops                        the device, at its measured rate
               + |Z| / uplink + |g| / downlink + RTT                  the network, in the transfer encoding
               + tail FLOPs(s) / (server_gflops / clients)            the server, at this client's share
 
-and ``s_k = argmin time(s)`` subject to ``memory(s) <= P.memory_budget_mb``; splits whose times
+with the block weights' copies ``w``, ``copies``, ``workspace`` and the fixed part per runtime
+(:data:`RUNTIMES`, below), and ``s_k = argmin time(s)`` subject to ``memory(s) <= P.memory_budget_mb``; splits whose times
 agree to :data:`TIE_RTOL` count as equal and the smaller wins (less device memory). The user
 can pin ``s_k``; a pinned split that does not fit is refused.
 
@@ -32,52 +30,50 @@ and takes as many blocks as its memory allows. ``time(s)`` is linear in ``s``, s
 is the smallest one or the largest that fits: the memory budget is what spreads fast devices
 over different splits, and a busier server (more clients) pushes every device's split up.
 
-**FLOPs** per token and block (``T`` keys per query, attention width ``h·hd``, ``P_mm`` the
-block's matmul weights, ``P_lora`` its LoRA weights)::
+**FLOPs** per token and block (``T`` keys per query, attention width ``qd = h·hd``, ``P_mm``
+the block's matmul weights, ``P_lora`` its LoRA weights)::
 
-    forward  = 2·P_mm + 4·T·h·hd + 2·P_lora
-    backward = 2·P_mm + 8·T·h·hd + 4·P_lora
+    forward  = 2·P_mm + 4·T·qd + 2·P_lora
+    backward = 2·P_mm + 8·T·qd + 4·P_lora      (every block but the head's first)
 
 Base weights are frozen, so the backward only propagates activation gradients through them
 (1× their forward cost, not the 2× of full training); ``QKᵀ`` and ``PV`` multiply two
-activations and need both gradients (2×); LoRA needs input and weight gradients (2×). The
-head's first block needs no gradient for its input, so the layers that read it skip theirs (and
-``dK`` too, without LoRA on K). These counts equal what ``torch.utils.flop_counter`` counts on
-the real head and tail (tested). Lookups, norms and pointwise ops are not counted:
+activations and need both gradients (2×); LoRA needs input and weight gradients (2×).
+
+**Saved activations** per token and block, ``saved(T)``: what the forward program of
+:mod:`export.programs` hands to its backward program (transformers 5.24, eager attention)::
+
+    bert    3·qd + 2·d +   dff + 4 + h·T         Q, K, V, P; both LayerNorm inputs (+ mean, 1/σ); the GELU input
+    gpt2    3·qd + 2·d + 4·dff + 4 + h·T         likewise; gelu_new's tanh formula keeps four [T, dff] tensors
+    llama   qd + 2·kvd + 2·d + 3·dff + 2 + h·T   Q, K and V before GQA's repeat, P; RMSNorm inputs (+ 1/rms); gate, up, silu(gate)
+    + per LoRA'd linear: r (x·Aᵀ), and each distinct input of a LoRA'd linear once (d, or dff for the down projection)
+
+The head's first block needs no gradient for its input, so it keeps and computes less: a tensor
+needs a gradient only downstream of a LoRA weight there. :meth:`ModelCost._backward` follows
+that through each family's block, so both counts are exact for any LoRA targets: FLOPs equal
+what ``torch.utils.flop_counter`` counts on the real head and tail, and saved values equal the
+real programs' outputs (tested). Lookups, norms and pointwise ops are not counted in FLOPs:
 ``head_gflops`` is measured against this same count
 (:func:`edge_runtime.probe.measure_head_throughput`), so their cost is folded into the rate.
 
-**Saved activations** per token and block, ``saved(T)``, counted on the programs that
-:mod:`export.programs` builds (transformers 5.24, eager attention), with ``qd = h·hd``::
-
-    bert    3·qd + 2·d +   dff + 2     Q, K, V; both LayerNorm inputs (+ 1/σ); the GELU input
-    gpt2    3·qd + 2·d + 4·dff + 2     likewise; gelu_new's tanh formula keeps four [T, dff] tensors
-    llama   3·qd + 4·d + 3·dff + 4     Q, repeated K and V; RMSNorm inputs and outputs; gate, up, silu(gate)
-    + 2·h·T                            the softmax output and its dtype-cast copy
-    + r per LoRA'd linear, and each distinct input of a LoRA'd linear once (d, or dff for the down projection)
-
-The first block keeps less: no gradient flows into its input, so the norm before attention
-(gpt2: d + 1, llama: 2·d + 2) and, without LoRA on K, Q are not kept. With LoRA on the
-attention's input projections (the default) this matches the programs exactly (tested);
-without it, the first block's attention keeps nothing, and its K, V and probabilities are
-over-counted (as are their gradients' FLOPs): a safe error of under one block's attention.
-
 **Runtimes** (:data:`RUNTIMES`). The constants are fitted to the peak resident set of MiniLM's
 head at splits 1, 3 and 5 (batch 8, seq 128, one thread, x86-64, Python 3.11); the model is
-within 11 % of each of the nine measurements::
+within 9 % of each of the nine measurements::
 
-    runtime                          fixed     measured peak MB (s = 1, 3, 5)   model
-    ort (onnxruntime 1.32, no torch)   45 MB    254, 437, 547                    284, 426, 568
-    executorch 1.5.1 (portable)       330 MB    554, 758, 945                    560, 745, 930
-    torch 2.13 eager (reference)      385 MB    555, 643, 746                    554, 639, 725
+    runtime                               fixed    measured peak MB (s = 1, 3, 5)   model
+    ort (onnxruntime 1.32, no torch)       45 MB   246, 448, 537                    265, 408, 552
+    executorch 1.5.1 (XNNPACK delegate)   330 MB   576, 737, 925                    591, 752, 914
+    torch 2.13 eager (reference)          385 MB   555, 643, 746                    555, 640, 725
 
 The edge process itself (Python, numpy, tokenizers, websockets, safetensors) is 34 MB
-(:data:`PYTHON_MB`). ONNX Runtime loads each block's weights twice (the backward program needs
-them too) and holds the saved activations about twice. ExecuTorch's Python bindings link
-libtorch (325 MB on import), it holds the saved activations three times, and it plans memory
-for the bundle's ``max_batch × max_seq`` whatever the batch, so plan with those. (On x86, the
-``onnxruntime-training`` 1.19.2 wheel imports torch when torch is installed, 255 MB more; a
-device runs the plain ``onnxruntime`` wheel, as measured here.)
+(:data:`PYTHON_MB`). ONNX Runtime and ExecuTorch both load each block's weights twice (the
+backward program needs them too). ONNX Runtime holds the saved activations about 2.6 times (its
+arena grows in steps); ExecuTorch three times (the forward's planned arena, the outputs copied
+to Python, the backward's planned inputs), and it plans memory for the bundle's
+``max_batch × max_seq`` whatever the batch, so plan with those. ExecuTorch's Python bindings link
+libtorch: 325 MB on import. (On x86, the ``onnxruntime-training`` 1.19.2 wheel imports torch
+when torch is installed, 255 MB more; a device runs the plain ``onnxruntime`` wheel, as
+measured here.)
 """
 
 from __future__ import annotations
@@ -141,18 +137,19 @@ class Runtime:
 
 
 # Fitted to the peak RSS of MiniLM's head at splits 1, 3 and 5 (batch 8, seq 128, one thread);
-# the model is within 11 % of every measurement (see the module docstring).
+# the model is within 9 % of every measurement (see the module docstring).
 RUNTIMES = {
     # forward.onnx and backward.onnx each hold the blocks' weights (the backward needs them for
-    # input gradients); the forward's outputs are copied out of its arena into numpy.
-    "ort": Runtime(fixed_mb=45.0, block_weight_copies=2, activation_copies=2.0, workspace_blocks=3.0),
-    # One .pte holds the weights once. The forward's planned arena, the outputs copied to Python
-    # and the backward's planned inputs each hold the saved activations; memory is planned for
-    # the bundle's max batch x max seq, whatever the batch.
-    "executorch": Runtime(fixed_mb=330.0, block_weight_copies=1, activation_copies=3.0, workspace_blocks=2.0),
+    # input gradients); the forward's outputs are copied out of its arena into numpy, and the
+    # arena grows in steps.
+    "ort": Runtime(fixed_mb=45.0, block_weight_copies=2, activation_copies=2.6, workspace_blocks=3.0),
+    # The .pte holds the block weights twice too (XNNPACK packs its own). The forward's planned
+    # arena, the outputs copied to Python and the backward's planned inputs each hold the saved
+    # activations; memory is planned for the bundle's max batch x max seq, whatever the batch.
+    "executorch": Runtime(fixed_mb=330.0, block_weight_copies=2, activation_copies=3.0, workspace_blocks=4.5),
     # Autograd keeps a few extra views. The reference backend loads transformers, peft and the
     # whole model.
-    "torch": Runtime(fixed_mb=385.0, block_weight_copies=1, activation_copies=1.25, workspace_blocks=1.5),
+    "torch": Runtime(fixed_mb=385.0, block_weight_copies=1, activation_copies=1.6, workspace_blocks=2.0),
 }
 # A 16-core server CPU reaches ~200 GFLOP/s of fp32 training throughput; 16 clients share it.
 DEFAULT_SERVER_GFLOPS = 200.0
@@ -182,11 +179,6 @@ _GGUF_LLAMA = {
     "vocab_size": "vocab_size",
     "context_length": "max_position_embeddings",
 }
-
-
-# The block input as the linears see it, and the linear that produces K, per family.
-_INPUT_OF = {"bert": "x", "gpt2": "ln1", "llama": "ln1"}
-_K_LINEAR = {"bert": "attention.self.key", "gpt2": "attn.c_attn", "llama": "self_attn.k_proj"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -408,47 +400,86 @@ class ModelCost:
     def backward_flops(self, seq: int, *, first: bool = False) -> float:
         """FLOPs per token of one block's backward: activation grads through frozen weights, LoRA grads.
 
-        ``first``: the head's first block, whose input needs no gradient: the layers that read
-        it skip their input gradient, and without LoRA on K so does ``dK``.
+        ``first``: the head's first block, whose input needs no gradient (see :meth:`_backward`).
         """
-        flops = 2 * self.block_matmul_params + 8 * seq * self.attention_width + 4 * self.lora_params_per_block
-        if first:
-            reads_input = _INPUT_OF[self.family]
-            flops -= 2 * sum(lin.fan_in * lin.fan_out for lin in self._linears if lin.reads == reads_input)
-            flops -= 2 * self.lora_r * sum(lin.fan_in for lin in self._lora_linears if lin.reads == reads_input)
-            if not self._lora_on_k:
-                flops -= 2 * seq * self.attention_width
-        return flops
+        return self._backward(seq, grad_in=not first)[1]
 
     def final_flops(self, seq: int) -> float:
         """FLOPs per token of the server's norm + task head, forward and backward."""
         d, c = self.hidden_size, self.num_labels
         if self.family == "bert":  # pooler + classifier on the [CLS] token only: fwd, grad of input, grad of classifier
-            return (2 * (d * d + d * c) * 2 + 2 * d * c) / seq
+            pooler_lora = any(t in ("dense", "pooler.dense") for t in self.lora_targets)  # PEFT's match on "pooler.dense"
+            return (2 * (d * d + d * c) * 2 + 2 * d * c + (12 * self.lora_r * d if pooler_lora else 0)) / seq
         if self.task == "seq_cls":  # score runs on every position before the last one is picked
             return 2 * d * c * 3
         return 2 * d * self.vocab_size * 2  # frozen LM head: forward + input gradient
 
     def saved_floats(self, seq: int, *, first: bool = False) -> float:
         """fp32 values per token one block keeps from its forward for its backward (``first``: the head's first block)."""
-        d, dff, qd = self.hidden_size, self.intermediate_size, self.attention_width
-        base = {
-            "bert": 3 * qd + 2 * d + dff + 2,
-            "gpt2": 3 * qd + 2 * d + 4 * dff + 2,
-            "llama": 3 * qd + 4 * d + 3 * dff + 4,
-        }[self.family]
-        size = {"x": d, "ln1": d, "ln2": d, "ctx": qd, "act": dff}
+        size = {"x": self.hidden_size, "ln1": self.hidden_size, "ln2": self.hidden_size, "ctx": self.attention_width,
+                "act": self.intermediate_size}
         lora = self._lora_linears
-        inputs = {lin.reads for lin in lora}
-        n = base + 2 * self.num_heads * seq + self.lora_r * len(lora) + sum(size[r] for r in inputs)
-        if first:
-            # The norm before attention (gpt2, llama) needs no gradient, nor does Q without LoRA on K.
-            n -= {"bert": 0, "gpt2": d + 1, "llama": 2 * d + 2}[self.family] + (0 if self._lora_on_k else qd)
-        return n
+        # Each LoRA'd linear keeps its input (for dA; once per distinct input) and x·Aᵀ (for dB).
+        lora_inputs = sum(size[r] for r in {lin.reads for lin in lora}) + self.lora_r * len(lora)
+        return self._backward(seq, grad_in=not first)[0] + lora_inputs
 
-    @property
-    def _lora_on_k(self) -> bool:
-        return any(lin.name == _K_LINEAR[self.family] for lin in self._lora_linears)
+    def _backward(self, seq: int, *, grad_in: bool) -> tuple[float, float]:
+        """(values kept per token, backward FLOPs per token) of one block, following which tensors need a gradient.
+
+        A tensor needs one when it depends on a LoRA weight or on a block input that does
+        (``grad_in``: every block but the head's first). An op keeps what its backward reads
+        for the gradients needed (a frozen linear keeps nothing, ``QKᵀ`` keeps K for dQ and Q
+        for dK, softmax and ``PV`` keep P, ``PV`` keeps V for dP, norms keep their input and
+        statistics, activations their inputs), and its backward computes only those gradients.
+        LoRA inputs are counted by :meth:`saved_floats`.
+        """
+        d, dff, qd, r = self.hidden_size, self.intermediate_size, self.attention_width, self.lora_r
+        kvd = self.num_kv_heads * self.head_dim
+        lora = {lin.name for lin in self._lora_linears}
+        by_name = {lin.name: lin for lin in self._linears}
+        saved = flops = 0.0
+
+        def linear(name: str, g_in: bool) -> bool:  # -> whether its output needs a gradient
+            nonlocal flops
+            lin = by_name[name]
+            flops += 2 * lin.fan_in * lin.fan_out if g_in else 0  # dX through the frozen weight
+            if name in lora:  # dB, d(x·Aᵀ), dA (+ dX through A)
+                flops += 2 * r * (2 * lin.fan_out + lin.fan_in) + (2 * r * lin.fan_in if g_in else 0)
+            return g_in or name in lora
+
+        def attention(qg: bool, kg: bool, vg: bool) -> bool:
+            nonlocal saved, flops
+            pg = qg or kg
+            saved += (kvd if qg else 0) + (qd if kg else 0) + (self.num_heads * seq if pg or vg else 0) + (kvd if pg else 0)
+            flops += 2 * seq * qd * (qg + kg + pg + vg)  # dQ, dK of QKᵀ; dP, dV of PV
+            return pg or vg
+
+        def norm(g: bool, stats: int) -> bool:  # keeps its input and its statistics
+            nonlocal saved
+            saved += d + stats if g else 0
+            return g
+
+        f = self.family
+        if f == "bert":  # post-norm: attention, add & LayerNorm, MLP, add & LayerNorm
+            qkv = [linear(f"attention.self.{m}", grad_in) for m in ("query", "key", "value")]
+            h1 = norm(linear("attention.output.dense", attention(*qkv)) or grad_in, 2)
+            act = linear("intermediate.dense", h1)
+            saved += dff if act else 0  # GELU input
+            norm(linear("output.dense", act) or h1, 2)
+        elif f == "gpt2":  # pre-norm, fused q/k/v
+            qkv = linear("attn.c_attn", norm(grad_in, 2))
+            h1 = linear("attn.c_proj", attention(qkv, qkv, qkv)) or grad_in
+            act = linear("mlp.c_fc", norm(h1, 2))
+            saved += 4 * dff if act else 0  # gelu_new's tanh formula keeps four [T, dff] tensors
+            linear("mlp.c_proj", act)
+        else:  # llama: pre-RMSNorm, grouped-query attention, gated MLP
+            x = norm(grad_in, 1)
+            qkv = [linear(f"self_attn.{m}_proj", x) for m in ("q", "k", "v")]
+            h1 = norm(linear("self_attn.o_proj", attention(*qkv)) or grad_in, 1)
+            gate, up = linear("mlp.gate_proj", h1), linear("mlp.up_proj", h1)
+            saved += dff * (2 * gate + up)  # dgate reads gate and up, dup reads silu(gate)
+            linear("mlp.down_proj", gate or up)
+        return saved, flops
 
 
 def config_subset(config: Mapping[str, Any]) -> dict[str, Any]:
