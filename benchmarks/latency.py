@@ -14,6 +14,8 @@ RSS is its own. Per (split, B, T) and backend::
                       process runs with torch made unimportable, as on a device without it)
     artifact_mb       the files the backend loads from the bundle
     bytes_per_step    the Activations (Z, mask, labels) and Gradients (g) frames, fp32
+    export_s          ``flexsfl export``'s time lowering to this backend (for ``torch``: the
+                      steps every bundle shares, from loading the model to the programs)
     flops_*           forward and backward FLOPs of the step, counted with
                       ``torch.utils.flop_counter.FlopCounterMode`` on the eager head (matmul,
                       attention and convolution FLOPs; elementwise ops are not counted)
@@ -196,13 +198,18 @@ def _artifact_bytes(bundle, backend: str) -> int | None:
     return sum((bundle.root / f).stat().st_size for f in files)
 
 
+_LOWERING = {"ort": "ONNX", "executorch": "ExecuTorch"}  # how export's step names mention each backend
+
+
 def _export_seconds(bundle, backend: str) -> float | None:
+    """Seconds ``flexsfl export`` spent on this backend's lowering (``torch``: on the steps every
+    bundle shares: load, cut, forward/backward programs, tokenizer, manifest)."""
     steps = bundle.manifest.extra.get("export_seconds", {})
-    key = {"ort": "ONNX", "executorch": "ExecuTorch"}.get(backend)
-    if key is None or not steps:
+    if not steps:
         return None
-    # The shared steps (load, cut, programs, tokenizer, manifest) count once per bundle; the lowering is the backend's.
-    return round(sum(s for name, s in steps.items() if key in name), 3)
+    if backend == "torch":
+        return round(sum(s for name, s in steps.items() if not any(k in name for k in _LOWERING.values())), 3)
+    return round(sum(s for name, s in steps.items() if _LOWERING[backend] in name), 3)
 
 
 def _bytes_per_step(task: str, b: int, t: int, d: int) -> int:
