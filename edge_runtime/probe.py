@@ -410,7 +410,7 @@ def add_parser(edge_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--downlink-mbps", dest="downlink_mbps", type=float, help="server -> device bandwidth, Mbit/s")
     p.add_argument("--rtt-ms", dest="rtt_ms", type=float, help="round-trip time to the server, ms")
     p.add_argument("--memory-budget-mb", dest="memory_budget_mb", type=int,
-                   help=f"memory training may use (default: {DEFAULT_BUDGET_FRACTION:.0%} of what is available now)")
+                   help=f"memory training may use (default: {DEFAULT_BUDGET_FRACTION * 100:.0f}%% of what is available now)")
     p.add_argument("--name", help="label for this device (default: the hostname)")
     p.add_argument("--json", metavar="FILE", help="also write the profile to FILE")
     p.set_defaults(func=run_probe)

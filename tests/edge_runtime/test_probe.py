@@ -252,6 +252,12 @@ def _probe_cli(argv):
     return args.func(args)
 
 
+def test_probe_cli_help_renders(capsys):
+    with pytest.raises(SystemExit) as e:
+        _probe_cli(["--help"])
+    assert e.value.code == 0 and "--memory-budget-mb" in capsys.readouterr().out
+
+
 def test_probe_cli_prints_and_writes_the_profile(tmp_path, capsys):
     out = tmp_path / "me.json"
     assert _probe_cli(["--name", "here", "--uplink-mbps", "25", "--downlink-mbps", "80", "--rtt-ms", "12",

@@ -423,6 +423,12 @@ def _plan(argv):
     return args.func(args)
 
 
+def test_plan_cli_help_renders(capsys):
+    with pytest.raises(SystemExit) as e:
+        _plan(["--help"])
+    assert e.value.code == 0 and "--server-gflops" in capsys.readouterr().out
+
+
 def test_plan_prints_a_table_and_the_choice(capsys):
     assert _plan(["--model", "minilm", "--profile", "rpi5"]) == 0
     out = capsys.readouterr().out
