@@ -111,25 +111,35 @@ class HeadPrograms:
     max_batch: int
     max_seq: int
     hidden_size: int
+    example_batch: tuple[int, int]  # (B, T) the programs were traced at
+    vocab_size: int  # token ids the examples draw from: the head's first embedding's rows
     build_seconds: float
 
     @property
     def num_saved(self) -> int:
         return len(self.forward_spec.outputs) - 1
 
-    def dims(self) -> dict[str, Dim]:
-        """Fresh ``torch.export`` dims for :data:`BATCH` and :data:`SEQ` with this head's bounds."""
-        return {BATCH: Dim(BATCH, min=1, max=self.max_batch), SEQ: Dim(SEQ, min=MIN_SEQ, max=self.max_seq)}
+    def bounds(self) -> dict[str, tuple[int, int]]:
+        """Traced (min, max) of :data:`BATCH` and :data:`SEQ` (see :func:`_traced_bounds`)."""
+        return _traced_bounds(self.max_batch, self.max_seq)
 
-    def example_forward_args(self, batch: int = 2, seq: int = 16, *, seed: int = 0) -> tuple[torch.Tensor, ...]:
-        """Random ``(input_ids, attention_mask, *params)`` with the last row half padded."""
+    def dims(self) -> dict[str, Dim]:
+        """Fresh ``torch.export`` dims for :data:`BATCH` and :data:`SEQ` with the traced bounds."""
+        return {name: Dim(name, min=lo, max=hi) for name, (lo, hi) in self.bounds().items()}
+
+    def example_forward_args(self, batch: int | None = None, seq: int | None = None, *, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """Random ``(input_ids, attention_mask, *params)`` with the last row half padded.
+
+        ``batch``/``seq`` default to the traced example's.
+        """
+        batch, seq = batch or self.example_batch[0], seq or self.example_batch[1]
         gen = torch.Generator().manual_seed(seed)
-        ids = torch.randint(0, 100, (batch, seq), generator=gen, dtype=torch.int64)
+        ids = torch.randint(0, self.vocab_size, (batch, seq), generator=gen, dtype=torch.int64)
         mask = torch.ones(batch, seq, dtype=torch.int64)
         mask[-1, seq // 2 :] = 0
         return (ids, mask, *self.initial_params)
 
-    def example_backward_args(self, batch: int = 2, seq: int = 16, *, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    def example_backward_args(self, batch: int | None = None, seq: int | None = None, *, seed: int = 0) -> tuple[torch.Tensor, ...]:
         """``(*saved, grad_z, *params)`` from running the forward program on example inputs."""
         fwd = self.example_forward_args(batch, seq, seed=seed)
         with torch.no_grad():
@@ -147,7 +157,7 @@ def build_head_programs(
     *,
     max_batch: int,
     max_seq: int,
-    example_batch: tuple[int, int] = (2, 16),
+    example_batch: tuple[int, int] | None = None,
 ) -> HeadPrograms:
     """Trace ``head`` once and split its joint graph into forward and backward programs.
 
@@ -161,21 +171,26 @@ def build_head_programs(
     t0 = time.perf_counter()
     param_names = tuple(param_names)
     named = dict(head.named_parameters())
-    _check_args(named, param_names, max_batch, max_seq, example_batch)
-
-    B, T = example_batch
+    _check_args(named, param_names, max_batch, max_seq)
+    bounds = _traced_bounds(max_batch, max_seq)
+    B, T = example_batch or (2, min(16, bounds[SEQ][1]))
+    if not (2 <= B <= bounds[BATCH][1] and 2 <= T <= bounds[SEQ][1]):
+        raise ConfigError(f"example_batch {(B, T)} must satisfy 2 <= B <= max_batch and 2 <= T <= max_seq")
     ids = torch.zeros(B, T, dtype=torch.int64)
     mask = torch.ones(B, T, dtype=torch.int64)
-    with _training_view(head, set(param_names)), torch.no_grad():
+    with _training_view(head, set(param_names)):
         z = head(ids, mask)
-    if not (isinstance(z, torch.Tensor) and z.dtype == torch.float32 and z.dim() == 3 and tuple(z.shape[:2]) == (B, T)):
-        raise ExportError(
-            f"head must return z float32 [B,T,d]; it returned {_describe(z)} for a [{B},{T}] batch"
-        )
+        if not (isinstance(z, torch.Tensor) and z.dtype == torch.float32 and z.dim() == 3 and tuple(z.shape[:2]) == (B, T)):
+            raise ExportError(f"head must return z float32 [B,T,d]; it returned {_describe(z)} for a [{B},{T}] batch")
+        # A trainable tensor z does not depend on would get no gradient (and no program input).
+        leaves = [named[n] for n in param_names]
+        grads = torch.autograd.grad(z, leaves, torch.ones_like(z), allow_unused=True) if z.requires_grad else [None] * len(leaves)
+        unused = [n for n, g in zip(param_names, grads) if g is None]
+        if unused:
+            raise ExportError(f"parameter {unused[0]!r} does not affect z (no gradient); drop it from param_names")
     d = z.shape[2]
 
-    batch, seq = Dim(BATCH, min=1, max=max_batch), Dim(SEQ, min=MIN_SEQ, max=max_seq)
-    dyn = {0: batch, 1: seq}
+    dyn = {i: Dim(name, min=lo, max=hi) for i, (name, (lo, hi)) in enumerate(bounds.items())}
     with _training_view(head, set(param_names)):
         try:
             # sdpa's fused kernels have no decomposition that keeps views legal under the
@@ -205,6 +220,8 @@ def build_head_programs(
         max_batch=max_batch,
         max_seq=max_seq,
         hidden_size=d,
+        example_batch=(B, T),
+        vocab_size=next((m.num_embeddings for m in head.modules() if isinstance(m, torch.nn.Embedding)), 1),
         build_seconds=time.perf_counter() - t0,
     )
     log.info(
@@ -228,7 +245,7 @@ def export_programs(
     every named dim is still symbolic with exactly its bounds.
     """
     dims = programs.dims()
-    bounds = {BATCH: (1, programs.max_batch), SEQ: (MIN_SEQ, programs.max_seq)}
+    bounds = programs.bounds()
     out = []
     for which, gm, spec, args in (
         ("forward", programs.forward, programs.forward_spec, programs.example_forward_args()),
@@ -296,7 +313,16 @@ def _training_view(head: torch.nn.Module, trainable: set[str]) -> Iterator[None]
             m.training = mode
 
 
-def _check_args(named, param_names, max_batch, max_seq, example_batch) -> None:
+def _traced_bounds(max_batch: int, max_seq: int) -> dict[str, tuple[int, int]]:
+    """Bounds the programs are traced with: the user's, widened so neither dim is static.
+
+    ``torch.export`` needs an example >= 2 and a range wider than one value to keep a dim
+    symbolic; ``max_batch=1`` is traced as 1..2 (the bundle's own limits still apply at run time).
+    """
+    return {BATCH: (1, max(max_batch, 2)), SEQ: (MIN_SEQ, max(max_seq, MIN_SEQ + 1))}
+
+
+def _check_args(named, param_names, max_batch, max_seq) -> None:
     if not param_names:
         raise ConfigError("param_names is empty; pass the head's LoRA parameter names")
     if len(set(param_names)) != len(param_names):
@@ -308,10 +334,6 @@ def _check_args(named, param_names, max_batch, max_seq, example_batch) -> None:
             raise ConfigError(f"param_names: {n!r} is {named[n].dtype}; trainable tensors must be float32")
     if max_batch < 1 or max_seq < MIN_SEQ:
         raise ConfigError(f"max_batch must be >= 1 and max_seq >= {MIN_SEQ} (got {max_batch}, {max_seq})")
-    b, t = example_batch
-    # 0/1-sized example dims would be specialized by torch.export, so the example needs >= 2.
-    if not (2 <= b <= max_batch and max(2, MIN_SEQ) <= t <= max_seq):
-        raise ConfigError(f"example_batch {example_batch} must satisfy 2 <= B <= max_batch and 2 <= T <= max_seq")
 
 
 def _describe(x) -> str:
@@ -363,13 +385,18 @@ class _Partitioner:
         self.symbols = self._symbols()
 
     def _symbols(self) -> dict[sympy.Symbol, tuple[str, int]]:
-        """sympy symbol of each dynamic dim -> (its name, the dim of z/grad_z it sizes)."""
+        """sympy symbol of each dynamic dim -> (its name, the dim of z/grad_z it sizes).
+
+        The three inputs may keep separate symbols for the same dim when no op equates them
+        (a broadcast against a possible size 1 does not); at run time they are equal.
+        """
         syms = {}
         for name, i in ((BATCH, 0), (SEQ, 1)):
-            s = _val(self.ids).shape[i]
-            if not isinstance(s, torch.SymInt) or not isinstance(s.node.expr, sympy.Symbol):
-                raise ExportError(f"the head specialized the {name} dim to {s}; it must work for any {name} size")
-            syms[s.node.expr] = (name, i)
+            for inp in (self.ids, self.mask, self.gz):
+                s = _val(inp).shape[i]
+                if not isinstance(s, torch.SymInt) or not isinstance(s.node.expr, sympy.Symbol):
+                    raise ExportError(f"the head specialized the {name} dim to {s}; it must work for any {name} size")
+                syms[s.node.expr] = (name, i)
         return syms
 
     # -- classification -------------------------------------------------------------------
