@@ -370,10 +370,8 @@ def run_probe(args: argparse.Namespace) -> int:
         bundle = load_bundle(args.bundle)
         m = bundle.manifest
         backend_name = args.backend or (m.target.preferred_backend if m.target.preferred_backend in m.backend else m.backend[0])
-        if backend_name not in m.backend and backend_name != "torch":
-            raise ConfigError(f"backend {backend_name!r} is not in this bundle (has: {', '.join(m.backend)})")
-        batch = args.batch or min(8, m.max_batch)
-        seq = args.seq or min(128, m.max_seq)
+        batch = min(8, m.max_batch) if args.batch is None else args.batch
+        seq = min(128, m.max_seq) if args.seq is None else args.seq
         if not (1 <= batch <= m.max_batch and 2 <= seq <= m.max_seq):
             raise ConfigError(
                 f"--batch/--seq must be within the bundle's limits (batch <= {m.max_batch}, 2 <= seq <= {m.max_seq})"
