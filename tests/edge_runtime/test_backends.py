@@ -1,0 +1,311 @@
+"""ONNX Runtime and ExecuTorch backends on real bundles, against eager autograd and torch.optim.
+
+Bundles are made by the real export pipeline (``export.pipeline.export_bundle``) from the tiny
+random GPT-2 of tests/tiny_models.py; the slow matrix adds real MiniLM weights, Llama and more
+split points. The reference is the same head rebuilt in eager PyTorch from the same model and
+seed, with the same adapters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from edge_runtime.backends import open_backend
+from edge_runtime.bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
+from edge_runtime.errors import BackendError, BundleError, ConfigError
+from edge_runtime.optim import SGD
+
+MAX_B, MAX_T = 4, 32
+BACKENDS = ["ort", "executorch"]
+FAST = [("gpt2", 1)]
+SLOW = [("minilm", 1), ("minilm", 3), ("gpt2", 2), ("llama", 1), ("llama", 3)]
+MATRIX = FAST + [pytest.param(c, marks=pytest.mark.slow) for c in SLOW]
+
+_bundles: dict = {}
+
+
+@pytest.fixture
+def bundle(request, tiny_model_dirs, tmp_path_factory) -> Bundle:
+    """A real two-backend bundle for (family, split), exported once per session."""
+    family, split = request.param
+    if (family, split) not in _bundles:
+        from export.pipeline import ExportConfig, export_bundle
+
+        model = "minilm" if family == "minilm" else str(tiny_model_dirs[family])
+        out = tmp_path_factory.mktemp("bundles") / f"{family}-s{split}"
+        cfg = ExportConfig(model=model, split=split, out=str(out), backend="all", max_batch=MAX_B, max_seq=MAX_T,
+                           ort_training_artifacts=False)
+        _bundles[family, split] = export_bundle(cfg, progress=False)[0]
+    return _bundles[family, split]
+
+
+_references: dict = {}
+
+
+def reference(bundle: Bundle):
+    """(head, {canonical name: head parameter}) in eager PyTorch, as the bundle was exported."""
+    key = str(bundle.root)
+    if key not in _references:
+        from export.models import LoraSettings, load_model
+        from export.partition import build_head
+
+        m = bundle.manifest
+        lora = LoraSettings(r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout, target_modules=m.lora.target_modules)
+        loaded = load_model(m.model.id, task=m.model.task, num_labels=m.model.num_labels, lora=lora,
+                            seed=int(m.extra.get("seed", 0)))
+        head = build_head(loaded, m.split)
+        own = dict(head.named_parameters())
+        params = {canon: own[n] for n, canon in head.canonical().items()}
+        assert list(params) == [p.name for p in m.trainable_parameters]
+        for p in head.parameters():
+            p.requires_grad_(False)
+        _references[key] = head, params
+    return _references[key]
+
+
+def eager(bundle, theta, ids, mask, grad_z=None):
+    """z (and the θ-gradients of Σ z·grad_z) of the eager head with adapters θ."""
+    head, params = reference(bundle)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(torch.from_numpy(theta[n]))
+    leaves = list(params.values())
+    for p in leaves:
+        p.requires_grad_(grad_z is not None)
+    z = head(torch.from_numpy(ids), torch.from_numpy(mask))
+    if grad_z is None:
+        return z.detach().numpy()
+    grads = torch.autograd.grad(z, leaves, grad_outputs=torch.from_numpy(grad_z))
+    return z.detach().numpy(), {n: g.numpy() for n, g in zip(params, grads)}
+
+
+def random_theta(bundle, seed):
+    rng = np.random.default_rng(seed)
+    return {p.name: (0.05 * rng.standard_normal(p.shape)).astype(np.float32) for p in bundle.manifest.trainable_parameters}
+
+
+def batch(bundle, b, t, seed):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, bundle.manifest.model.vocab_size, (b, t), dtype=np.int64)
+    mask = np.ones((b, t), np.int64)
+    mask[-1, max(1, t // 2):] = 0  # padding in the last row
+    return ids, mask
+
+
+def rel(a, b) -> float:
+    return float(np.linalg.norm(np.asarray(a) - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def bundle_id(case):
+    return f"{case[0]}-s{case[1]}"
+
+
+@pytest.mark.parametrize("bundle", MATRIX, indirect=True, ids=bundle_id)
+@pytest.mark.parametrize("name", BACKENDS)
+def test_gradients_match_autograd_at_three_shapes(bundle, name):
+    be = open_backend(name, bundle, threads=1)
+    theta = random_theta(bundle, seed=1)
+    be.set_params(theta)
+    for i, (b, t) in enumerate([(1, 2), (3, 17), (MAX_B, MAX_T)]):
+        ids, mask = batch(bundle, b, t, seed=i)
+        z = be.forward(ids, mask)
+        grad_z = np.random.default_rng(10 + i).standard_normal(z.shape).astype(np.float32)
+        z_ref, g_ref = eager(bundle, theta, ids, mask, grad_z)
+        assert z.dtype == np.float32 and rel(z, z_ref) <= 1e-5
+        grads = be.backward(grad_z)
+        assert list(grads) == list(theta)
+        for n, g in grads.items():
+            assert g.shape == theta[n].shape and g.dtype == np.float32
+            zero = not np.any(g_ref[n])  # one visible token: attention's query gets no gradient
+            assert (zero and not np.any(np.abs(g) > 1e-12)) or rel(g, g_ref[n]) <= 1e-4, (n, b, t, rel(g, g_ref[n]))
+
+
+@pytest.mark.parametrize("bundle", MATRIX, indirect=True, ids=bundle_id)
+@pytest.mark.parametrize("name", BACKENDS)
+def test_five_sgd_steps_match_torch_optim(bundle, name):
+    be = open_backend(name, bundle, threads=1)
+    theta0 = random_theta(bundle, seed=2)
+    be.set_params(theta0)
+    opt = SGD(lr=0.01, momentum=0.9)
+
+    head, params = reference(bundle)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(torch.from_numpy(theta0[n]))
+    leaves = list(params.values())
+    for p in leaves:
+        p.requires_grad_(True)
+    topt = torch.optim.SGD(leaves, lr=0.01, momentum=0.9)
+    for step in range(5):
+        ids, mask = batch(bundle, 3, 12 + step, seed=100 + step)
+        grad_z = np.random.default_rng(200 + step).standard_normal((3, 12 + step, bundle.manifest.model.hidden_size))
+        grad_z = grad_z.astype(np.float32)
+        be.forward(ids, mask)
+        opt.step(be.params, be.backward(grad_z))
+        topt.zero_grad()
+        (head(torch.from_numpy(ids), torch.from_numpy(mask)) * torch.from_numpy(grad_z)).sum().backward()
+        topt.step()
+    ours = be.get_params()
+    for n, p in params.items():
+        assert not np.array_equal(ours[n], theta0[n]), n  # every tensor trained
+        assert rel(ours[n], p.detach().numpy()) <= 1e-4, (n, rel(ours[n], p.detach().numpy()))
+
+
+@pytest.mark.parametrize("bundle", FAST, indirect=True, ids=bundle_id)
+@pytest.mark.parametrize("name", BACKENDS)
+def test_reference_forward_leaves_the_kept_one_alone(bundle, name):
+    """forward(params=φ, keep=False) between forward and backward (the alignment term)."""
+    be = open_backend(name, bundle, threads=1)
+    theta, phi = random_theta(bundle, 3), random_theta(bundle, 4)
+    be.set_params(theta)
+    ids, mask = batch(bundle, 2, 10, seed=5)
+    z = be.forward(ids, mask)
+    z_phi = be.forward(ids, mask, params=phi, keep=False)
+    assert rel(z_phi, eager(bundle, phi, ids, mask)) <= 1e-5
+    grad_z = np.ones_like(z)
+    _, g_ref = eager(bundle, theta, ids, mask, grad_z)
+    grads = be.backward(grad_z)
+    assert all(rel(grads[n], g_ref[n]) <= 1e-4 for n in theta)
+    assert all(np.array_equal(be.params[n], theta[n]) for n in theta)  # φ never became θ
+
+
+@pytest.mark.parametrize("bundle", FAST, indirect=True, ids=bundle_id)
+@pytest.mark.parametrize("name", BACKENDS)
+def test_bad_inputs_get_one_line_errors_and_change_nothing(bundle, name):
+    be = open_backend(name, bundle, threads=1)
+    m = bundle.manifest
+    with pytest.raises(BackendError, match="without a kept forward"):
+        be.backward(np.zeros((1, 2, m.model.hidden_size), np.float32))
+    ids, mask = batch(bundle, 2, 6, seed=0)
+    bad_batches = [
+        ((ids[0], mask[0]), "must both be \\[B, T\\]"),
+        ((ids, mask[:, :5]), "must both be \\[B, T\\]"),
+        ((np.zeros((MAX_B + 1, 4), np.int64),) * 2, "outside this bundle's limits"),
+        ((np.zeros((2, MAX_T + 1), np.int64),) * 2, "outside this bundle's limits"),
+        ((np.zeros((2, 1), np.int64),) * 2, "outside this bundle's limits"),
+        ((ids.astype(np.float32), mask), "must be integers"),
+        ((ids + m.model.vocab_size, mask), "token ids must be in"),
+        ((ids, mask * 2), "only 0 \\(padding\\) and 1"),
+    ]
+    for (i, k), match in bad_batches:
+        with pytest.raises(ConfigError, match=match):
+            be.forward(i, k)
+    z = be.forward(ids, mask)
+    for g, match in [
+        (np.zeros((2, 5, m.model.hidden_size), np.float32), "grad_z must be float"),
+        (np.zeros(z.shape, np.int64), "grad_z must be float"),
+        (np.full(z.shape, np.nan, np.float32), "NaN or Inf"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            be.backward(g)
+    assert be.backward(np.ones_like(z)).keys() == be.params.keys()  # the kept forward survived
+    with pytest.raises(BackendError, match="without a kept forward"):
+        be.backward(np.ones_like(z))  # and was consumed
+
+    theta = be.get_params()
+    first = next(iter(theta))
+    for params, match in [
+        ({**theta, "extra": theta[first]}, "do not match the bundle"),
+        ({k: v for k, v in theta.items() if k != first}, "do not match the bundle"),
+        ({**theta, first: theta[first].T}, "has shape"),
+        ({**theta, first: np.full_like(theta[first], np.inf)}, "finite floats"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            be.set_params(params)
+    assert all(np.array_equal(be.params[n], theta[n]) for n in theta)
+
+
+@pytest.mark.parametrize("bundle", FAST, indirect=True, ids=bundle_id)
+def test_open_backend_refuses_what_it_cannot_run(bundle):
+    with pytest.raises(ConfigError, match="unknown backend 'tflite'"):
+        open_backend("tflite", bundle)
+    with pytest.raises(ConfigError, match="threads must be >= 1"):
+        open_backend("ort", bundle, threads=0)
+
+
+def _rewrite(bundle: Bundle, dest, change) -> Bundle:
+    """A copy of ``bundle`` with ``change(root)`` applied and the checksums redone (a bad export)."""
+    shutil.copytree(bundle.root, dest)
+    change(dest)
+    m = bundle.manifest
+    files = {rel: sha256_file(dest / rel) for rel in m.files}
+    (dest / MANIFEST_NAME).write_text(dataclasses.replace(m, files=files).dumps())
+    return load_bundle(dest)
+
+
+@pytest.mark.parametrize("bundle", FAST, indirect=True, ids=bundle_id)
+def test_programs_that_do_not_fit_the_manifest_are_refused(bundle, tmp_path):
+    m = bundle.manifest
+
+    def swap(root):
+        f, b = root / m.artifacts["ort.forward"], root / m.artifacts["ort.backward"]
+        data = f.read_bytes()
+        f.write_bytes(b.read_bytes())
+        b.write_bytes(data)
+
+    swapped = _rewrite(bundle, tmp_path / "swapped", swap)
+    with pytest.raises(BundleError, match="the ort forward program takes .* inputs, the manifest lists"):
+        open_backend("ort", swapped)
+
+    def garble(root):
+        (root / m.artifacts["executorch.program"]).write_bytes(b"not a program" * 100)
+        (root / m.artifacts["ort.forward"]).write_bytes(b"not a model" * 100)
+
+    garbled = _rewrite(bundle, tmp_path / "garbled", garble)
+    with pytest.raises(BackendError, match="ExecuTorch cannot load it"):
+        open_backend("executorch", garbled)
+    with pytest.raises(BackendError, match="ONNX Runtime cannot load it"):
+        open_backend("ort", garbled)
+
+
+@pytest.mark.parametrize("bundle", FAST, indirect=True, ids=bundle_id)
+def test_ort_backend_trains_where_torch_cannot_be_imported(bundle):
+    script = textwrap.dedent(
+        """
+        import importlib.abc, json, sys
+
+        class NoTorch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError(f"{name} is blocked")
+
+        sys.meta_path.insert(0, NoTorch())
+        import numpy as np
+        from edge_runtime.backends import open_backend
+        from edge_runtime.bundle import load_bundle
+        from edge_runtime.errors import BackendError
+        from edge_runtime.optim import AdamW
+
+        bundle = load_bundle(sys.argv[1])
+        be = open_backend("ort", bundle, threads=1)
+        ids = np.arange(2 * 9, dtype=np.int64).reshape(2, 9) + 1000
+        mask = np.ones_like(ids)
+        before = be.get_params()
+        z = be.forward(ids, mask)
+        AdamW(1e-2).step(be.params, be.backward(np.ones_like(z)))
+        changed = all(not np.array_equal(before[n], be.params[n]) for n in before)
+        try:
+            open_backend("executorch", bundle)
+            et = "opened"
+        except BackendError as e:
+            et = str(e)
+        print(json.dumps({"z": list(z.shape), "changed": changed, "torch": "torch" in sys.modules, "et": et}))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-c", script, str(bundle.root)], capture_output=True, text=True, env=env,
+                         timeout=300, cwd=os.getcwd())
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["z"] == [2, 9, bundle.manifest.model.hidden_size] and res["changed"] and not res["torch"]
+    assert "flexsfl[edge-executorch]" in res["et"]
