@@ -21,7 +21,7 @@ __all__ = ["add_parser", "run_edge"]
 log = logging.getLogger("flexsfl.edge")
 
 _CONFIG_KEYS = {"server", "client_id", "token_file", "token", "bundle", "data", "test_data", "backend", "threads",
-                "state_dir", "encodings", "max_retries", "seed", "full_model"}
+                "state_dir", "encodings", "max_retries", "seed", "full_model", "profile"}
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -38,7 +38,7 @@ def _settings(args: argparse.Namespace) -> dict:
         if unknown:
             raise ConfigError(f"{path}: unknown keys {unknown}; allowed: {sorted(_CONFIG_KEYS)}")
         base = path.parent
-        for k in ("token_file", "bundle", "data", "test_data", "state_dir"):
+        for k in ("token_file", "bundle", "data", "test_data", "state_dir", "profile"):
             if isinstance(cfg.get(k), str):
                 cfg[k] = str((base / cfg[k]).expanduser()) if not os.path.isabs(cfg[k]) else cfg[k]
     for k in _CONFIG_KEYS:
@@ -94,9 +94,14 @@ def run_edge(cfg: dict) -> int:
     encodings = cfg.get("encodings")
     if isinstance(encodings, str):
         encodings = tuple(e.strip() for e in encodings.split(",") if e.strip())
+    if cfg.get("profile"):
+        from .probe import read_profile
+
+        profile = read_profile(cfg["profile"]).to_json()
+    else:
+        profile = {"backend": backend_name, "arch": m.target.arch, "target": m.target.name}
     opts = ClientOptions(
-        server=cfg["server"], client_id=cfg["client_id"], token=_token(cfg),
-        profile={"backend": backend_name, "arch": m.target.arch},
+        server=cfg["server"], client_id=cfg["client_id"], token=_token(cfg), profile=profile,
         max_retries=int(cfg.get("max_retries") or 0),
         **({"encodings": tuple(encodings)} if encodings else {}),
     )
@@ -130,9 +135,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--seed", type=int, help="data order seed")
     r.add_argument("--full-model", dest="full_model", action="store_const", const=True,
                    help="train the whole model here with torch (the FedAvg / local-only baselines)")
+    r.add_argument("--profile", help="device profile JSON (from `flexsfl edge probe --json`) to report to the server")
     r.set_defaults(func=_run)
-    try:
-        from .probe import add_parser as add_probe
-    except ImportError:  # the probe lands separately
-        return
+    from .probe import add_parser as add_probe
+
     add_probe(esub)

@@ -21,7 +21,7 @@ import time
 from typing import Iterator
 
 from edge_runtime.bundle import Bundle, TensorSpec, load_bundle
-from edge_runtime.errors import ConfigError, ExportError
+from edge_runtime.errors import ConfigError
 from edge_runtime.targets import TargetProfile, get_target
 
 from .bundle_writer import tar_bundle, write_adapter, write_manifest, write_tokenizer
@@ -122,6 +122,7 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, 
     from .models import LoraSettings, load_model
     from .partition import build_head
     from .programs import build_head_programs
+    from .split_selection import config_subset
 
     target = get_target(cfg.target)
     for note in target_notes(target, cfg.backends):
@@ -187,6 +188,8 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, 
                 tokenizer=tokenizer, adapter=adapter,
                 extra={
                     "seed": cfg.seed,
+                    # the model's shape, so a device can plan splits without the model installed
+                    "model_config": config_subset(loaded.base.config.to_dict()),
                     "step_cost": STEP_COST["split"],
                     "optimizers": "sgd and adamw run on the device in numpy for the split programs (ExecuTorch's own "
                                   "Python training API offers SGD only)",
@@ -220,6 +223,3 @@ def _param_renamer(canonical: dict[str, str]):
 
     return rename
 
-
-def _unused(_: ExportError) -> None:  # keeps the import for type checkers of callers
-    pass
