@@ -61,15 +61,23 @@ def write_tokenizer(loaded: "LoadedModel", root: pathlib.Path, max_seq: int) -> 
 def write_adapter(loaded: "LoadedModel", head: "Head", root: pathlib.Path) -> tuple[str, tuple[ParamSpec, ...]]:
     """The head's LoRA tensors in PEFT format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-    ``PeftModel.from_pretrained(base_model, ADAPTER_DIR)`` loads it; tensors of the tail's blocks
-    and the task head are not in the file (they live on the server) and keep their initial values.
+    The config is the model's LoRA config restricted to the head's blocks
+    (``layers_to_transform``) with no task type and no ``modules_to_save``: the tail's adapters
+    and the task head live on the server. So ``PeftModel.from_pretrained(base_model, ADAPTER_DIR)``
+    loads exactly the head's adapters, and a trained personal head written in their place too.
     """
+    import copy
+
     import safetensors.torch
 
     from .partition import block_of
 
     out = root / ADAPTER_DIR
-    loaded.model.peft_config["default"].save_pretrained(str(out))  # writes adapter_config.json
+    cfg = copy.deepcopy(loaded.model.peft_config["default"])
+    cfg.layers_to_transform = list(head.block_ids)
+    cfg.modules_to_save = None
+    cfg.task_type = None
+    cfg.save_pretrained(str(out))  # writes adapter_config.json
     canonical = head.canonical()
     tensors = {canonical[n]: p.detach().contiguous() for n, p in head.trainable()}
     safetensors.torch.save_file(tensors, str(out / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})

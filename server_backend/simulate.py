@@ -80,9 +80,9 @@ class SimConfig:
 
 # The README's main command: 4 VADER domains as 4 devices of different kinds, so splits differ.
 DEMO = SimConfig(
-    strategy="flexpsfl", model="minilm", data="vader", partition="natural", clients=4, rounds=6, local_steps=12,
-    batch_size=16, lr=5e-4, optimizer="adamw", align_lambda=0.1, profiles=("rpi4", "rpi4", "rpi5", "jetson-orin"),
-    backend="ort", max_train=400, max_test=100, max_seq=64, eval_every=2, out="results/demo",
+    strategy="flexpsfl", model="minilm", data="vader", partition="natural", clients=4, rounds=5, local_steps=15,
+    batch_size=8, lr=2e-3, optimizer="adamw", align_lambda=0.1, profiles=("rpi4", "rpi4", "rpi5", "jetson-orin"),
+    backend="ort", max_train=300, max_test=80, max_seq=48, eval_every=0, out="results/demo",
 )
 
 

@@ -1,0 +1,142 @@
+"""Bundles: export through the CLI contract, verify, load; tampering is caught naming the file."""
+
+import json
+import pathlib
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from edge_runtime.bundle import MANIFEST_NAME, load_bundle
+from edge_runtime.errors import BundleError
+from flexsfl.cli import main
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_model_dirs):
+    root = tmp_path_factory.mktemp("bundle")
+    out = root / "llama-s2"
+    rc = main(["export", "--model", str(tiny_model_dirs["llama"]), "--split", "2", "--backend", "all", "--target", "rpi5",
+               "--num-labels", "3", "--out", str(out), "--tar", "--max-batch", "4", "--max-seq", "32", "--quiet"])
+    assert rc == 0
+    return out
+
+
+def test_manifest_describes_every_program(exported):
+    b = load_bundle(exported)
+    m = b.manifest
+    assert m.schema_version == 1 and m.split == 2 and m.backend == ("ort", "executorch") and m.target.name == "rpi5"
+    assert m.model.family == "llama" and m.model.num_blocks == 4 and m.model.hidden_size == 64
+    assert {"executorch.program", "ort.forward", "ort.backward", "ort.training_model", "ort.eval_model",
+            "ort.optimizer_model", "ort.checkpoint"} <= set(m.artifacts)
+    for role in ("ort.forward", "ort.backward", "executorch.forward", "executorch.backward", "ort.training"):
+        assert m.inputs[role] and m.outputs[role]
+    fwd = m.inputs["ort.forward"]
+    assert [t.name for t in fwd[:2]] == ["input_ids", "attention_mask"] and fwd[0].shape == ("batch", "seq")
+    assert [t.name for t in fwd[2:]] == [p.name for p in m.trainable_parameters]
+    assert all(p.block < 2 and "lora_" in p.name for p in m.trainable_parameters)
+    assert m.step == {"ort": "split", "executorch": "split"}
+    assert set(m.files) == {p.relative_to(exported).as_posix() for p in exported.rglob("*") if p.is_file()} - {MANIFEST_NAME}
+    assert any("aarch64" in n for n in m.extra["target_notes"])  # rpi5 + ort: says what the device needs
+
+
+def test_adapter_loads_with_peft(exported, tiny_model_dirs):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_config(
+        __import__("transformers").AutoConfig.from_pretrained(tiny_model_dirs["llama"], num_labels=3))
+    model = PeftModel.from_pretrained(base, str(exported / "adapter"))
+    want = load_file(str(exported / "adapter" / "adapter_model.safetensors"))
+    got = {n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n}
+    for name, t in want.items():
+        torch.testing.assert_close(got[name], t)
+
+
+def test_every_flipped_byte_is_caught_naming_the_file(exported, tmp_path):
+    m = load_bundle(exported).manifest
+    for rel in m.files:
+        copy = tmp_path / rel.replace("/", "_")
+        shutil.copytree(exported, copy)
+        f = copy / rel
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        f.write_bytes(bytes(data))
+        with pytest.raises(BundleError, match=rf"{pathlib.Path(rel).name}: sha256 mismatch") as e:
+            load_bundle(copy)
+        assert "\n" not in str(e.value)
+        shutil.rmtree(copy)
+
+
+def test_truncated_missing_and_edited_manifest(exported, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(exported, copy)
+    onnx = copy / "ort" / "forward.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:100])
+    with pytest.raises(BundleError, match="forward.onnx: sha256 mismatch"):
+        load_bundle(copy)
+    onnx.unlink()
+    with pytest.raises(BundleError, match="forward.onnx: listed in the manifest but missing"):
+        load_bundle(copy)
+    shutil.rmtree(copy)
+    shutil.copytree(exported, copy)
+    man = json.loads((copy / MANIFEST_NAME).read_text())
+    for edit, msg in (
+        (lambda d: d.update(schema_version=99), "schema_version 99 is not supported"),
+        (lambda d: d["files"].update({"../../etc/passwd": "0" * 64}), "escapes the bundle"),
+        (lambda d: d.update(split=3), "layout_hash does not match"),
+        (lambda d: d.pop("tokenizer"), "missing field manifest.tokenizer"),
+    ):
+        d = json.loads(json.dumps(man))
+        edit(d)
+        (copy / MANIFEST_NAME).write_text(json.dumps(d))
+        with pytest.raises(BundleError, match=msg):
+            load_bundle(copy)
+    (copy / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(BundleError, match="manifest.json: not valid JSON"):
+        load_bundle(copy)
+
+
+def test_tarball_round_trip_and_cli_verify(exported, tmp_path, capsys):
+    tar = exported.with_name(exported.name + ".tar.gz")
+    b = load_bundle(tar, cache=tmp_path / "cache")
+    assert b.manifest.layout_hash == load_bundle(exported).manifest.layout_hash
+    assert main(["bundle", "verify", str(tar)]) == 0
+    assert "every checksum matches" in capsys.readouterr().out
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(tar.read_bytes()[:2000])
+    assert main(["bundle", "verify", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.tar.gz" in err and len(err.strip().splitlines()) == 1
+
+
+def test_programs_in_the_bundle_train(exported):
+    """The bundle's own artifacts, through the backends, give the head's exact gradients."""
+    from edge_runtime.backends import open_backend
+
+    b = load_bundle(exported)
+    ids = np.random.default_rng(0).integers(5, 3000, (3, 9))
+    mask = np.ones((3, 9), np.int64)
+    mask[2, 4:] = 0
+    g = np.random.default_rng(1).standard_normal((3, 9, 64)).astype(np.float32)
+    ref = open_backend("torch", b)
+    want_z, want = ref.forward(ids, mask), None
+    want = ref.backward(g)
+    for name in ("ort", "executorch"):
+        be = open_backend(name, b, threads=1)
+        z = be.forward(ids, mask)
+        np.testing.assert_allclose(z, want_z, rtol=1e-4, atol=1e-5)
+        got = be.backward(g)
+        for n in want:
+            err = np.linalg.norm(got[n] - want[n]) / max(np.linalg.norm(want[n]), 1e-12)
+            assert err <= 1e-4, (name, n, err)
+
+
+def test_existing_out_dir_is_refused(exported, tiny_model_dirs, capsys):
+    rc = main(["export", "--model", str(tiny_model_dirs["llama"]), "--split", "2", "--num-labels", "3",
+               "--out", str(exported), "--quiet"])
+    assert rc == 2 and "already exists" in capsys.readouterr().err
+    load_bundle(exported)  # untouched
