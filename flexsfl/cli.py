@@ -127,12 +127,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Library chatter a user cannot act on (deprecations inside torch/transformers, torchvision
+    not installed, torchao's CUDA kernels on a CPU machine) stays out of the output; -vv shows it."""
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", message=".*(TypedStorage|non-writable|experimental).*")
+    for name in ("torch", "torchao", "onnxscript", "onnx_ir", "executorch", "transformers", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.verbose < 2:
+        _quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except FlexSFLError as e:

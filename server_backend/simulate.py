@@ -384,7 +384,7 @@ def plot(summaries: Sequence[tuple[str, pathlib.Path]], path: pathlib.Path) -> p
 
 def simulate(cfg: SimConfig, *, show: bool = True) -> dict:
     """Run one federation; returns the summary (also in ``cfg.out``/summary.json)."""
-    out = pathlib.Path(cfg.out)
+    out = pathlib.Path(cfg.out).resolve()  # clients get absolute paths in their config files
     out.mkdir(parents=True, exist_ok=True)
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn

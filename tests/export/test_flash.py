@@ -599,3 +599,32 @@ def test_runtime_is_not_reinstalled_for_the_same_wheel(sshd, installed, tmp_path
     again = flash(bundle, remote(sshd, name), wheel=wheel)
     assert again.runtime == f"flexsfl[edge] in {path}/venv: up to date"
     assert again.uploaded == () and marker.stat().st_mtime_ns == before
+
+
+def test_flashed_runtime_completes_a_training_round(sshd, installed, tiny_model_dirs, tmp_path):
+    """The device's runtime, started as the unit starts it, trains a round against a real server."""
+    from server_backend.clients import hash_token
+
+    from tests.integration.harness import events, flexsfl, wait_listening
+
+    report, name, path, bundle, wheel, server, _ = installed
+    port = int(server.rsplit(":", 1)[1])
+    clients = tmp_path / "clients.json"
+    clients.write_text(json.dumps({"version": 1, "clients": {"pi-7": {"token_sha256": hash_token("s3cret-token")}}}))
+    log = tmp_path / "server.log"
+    srv = flexsfl("serve", "--model", str(tiny_model_dirs["gpt2"]), "--num-labels", "2", "--port", str(port),
+                  "--clients", str(clients), "--state-dir", str(tmp_path / "state"), "--rounds", "1",
+                  "--local-steps", "2", "--batch-size", "2", "--threads", "1", log=log)
+    try:
+        wait_listening(port, srv, log)
+        run = ssh_run(sshd, f"cd {path} && timeout 100 {path}/venv/bin/flexsfl edge run --config {path}/config.json")
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "done: 1 rounds" in run.stdout
+        assert srv.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+    rounds = events(tmp_path / "state", "round")
+    assert rounds[0]["clients"] == ["pi-7"] and rounds[0]["steps"] == 2
+    # the device kept its personal head where flash pointed the runtime's state
+    assert (path / "state" / "personal.safetensors").exists()
