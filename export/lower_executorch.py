@@ -1,28 +1,31 @@
 """Lower a head's forward/backward programs to ONE ExecuTorch ``.pte`` with two methods.
 
-``forward`` and ``backward`` live in one program so the frozen weights are stored once (the
-emitter and XNNPACK's named-data store keep one copy of each distinct constant). Dynamic
-``batch`` / ``seq`` are planned at their upper bounds (``max_batch`` x ``max_seq``).
+``forward`` and ``backward`` live in one program so the frozen weights are stored once: both
+methods read the same constants, and the emitter and XNNPACK's named-data store keep one copy
+of each. Dynamic ``batch`` / ``seq`` are planned at their upper bounds.
 
-Speed (MiniLM split 3, B=8, T=128, one thread; ETDump): with ExecuTorch's own kernels a step
-is ~3.3x eager PyTorch: ``mm`` runs at a fifth of GEMM peak and every frozen weight is
-transposed by a generic ``permute_copy`` on every call; ``gelu``/``erf``/``softmax`` are scalar
-loops. So, in order:
+Speed (MiniLM split 3, B=8, T=128, one thread; ETDump): with ExecuTorch's portable kernels a
+step is ~3.3x eager PyTorch: ``mm`` runs at a fifth of GEMM peak, every frozen weight is
+transposed by a generic ``permute_copy`` on every call, and ``gelu``/``erf``/``softmax`` are
+scalar loops. What fixes it, all here:
 
-1. ``addmm`` -> ``mm`` + ``add`` (GPT-2's ``Conv1D``; ExecuTorch's ``addmm`` kernel is ~4x slower);
-2. constant folding: transposes of frozen weights become constants. XNNPACK needs GEMM weights
-   to be constants to pre-pack them; the price is that a weight the backward reads untransposed
-   is stored twice (W^T for the forward, W for the backward: +28 % for MiniLM split 3);
+1. GEMMs on frozen weights become ``linear(x, W)`` (forward) and ``mm(g, W)`` (backward), so
+   XNNPACK gets ``W`` as a static weight it pre-packs once, and both methods share it (folding
+   the transposes into constants instead would store W and W^T: +28 % for MiniLM split 3);
+2. other ``addmm`` -> ``mm`` + ``add`` (GPT-2's ``Conv1D``; the portable ``addmm`` is ~4x slower);
 3. XNNPACK delegation of GEMMs, batched matmuls, transposes, gelu, exp, softmax and
-   add/mul/sub. The full partitioner set fails on these graphs ("pass through arguments": a
-   saved softmax output is both a partition's output and another's input), this subset works.
-   Result: ~1.15x eager for forward+backward, gradients within ~3e-6 of eager.
+   elementwise arithmetic; ``erf`` (gelu's derivative, ~15 % of a step as a scalar loop) is
+   computed from ops XNNPACK runs. The full partitioner set fails on these graphs ("pass
+   through arguments": a saved softmax output is both a partition's output and another's
+   input); this subset works.
 
+Result: forward and forward+backward at or below eager PyTorch's time, gradients within ~3e-6.
 All private/unstable ExecuTorch APIs the project uses for export live here.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import pathlib
 import time
@@ -71,6 +74,42 @@ def _xnnpack_partitioner():
     return XnnpackPartitioner(configs=[c for c in xc.ALL_PARTITIONER_CONFIGS if c.__name__ in wanted])
 
 
+def _for_executorch(gm: torch.fx.GraphModule, *, xnnpack: bool) -> None:
+    """Rewrite the programs' ops into the forms ExecuTorch runs fast (see the module docstring).
+
+    - ``mm(x, W.T)`` / ``addmm(b, x, W.T)`` with a frozen weight ``W`` -> ``linear(x, W[, b])``,
+      and ``(W.T).T`` -> ``W``: both methods then read ``W`` itself, which XNNPACK takes as a
+      static (pre-packed) GEMM weight, so it is stored once;
+    - other ``addmm`` -> ``mm`` + ``add``;
+    - with XNNPACK, ``erf`` -> :func:`_erf_for_xnnpack`.
+    """
+    aten = torch.ops.aten
+
+    def transposed_weight(n) -> torch.fx.Node | None:
+        """``W`` if ``n`` is ``permute(W, [1, 0])`` of a frozen weight (a module attribute)."""
+        is_t = isinstance(n, torch.fx.Node) and n.target == aten.permute.default and list(n.args[1]) == [1, 0]
+        return n.args[0] if is_t and n.args[0].op == "get_attr" else None
+
+    for n in list(gm.graph.nodes):  # in order: a (W.T).T is gone before the GEMM that reads it
+        if n.op != "call_function":
+            continue
+        if n.target == aten.permute.default and transposed_weight(n.args[0]) is not None and list(n.args[1]) == [1, 0]:
+            n.replace_all_uses_with(transposed_weight(n.args[0]))
+        elif n.target in (aten.mm.default, aten.addmm.default):
+            x, wt = (n.args[0], n.args[1]) if n.target == aten.mm.default else (n.args[1], n.args[2])
+            w = transposed_weight(wt)
+            if w is not None and n.kwargs.get("beta", 1) == 1 and n.kwargs.get("alpha", 1) == 1:
+                bias = (n.args[0],) if n.target == aten.addmm.default else ()
+                with gm.graph.inserting_before(n):
+                    lin = gm.graph.call_function(aten.linear.default, (x, w, *bias))
+                lin.meta = dict(n.meta)
+                n.replace_all_uses_with(lin)
+            elif n.target == aten.addmm.default:
+                n.target = _addmm_as_mm_add
+        elif xnnpack and n.target == aten.erf.default:
+            n.target = _erf_for_xnnpack
+
+
 def lower_executorch(programs: HeadPrograms, out_dir: str | pathlib.Path, *, xnnpack: bool = True) -> pathlib.Path:
     """Write ``out_dir/head.pte`` with methods ``forward`` and ``backward``; returns its path.
 
@@ -79,29 +118,22 @@ def lower_executorch(programs: HeadPrograms, out_dir: str | pathlib.Path, *, xnn
     Raises :class:`ExportError` if a step fails.
     """
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
-    from executorch.exir.passes.constant_prop_pass import constant_prop_pass
 
     t0 = time.perf_counter()
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / PTE_NAME
-    # 1. torch.export both programs with dynamic batch/seq; addmm -> mm + add (ExecuTorch's
-    #    addmm kernel is the slow one) and, for XNNPACK, erf from ops it runs.
-    rewrites = {torch.ops.aten.addmm.default: _addmm_as_mm_add}
-    if xnnpack:
-        rewrites[torch.ops.aten.erf.default] = _erf_for_xnnpack
-    ep_f, ep_b = export_programs(programs, rewrites=rewrites)
+    # 1. torch.export both programs with dynamic batch/seq, ops rewritten for ExecuTorch.
+    ep_f, ep_b = export_programs(programs, transform=functools.partial(_for_executorch, xnnpack=xnnpack))
     try:
-        # 2. Fold weight transposes into constants (XNNPACK pre-packs constant GEMM weights).
-        ep_f, ep_b = constant_prop_pass(ep_f), constant_prop_pass(ep_b)
-        # 3. Edge dialect, both methods in one program so constants are shared; XNNPACK takes
+        # 2. Edge dialect, both methods in one program so constants are shared; XNNPACK takes
         #    the GEMMs and the heavy elementwise ops.
         edge = to_edge_transform_and_lower(
             {"forward": ep_f, "backward": ep_b},
             partitioner=[_xnnpack_partitioner()] if xnnpack else None,
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
         )
-        # 4. ExecuTorch program; memory planned at the dims' upper bounds.
+        # 3. ExecuTorch program; memory planned at the dims' upper bounds.
         prog = edge.to_executorch(ExecutorchBackendConfig())
     except Exception as e:  # executorch raises plain Exceptions/RuntimeErrors
         raise ExportError(f"ExecuTorch lowering failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}") from e

@@ -38,8 +38,6 @@ MAX_IR_VERSION = 10  # what onnxruntime 1.19 accepts (onnx 1.23 writes 11+)
 
 def lower_onnx(programs: HeadPrograms, out_dir: str | pathlib.Path, *, verify: bool = True) -> tuple[pathlib.Path, pathlib.Path]:
     """Write ``out_dir/forward.onnx`` and ``out_dir/backward.onnx``; returns their paths."""
-    import onnx
-
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -54,17 +52,26 @@ def lower_onnx(programs: HeadPrograms, out_dir: str | pathlib.Path, *, verify: b
                 onx = torch.onnx.export(ep, (), dynamo=True, opset_version=OPSET, optimize=True,
                                         input_names=[t.name for t in spec.inputs],
                                         output_names=[t.name for t in spec.outputs])
-            model = onx.model_proto
         except Exception as e:  # noqa: BLE001 - the exporter raises many types
             raise ExportError(f"ONNX export of the {which} program failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
-        model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-        onnx.save_model(model, str(path))
+        onx.model.ir_version = min(onx.model.ir_version, MAX_IR_VERSION)
+        _check_standard_ops(onx.model, which)
+        # Heads over protobuf's 2 GB limit get their weights in a file next to the model.
+        onx.save(path)
         paths.append(path)
     log.info("ONNX programs written in %.1f s (%s)", time.perf_counter() - t0,
              ", ".join(f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in paths))
     if verify:
         _verify(programs, paths[0], paths[1])
     return paths[0], paths[1]
+
+
+def _check_standard_ops(model, which: str) -> None:
+    """Only the default ONNX domain: no ORT training or contrib ops, so any ONNX Runtime build runs it."""
+    other = sorted({f"{n.domain}::{n.op_type}" for n in model.graph if n.domain not in ("", "ai.onnx")})
+    if other:
+        raise ExportError(f"the {which} ONNX program uses non-standard operators ({', '.join(other[:5])}); "
+                          "the plain onnxruntime wheel could not run it, please report this")
 
 
 def _verify(programs: HeadPrograms, fwd: pathlib.Path, bwd: pathlib.Path, tol: float = 1e-4) -> None:

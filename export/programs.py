@@ -40,7 +40,7 @@ import dataclasses
 import logging
 import operator
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import sympy
 import torch
@@ -232,12 +232,12 @@ def build_head_programs(
 
 
 def export_programs(
-    programs: HeadPrograms, *, rewrites: Mapping[torch._ops.OpOverload, Callable] | None = None
+    programs: HeadPrograms, *, transform: Callable[[fx.GraphModule], None] | None = None
 ) -> tuple[ExportedProgram, ExportedProgram]:
     """Both programs as ``torch.export`` programs with dynamic ``batch``/``seq`` (for lowering).
 
-    ``rewrites`` maps ATen ops to Python functions that compute them from other ops (a
-    runtime's preferred decomposition); they are traced in place of the op, at no extra cost.
+    ``transform`` edits a copy of each GraphModule before it is traced (a runtime's preferred
+    form of some ops); ``programs`` is not changed.
 
     Traced size-obliviously: otherwise the solver meets guards from contiguity checks on the
     backward's reshaped inputs (``seq*min(8, 8*seq) == 8*seq``) that hold for every size but
@@ -251,11 +251,11 @@ def export_programs(
         ("forward", programs.forward, programs.forward_spec, programs.example_forward_args()),
         ("backward", programs.backward, programs.backward_spec, programs.example_backward_args()),
     ):
-        if rewrites:
+        if transform is not None:
             gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-            for n in gm.graph.nodes:
-                if n.op == "call_function" and n.target in rewrites:
-                    n.target = rewrites[n.target]
+            transform(gm)
+            gm.graph.eliminate_dead_code()
+            gm.graph.lint()
             gm.recompile()
         shapes = tuple({i: dims[s] for i, s in enumerate(t.shape) if isinstance(s, str)} or None for t in spec.inputs)
         try:
