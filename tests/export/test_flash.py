@@ -519,17 +519,15 @@ def test_cli_refuses_wrong_arguments():
 
 
 @pytest.fixture(scope="module")
-def installed(sshd, wheel, tiny_model_dirs, tmp_path_factory):
+def installed(sshd, wheel, tiny_bundles, tmp_path_factory):
     """A bundle exported from a (tiny, random) GPT-2 and flashed with flexsfl[edge] installed in DIR/venv.
 
     Yields (report, DIR name, DIR path, bundle, wheel, server URL, seconds the flash took).
     """
-    from export.pipeline import ExportConfig, export_bundle
+    from edge_runtime.bundle import load_bundle
 
     tmp = tmp_path_factory.mktemp("installed")
-    exported, _ = export_bundle(ExportConfig(model=str(tiny_model_dirs["gpt2"]), split=1, out=str(tmp / "bundle"),
-                                             backend="ort", ort_training_artifacts=False),
-                                progress=False)
+    exported = load_bundle(tiny_bundles("gpt2", 1, "ort"))
     name = f"flexsfl-rt-{secrets.token_hex(3)}"
     path = sshd.home / name
     server = f"ws://127.0.0.1:{free_port()}"  # nothing listens there

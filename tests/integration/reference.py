@@ -22,7 +22,7 @@ from .harness import events, finish, flexsfl, free_port, load_global, rel_err, w
 LR, STEPS, BATCH, LABELS = 0.05, 10, 4, 2
 
 
-def make_work(tmp_path_factory, tiny_model_dirs):
+def make_work(tmp_path_factory, tiny_model_dirs, tiny_bundles):
     from server_backend.datasets import load_rotten
 
     root = tmp_path_factory.mktemp("equiv")
@@ -31,19 +31,11 @@ def make_work(tmp_path_factory, tiny_model_dirs):
     for k, cid in enumerate(("a", "b")):
         data[cid] = root / f"{cid}.jsonl"
         write_jsonl(data[cid], rotten[k * 60 : k * 60 + 60])
-    return {"root": root, "model": tiny_model_dirs["llama"], "data": data, "bundles": {}}
+    return {"root": root, "model": tiny_model_dirs["llama"], "data": data, "bundles": tiny_bundles}
 
 
 def bundle(work, split: int, backend: str) -> pathlib.Path:
-    from export.pipeline import ExportConfig, export_bundle
-
-    key = (split, backend)
-    if key not in work["bundles"]:
-        out = work["root"] / f"bundle-s{split}-{backend}"
-        export_bundle(ExportConfig(model=str(work["model"]), split=split, out=str(out), backend=backend, num_labels=LABELS,
-                                   max_batch=8, max_seq=48, ort_training_artifacts=False), progress=False)
-        work["bundles"][key] = out
-    return work["bundles"][key]
+    return work["bundles"]("llama", split, backend, LABELS)
 
 
 def federate(work, tmp_path, clients: list[tuple[str, int, str]], *, min_clients: int | None = None,

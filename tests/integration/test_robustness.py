@@ -34,8 +34,8 @@ EXPECTED = {
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, tiny_model_dirs):
-    return make_work(tmp_path_factory, tiny_model_dirs)
+def work(tmp_path_factory, tiny_model_dirs, tiny_bundles):
+    return make_work(tmp_path_factory, tiny_model_dirs, tiny_bundles)
 
 
 def test_bad_client_is_refused_and_good_client_unaffected(work, tmp_path):
@@ -74,3 +74,33 @@ def test_bad_client_is_refused_and_good_client_unaffected(work, tmp_path):
     check(state, reference(work, [("a", 2, "ort")], steps))
     rounds = events(state, "round")
     assert rounds[0]["clients"] == ["a"] and "mallory" in rounds[0]["dropped"]
+
+
+def test_client_started_before_the_server_retries_with_backoff(work, tmp_path):
+    """A device that comes up before the server keeps retrying, then trains when it appears."""
+    from server_backend.clients import add_client
+
+    from .harness import finish, flexsfl, free_port, wait_listening
+    from .reference import LABELS
+
+    reg = tmp_path / "clients.json"
+    (tmp_path / "a.token").write_text(add_client(reg, "a"))
+    port = free_port()
+    clog = tmp_path / "a.log"
+    client = flexsfl("edge", "run", "--bundle", str(bundle(work, 2, "ort")), "--server", f"ws://127.0.0.1:{port}",
+                     "--data", str(work["data"]["a"]), "--client-id", "a", "--token-file", str(tmp_path / "a.token"),
+                     "--backend", "ort", "--threads", "1", "--state-dir", str(tmp_path / "state-a"), "--max-retries", "30",
+                     log=clog)
+    deadline = time.time() + 60
+    while clog.read_text().count("retrying in") < 2 and time.time() < deadline:
+        assert client.poll() is None, clog.read_text()[-2000:]
+        time.sleep(0.2)
+    assert clog.read_text().count("retrying in") >= 2
+    slog = tmp_path / "server.log"
+    server = flexsfl("serve", "--model", str(work["model"]), "--num-labels", str(LABELS), "--port", str(port),
+                     "--clients", str(reg), "--state-dir", str(tmp_path / "state"), "--rounds", "1", "--local-steps", "3",
+                     "--batch-size", "4", "--threads", "1", log=slog)
+    wait_listening(port, server, slog)
+    finish({"server": (server, slog), "client": (client, clog)}, timeout=300)
+    assert "done: 1 rounds" in clog.read_text()
+    assert events(tmp_path / "state", "round")[0]["clients"] == ["a"]

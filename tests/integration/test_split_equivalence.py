@@ -17,8 +17,8 @@ from .reference import STEPS, check, federate, make_work, order, reference
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, tiny_model_dirs):
-    return make_work(tmp_path_factory, tiny_model_dirs)
+def work(tmp_path_factory, tiny_model_dirs, tiny_bundles):
+    return make_work(tmp_path_factory, tiny_model_dirs, tiny_bundles)
 
 
 NO_TORCH = """
