@@ -334,6 +334,8 @@ def _collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], wh
             "client": cid, "groups": list(partition.clients[k].groups), "split": s, "choice": why[k],
             "personal_acc": c.get("personal_acc"), "generalization_acc": last.get("generalization", {}).get(cid),
             "step_ms": c.get("client_compute_ms", 0.0) + c.get("roundtrip_ms", 0.0),
+            # the split selection's prediction for the device profile (not this machine)
+            "predicted_step_ms": 1e3 * why[k]["predicted"]["time_s"] if "predicted" in why[k] else None,
             "client_compute_ms": c.get("client_compute_ms"), "wire_ms": c.get("wire_ms"), "server_ms": c.get("server_ms"),
             "bytes": c.get("bytes_sent", 0) + c.get("bytes_received", 0),
         })
@@ -409,18 +411,24 @@ def table(summary: dict) -> str:
 
     t = Table(title=f"{summary['config']['strategy']} on {summary['config']['data']} "
                     f"({summary['rounds']} rounds, {summary['final']['elapsed_s']:.0f} s of training)")
-    for col in ("client", "data", "split", "personal acc", "generalization acc", "step ms", "of which wire ms", "MB"):
-        t.add_column(col, justify="right" if col not in ("client", "data") else "left")
+    for col in ("client", "data", "profile", "split", "personal acc", "generalization acc", "step ms",
+                "of which wire ms", "predicted ms", "MB"):
+        t.add_column(col, justify="right" if col not in ("client", "data", "profile") else "left")
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for c in summary["per_client"]:
         groups = c["groups"][0] + (f" +{len(c['groups']) - 1}" if len(c["groups"]) > 1 else "")
-        t.add_row(c["client"], groups, str(c["split"]), fmt(c["personal_acc"]), fmt(c["generalization_acc"]),
-                  f"{c['step_ms']:.0f}", "-" if c["wire_ms"] is None else f"{c['wire_ms']:.1f}", f"{c['bytes'] / 1e6:.1f}")
+        pred = c.get("predicted_step_ms")
+        t.add_row(c["client"], groups, c["choice"].get("profile", "pinned"), str(c["split"]), fmt(c["personal_acc"]),
+                  fmt(c["generalization_acc"]), f"{c['step_ms']:.0f}", "-" if c["wire_ms"] is None else f"{c['wire_ms']:.1f}",
+                  "-" if pred is None else f"{pred:.0f}", f"{c['bytes'] / 1e6:.1f}")
     f = summary["final"]
-    console = Console(record=True, width=120, file=io.StringIO())
+    console = Console(record=True, width=150, file=io.StringIO())
     console.print(t)
     console.print(f"global model accuracy {fmt(f['global_acc'])}; mean personalized {fmt(f['personal_acc'])}; "
                   f"mean generalization {fmt(f['generalization_acc'])}")
+    if any(c.get("predicted_step_ms") for c in summary["per_client"]):
+        console.print("step ms: measured here (client compute + round trip); predicted ms: the split selection's "
+                      "estimate for the device profile, which this machine only plays")
     return console.export_text()
 
 
