@@ -303,8 +303,9 @@ def _row(cfg: ServerBenchConfig, model_id: str, mode: str, n: int, runs: list[di
 def _plot(rows: list[dict[str, Any]], path: pathlib.Path, cfg: ServerBenchConfig, machine: dict) -> pathlib.Path:
     series = {}
     for mode in cfg.modes:
-        pts = sorted((r["clients"], r["steps_per_s"]) for r in rows if r["mode"] == mode)
-        series[mode] = ([p[0] for p in pts], [p[1] for p in pts])
+        pts = sorted((r["clients"], r["steps_per_s"], 1e3 / r["cpu_ms_per_step"]) for r in rows if r["mode"] == mode)
+        series[f"{mode}: steps per wall second"] = ([p[0] for p in pts], [p[1] for p in pts])
+        series[f"{mode}: steps per server CPU second"] = ([p[0] for p in pts], [p[2] for p in pts])
     return line_plot(path, series, xlabel="concurrent clients", ylabel="steps / s (server)",
                      title=f"server throughput: {cfg.model} split {cfg.split}, B={cfg.batch}, T={cfg.seq}",
                      subtitle=f"{machine['cpu']}, {cfg.threads} torch thread(s), commit {machine['commit']}")
