@@ -94,7 +94,8 @@ class Worker:
         return self.recv(timeout)
 
     def close(self, timeout: float = 60.0) -> None:
-        """Ask the worker to stop and wait for it (killed if it does not exit in ``timeout``)."""
+        """Ask the worker to stop and wait for it (killed if it does not exit in ``timeout``).
+        The log file is removed if the worker exited cleanly."""
         if self.proc.poll() is None:
             try:
                 self.send({"stop": True})
@@ -108,6 +109,8 @@ class Worker:
         for f in (self.proc.stdin, self.proc.stdout):
             f.close()
         self._log.close()
+        if self.proc.returncode == 0:
+            self.log_path.unlink(missing_ok=True)  # kept only when the worker failed
 
     def __enter__(self) -> "Worker":
         return self

@@ -33,10 +33,16 @@ def test_gemm_peak_in_a_single_threaded_worker_process():
     assert r["threads"] == 1 and r["peak_gflops"] > 0
 
 
-def test_worker_failure_is_a_backend_error_naming_the_worker(tmp_path):
+def test_worker_failure_is_a_backend_error_naming_the_worker_and_keeps_its_log(tmp_path):
     with Worker("benchmarks.machine:gemm_worker", name="bad-gemm", log_dir=tmp_path) as w:
         with pytest.raises(BackendError, match="bad-gemm failed: ValueError"):
             w.request({"sizes": [-3], "reps": 1}, timeout=60)
+    assert "Traceback" in w.log_path.read_text()
+
+
+def test_a_clean_worker_leaves_no_log(tmp_path):
+    measure_gemm_peak(1, sizes=(16,), reps=1, log_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_worker_with_an_unknown_target_fails_cleanly(tmp_path):
