@@ -136,8 +136,6 @@ def test_five_sgd_steps_match_torch_optim(bundle, name):
     be = open_backend(name, bundle, threads=1)
     theta0 = random_theta(bundle, seed=2)
     be.set_params(theta0)
-    opt = SGD(lr=0.01, momentum=0.9)
-
     head, params = reference(bundle)
     with torch.no_grad():
         for n, p in params.items():
@@ -145,19 +143,26 @@ def test_five_sgd_steps_match_torch_optim(bundle, name):
     leaves = list(params.values())
     for p in leaves:
         p.requires_grad_(True)
-    topt = torch.optim.SGD(leaves, lr=0.01, momentum=0.9)
+    opt = topt = None
     for step in range(5):
         ids, mask = batch(bundle, 3, 12 + step, seed=100 + step)
-        grad_z = np.random.default_rng(200 + step).standard_normal((3, 12 + step, bundle.manifest.model.hidden_size))
-        grad_z = grad_z.astype(np.float32)
+        shape = (3, 12 + step, bundle.manifest.model.hidden_size)
+        grad_z = np.random.default_rng(200 + step).standard_normal(shape).astype(np.float32)
         be.forward(ids, mask)
-        opt.step(be.params, be.backward(grad_z))
+        grads = be.backward(grad_z)
+        if opt is None:
+            # A first step that moves θ by ~5 %: big enough to see, small enough that rounding
+            # differences (torch's FMAs vs numpy) do not grow into drift, for every model.
+            norm = lambda d: np.sqrt(sum(float(np.sum(np.square(a))) for a in d.values()))  # noqa: E731
+            lr = 0.05 * norm(theta0) / norm(grads)
+            opt, topt = SGD(lr=lr, momentum=0.9), torch.optim.SGD(leaves, lr=lr, momentum=0.9)
+        opt.step(be.params, grads)
         topt.zero_grad()
         (head(torch.from_numpy(ids), torch.from_numpy(mask)) * torch.from_numpy(grad_z)).sum().backward()
         topt.step()
     ours = be.get_params()
     for n, p in params.items():
-        assert not np.array_equal(ours[n], theta0[n]), n  # every tensor trained
+        assert rel(ours[n], theta0[n]) > 1e-3, n  # every tensor trained
         assert rel(ours[n], p.detach().numpy()) <= 1e-4, (n, rel(ours[n], p.detach().numpy()))
 
 
