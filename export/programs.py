@@ -19,9 +19,13 @@ backward as extra inputs, which neither ExecuTorch nor ONNX can take; so the cut
 on the export graph:
 
 * backward nodes: everything on the path from ``G`` to a parameter gradient;
-* values the backward reads that depend only on weights or constants (weight transposes),
-  and view-like ops of forward values, are recomputed in the backward (free or nearly);
-* every other forward value the backward reads is *saved*: a forward output;
+* forward-side values the backward reads are *saved* (forward outputs) only if the forward
+  computes them anyway for ``z``; the rest is computed in the backward, as eager autograd
+  does: what depends only on weights (weight transposes), views and copies of saved values,
+  and backward-only math on them (gelu's derivative). So the forward -- on the critical path,
+  before ``z`` can be sent -- does exactly the eager forward's FLOPs, the backward exactly the
+  eager backward's, and the saved activations take less memory than eager autograd's
+  (tests/export/test_programs.py checks all three);
 * SymInts the backward needs are re-derived from ``grad_z``'s dims (``grad_z`` has the same
   ``[batch, seq, d]`` as ``z``); ``*_like`` ops become ``full`` of their symbolic shape so the
   loss itself is never recomputed;
