@@ -15,7 +15,8 @@ parses. Per step we record::
 
 ``overhead_frac`` = rtt / the client's training step at the same B and T (taken from the latency
 benchmark's JSON, ``--step-ms``, or measured here with the eager head). The target is <= 0.10.
-``--accuracy`` also runs a short ``simulate`` per encoding and records the accuracies it reaches.
+``--accuracy`` also runs a short ``simulate`` per encoding (same data, seeds and order) and records
+the accuracies it reaches and its final training loss.
 """
 
 from __future__ import annotations
@@ -73,7 +74,9 @@ class WireConfig:
     accuracy: bool = False  # also run a short simulate per encoding
     sim_data: str = "rotten"
     sim_clients: int = 2
-    sim_rounds: int = 3
+    sim_rounds: int = 4
+    sim_local_steps: int = 25  # τ: long enough that the classifier leaves the majority class
+    sim_lr: float = 1e-3
     out: str = "results/bench"
 
     def __post_init__(self) -> None:
@@ -227,13 +230,17 @@ def _step_reference(cfg: WireConfig, log_dir: pathlib.Path) -> tuple[float, str]
 def _accuracy(cfg: WireConfig, enc: str) -> dict[str, Any]:
     from server_backend.simulate import SimConfig, simulate
 
+    out = pathlib.Path(cfg.out) / "wire-accuracy" / enc
     sim = SimConfig(data=cfg.sim_data, clients=cfg.sim_clients, rounds=cfg.sim_rounds, splits=(3,), encoding=enc,
-                    local_steps=10, batch_size=16, max_train=200, max_test=100, eval_every=0,
-                    out=str(pathlib.Path(cfg.out) / "wire-accuracy" / enc))
-    summary = simulate(sim, show=False)
-    final = summary["final"]
+                    local_steps=cfg.sim_local_steps, lr=cfg.sim_lr, batch_size=16, max_train=400, max_test=100,
+                    eval_every=0, out=str(out))
+    final = simulate(sim, show=False)["final"]
+    # Same seeds, data and order for every encoding: the final training loss is a paired comparison
+    # that moves long before accuracy does.
+    last = json.loads((out / "rounds.jsonl").read_text().splitlines()[-1])
+    losses = [c["loss"] for c in last["clients"].values()]
     return {"sim_global_acc": final["global_acc"], "sim_personal_acc": final["personal_acc"],
-            "sim_bytes": final["bytes"], "sim_train_s": final["elapsed_s"]}
+            "sim_final_loss": round(float(np.mean(losses)), 5), "sim_bytes": final["bytes"], "sim_train_s": final["elapsed_s"]}
 
 
 _COLUMNS: list[Column] = [
@@ -246,6 +253,7 @@ _COLUMNS: list[Column] = [
     ("overhead_frac", "of a step", ".1%"),
     ("z_rel_err", "Z rel err", ".1e"),
     ("g_rel_err", "g rel err", ".1e"),
+    ("sim_final_loss", "sim final loss", ".4f"),
     ("sim_global_acc", "sim global acc", ".3f"),
     ("sim_personal_acc", "sim personal acc", ".3f"),
 ]
@@ -315,6 +323,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sim-data", default=d.sim_data, help=f"data set of the accuracy runs (default {d.sim_data})")
     p.add_argument("--sim-clients", type=int, default=d.sim_clients)
     p.add_argument("--sim-rounds", type=int, default=d.sim_rounds)
+    p.add_argument("--sim-local-steps", type=int, default=d.sim_local_steps)
+    p.add_argument("--sim-lr", type=float, default=d.sim_lr)
     p.add_argument("--out", default=d.out, help=f"results directory (default {d.out})")
 
 
@@ -322,4 +332,4 @@ def config_from_args(args: argparse.Namespace) -> WireConfig:
     return WireConfig(batch=args.batch, seq=args.seq, hidden=args.hidden, g_scale=args.g_scale,
                       encodings=tuple(args.encodings.split(",")), reps=args.reps, warmup=args.warmup, step_ms=args.step_ms,
                       latency_json=args.latency_json, accuracy=args.accuracy, sim_data=args.sim_data, sim_clients=args.sim_clients,
-                      sim_rounds=args.sim_rounds, out=args.out)
+                      sim_rounds=args.sim_rounds, sim_local_steps=args.sim_local_steps, sim_lr=args.sim_lr, out=args.out)
