@@ -81,7 +81,8 @@ def _for_executorch(gm: torch.fx.GraphModule, *, xnnpack: bool) -> None:
       and ``(W.T).T`` -> ``W``: both methods then read ``W`` itself, which XNNPACK takes as a
       static (pre-packed) GEMM weight, so it is stored once;
     - other ``addmm`` -> ``mm`` + ``add``;
-    - with XNNPACK, ``erf`` -> :func:`_erf_for_xnnpack`.
+    - with XNNPACK, ``erf`` -> :func:`_erf_for_xnnpack`;
+    - ``alias`` and ``expand`` to the same shape (real copies in ExecuTorch) -> their input.
     """
     aten = torch.ops.aten
 
@@ -90,10 +91,16 @@ def _for_executorch(gm: torch.fx.GraphModule, *, xnnpack: bool) -> None:
         is_t = isinstance(n, torch.fx.Node) and n.target == aten.permute.default and list(n.args[1]) == [1, 0]
         return n.args[0] if is_t and n.args[0].op == "get_attr" else None
 
+    def same_shape(a: torch.fx.Node, b: torch.fx.Node) -> bool:
+        va, vb = a.meta.get("val"), b.meta.get("val")
+        return va is not None and vb is not None and [str(d) for d in va.shape] == [str(d) for d in vb.shape]
+
     for n in list(gm.graph.nodes):  # in order: a (W.T).T is gone before the GEMM that reads it
         if n.op != "call_function":
             continue
-        if n.target == aten.permute.default and transposed_weight(n.args[0]) is not None and list(n.args[1]) == [1, 0]:
+        if n.target == aten.alias.default or (n.target == aten.expand.default and same_shape(n, n.args[0])):
+            n.replace_all_uses_with(n.args[0])  # copies in ExecuTorch, no-ops in PyTorch
+        elif n.target == aten.permute.default and transposed_weight(n.args[0]) is not None and list(n.args[1]) == [1, 0]:
             n.replace_all_uses_with(transposed_weight(n.args[0]))
         elif n.target in (aten.mm.default, aten.addmm.default):
             x, wt = (n.args[0], n.args[1]) if n.target == aten.mm.default else (n.args[1], n.args[2])
