@@ -1,8 +1,8 @@
 """ONNX Runtime and ExecuTorch backends on real bundles, against eager autograd and torch.optim.
 
-Bundles are made by the real export pipeline (``export.pipeline.export_bundle``) from the tiny
-random GPT-2 of tests/tiny_models.py; the slow matrix adds real MiniLM weights, Llama and more
-split points. The reference is the same head rebuilt in eager PyTorch from the same model and
+Bundles are made by the real export pipeline (``export.pipeline.export_bundle``): the tiny random
+GPT-2 / Llama ones come from the session-wide ``tiny_bundles`` fixture (tests/conftest.py); the
+slow matrix adds real MiniLM weights, Llama and more split points. The reference is the same head rebuilt in eager PyTorch from the same model and
 seed, with the same adapters.
 """
 
@@ -25,28 +25,28 @@ from edge_runtime.bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
 from edge_runtime.errors import BackendError, BundleError, ConfigError
 from edge_runtime.optim import SGD
 
-MAX_B, MAX_T = 4, 32
 BACKENDS = ["ort", "executorch"]
 FAST = [("gpt2", 1)]
 SLOW = [("minilm", 1), ("minilm", 3), ("gpt2", 2), ("llama", 1), ("llama", 3)]
 MATRIX = FAST + [pytest.param(c, marks=pytest.mark.slow) for c in SLOW]
 
-_bundles: dict = {}
+_minilm: dict = {}
 
 
 @pytest.fixture
-def bundle(request, tiny_model_dirs, tmp_path_factory) -> Bundle:
+def bundle(request, tiny_bundles, tmp_path_factory) -> Bundle:
     """A real two-backend bundle for (family, split), exported once per session."""
     family, split = request.param
-    if (family, split) not in _bundles:
+    if family != "minilm":
+        return load_bundle(tiny_bundles(family, split, "all"))
+    if split not in _minilm:
         from export.pipeline import ExportConfig, export_bundle
 
-        model = "minilm" if family == "minilm" else str(tiny_model_dirs[family])
-        out = tmp_path_factory.mktemp("bundles") / f"{family}-s{split}"
-        cfg = ExportConfig(model=model, split=split, out=str(out), backend="all", max_batch=MAX_B, max_seq=MAX_T,
+        out = tmp_path_factory.mktemp("bundles") / f"minilm-s{split}"
+        cfg = ExportConfig(model="minilm", split=split, out=str(out), backend="all", max_batch=4, max_seq=32,
                            ort_training_artifacts=False)
-        _bundles[family, split] = export_bundle(cfg, progress=False)[0]
-    return _bundles[family, split]
+        _minilm[split] = export_bundle(cfg, progress=False)[0]
+    return _minilm[split]
 
 
 _references: dict = {}
@@ -116,7 +116,8 @@ def test_gradients_match_autograd_at_three_shapes(bundle, name):
     be = open_backend(name, bundle, threads=1)
     theta = random_theta(bundle, seed=1)
     be.set_params(theta)
-    for i, (b, t) in enumerate([(1, 2), (3, 17), (MAX_B, MAX_T)]):
+    m = bundle.manifest
+    for i, (b, t) in enumerate([(1, 2), (3, 17), (min(m.max_batch, 4), min(m.max_seq, 32))]):
         ids, mask = batch(bundle, b, t, seed=i)
         z = be.forward(ids, mask)
         grad_z = np.random.default_rng(10 + i).standard_normal(z.shape).astype(np.float32)
@@ -195,8 +196,8 @@ def test_bad_inputs_get_one_line_errors_and_change_nothing(bundle, name):
     bad_batches = [
         ((ids[0], mask[0]), "must both be \\[B, T\\]"),
         ((ids, mask[:, :5]), "must both be \\[B, T\\]"),
-        ((np.zeros((MAX_B + 1, 4), np.int64),) * 2, "outside this bundle's limits"),
-        ((np.zeros((2, MAX_T + 1), np.int64),) * 2, "outside this bundle's limits"),
+        ((np.zeros((m.max_batch + 1, 4), np.int64),) * 2, "outside this bundle's limits"),
+        ((np.zeros((2, m.max_seq + 1), np.int64),) * 2, "outside this bundle's limits"),
         ((np.zeros((2, 1), np.int64),) * 2, "outside this bundle's limits"),
         ((ids.astype(np.float32), mask), "must be integers"),
         ((ids + m.model.vocab_size, mask), "token ids must be in"),
