@@ -123,7 +123,8 @@ class _Echo:
     async def handle(self, ws) -> None:
         conn = Connection(Role.SERVER, self.limits)
         hello = conn.receive(await ws.recv())
-        assert isinstance(hello, Hello)
+        if not isinstance(hello, Hello):  # the client said Bye or Error first
+            return
         enc = hello.encodings[0]
         await ws.send(conn.send(Welcome(session_id="bench", encoding=enc, max_frame_bytes=self.limits.max_frame_bytes)))
         await ws.send(conn.send(RoundConfig(round_id=0, local_steps=1, batch_size=self.max_batch, lr=1e-3, optimizer="sgd",
