@@ -1,6 +1,6 @@
 """Accuracy vs time: FlexP-SFL against its baselines, on the same engine, data and seeds.
 
-    python -m benchmarks.accuracy [--rounds 5] [--out results/accuracy] [--strategies flexpsfl,...]
+    flexsfl bench accuracy [--rounds 5] [--out results/accuracy] [--strategies flexpsfl,...]
 
 Runs ``flexsfl simulate`` once per strategy (clients are separate processes on loopback) on the
 VADER domains with MiniLM — the demo's setting — and writes, under ``--out``: one directory per
@@ -24,9 +24,7 @@ import json
 import pathlib
 import time
 
-from server_backend.simulate import DEMO, SimConfig, plot, simulate
-
-__all__ = ["RUNS", "main"]
+__all__ = ["RUNS", "add_arguments", "main", "run_accuracy"]
 
 RUNS: dict[str, dict] = {
     "flexpsfl": {"strategy": "flexpsfl", "align_lambda": 0.1},
@@ -41,7 +39,8 @@ def _row(name: str, summary: dict) -> dict:
     f, t = summary["final"], summary["target"]
     return {
         "run": name, "strategy": summary["config"]["strategy"], "align_lambda": summary["config"]["align_lambda"],
-        "splits": [c["split"] for c in summary["per_client"]],
+        "splits": ("whole model" if summary["config"]["strategy"] in ("fedavg", "local")
+                   else ",".join(str(c["split"]) for c in summary["per_client"])),
         "personal_acc": f["personal_acc"], "generalization_acc": f["generalization_acc"], "global_acc": f["global_acc"],
         "train_s": f["elapsed_s"], "total_s": summary["total_s"], "mb": (f["bytes"] or 0) / 1e6,
         "target_acc": t["target_acc"], "time_to_target_s": t["elapsed_s"],
@@ -49,12 +48,12 @@ def _row(name: str, summary: dict) -> dict:
     }
 
 
-def _markdown(rows: list[dict], base: SimConfig) -> str:
+def _markdown(rows: list[dict]) -> str:
     fmt = lambda v, p=3: "—" if v is None else f"{v:.{p}f}"  # noqa: E731
     head = (f"| run | splits | personalized acc | generalization acc | global acc | time to {rows[0]['target_acc']:.2f} "
             "(s) | MB to target | training time (s) | MB total |\n|---|---|---|---|---|---|---|---|---|\n")
     lines = [
-        f"| {r['run']} | {','.join(map(str, r['splits']))} | {fmt(r['personal_acc'])} | {fmt(r['generalization_acc'])} | "
+        f"| {r['run']} | {r['splits']} | {fmt(r['personal_acc'])} | {fmt(r['generalization_acc'])} | "
         f"{fmt(r['global_acc'])} | {fmt(r['time_to_target_s'], 0)} | {fmt(r['mb_to_target'], 1)} | {fmt(r['train_s'], 0)} | "
         f"{fmt(r['mb'], 1)} |"
         for r in rows
@@ -62,20 +61,30 @@ def _markdown(rows: list[dict], base: SimConfig) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategies", default=",".join(RUNS), help=f"comma-separated, from {', '.join(RUNS)}")
-    p.add_argument("--rounds", type=int, default=DEMO.rounds)
-    p.add_argument("--local-steps", type=int, default=DEMO.local_steps)
-    p.add_argument("--target-acc", type=float, default=0.75)
+    p.add_argument("--rounds", type=int, default=5, help="rounds per run (default: the demo's 5)")
+    p.add_argument("--local-steps", type=int, default=15, help="local steps per round (default: the demo's 15)")
+    p.add_argument("--target-acc", type=float, default=0.75, help="accuracy whose time and bytes to reach are reported")
     p.add_argument("--out", default="results/accuracy")
-    args = p.parse_args(argv)
+
+
+def run_accuracy(args: argparse.Namespace) -> tuple[list[dict], str]:
+    """Run every strategy in ``args.strategies``; write JSON, markdown and the PNG; return (rows, markdown)."""
+    from edge_runtime.errors import ConfigError
+    from server_backend.simulate import DEMO, plot, simulate
+
+    names = [n.strip() for n in args.strategies.split(",") if n.strip()]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown or not names:
+        raise ConfigError(f"--strategies {args.strategies!r}: unknown {', '.join(unknown) or '(empty)'}; choose from "
+                          f"{', '.join(RUNS)}")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = dataclasses.replace(DEMO, rounds=args.rounds, local_steps=args.local_steps, target_acc=args.target_acc,
                                eval_every=1)
     rows, runs = [], []
-    for name in args.strategies.split(","):
+    for name in names:
         cfg = dataclasses.replace(base, out=str(out / name), **RUNS[name])
         t0 = time.perf_counter()
         summary = simulate(cfg)
@@ -84,8 +93,15 @@ def main(argv: list[str] | None = None) -> int:
         runs.append((name, out / name))
         (out / "accuracy.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot(runs, out / "accuracy_vs_time.png")
-    md = _markdown(rows, base)
+    md = _markdown(rows)
     (out / "accuracy.md").write_text(md)
+    return rows, md
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    _, md = run_accuracy(p.parse_args(argv))
     print(md)
     return 0
 

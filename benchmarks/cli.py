@@ -1,4 +1,4 @@
-"""``flexsfl bench latency|server|wire``: the benchmarks, with JSON, CSV and PNG under ``--out``.
+"""``flexsfl bench latency|server|wire|accuracy``: the benchmarks, with JSON, CSV and PNG under ``--out``.
 
 Each command prints a markdown summary when it ends (the tables in ``benchmarks/README.md`` are
 pasted from it). Parsers import nothing heavy; each handler imports its benchmark when it runs.
@@ -18,8 +18,8 @@ def _run(which: str):
         from .machine import machine_info
 
         mod = importlib.import_module(f"benchmarks.{which}")
-        cfg = mod.config_from_args(args)
-        run = {"latency": "run_latency", "server": "run_server_bench", "wire": "run_wire"}[which]
+        cfg = mod.config_from_args(args) if hasattr(mod, "config_from_args") else args
+        run = {"latency": "run_latency", "server": "run_server_bench", "wire": "run_wire", "accuracy": "run_accuracy"}[which]
         _, summary = getattr(mod, run)(cfg)
         m = machine_info()
         print(summary)
@@ -31,7 +31,7 @@ def _run(which: str):
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from . import latency, server, wire
+    from . import accuracy, latency, server, wire
 
     p = sub.add_parser("bench", help="benchmarks: client step latency, server throughput, wire cost")
     bsub = p.add_subparsers(dest="bench_cmd", required=True, metavar="BENCHMARK")
@@ -39,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ("latency", latency, "client training step per backend (and split point, batch, sequence)"),
         ("server", server, "server steps/s with N concurrent client processes, with and without cross-client batching"),
         ("wire", wire, "bytes and round-trip time of Z and g per transfer encoding over a loopback websocket"),
+        ("accuracy", accuracy, "accuracy vs time and bytes: FlexP-SFL against its baselines on the demo's setting"),
     ):
         q = bsub.add_parser(name, help=text, description=text)
         mod.add_arguments(q)

@@ -110,6 +110,7 @@ _PLUGINS: list[str] = [
     "server_backend.datasets",
     "export.flash",
     "export.split_selection",
+    "benchmarks.cli",
 ]
 
 

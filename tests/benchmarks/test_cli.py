@@ -37,8 +37,17 @@ def test_bench_wire_prints_the_summary_and_the_machine(tmp_path, capsys):
     (["bench", "latency", "--model", "minilm", "--splits", "1,,2"], "--splits must be comma-separated integers"),
     (["bench", "latency", "--model", "minilm", "--backend", "tflite"], "--backend tflite"),
     (["bench", "wire", "--encodings", "fp8"], "--encodings fp8"),
+    (["bench", "accuracy", "--strategies", "flexpsfl,fedprox"], "unknown fedprox"),
 ])
 def test_bad_arguments_are_config_errors(argv, match):
     args = _parser().parse_args(argv)
     with pytest.raises(ConfigError, match=match):
         args.func(args)
+
+
+def test_flexsfl_command_has_every_benchmark():
+    from flexsfl.cli import build_parser
+
+    for name in ("latency", "server", "wire", "accuracy"):
+        args = build_parser().parse_args(["bench", name])
+        assert callable(args.func)

@@ -10,15 +10,10 @@ from edge_runtime.bundle import load_bundle
 from edge_runtime.errors import ConfigError
 
 
-@pytest.fixture(scope="module")
-def ort_bundle(tiny_model_dirs, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("bench-bundles")
-    return export_cached(str(tiny_model_dirs["gpt2"]), 1, max_batch=4, max_seq=16, cache=cache, backend="ort")
-
-
-def test_export_cached_reuses_the_bundle(ort_bundle, tiny_model_dirs):
-    again = export_cached(str(tiny_model_dirs["gpt2"]), 1, max_batch=4, max_seq=16, cache=ort_bundle.parent, backend="ort")
-    assert again == ort_bundle and load_bundle(again).manifest.backend == ("ort",)
+@pytest.fixture
+def tiny_bundle(tiny_bundles):
+    """The session's shared two-backend GPT-2 bundle (split 1; batch <= 8, seq <= 48)."""
+    return tiny_bundles("gpt2", 1, "all")
 
 
 def _check_rows(rows, backends, tmp_path, summary):
@@ -39,28 +34,33 @@ def _check_rows(rows, backends, tmp_path, summary):
     assert "| torch |" in summary
 
 
-def test_latency_rows_torch_and_ort(ort_bundle, tmp_path):
-    cfg = LatencyConfig(bundle=str(ort_bundle), backends=("torch", "ort"), batch=(2,), seq=(8,), reps=4, rounds=2, warmup=1,
-                        out=str(tmp_path), json=str(tmp_path / "extra.json"))
+def test_latency_rows_for_every_backend(tiny_bundle, tmp_path):
+    cfg = LatencyConfig(bundle=str(tiny_bundle), batch=(2,), seq=(8,), reps=4, rounds=2, warmup=1, out=str(tmp_path),
+                        json=str(tmp_path / "extra.json"))
     rows, summary = run_latency(cfg)
-    _check_rows(rows, ("torch", "ort"), tmp_path, summary)
+    _check_rows(rows, ("torch", "ort", "executorch"), tmp_path, summary)
     assert json.loads((tmp_path / "extra.json").read_text()) == json.loads((tmp_path / "latency.json").read_text())
 
 
 @pytest.mark.slow
-def test_latency_sweep_with_executorch(tiny_model_dirs, tmp_path):
-    cfg = LatencyConfig(model=str(tiny_model_dirs["gpt2"]), splits=(1,), backends=("torch", "executorch"), batch=(2,), seq=(8,),
-                        reps=4, rounds=2, warmup=1, out=str(tmp_path), cache=str(tmp_path / "cache"))
+def test_latency_sweep_exports_into_the_cache_once(tiny_model_dirs, tmp_path):
+    model, cache = str(tiny_model_dirs["gpt2"]), tmp_path / "cache"
+    cfg = LatencyConfig(model=model, splits=(1,), backends=("torch", "ort"), batch=(2,), seq=(8,), reps=4, rounds=2, warmup=1,
+                        out=str(tmp_path), cache=str(cache))
     rows, summary = run_latency(cfg)
-    _check_rows(rows, ("torch", "executorch"), tmp_path, summary)
-    assert rows[1]["export_s"] > 0
+    _check_rows(rows, ("torch", "ort"), tmp_path, summary)
+    assert rows[1]["export_s"] > 0 and rows[0]["export_s"] > 0
+    (exported,) = cache.iterdir()
+    assert load_bundle(exported).manifest.backend == ("ort",)
+    assert export_cached(model, 1, max_batch=32, max_seq=128, cache=cache, backend="ort") == exported  # reused
 
 
-def test_latency_refuses_what_the_bundle_cannot_do(ort_bundle, tmp_path):
+def test_latency_refuses_what_the_bundle_cannot_do(tiny_bundles, tmp_path):
+    ort_only = str(tiny_bundles("gpt2", 1, "ort"))
     with pytest.raises(ConfigError, match="exceed bundle"):
-        run_latency(LatencyConfig(bundle=str(ort_bundle), backends=("ort",), batch=(8,), seq=(8,), out=str(tmp_path)))
+        run_latency(LatencyConfig(bundle=ort_only, backends=("ort",), batch=(16,), seq=(8,), out=str(tmp_path)))
     with pytest.raises(ConfigError, match="has no executorch programs"):
-        run_latency(LatencyConfig(bundle=str(ort_bundle), batch=(2,), seq=(8,), out=str(tmp_path)))
+        run_latency(LatencyConfig(bundle=ort_only, batch=(2,), seq=(8,), out=str(tmp_path)))
 
 
 def test_latency_config_needs_one_bundle_or_one_model():
