@@ -252,12 +252,56 @@ def encode(name: str, array: np.ndarray, encoding: str) -> tuple[TensorHeader, t
     return header, tuple(memoryview(p.reshape(-1).view(np.uint8)) for p in parts)
 
 
+# float32 -> float16 on the bit patterns (round to nearest even), after F. Giesen's
+# float_to_half_fast3_rtne: bit-identical to numpy's astype(float16) for finite input, but numpy
+# takes a slow scalar path for every result in fp16's subnormal range (|x| < 2^-14), where nearly
+# all of the tail's gradients g fall: 4-6x faster on g, and no slower on Z.
+_FP16_OVERFLOW_BITS = 0x477FF000  # float32 bits of 65520: rounds to Inf in float16
+_FP16_MIN_NORMAL_BITS = np.uint32(113 << 23)  # float32 bits of 2^-14
+_FP16_REBIAS = np.uint32((((15 - 127) << 23) + 0xFFF) % 2**32)  # exponent rebias + rounding bias, mod 2^32
+_FP16_SUB_MAGIC = np.uint32(((127 - 15) + (23 - 10) + 1) << 23)  # 0.5: aligns the half's subnormal ulp
+_FP16_SUB_MAGIC_F = np.array(_FP16_SUB_MAGIC).view(np.float32)[()]
+
+
 def _to_fp16(name: str, x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):  # overflow is reported below, with the tensor's name
-        h = x.astype("<f2")
-    if not _bits_finite(h.view(np.uint16), _FP16_EXP):
+    u = x.reshape(-1).view(np.uint32)
+    a = u & np.uint32(0x7FFFFFFF)
+    if a.size and int(a.max()) >= _FP16_OVERFLOW_BITS:
         raise TensorError(f"tensor {name!r:.80} has values of magnitude >= 65520, which overflow float16; use encoding bf16 or fp32")
-    return h
+    h = a >> np.uint32(13)
+    h &= np.uint32(1)  # the lowest kept mantissa bit: ties go to even
+    h += a
+    h += _FP16_REBIAS  # wraps for subnormal results, which are replaced below
+    h >>= np.uint32(13)
+    small = a < _FP16_MIN_NORMAL_BITS
+    if small.any():
+        # Adding 0.5 lines the half's subnormal ulp (2^-24) up with float32's last mantissa bit,
+        # so the FPU's own round-to-nearest-even does the rounding.
+        s = a.view(np.float32) + _FP16_SUB_MAGIC_F
+        sb = s.view(np.uint32)
+        sb -= _FP16_SUB_MAGIC
+        np.copyto(h, sb, where=small)
+    sign = u >> np.uint32(16)
+    sign &= np.uint32(0x8000)
+    h |= sign
+    return h.astype("<u2").view("<f2").reshape(x.shape)
+
+
+def _from_fp16(bits: np.ndarray) -> np.ndarray:
+    """Finite float16 bit patterns -> float32, exactly (numpy's astype is slow on subnormals too)."""
+    w = bits.astype(np.uint32)
+    sign = w & np.uint32(0x8000)
+    sign <<= np.uint32(16)
+    w &= np.uint32(0x7FFF)
+    small = w < np.uint32(0x400)
+    w <<= np.uint32(13)
+    w += np.uint32(112 << 23)  # rebias the exponent: 15 -> 127
+    if small.any():  # zero and subnormals: mantissa * 2^-24, exact in float32
+        sub = (bits & np.uint16(0x3FF)).astype(np.float32)
+        sub *= np.float32(2.0**-24)
+        np.copyto(w, sub.view(np.uint32), where=small)
+    w |= sign
+    return w.view(_F32)
 
 
 def _to_bf16(name: str, x: np.ndarray) -> np.ndarray:
@@ -326,7 +370,7 @@ def decode(header: TensorHeader, buffer: bytes | memoryview) -> np.ndarray:
         elif enc == "fp16":
             if not _bits_finite(raw.view(np.uint16), _FP16_EXP):
                 raise _non_finite(name, raw, "holds")
-            out = raw.astype(_F32)
+            out = _from_fp16(raw.view(np.uint16))
         else:  # bf16
             wide = raw.astype(np.uint32)
             wide <<= 16
