@@ -138,6 +138,9 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*(TypedStorage|non-writable|experimental).*")
     for name in ("torch", "torchao", "onnxscript", "onnx_ir", "executorch", "transformers", "peft"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # torch resets its loggers' levels from TORCH_LOGS when it is imported (later, lazily), and
+    # worker processes inherit the setting; a user's own TORCH_LOGS wins.
+    os.environ.setdefault("TORCH_LOGS", "-torch,-onnx,-export")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
