@@ -423,7 +423,18 @@ class ModelCost:
         lora_inputs = sum(size[r] for r in {lin.reads for lin in lora}) + self.lora_r * len(lora)
         return self._backward(seq, grad_in=not first)[0] + lora_inputs
 
-    def _backward(self, seq: int, *, grad_in: bool) -> tuple[float, float]:
+    def cls_block_flops(self, seq: int) -> float:
+        """FLOPs per sequence of BERT's last block when only position 0 feeds the pooler (forward +
+        backward): keys and values for every position, everything else for one (see ``Tail``)."""
+        rows = {"attention.self.key": seq, "attention.self.value": seq}
+        lora = {lin.name for lin in self._lora_linears}
+        forward = 4 * seq * self.attention_width  # one query's scores and weighted values
+        for lin in self._linears:
+            n = rows.get(lin.name, 1)
+            forward += n * 2 * lin.fan_in * lin.fan_out + (n * 2 * self.lora_r * (lin.fan_in + lin.fan_out) if lin.name in lora else 0)
+        return forward + self._backward(seq, grad_in=True, rows=rows)[1]
+
+    def _backward(self, seq: int, *, grad_in: bool, rows: Mapping[str, int] | None = None) -> tuple[float, float]:
         """(values kept per token, backward FLOPs per token) of one block, following which tensors need a gradient.
 
         A tensor needs one when it depends on a LoRA weight or on a block input that does
@@ -431,7 +442,9 @@ class ModelCost:
         for the gradients needed (a frozen linear keeps nothing, ``QKᵀ`` keeps K for dQ and Q
         for dK, softmax and ``PV`` keep P, ``PV`` keeps V for dP, norms keep their input and
         statistics, activations their inputs), and its backward computes only those gradients.
-        LoRA inputs are counted by :meth:`saved_floats`.
+        LoRA inputs are counted by :meth:`saved_floats`. ``rows`` (BERT's position-0 last block):
+        per-sequence counts instead, with each linear run on ``rows[name]`` positions (default 1)
+        and one query position in the attention.
         """
         d, dff, qd, r = self.hidden_size, self.intermediate_size, self.attention_width, self.lora_r
         kvd = self.num_kv_heads * self.head_dim
@@ -442,9 +455,10 @@ class ModelCost:
         def linear(name: str, g_in: bool) -> bool:  # -> whether its output needs a gradient
             nonlocal flops
             lin = by_name[name]
-            flops += 2 * lin.fan_in * lin.fan_out if g_in else 0  # dX through the frozen weight
+            n = rows.get(name, 1) if rows else 1
+            flops += n * 2 * lin.fan_in * lin.fan_out if g_in else 0  # dX through the frozen weight
             if name in lora:  # dB, d(x·Aᵀ), dA (+ dX through A)
-                flops += 2 * r * (2 * lin.fan_out + lin.fan_in) + (2 * r * lin.fan_in if g_in else 0)
+                flops += n * (2 * r * (2 * lin.fan_out + lin.fan_in) + (2 * r * lin.fan_in if g_in else 0))
             return g_in or name in lora
 
         def attention(qg: bool, kg: bool, vg: bool) -> bool:
@@ -556,8 +570,10 @@ def tail_step_flops(cost: ModelCost, s: int, *, batch: int, seq: int) -> float:
     """FLOPs of the server's part of one step: blocks s+1..L and the task head, forward + backward."""
     _check_split(cost, s)
     _check_shape(batch, seq)
-    blocks = (cost.num_blocks - s) * (cost.forward_flops(seq) + cost.backward_flops(seq))
-    return batch * seq * (blocks + cost.final_flops(seq))
+    per_block = cost.forward_flops(seq) + cost.backward_flops(seq)
+    if cost.family == "bert" and cost.task == "seq_cls":  # the last block runs position 0 only
+        return batch * (seq * ((cost.num_blocks - s - 1) * per_block + cost.final_flops(seq)) + cost.cls_block_flops(seq))
+    return batch * seq * ((cost.num_blocks - s) * per_block + cost.final_flops(seq))
 
 
 def memory_breakdown_mb(

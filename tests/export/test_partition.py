@@ -63,6 +63,27 @@ def test_smollm2_head_tail_equals_full():
     _check(load_model("smollm2", num_labels=4))
 
 
+@pytest.mark.parametrize("split", [1, 5])
+def test_bert_tail_computing_only_the_cls_row_of_its_last_block_changes_no_gradient(minilm, split):
+    # The server's BERT tail runs the last block for position 0 alone (the pooler reads nothing
+    # else); Z's gradient -- what the device trains on -- and every tail gradient must not change.
+    _perturb(minilm)
+    tail = build_tail(minilm, split)
+    ids, mask = _batch(0)
+    with torch.no_grad():
+        z0 = build_head(minilm, split)(ids, mask)
+    labels = torch.tensor([0, 2, 1])
+    got = {}
+    for cls_only in (True, False):
+        tail.cls_only_last_block = cls_only
+        z = z0.clone().requires_grad_(True)
+        loss = task_loss(tail(z, mask), labels, "seq_cls")
+        got[cls_only] = (loss.detach(), *torch.autograd.grad(loss, [z] + [p for _, p in tail.trainable()]))
+    for fast, whole in zip(got[True], got[False]):
+        assert torch.linalg.norm(fast - whole) <= 1e-5 * torch.linalg.norm(whole) + 1e-12
+    assert torch.count_nonzero(got[True][1][1, 7:]) == 0  # padding positions get no gradient, as before
+
+
 def test_head_and_tail_partition_the_trainable_tensors(minilm):
     names = canonical_names(minilm.model)
     assert set(names.values()) == set(get_peft_model_state_dict(minilm.model))
