@@ -50,11 +50,12 @@ def _row(name: str, summary: dict) -> dict:
 
 def _markdown(rows: list[dict]) -> str:
     fmt = lambda v, p=3: "—" if v is None else f"{v:.{p}f}"  # noqa: E731
-    head = (f"| run | splits | personalized acc | generalization acc | global acc | time to {rows[0]['target_acc']:.2f} "
-            "(s) | MB to target | training time (s) | MB total |\n|---|---|---|---|---|---|---|---|---|\n")
+    head = (f"| run | splits | personalized acc | generalization acc | global acc | rounds to {rows[0]['target_acc']:.2f} | "
+            "time to it (s) | MB to it | training time (s) | MB total |\n|---|---|---|---|---|---|---|---|---|---|\n")
     lines = [
         f"| {r['run']} | {r['splits']} | {fmt(r['personal_acc'])} | {fmt(r['generalization_acc'])} | "
-        f"{fmt(r['global_acc'])} | {fmt(r['time_to_target_s'], 0)} | {fmt(r['mb_to_target'], 1)} | {fmt(r['train_s'], 0)} | "
+        f"{fmt(r['global_acc'])} | {'—' if r['round_to_target'] is None else r['round_to_target'] + 1} | "
+        f"{fmt(r['time_to_target_s'], 0)} | {fmt(r['mb_to_target'], 1)} | {fmt(r['train_s'], 0)} | "
         f"{fmt(r['mb'], 1)} |"
         for r in rows
     ]
