@@ -43,6 +43,7 @@ def _export(args: argparse.Namespace) -> int:
         out=args.out,
         tar=args.tar,
         seed=args.seed,
+        ort_training_artifacts=not args.no_ort_training_artifacts,
     )
     bundle, where = export_bundle(cfg, progress=not args.quiet)
     print(bundle.summary())
@@ -78,6 +79,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for new weights (task head, LoRA A)")
     p.add_argument("--out", required=True, help="bundle directory to create")
     p.add_argument("--tar", action="store_true", help="also write OUT.tar.gz")
+    p.add_argument("--no-ort-training-artifacts", action="store_true",
+                   help="leave out ONNX Runtime's own training/eval/optimizer models and checkpoint (the edge runtime "
+                        "trains with the forward/backward pair; the checkpoint is a second copy of the head's weights)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_export)
 

@@ -140,3 +140,14 @@ def test_existing_out_dir_is_refused(exported, tiny_model_dirs, capsys):
                "--out", str(exported), "--quiet"])
     assert rc == 2 and "already exists" in capsys.readouterr().err
     load_bundle(exported)  # untouched
+
+
+def test_export_can_leave_out_ort_training_artifacts(tmp_path, tiny_model_dirs):
+    out = tmp_path / "gpt2-s1"
+    rc = main(["export", "--model", str(tiny_model_dirs["gpt2"]), "--split", "1", "--backend", "ort", "--num-labels", "2",
+               "--out", str(out), "--max-batch", "2", "--max-seq", "8", "--no-ort-training-artifacts", "--quiet"])
+    assert rc == 0
+    m = load_bundle(out).manifest
+    assert {"ort.forward", "ort.backward"} <= set(m.artifacts)
+    assert not {role for role in m.artifacts if role.startswith(("ort.training", "ort.eval", "ort.optimizer", "ort.checkpoint"))}
+    assert not (out / "ort" / "training").exists()
