@@ -201,7 +201,8 @@ def _artifact_bytes(bundle, backend: str) -> int | None:
     weights). None for eager torch, which rebuilds the head from the model instead."""
     if backend == "torch":
         return None
-    roles = [rel for role, rel in bundle.manifest.artifacts.items() if role.split(".")[0] == backend and "training" not in role]
+    roles = [rel for role, rel in bundle.manifest.artifacts.items()
+             if role.split(".")[0] == backend and not rel.startswith(f"{backend}/training/")]  # ORT's own training files: unused
     stems = {rel.rsplit(".", 1)[0] for rel in roles}
     files = [f for f in bundle.manifest.files if f in roles or any(f.startswith(s + ".") for s in stems)]
     return sum((bundle.root / f).stat().st_size for f in files)

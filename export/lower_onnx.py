@@ -4,8 +4,11 @@ Both are exported from the ``torch.export`` programs of :func:`export.programs.e
 (dynamic ``batch``/``seq``) with the dynamo exporter at opset 18. The graphs contain standard
 ONNX operators only — the backward is plain MatMul/Mul/ReduceSum/... arithmetic, no training
 contrib ops — so any ONNX Runtime build runs them, the inference-only aarch64 wheel included.
-The IR version is set to what ONNX Runtime 1.19 reads (<= 10). Frozen weights are initializers
-inside each file; the LoRA tensors are inputs, so the device owns θ and updates it in place.
+The IR version is set to what ONNX Runtime 1.19 reads (<= 10). The LoRA tensors are inputs, so
+the device owns θ and updates it in place. Frozen weights (initializers of 1 KiB or more) live in
+one ``weights.bin`` beside the programs as ONNX external data, each stored once: the backward
+needs the blocks' weights (transposed) for the input gradients too, and two self-contained files
+would hold every block twice.
 
 Before returning, both files are run with ONNX Runtime on a padded example batch and compared
 with the torch programs; a mismatch is an :class:`ExportError`, never a silent bad bundle.
@@ -26,18 +29,21 @@ from edge_runtime.errors import ExportError
 
 from .programs import HeadPrograms, export_programs
 
-__all__ = ["FORWARD_NAME", "BACKWARD_NAME", "lower_onnx"]
+__all__ = ["FORWARD_NAME", "BACKWARD_NAME", "WEIGHTS_NAME", "lower_onnx"]
 
 log = logging.getLogger("flexsfl.export.onnx")
 
 FORWARD_NAME = "forward.onnx"
 BACKWARD_NAME = "backward.onnx"
+WEIGHTS_NAME = "weights.bin"
+_SHARED_MIN_BYTES = 1024  # smaller initializers stay inside the graphs
+_ALIGN = 4096  # page-aligned offsets, so ONNX Runtime can map the weights instead of reading them
 OPSET = 18
 MAX_IR_VERSION = 10  # what onnxruntime 1.19 accepts (onnx 1.23 writes 11+)
 
 
-def lower_onnx(programs: HeadPrograms, out_dir: str | pathlib.Path, *, verify: bool = True) -> tuple[pathlib.Path, pathlib.Path]:
-    """Write ``out_dir/forward.onnx`` and ``out_dir/backward.onnx``; returns their paths."""
+def lower_onnx(programs: HeadPrograms, out_dir: str | pathlib.Path, *, verify: bool = True) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+    """Write ``forward.onnx``, ``backward.onnx`` and their shared ``weights.bin`` into ``out_dir``; returns the three paths."""
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -59,11 +65,64 @@ def lower_onnx(programs: HeadPrograms, out_dir: str | pathlib.Path, *, verify: b
         # Heads over protobuf's 2 GB limit get their weights in a file next to the model.
         onx.save(path)
         paths.append(path)
+    weights = _share_weights(paths, out / WEIGHTS_NAME)
     log.info("ONNX programs written in %.1f s (%s)", time.perf_counter() - t0,
-             ", ".join(f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in paths))
+             ", ".join(f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in (*paths, weights)))
     if verify:
         _verify(programs, paths[0], paths[1])
-    return paths[0], paths[1]
+    return paths[0], paths[1], weights
+
+
+def _share_weights(paths: list[pathlib.Path], weights: pathlib.Path) -> pathlib.Path:
+    """Move every initializer of >= 1 KiB of the models at ``paths`` into ``weights`` as ONNX
+    external data, each distinct tensor once, and rewrite the models to point at it.
+
+    The exporter constant-folds the backward's ``Wᵀ`` into initializers of their own; such a
+    matrix is stored as a reference to the forward's ``W`` plus a ``Transpose`` node, which ONNX
+    Runtime folds back when it loads the session (the same memory as before, half the disk).
+    """
+    import hashlib
+
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnx.external_data_helper import set_external_data
+
+    def key(raw: bytes, data_type: int, dims) -> bytes:
+        return hashlib.sha256(raw + bytes(f"{data_type}:{list(dims)}", "ascii")).digest()
+
+    models = [onnx.load(p) for p in paths]  # any external data they already had is loaded in
+    where: dict[bytes, tuple[int, int]] = {}
+    with open(weights, "wb") as f:
+        for model in models:
+            transposes = []
+            for t in model.graph.initializer:
+                if len(t.raw_data) < _SHARED_MIN_BYTES:
+                    continue
+                k = key(t.raw_data, t.data_type, t.dims)
+                if k not in where and len(t.dims) == 2:
+                    a = numpy_helper.to_array(t)
+                    kt = key(np.ascontiguousarray(a.T).tobytes(), t.data_type, a.T.shape)
+                    if kt in where:  # this is the transpose of a stored matrix
+                        source = f"{t.name}__transposed"
+                        transposes.append(helper.make_node("Transpose", [source], [t.name], perm=[1, 0],
+                                                           name=f"{t.name}__shared"))
+                        t.name, t.dims[:] = source, list(a.T.shape)
+                        k = kt
+                if k not in where:
+                    f.write(b"\0" * (-f.tell() % _ALIGN))
+                    where[k] = (f.tell(), len(t.raw_data))
+                    f.write(t.raw_data)
+                offset, length = where[k]
+                set_external_data(t, location=weights.name, offset=offset, length=length)
+                t.ClearField("raw_data")
+            for i, node in enumerate(transposes):
+                model.graph.node.insert(i, node)
+    for model, path in zip(models, paths):
+        for stale in path.parent.glob(path.name + ".data"):  # what onx.save externalized, now in ``weights``
+            stale.unlink()
+        onnx.save(model, path)
+    return weights
 
 
 def _check_standard_ops(model, which: str) -> None:

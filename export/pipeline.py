@@ -158,9 +158,10 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, 
             from .lower_onnx import lower_onnx
 
             with steps.step("lower to ONNX (forward.onnx, backward.onnx)"):
-                fwd, bwd = lower_onnx(programs, stage / "ort")
+                fwd, bwd, weights = lower_onnx(programs, stage / "ort")
             artifacts["ort.forward"] = fwd.relative_to(stage).as_posix()
             artifacts["ort.backward"] = bwd.relative_to(stage).as_posix()
+            artifacts["ort.weights"] = weights.relative_to(stage).as_posix()
             specs["ort.forward"] = rename(programs.forward_spec)
             specs["ort.backward"] = rename(programs.backward_spec)
             if cfg.ort_training_artifacts:

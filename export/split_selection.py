@@ -139,8 +139,8 @@ class Runtime:
 # Fitted to the peak RSS of MiniLM's head at splits 1, 3 and 5 (batch 8, seq 128, one thread);
 # the model is within 9 % of every measurement (see the module docstring).
 RUNTIMES = {
-    # forward.onnx and backward.onnx each hold the blocks' weights (the backward needs them for
-    # input gradients); the forward's outputs are copied out of its arena into numpy, and the
+    # forward.onnx and backward.onnx share one weights.bin on disk, but each session holds the
+    # blocks' weights in memory (the backward transposed, for input gradients); the forward's outputs are copied out of its arena into numpy, and the
     # arena grows in steps.
     "ort": Runtime(fixed_mb=45.0, block_weight_copies=2, activation_copies=2.6, workspace_blocks=3.0),
     # The .pte holds the block weights twice too (XNNPACK packs its own). The forward's planned

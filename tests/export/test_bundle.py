@@ -151,3 +151,20 @@ def test_export_can_leave_out_ort_training_artifacts(tmp_path, tiny_model_dirs):
     assert {"ort.forward", "ort.backward"} <= set(m.artifacts)
     assert not {role for role in m.artifacts if role.startswith(("ort.training", "ort.eval", "ort.optimizer", "ort.checkpoint"))}
     assert not (out / "ort" / "training").exists()
+
+
+def test_onnx_programs_store_each_frozen_weight_once(exported):
+    # The backward needs the blocks' weights (transposed) too; it must point into the forward's
+    # copies in the shared weights.bin instead of carrying its own.
+    import onnx
+
+    ort_dir = exported / "ort"
+    offsets = {}
+    for name in ("forward", "backward"):
+        model = onnx.load(ort_dir / f"{name}.onnx", load_external_data=False)
+        ext = [{e.key: e.value for e in t.external_data} for t in model.graph.initializer
+               if t.data_location == onnx.TensorProto.EXTERNAL]
+        assert ext and {e["location"] for e in ext} == {"weights.bin"}
+        offsets[name] = {int(e["offset"]) for e in ext}
+    assert offsets["backward"] <= offsets["forward"]
+    assert load_bundle(exported).manifest.artifacts["ort.weights"] == "ort/weights.bin"
