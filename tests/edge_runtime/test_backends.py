@@ -73,15 +73,21 @@ def reference(bundle: Bundle):
     return _references[key]
 
 
-def eager(bundle, theta, ids, mask, grad_z=None):
-    """z (and the θ-gradients of Σ z·grad_z) of the eager head with adapters θ."""
+def reference_with(bundle, theta, *, requires_grad):
+    """The eager reference head with its adapters set to θ: (head, params, leaves in θ's order)."""
     head, params = reference(bundle)
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(torch.from_numpy(theta[n]))
     leaves = list(params.values())
     for p in leaves:
-        p.requires_grad_(grad_z is not None)
+        p.requires_grad_(requires_grad)
+    return head, params, leaves
+
+
+def eager(bundle, theta, ids, mask, grad_z=None):
+    """z (and the θ-gradients of Σ z·grad_z) of the eager head with adapters θ."""
+    head, params, leaves = reference_with(bundle, theta, requires_grad=grad_z is not None)
     z = head(torch.from_numpy(ids), torch.from_numpy(mask))
     if grad_z is None:
         return z.detach().numpy()
@@ -137,13 +143,7 @@ def test_five_sgd_steps_match_torch_optim(bundle, name):
     be = open_backend(name, bundle, threads=1)
     theta0 = random_theta(bundle, seed=2)
     be.set_params(theta0)
-    head, params = reference(bundle)
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(torch.from_numpy(theta0[n]))
-    leaves = list(params.values())
-    for p in leaves:
-        p.requires_grad_(True)
+    head, params, leaves = reference_with(bundle, theta0, requires_grad=True)
     opt = topt = None
     for step in range(5):
         ids, mask = batch(bundle, 3, 12 + step, seed=100 + step)
