@@ -15,7 +15,7 @@ def _run(which: str):
     def handler(args: argparse.Namespace) -> int:
         import importlib
 
-        from .machine import machine_info
+        from flexsfl.benchmarks.machine import machine_info
 
         mod = importlib.import_module(f"benchmarks.{which}")
         cfg = mod.config_from_args(args) if hasattr(mod, "config_from_args") else args
@@ -31,7 +31,7 @@ def _run(which: str):
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from . import accuracy, latency, server, wire
+    from flexsfl.benchmarks import accuracy, latency, server, wire
 
     p = sub.add_parser("bench", help="benchmarks: client step latency, server throughput, wire cost")
     bsub = p.add_subparsers(dest="bench_cmd", required=True, metavar="BENCHMARK")

@@ -44,9 +44,9 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.errors import ConfigError
+from flexsfl.core.errors import ConfigError
 
-from .report import Column, line_plot, markdown_table, summarize, write_results
+from flexsfl.benchmarks.report import Column, line_plot, markdown_table, summarize, write_results
 
 __all__ = ["LatencyConfig", "run_latency", "backend_worker", "export_cached", "measure_step", "add_arguments",
            "config_from_args", "BACKENDS"]
@@ -126,13 +126,15 @@ def backend_worker(chan) -> None:
         # the ORT path never needs it.
         sys.modules["torch"] = None  # type: ignore[assignment]
     rss_start = _rss_mb()
-    from edge_runtime.backends import open_backend
-    from edge_runtime.bundle import load_bundle
-    from edge_runtime.optim import make_optimizer
+    from flexsfl.edge_runtime.backends import open_backend
+    from flexsfl.core.bundle import load_bundle
+    from flexsfl.edge_runtime.optim import make_optimizer
 
     bundle = load_bundle(spec["bundle"])
     m = bundle.manifest
     t0 = time.perf_counter()
+    if spec["backend"] == "torch":
+        from flexsfl.sim import eager_backend  # noqa: F401  (registers the eager reference as "torch")
     backend = open_backend(spec["backend"], bundle, threads=spec["threads"])
     open_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
@@ -184,8 +186,8 @@ def backend_worker(chan) -> None:
 def export_cached(model: str, split: int, *, max_batch: int, max_seq: int, cache: pathlib.Path, backend: str = "all") -> pathlib.Path:
     """The bundle for (model, split, limits), exported into ``cache`` unless it is already there
     (keyed by the export code's version too, so a fix to the exporter re-exports)."""
-    from export.pipeline import ExportConfig, export_bundle
-    from server_backend.simulate import _code_version
+    from flexsfl.export.pipeline import ExportConfig, export_bundle
+    from flexsfl.sim.simulate import _code_version
 
     key = json.dumps([model, split, max_batch, max_seq, backend, _code_version()])
     path = cache / f"{pathlib.Path(model).name}-s{split}-{backend}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
@@ -224,7 +226,7 @@ def _export_seconds(bundle, backend: str) -> float | None:
 
 def _bytes_per_step(task: str, b: int, t: int, d: int) -> int:
     """Activations (fp32 Z, mask, labels) + Gradients (fp32 g) frame bytes for one step."""
-    from edge_runtime.wire import Activations, Gradients
+    from flexsfl.core.wire import Activations, Gradients
 
     z = np.zeros((b, t, d), np.float32)
     labels = np.zeros((b, t) if task == "causal_lm" else (b,), np.int64)
@@ -236,7 +238,7 @@ def _bytes_per_step(task: str, b: int, t: int, d: int) -> int:
 
 
 def _measure(bundle, backends: list[str], b: int, t: int, cfg: LatencyConfig, logs: pathlib.Path, progress) -> list[dict[str, Any]]:
-    from .worker import Worker
+    from flexsfl.benchmarks.worker import Worker
 
     m = bundle.manifest
     workers: dict[str, Worker] = {}
@@ -246,7 +248,7 @@ def _measure(bundle, backends: list[str], b: int, t: int, cfg: LatencyConfig, lo
     flops = None
     try:
         for name in backends:
-            workers[name] = Worker("benchmarks.latency:backend_worker", threads=cfg.threads, name=f"latency-{name}", log_dir=logs)
+            workers[name] = Worker("flexsfl.benchmarks.latency:backend_worker", threads=cfg.threads, name=f"latency-{name}", log_dir=logs)
             ready[name] = workers[name].request({**spec, "backend": name}, timeout=1800)
         per_round = [cfg.reps // cfg.rounds + (i < cfg.reps % cfg.rounds) for i in range(cfg.rounds)]
         for i, n in enumerate(per_round):
@@ -258,7 +260,7 @@ def _measure(bundle, backends: list[str], b: int, t: int, cfg: LatencyConfig, lo
                         timings[name][k].extend(got[k])
                 progress()
         if "torch" not in workers:
-            workers["torch"] = Worker("benchmarks.latency:backend_worker", threads=cfg.threads, name="latency-flops", log_dir=logs)
+            workers["torch"] = Worker("flexsfl.benchmarks.latency:backend_worker", threads=cfg.threads, name="latency-flops", log_dir=logs)
             workers["torch"].request({**spec, "backend": "torch", "warmup": 0}, timeout=1800)
         flops = workers["torch"].request({"flops": True}, timeout=600)
         peaks = {name: workers[name].request({"finish": True}, timeout=60)["peak_rss_mb"] for name in backends}
@@ -291,7 +293,7 @@ def _measure(bundle, backends: list[str], b: int, t: int, cfg: LatencyConfig, lo
 def measure_step(model: str, split: int, batch: int, seq: int, *, backend: str = "torch", threads: int = 1,
                  cache: str | None = None, log_dir: str | pathlib.Path | None = None, reps: int = 8) -> dict[str, Any]:
     """One backend's latency row at one point (bundle exported into the cache if needed)."""
-    from edge_runtime.bundle import load_bundle
+    from flexsfl.core.bundle import load_bundle
 
     cfg = LatencyConfig(model=model, splits=(split,), backends=(backend,), threads=threads, batch=(batch,), seq=(seq,),
                         reps=reps, rounds=1, cache=cache)
@@ -309,7 +311,7 @@ def _export_backend(backends: tuple[str, ...]) -> str:
 def _cache(cfg: LatencyConfig) -> pathlib.Path:
     if cfg.cache:
         return pathlib.Path(cfg.cache)
-    from server_backend.datasets import cache_dir
+    from flexsfl.sim.datasets import cache_dir
 
     return cache_dir() / "bench-bundles"
 
@@ -337,9 +339,9 @@ def run_latency(cfg: LatencyConfig) -> tuple[list[dict[str, Any]], str]:
     """Run the benchmark; write ``latency.json`` / ``.csv`` (/ ``.png`` for sweeps) under ``cfg.out``."""
     from rich.progress import Progress
 
-    from edge_runtime.bundle import load_bundle
+    from flexsfl.core.bundle import load_bundle
 
-    from .machine import machine_info, measure_gemm_peak
+    from flexsfl.benchmarks.machine import machine_info, measure_gemm_peak
 
     out = pathlib.Path(cfg.out)
     logs = out / "logs"

@@ -6,7 +6,7 @@ Jetson detection), the library versions and the git commit; every benchmark row 
 few sizes, best of N, in a fresh single-threaded process, so the achieved fraction of peak of a
 training step is measured against this machine, in the same run, not a datasheet.
 
-The hardware facts come from :func:`edge_runtime.probe.probe_device` (the device probe clients
+The hardware facts come from :func:`flexsfl.edge_runtime.probe.probe_device` (the device probe clients
 report in Hello), so a benchmark row and a device profile describe a machine the same way.
 """
 
@@ -21,7 +21,7 @@ import subprocess
 import time
 from typing import Any
 
-from edge_runtime.probe import probe_device
+from flexsfl.edge_runtime.probe import probe_device
 
 __all__ = ["machine_info", "gemm_peak", "measure_gemm_peak", "gemm_worker", "LIBRARIES"]
 
@@ -125,9 +125,9 @@ def gemm_worker(chan) -> None:
 def measure_gemm_peak(threads: int = 1, *, sizes: tuple[int, ...] = (256, 512, 1024, 2048), reps: int = 5,
                       times: int = 1, log_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """:func:`gemm_peak` in a fresh process with ``threads`` threads; best of ``times`` calls."""
-    from .worker import Worker
+    from flexsfl.benchmarks.worker import Worker
 
-    with Worker("benchmarks.machine:gemm_worker", threads=threads, name="gemm-peak", log_dir=log_dir) as w:
+    with Worker("flexsfl.benchmarks.machine:gemm_worker", threads=threads, name="gemm-peak", log_dir=log_dir) as w:
         runs = [w.request({"sizes": list(sizes), "reps": reps}, timeout=600) for _ in range(times)]
     best = max(runs, key=lambda r: r["peak_gflops"])
     return {**best, "threads": threads}

@@ -1,8 +1,8 @@
 """``flexsfl bench server``: steps/s of one server under N concurrent clients, with and without
 cross-client batching.
 
-The server is the real one (:class:`~server_backend.server.FlexServer` with a
-:class:`~server_backend.tail_host.TailHost`, FlexP-SFL strategy, no client registry), run in this
+The server is the real one (:class:`~flexsfl.server_backend.server.FlexServer` with a
+:class:`~flexsfl.server_backend.tail_host.TailHost`, FlexP-SFL strategy, no client registry), run in this
 process. Each client is a **separate process** (:func:`client_worker`) that speaks the real
 protocol over a loopback websocket but computes nothing: it sends a fixed random Z [B, T, d]
 with random labels for each of its τ steps, waits for g, uploads the adapters it was sent, and
@@ -44,10 +44,10 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.errors import ConfigError, OrderError
-from edge_runtime.wire import ENCODINGS
+from flexsfl.core.errors import ConfigError, OrderError
+from flexsfl.core.wire import ENCODINGS
 
-from .report import Column, line_plot, markdown_table, summarize, write_results
+from flexsfl.benchmarks.report import Column, line_plot, markdown_table, summarize, write_results
 
 __all__ = ["ServerBenchConfig", "run_server_bench", "client_worker", "add_arguments", "config_from_args"]
 
@@ -100,7 +100,7 @@ def _expect(msg, kind):
 async def _client(spec: dict[str, Any]) -> dict[str, Any]:
     from websockets.asyncio.client import connect
 
-    from edge_runtime.wire import (
+    from flexsfl.core.wire import (
         Activations, Adapters, Bye, Connection, Gradients, Hello, Limits, Metrics, Role, RoundConfig, RoundEnd, Upload, Welcome,
     )
 
@@ -204,13 +204,13 @@ def hot_functions(raw: pathlib.Path, top: int = 12) -> dict[str, Any]:
 
 
 async def _serve_one(loaded, cfg: ServerBenchConfig, mode: str, n: int, logs: pathlib.Path, profile: bool) -> dict[str, Any]:
-    from edge_runtime.bundle import layout_fingerprint
-    from server_backend.server import FlexServer, ServerConfig, frame_limit
-    from server_backend.state import ServerState
-    from server_backend.strategy import TrainConfig, make_strategy
-    from server_backend.tail_host import OptimizerConfig, TailHost
+    from flexsfl.core.bundle import layout_fingerprint
+    from flexsfl.server_backend.server import FlexServer, ServerConfig, frame_limit
+    from flexsfl.server_backend.state import ServerState
+    from flexsfl.server_backend.strategy import TrainConfig, make_strategy
+    from flexsfl.server_backend.tail_host import OptimizerConfig, TailHost
 
-    from .worker import Worker
+    from flexsfl.benchmarks.worker import Worker
 
     info = loaded.info
     host = TailHost(loaded, OptimizerConfig("sgd", 1e-4))
@@ -233,7 +233,7 @@ async def _serve_one(loaded, cfg: ServerBenchConfig, mode: str, n: int, logs: pa
             "max_frame_bytes": frame_limit(host, cfg.batch, cfg.seq),
         }
         for k in range(n):
-            w = Worker("benchmarks.server:client_worker", threads=1, name=f"client{k}", log_dir=logs)
+            w = Worker("flexsfl.benchmarks.server:client_worker", threads=1, name=f"client{k}", log_dir=logs)
             workers.append(w)
             w.send({**spec, "client_id": f"bench{k}", "seed": k})
         for w in workers:
@@ -332,9 +332,9 @@ _COLUMNS: list[Column] = [
 
 def run_server_bench(cfg: ServerBenchConfig) -> tuple[list[dict[str, Any]], str]:
     """Run the sweep; write ``server.json`` / ``.csv`` / ``.png`` under ``cfg.out``; returns rows and a summary."""
-    from export.models import load_model
+    from flexsfl.model.loading import load_model
 
-    from .machine import machine_info
+    from flexsfl.benchmarks.machine import machine_info
 
     out = pathlib.Path(cfg.out)
     logs = out / "logs"

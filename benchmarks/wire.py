@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.errors import ConfigError
-from edge_runtime.wire import (
+from flexsfl.core.errors import ConfigError
+from flexsfl.core.wire import (
     ENCODINGS,
     Activations,
     Bye,
@@ -48,7 +48,7 @@ from edge_runtime.wire import (
     check_activations,
 )
 
-from .report import Column, markdown_table, summarize, write_results
+from flexsfl.benchmarks.report import Column, markdown_table, summarize, write_results
 
 __all__ = ["WireConfig", "run_wire", "echo_worker", "add_arguments", "config_from_args"]
 
@@ -222,14 +222,14 @@ def _step_reference(cfg: WireConfig, log_dir: pathlib.Path) -> tuple[float, str]
             return best["train_step_ms_p50"], f"{path} ({best['backend']}, split {best['split']}, {best['threads']} thread(s))"
     if cfg.latency_json:
         raise ConfigError(f"{path}: no latency row with batch {cfg.batch} and seq {cfg.seq}; run `flexsfl bench latency` with them")
-    from .latency import measure_step
+    from flexsfl.benchmarks.latency import measure_step
 
     row = measure_step(cfg.step_model, cfg.step_split, cfg.batch, cfg.seq, backend="ort", log_dir=log_dir)
     return row["train_step_ms_p50"], f"ort ({cfg.step_model}, split {cfg.step_split}, 1 thread), measured here"
 
 
 def _accuracy(cfg: WireConfig, enc: str) -> dict[str, Any]:
-    from server_backend.simulate import SimConfig, simulate
+    from flexsfl.sim.simulate import SimConfig, simulate
 
     out = pathlib.Path(cfg.out) / "wire-accuracy" / enc
     sim = SimConfig(data=cfg.sim_data, clients=cfg.sim_clients, rounds=cfg.sim_rounds, splits=(3,), encoding=enc,
@@ -262,14 +262,14 @@ _COLUMNS: list[Column] = [
 
 def run_wire(cfg: WireConfig) -> tuple[list[dict[str, Any]], str]:
     """Run the benchmark, write ``wire.json`` / ``wire.csv`` under ``cfg.out``; returns rows and a summary."""
-    from .machine import machine_info
-    from .worker import Worker
+    from flexsfl.benchmarks.machine import machine_info
+    from flexsfl.benchmarks.worker import Worker
 
     out = pathlib.Path(cfg.out)
     logs = out / "logs"
     step_ms, step_src = _step_reference(cfg, logs)
     rows = []
-    with Worker("benchmarks.wire:echo_worker", threads=1, name="wire-echo", log_dir=logs) as echo:
+    with Worker("flexsfl.benchmarks.wire:echo_worker", threads=1, name="wire-echo", log_dir=logs) as echo:
         port = echo.request({"hidden": cfg.hidden, "max_batch": cfg.batch, "max_seq": cfg.seq, "g_scale": cfg.g_scale},
                             timeout=120)["port"]
         for enc in cfg.encodings:

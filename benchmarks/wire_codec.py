@@ -1,6 +1,6 @@
 """Time the wire codec on one step's smashed data: serialize + parse of an Activations per encoding.
 
-    python -m benchmarks.wire_codec [--shape 8 128 384] [--repeat 50] [--warmup 5] [--json out.json]
+    python -m flexsfl.benchmarks.wire_codec [--shape 8 128 384] [--repeat 50] [--warmup 5] [--json out.json]
 
 Prints, per encoding, the median and p90 of ``serialize()``, ``parse()`` and both together over
 ``--repeat`` runs after ``--warmup`` runs, the frame size and the largest absolute error of the
@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from edge_runtime.wire import ENCODINGS, Activations, parse
+from flexsfl.core.wire import ENCODINGS, Activations, parse
 
 
 def _environment() -> dict:

@@ -2,10 +2,10 @@
 
 Why processes: peak RSS is per process, and thread settings (``OMP_NUM_THREADS``, torch's and
 ONNX Runtime's pools) are only clean in a process that set them before importing anything. A
-:class:`Worker` starts ``python -m benchmarks.worker MODULE:FUNCTION`` with the thread variables
+:class:`Worker` starts ``python -m flexsfl.benchmarks.worker MODULE:FUNCTION`` with the thread variables
 pinned; the function gets a :class:`Channel` and talks to the parent in JSON lines::
 
-    w = Worker("benchmarks.latency:backend_worker", threads=1)
+    w = Worker("flexsfl.benchmarks.latency:backend_worker", threads=1)
     w.send({"backend": "ort", ...}); ready = w.recv()      # the worker loads and warms up
     w.send({"reps": 10}); times = w.recv()                 # ... as often as the parent likes
     w.close()                                              # {"stop": true}; waits for exit
@@ -30,7 +30,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from edge_runtime.errors import BackendError
+from flexsfl.core.errors import BackendError
 
 __all__ = ["Worker", "Channel", "thread_env"]
 
@@ -60,7 +60,7 @@ class Worker:
         self.log_path = log_dir / f"{self.name}-{os.getpid()}-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.worker", target],
+            [sys.executable, "-m", "flexsfl.benchmarks.worker", target],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=thread_env(threads), cwd=_REPO,
         )
 

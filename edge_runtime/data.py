@@ -7,7 +7,7 @@ Two file formats, chosen by extension:
   are skipped, other keys are ignored.
 
 Labels are integers ``0..N-1``, or strings mapped to their index in an explicit ``label_names``
-list. Every malformed row is a :class:`~edge_runtime.errors.DataError` whose one-line message
+list. Every malformed row is a :class:`~flexsfl.core.errors.DataError` whose one-line message
 names the file, the line and the field, e.g. ``data.csv:17: label 'x' is not an integer; labels
 must be 0..N-1 (or pass label_names to map strings)``. Nothing is half-read: a file either loads
 completely or raises.
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, DataError
+from flexsfl.core.errors import ConfigError, DataError
 
 __all__ = ["Example", "read_examples", "read_grouped", "write_jsonl", "batches"]
 

@@ -21,7 +21,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .errors import ConfigError
+from flexsfl.core.errors import ConfigError
 
 __all__ = ["Optimizer", "SGD", "AdamW", "make_optimizer"]
 

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import tokenizers
 
-from .errors import BundleError, ConfigError
+from flexsfl.core.errors import BundleError, ConfigError
 
 if TYPE_CHECKING:
-    from .bundle import Bundle
+    from flexsfl.core.bundle import Bundle
 
 __all__ = ["TokenBatch", "TextEncoder"]
 

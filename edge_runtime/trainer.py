@@ -21,19 +21,19 @@ import logging
 import os
 import pathlib
 import time
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from .alignment import alignment_loss_and_grad
-from .backends import Backend
-from .bundle import Bundle
-from .data import Example, batches
-from .errors import ConfigError, TensorError
-from .optim import make_optimizer
-from .text import TextEncoder
+from flexsfl.edge_runtime.alignment import alignment_loss_and_grad
+from flexsfl.edge_runtime.backends import Backend
+from flexsfl.core.bundle import Bundle
+from flexsfl.edge_runtime.data import Example, batches
+from flexsfl.core.errors import ConfigError, TensorError
+from flexsfl.edge_runtime.optim import make_optimizer
+from flexsfl.edge_runtime.text import TextEncoder
 
-__all__ = ["RoundSettings", "Step", "RoundStats", "BatchCursor", "HeadTrainer"]
+__all__ = ["RoundSettings", "Step", "RoundStats", "BatchCursor", "Trainer", "HeadTrainer"]
 
 log = logging.getLogger("flexsfl.edge.trainer")
 
@@ -114,8 +114,36 @@ class BatchCursor:
         return batch
 
 
+class Trainer(Protocol):
+    """What the transport drives: one client's training, with no I/O.
+
+    A split trainer (``whole_model = False``) is stepped by the server: ``forward`` gives the
+    smashed data of one batch, ``backward`` applies the gradient that came back. A whole-model
+    trainer (the FedAvg / local-only baselines) trains a round by itself in ``train_local``.
+    """
+
+    whole_model: bool
+    bundle: Bundle
+    task: str
+    test_set: list[Example]
+    stats: RoundStats
+
+    @property
+    def backend_name(self) -> str: ...
+    def begin_round(self, settings: RoundSettings, adapters: Mapping[str, np.ndarray] | None) -> None: ...
+    def forward(self) -> Step: ...
+    def backward(self, g: np.ndarray, loss: float) -> None: ...
+    def train_local(self) -> None: ...
+    def upload(self) -> tuple[dict[str, np.ndarray], int]: ...
+    def end_round(self) -> None: ...
+    def eval_batches(self) -> Iterator[Step]: ...
+    def evaluate(self) -> tuple[int, int]: ...
+
+
 class HeadTrainer:
     """Trains one personal head with a backend, on local examples."""
+
+    whole_model = False
 
     def __init__(self, bundle: Bundle, backend: Backend, train: Sequence[Example], test: Sequence[Example] = (),
                  *, seed: int = 0, state_dir: str | os.PathLike | None = None, eval_batch_size: int | None = None) -> None:

@@ -15,18 +15,15 @@ import logging
 import random
 import ssl
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from .errors import AuthError, ConfigError, ErrorCode, FlexSFLError, OrderError, ProtocolError
-from .trainer import HeadTrainer, RoundSettings
-
-if TYPE_CHECKING:
-    from .full_trainer import FullModelTrainer
-from .wire import (
+from flexsfl.core.errors import AuthError, ConfigError, ErrorCode, FlexSFLError, OrderError, ProtocolError
+from flexsfl.edge_runtime.trainer import HeadTrainer, RoundSettings, Trainer
+from flexsfl.core.wire import (
     ENCODINGS,
     Activations,
     Adapters,
@@ -108,7 +105,7 @@ class _Link:
         return msg
 
 
-async def run_client(trainer: "HeadTrainer | FullModelTrainer", opts: ClientOptions, *, stop: asyncio.Event | None = None) -> ClientReport:
+async def run_client(trainer: Trainer, opts: ClientOptions, *, stop: asyncio.Event | None = None) -> ClientReport:
     """Train until the server says Bye (returns) or refuses for good (raises)."""
     report = ClientReport()
     m = trainer.bundle.manifest
@@ -154,14 +151,14 @@ def _why(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-def _frame_limit(trainer: HeadTrainer) -> int:
+def _frame_limit(trainer: Trainer) -> int:
     m = trainer.bundle.manifest
     z = m.max_batch * m.max_seq * m.model.hidden_size * 4
     params = sum(int(np.prod(p.shape)) * 4 for p in m.trainable_parameters)
     return int(1.1 * max(z, params)) + (8 << 20)  # + room for a whole-model upload (baselines)
 
 
-async def _serve_rounds(link: _Link, trainer: HeadTrainer, opts: ClientOptions) -> str:
+async def _serve_rounds(link: _Link, trainer: Trainer, opts: ClientOptions) -> str:
     """Answer the server until Bye. Returns the Bye's reason."""
     while True:
         msg = await link.recv()
@@ -176,7 +173,7 @@ async def _serve_rounds(link: _Link, trainer: HeadTrainer, opts: ClientOptions) 
                 raise OrderError(f"expected Adapters after RoundConfig, got {type(a).__name__}")
             adapters = dict(a.tensors)
         full = msg.extra.get("mode", "split") == "full"
-        if full != hasattr(trainer, "train_local"):
+        if full != trainer.whole_model:
             raise ConfigError(
                 f"the server runs a {'whole-model' if full else 'split'} strategy but this client was started for "
                 f"{'split' if full else 'whole-model'} training; restart it {'with' if full else 'without'} --full-model"
@@ -195,16 +192,16 @@ async def _serve_rounds(link: _Link, trainer: HeadTrainer, opts: ClientOptions) 
                  f", personal acc {metrics['personal_acc']:.3f}" if "personal_acc" in metrics else "")
 
 
-async def _train_round(link: _Link, trainer: HeadTrainer, cfg: RoundConfig, adapters) -> dict[str, Any]:
+async def _train_round(link: _Link, trainer: Trainer, cfg: RoundConfig, adapters) -> dict[str, Any]:
     settings = RoundSettings(round_id=cfg.round_id, local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
                              optimizer=cfg.optimizer, align_lambda=cfg.align_lambda,
                              personal=bool(cfg.extra.get("personal", True)))
     trainer.begin_round(settings, adapters)
     wait = 0.0
     t_round = time.perf_counter()
-    if hasattr(trainer, "train_local"):  # whole model on the device: no steps over the wire
+    if trainer.whole_model:  # whole model on the device: no steps over the wire
         await asyncio.to_thread(trainer.train_local)
-    for step_id in range(0 if hasattr(trainer, "train_local") else cfg.local_steps):
+    for step_id in range(0 if trainer.whole_model else cfg.local_steps):
         step = trainer.forward()
         t0 = time.perf_counter()
         await link.send(Activations(round_id=cfg.round_id, step_id=step_id, mode="train", z=step.z,
@@ -225,7 +222,7 @@ async def _train_round(link: _Link, trainer: HeadTrainer, cfg: RoundConfig, adap
     return metrics
 
 
-async def _evaluate(link: _Link, trainer: HeadTrainer, round_id: int) -> dict[str, float]:
+async def _evaluate(link: _Link, trainer: Trainer, round_id: int) -> dict[str, float]:
     """Personalized accuracy: θ_k's head + the global tail on the local test split."""
     correct = total = 0
     for i, step in enumerate(trainer.eval_batches()):

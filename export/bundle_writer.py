@@ -12,8 +12,8 @@ import pathlib
 import tarfile
 from typing import TYPE_CHECKING
 
-from edge_runtime import __version__
-from edge_runtime.bundle import (
+from flexsfl import __version__
+from flexsfl.core.bundle import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     MANIFEST_NAME,
@@ -23,11 +23,11 @@ from edge_runtime.bundle import (
     TensorSpec,
     sha256_file,
 )
-from edge_runtime.targets import TargetProfile
+from flexsfl.core.targets import TargetProfile
 
 if TYPE_CHECKING:
-    from .models import LoadedModel
-    from .partition import Head
+    from flexsfl.model.loading import LoadedModel
+    from flexsfl.model.partition import Head
 
 __all__ = ["TOKENIZER_PATH", "ADAPTER_DIR", "write_tokenizer", "write_adapter", "write_manifest", "tar_bundle"]
 
@@ -40,7 +40,7 @@ def write_tokenizer(loaded: "LoadedModel", root: pathlib.Path, max_seq: int) -> 
 
     The edge reads it with the ``tokenizers`` library alone (no transformers, no torch).
     """
-    from edge_runtime.errors import ExportError
+    from flexsfl.core.errors import ExportError
 
     tok = loaded.tokenizer
     if tok is None or not getattr(tok, "is_fast", False):
@@ -70,7 +70,7 @@ def write_adapter(loaded: "LoadedModel", head: "Head", root: pathlib.Path) -> tu
 
     import safetensors.torch
 
-    from .partition import block_of
+    from flexsfl.model.partition import block_of
 
     out = root / ADAPTER_DIR
     cfg = copy.deepcopy(loaded.model.peft_config["default"])

@@ -32,9 +32,9 @@ import time
 
 import torch
 
-from edge_runtime.errors import ExportError
+from flexsfl.core.errors import ExportError
 
-from .programs import HeadPrograms, export_programs
+from flexsfl.export.programs import HeadPrograms, export_programs
 
 __all__ = ["PTE_NAME", "lower_executorch"]
 

@@ -1,6 +1,6 @@
 """Lower a head's forward/backward programs to ``forward.onnx`` and ``backward.onnx``.
 
-Both are exported from the ``torch.export`` programs of :func:`export.programs.export_programs`
+Both are exported from the ``torch.export`` programs of :func:`flexsfl.export.programs.export_programs`
 (dynamic ``batch``/``seq``) with the dynamo exporter at opset 18. The graphs contain standard
 ONNX operators only — the backward is plain MatMul/Mul/ReduceSum/... arithmetic, no training
 contrib ops — so any ONNX Runtime build runs them, the inference-only aarch64 wheel included.
@@ -25,9 +25,9 @@ import time
 import numpy as np
 import torch
 
-from edge_runtime.errors import ExportError
+from flexsfl.core.errors import ExportError
 
-from .programs import HeadPrograms, export_programs
+from flexsfl.export.programs import HeadPrograms, export_programs
 
 __all__ = ["FORWARD_NAME", "BACKWARD_NAME", "WEIGHTS_NAME", "lower_onnx"]
 

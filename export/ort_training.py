@@ -41,8 +41,8 @@ from onnxscript import rewriter
 from onnxscript.optimizer import _constant_folding as constant_folding
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from edge_runtime.bundle import TensorSpec
-from edge_runtime.errors import ConfigError, ExportError
+from flexsfl.core.bundle import TensorSpec
+from flexsfl.core.errors import ConfigError, ExportError
 
 __all__ = [
     "TRAINING_MODEL_NAME",
@@ -272,7 +272,7 @@ def _example_inputs(head: torch.nn.Module, example_batch: tuple[int, int]) -> tu
     # Token ids must index every embedding of the head; the word embedding is the largest.
     sizes = [m.num_embeddings for m in head.modules() if isinstance(m, torch.nn.Embedding)]
     if not sizes:
-        raise ConfigError(f"head {type(head).__name__} has no nn.Embedding to take input_ids; pass a head built by export.partition")
+        raise ConfigError(f"head {type(head).__name__} has no nn.Embedding to take input_ids; pass a head built by flexsfl.model.partition")
     b, t = example_batch
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, max(sizes), (b, t), generator=gen)

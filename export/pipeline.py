@@ -20,11 +20,11 @@ import tempfile
 import time
 from typing import Iterator
 
-from edge_runtime.bundle import Bundle, TensorSpec, load_bundle
-from edge_runtime.errors import ConfigError
-from edge_runtime.targets import TargetProfile, get_target
+from flexsfl.core.bundle import Bundle, TensorSpec, load_bundle
+from flexsfl.core.errors import ConfigError
+from flexsfl.core.targets import TargetProfile, get_target
 
-from .bundle_writer import tar_bundle, write_adapter, write_manifest, write_tokenizer
+from flexsfl.export.bundle_writer import tar_bundle, write_adapter, write_manifest, write_tokenizer
 
 __all__ = ["ExportConfig", "export_bundle", "target_notes", "BACKENDS"]
 
@@ -119,10 +119,10 @@ class _Steps:
 
 def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, pathlib.Path]:
     """Build, verify and place the bundle. Returns it and where it was written (dir or tarball)."""
-    from .models import LoraSettings, load_model
-    from .partition import build_head
-    from .programs import build_head_programs
-    from .split_selection import config_subset
+    from flexsfl.model.loading import LoraSettings, load_model
+    from flexsfl.model.partition import build_head
+    from flexsfl.export.programs import build_head_programs
+    from flexsfl.core.planner import config_subset
 
     target = get_target(cfg.target)
     for note in target_notes(target, cfg.backends):
@@ -147,7 +147,7 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, 
         canonical = head.canonical()
         rename = _param_renamer(canonical)
         if "executorch" in cfg.backends:
-            from .lower_executorch import lower_executorch
+            from flexsfl.export.lower_executorch import lower_executorch
 
             with steps.step("lower to ExecuTorch (.pte)"):
                 pte = lower_executorch(programs, stage / "executorch")
@@ -155,7 +155,7 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, 
             specs["executorch.forward"] = rename(programs.forward_spec)
             specs["executorch.backward"] = rename(programs.backward_spec)
         if "ort" in cfg.backends:
-            from .lower_onnx import lower_onnx
+            from flexsfl.export.lower_onnx import lower_onnx
 
             with steps.step("lower to ONNX (forward.onnx, backward.onnx)"):
                 fwd, bwd, weights = lower_onnx(programs, stage / "ort")
@@ -165,7 +165,7 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, 
             specs["ort.forward"] = rename(programs.forward_spec)
             specs["ort.backward"] = rename(programs.backward_spec)
             if cfg.ort_training_artifacts:
-                from .ort_training import build_ort_training_artifacts
+                from flexsfl.export.ort_training import build_ort_training_artifacts
 
                 with steps.step("build ONNX Runtime training artifacts"):
                     ort = build_ort_training_artifacts(

@@ -52,8 +52,8 @@ from torch import fx
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
-from edge_runtime.bundle import ProgramSpec, TensorSpec
-from edge_runtime.errors import ConfigError, ExportError
+from flexsfl.core.bundle import ProgramSpec, TensorSpec
+from flexsfl.core.errors import ConfigError, ExportError
 
 __all__ = ["HeadPrograms", "build_head_programs", "export_programs", "BATCH", "SEQ"]
 

@@ -37,7 +37,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def train_config(args: argparse.Namespace):
-    from .strategy import TrainConfig
+    from flexsfl.server_backend.strategy import TrainConfig
 
     return TrainConfig(
         rounds=args.rounds, clients_per_round=args.clients_per_round, min_clients=args.min_clients,
@@ -47,7 +47,7 @@ def train_config(args: argparse.Namespace):
 
 
 def load_server_model(args: argparse.Namespace, attn: str = "sdpa"):
-    from export.models import LoraSettings, load_model
+    from flexsfl.model.loading import LoraSettings, load_model
 
     targets = tuple(args.lora_targets.split(",")) if args.lora_targets else None
     return load_model(args.model, task=args.task, num_labels=args.num_labels, seed=args.seed, attn_implementation=attn,
@@ -56,11 +56,11 @@ def load_server_model(args: argparse.Namespace, attn: str = "sdpa"):
 
 def build_server(args: argparse.Namespace, loaded=None):
     """A ready :class:`FlexServer` from ``serve``-style arguments (also used by simulate)."""
-    from .clients import ClientRegistry
-    from .server import FlexServer, ServerConfig
-    from .state import ServerState
-    from .strategy import make_strategy
-    from .tail_host import OptimizerConfig, TailHost
+    from flexsfl.server_backend.clients import ClientRegistry
+    from flexsfl.server_backend.server import FlexServer, ServerConfig
+    from flexsfl.server_backend.state import ServerState
+    from flexsfl.server_backend.strategy import make_strategy
+    from flexsfl.server_backend.tail_host import OptimizerConfig, TailHost
 
     cfg = train_config(args)
     strategy = make_strategy(args.strategy, cfg)

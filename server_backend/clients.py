@@ -23,7 +23,7 @@ import re
 import secrets
 import tempfile
 
-from edge_runtime.errors import ConfigError
+from flexsfl.core.errors import ConfigError
 
 __all__ = ["ClientRegistry", "add_client", "hash_token", "CLIENT_ID_RE", "add_parser"]
 

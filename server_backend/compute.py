@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from .tail_host import StepRequest, StepResult, TailHost
+from flexsfl.server_backend.tail_host import StepRequest, StepResult, TailHost
 
 __all__ = ["ComputeWorker"]
 

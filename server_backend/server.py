@@ -1,6 +1,6 @@
 """The websocket server: sessions, the round loop, and the server side of the protocol's I/O.
 
-One asyncio loop moves bytes and drives each connection's :class:`~edge_runtime.wire.Connection`;
+One asyncio loop moves bytes and drives each connection's :class:`~flexsfl.core.wire.Connection`;
 all torch work goes to the :class:`~.compute.ComputeWorker` thread. The round loop is written
 once here; what differs between FlexP-SFL and the baselines is a :class:`~.strategy.Strategy`.
 
@@ -23,9 +23,9 @@ import numpy as np
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from edge_runtime.bundle import layout_fingerprint
-from edge_runtime.errors import AuthError, ConfigError, ErrorCode, OrderError, ProtocolError, TensorError
-from edge_runtime.wire import (
+from flexsfl.core.bundle import layout_fingerprint
+from flexsfl.core.errors import AuthError, ConfigError, ErrorCode, OrderError, ProtocolError, TensorError
+from flexsfl.core.wire import (
     ENCODINGS,
     Activations,
     Adapters,
@@ -46,12 +46,12 @@ from edge_runtime.wire import (
     check_tensors,
 )
 
-from .aggregation import ClientUpdate
-from .clients import ClientRegistry
-from .compute import ComputeWorker
-from .state import ServerState
-from .strategy import Strategy
-from .tail_host import StepRequest, TailHost
+from flexsfl.server_backend.aggregation import ClientUpdate
+from flexsfl.server_backend.clients import ClientRegistry
+from flexsfl.server_backend.compute import ComputeWorker
+from flexsfl.server_backend.state import ServerState
+from flexsfl.server_backend.strategy import Strategy
+from flexsfl.server_backend.tail_host import StepRequest, TailHost
 
 __all__ = ["ServerConfig", "FlexServer", "RoundUpload", "frame_limit"]
 

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from edge_runtime.errors import ConfigError
+from flexsfl.core.errors import ConfigError
 
 __all__ = ["ServerState"]
 

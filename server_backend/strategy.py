@@ -21,9 +21,9 @@ from typing import ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from edge_runtime.errors import ConfigError
+from flexsfl.core.errors import ConfigError
 
-from .aggregation import ClientUpdate, fedavg, layerwise_fedavg
+from flexsfl.server_backend.aggregation import ClientUpdate, fedavg, layerwise_fedavg
 
 __all__ = ["TrainConfig", "RoundPlan", "Strategy", "FlexPSFL", "SplitFed", "FedAvg", "LocalOnly", "STRATEGIES", "make_strategy"]
 

@@ -20,9 +20,9 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from edge_runtime.errors import ConfigError
-from export.models import LoadedModel
-from export.partition import Head, Tail, block_of, build_head, build_tail, canonical_names, task_loss
+from flexsfl.core.errors import ConfigError
+from flexsfl.model.loading import LoadedModel
+from flexsfl.model.partition import Head, Tail, block_of, build_head, build_tail, canonical_names, task_loss
 
 __all__ = ["OptimizerConfig", "StepRequest", "StepResult", "TailHost"]
 

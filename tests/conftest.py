@@ -22,7 +22,7 @@ def tiny_bundles(tmp_path_factory, tiny_model_dirs):
     Exports are the slow part of many tests (programs, lowering); tests that only read a bundle
     share these instead of exporting their own.
     """
-    from export.pipeline import ExportConfig, export_bundle
+    from flexsfl.export.pipeline import ExportConfig, export_bundle
 
     root = tmp_path_factory.mktemp("tiny-bundles")
     made = {}

@@ -4,7 +4,7 @@ A backend runs a bundle's two head programs::
 
     z = backend.forward(input_ids, attention_mask)       # Z [B, T, d]; keeps what backward needs
     grads = backend.backward(G)                          # ∂(Σ Z·G)/∂θ for every trainable tensor
-    optimizer.step(backend.params, grads)                # in place (edge_runtime.optim)
+    optimizer.step(backend.params, grads)                # in place (flexsfl.edge_runtime.optim)
 
 ``params`` are the personal adapters θ: float32 arrays keyed by their canonical (PEFT) names, in
 the manifest's ``trainable_parameters`` order (which is also the programs' parameter input
@@ -17,9 +17,11 @@ API is touched in one file and a missing runtime gives one clear error:
 - ``ort``: ONNX Runtime (``forward.onnx`` + ``backward.onnx``); no torch needed.
 - ``executorch``: ExecuTorch (one ``.pte`` with ``forward`` and ``backward`` methods); its Python
   bindings need torch.
-- ``torch``: eager PyTorch, the reference for tests and benchmarks.
+- ``torch``: eager PyTorch, the reference for tests and benchmarks; it needs the model code and
+  lives in :mod:`flexsfl.sim.eager_backend`, which registers it here (:func:`register_backend`)
+  when imported.
 
-The split programs (``export.programs``) take ``(input_ids, attention_mask, *θ) -> (z, *saved)``
+The split programs (``flexsfl.export.programs``) take ``(input_ids, attention_mask, *θ) -> (z, *saved)``
 and ``(*saved, grad_z, *θ) -> (*grads)``; :class:`ProgramBackend` holds everything about them
 that does not depend on the runtime (checks, the kept forward, naming), so a runtime module only
 loads its files and runs one program.
@@ -33,17 +35,20 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from ..bundle import Bundle
-from ..errors import BackendError, BundleError, ConfigError
+from flexsfl.core.bundle import Bundle
+from flexsfl.core.errors import BackendError, BundleError, ConfigError
 
-__all__ = ["Backend", "ProgramBackend", "BACKENDS", "open_backend", "load_initial_params", "check_batch"]
+__all__ = ["Backend", "ProgramBackend", "BACKENDS", "open_backend", "register_backend", "load_initial_params",
+           "check_batch"]
 
-# name -> "module:Class", imported on first use
-BACKENDS = {
-    "ort": "edge_runtime.backends.ort:OrtBackend",
-    "executorch": "edge_runtime.backends.executorch:ExecuTorchBackend",
-    "torch": "edge_runtime.backends.torch_eager:TorchBackend",
+# name -> "module:Class" (imported on first use: each runtime is heavy and optional) or a class
+# registered by a higher layer.
+BACKENDS: dict[str, "str | type[Backend]"] = {
+    "ort": "flexsfl.edge_runtime.backends.ort:OrtBackend",
+    "executorch": "flexsfl.edge_runtime.backends.executorch:ExecuTorchBackend",
 }
+# Backends that rebuild the head from the model itself rather than run the bundle's programs.
+_REFERENCE: set[str] = set()
 
 
 class Backend(abc.ABC):
@@ -168,7 +173,7 @@ def load_initial_params(bundle: Bundle) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    from ..bundle import ADAPTER_WEIGHTS_NAME
+    from flexsfl.core.bundle import ADAPTER_WEIGHTS_NAME
 
     path = bundle.adapter_dir / ADAPTER_WEIGHTS_NAME
     try:
@@ -200,22 +205,32 @@ def check_batch(bundle: Bundle, input_ids: np.ndarray, attention_mask: np.ndarra
 def open_backend(name: str, bundle: Bundle, *, threads: int | None = None) -> Backend:
     """The backend ``name`` for ``bundle``, imported now; BackendError says what to install."""
     if name not in BACKENDS:
-        raise ConfigError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
-    if name != "torch" and name not in bundle.manifest.backend:
+        hint = "; the eager reference 'torch' needs torch (flexsfl.sim.eager_backend)" if name == "torch" else ""
+        raise ConfigError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}{hint}")
+    if name not in _REFERENCE and name not in bundle.manifest.backend:
         raise ConfigError(f"bundle {bundle.root} has no {name} programs (has: {', '.join(bundle.manifest.backend)}); "
                           f"export it with --backend {name} or all")
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be >= 1, got {threads}")
-    module, cls = BACKENDS[name].split(":")
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as e:
-        raise BackendError(f"the {name} backend cannot be loaded here ({e}); {INSTALL_HINTS[name]}") from None
-    return getattr(mod, cls)(bundle, threads=threads)
+    entry = BACKENDS[name]
+    if isinstance(entry, str):
+        module, cls = entry.split(":")
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            raise BackendError(f"the {name} backend cannot be loaded here ({e}); {INSTALL_HINTS[name]}") from None
+        entry = getattr(mod, cls)
+    return entry(bundle, threads=threads)
+
+
+def register_backend(cls: "type[Backend]", *, reference: bool = False) -> None:
+    """Make ``cls`` openable as ``cls.name``. A ``reference`` backend needs no programs in the bundle."""
+    BACKENDS[cls.name] = cls
+    if reference:
+        _REFERENCE.add(cls.name)
 
 
 INSTALL_HINTS = {
     "ort": "pip install 'flexsfl[edge]' (onnxruntime-training on x86_64, onnxruntime on aarch64)",
     "executorch": "pip install 'flexsfl[edge-executorch]' (needs torch)",
-    "torch": "pip install 'flexsfl[server]'",
 }

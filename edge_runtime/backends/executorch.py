@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from ..bundle import Bundle
-from ..errors import BackendError
-from . import INSTALL_HINTS, ProgramBackend, _first_line
+from flexsfl.core.bundle import Bundle
+from flexsfl.core.errors import BackendError
+from flexsfl.edge_runtime.backends import INSTALL_HINTS, ProgramBackend, _first_line
 
 __all__ = ["ExecuTorchBackend"]
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 from typing import Any, ClassVar
 
-from ..bundle import Bundle
-from ..errors import BackendError
-from . import ProgramBackend, _first_line
+from flexsfl.core.bundle import Bundle
+from flexsfl.core.errors import BackendError
+from flexsfl.edge_runtime.backends import ProgramBackend, _first_line
 
 __all__ = ["OrtBackend"]
 

@@ -1,4 +1,4 @@
-"""``flexsfl bench ...`` parsers and handlers (registered by ``benchmarks.cli.add_parser``)."""
+"""``flexsfl bench ...`` parsers and handlers (registered by ``flexsfl.benchmarks.cli.add_parser``)."""
 
 import argparse
 import subprocess
@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from benchmarks.cli import add_parser
-from edge_runtime.errors import ConfigError
+from flexsfl.benchmarks.cli import add_parser
+from flexsfl.core.errors import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,7 +18,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def test_building_the_parsers_imports_no_torch():
     # In a fresh interpreter: other tests in this process may have imported torch already.
-    code = ("import sys, argparse; from benchmarks.cli import add_parser; p = argparse.ArgumentParser(); "
+    code = ("import sys, argparse; from flexsfl.benchmarks.cli import add_parser; p = argparse.ArgumentParser(); "
             "add_parser(p.add_subparsers()); print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 

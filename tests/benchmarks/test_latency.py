@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from benchmarks.latency import LatencyConfig, export_cached, run_latency
-from edge_runtime.bundle import load_bundle
-from edge_runtime.errors import ConfigError
+from flexsfl.benchmarks.latency import LatencyConfig, export_cached, run_latency
+from flexsfl.core.bundle import load_bundle
+from flexsfl.core.errors import ConfigError
 
 
 @pytest.fixture

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from benchmarks.machine import gemm_peak, machine_info, measure_gemm_peak
-from benchmarks.report import markdown_table, summarize, write_results
-from benchmarks.worker import Worker
-from edge_runtime.errors import BackendError
+from flexsfl.benchmarks.machine import gemm_peak, machine_info, measure_gemm_peak
+from flexsfl.benchmarks.report import markdown_table, summarize, write_results
+from flexsfl.benchmarks.worker import Worker
+from flexsfl.core.errors import BackendError
 
 
 def test_machine_info_names_the_device_libraries_and_commit():
@@ -34,7 +34,7 @@ def test_gemm_peak_in_a_single_threaded_worker_process():
 
 
 def test_worker_failure_is_a_backend_error_naming_the_worker_and_keeps_its_log(tmp_path):
-    with Worker("benchmarks.machine:gemm_worker", name="bad-gemm", log_dir=tmp_path) as w:
+    with Worker("flexsfl.benchmarks.machine:gemm_worker", name="bad-gemm", log_dir=tmp_path) as w:
         with pytest.raises(BackendError, match="bad-gemm failed: ValueError"):
             w.request({"sizes": [-3], "reps": 1}, timeout=60)
     assert "Traceback" in w.log_path.read_text()
@@ -46,7 +46,7 @@ def test_a_clean_worker_leaves_no_log(tmp_path):
 
 
 def test_worker_with_an_unknown_target_fails_cleanly(tmp_path):
-    with Worker("benchmarks.machine:no_such_worker", log_dir=tmp_path) as w:
+    with Worker("flexsfl.benchmarks.machine:no_such_worker", log_dir=tmp_path) as w:
         with pytest.raises(BackendError, match="AttributeError"):
             w.recv(timeout=60)
 

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from benchmarks.server import ServerBenchConfig, hot_functions, run_server_bench
-from benchmarks.wire import WireConfig, run_wire
-from edge_runtime.errors import ConfigError
+from flexsfl.benchmarks.server import ServerBenchConfig, hot_functions, run_server_bench
+from flexsfl.benchmarks.wire import WireConfig, run_wire
+from flexsfl.core.errors import ConfigError
 
 
 def test_wire_rows_per_encoding(tmp_path):

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from edge_runtime.alignment import alignment_loss_and_grad
+from flexsfl.edge_runtime.alignment import alignment_loss_and_grad
 
 
 def test_alignment_gradient_matches_torch_autograd():

@@ -1,6 +1,6 @@
 """ONNX Runtime and ExecuTorch backends on real bundles, against eager autograd and torch.optim.
 
-Bundles are made by the real export pipeline (``export.pipeline.export_bundle``): the tiny random
+Bundles are made by the real export pipeline (``flexsfl.export.pipeline.export_bundle``): the tiny random
 GPT-2 / Llama ones come from the session-wide ``tiny_bundles`` fixture (tests/conftest.py); the
 slow matrix adds real MiniLM weights, Llama and more split points. The reference is the same head rebuilt in eager PyTorch from the same model and
 seed, with the same adapters.
@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime.backends import open_backend
-from edge_runtime.bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
-from edge_runtime.errors import BackendError, BundleError, ConfigError
-from edge_runtime.optim import SGD
+from flexsfl.edge_runtime.backends import open_backend
+from flexsfl.core.bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
+from flexsfl.core.errors import BackendError, BundleError, ConfigError
+from flexsfl.edge_runtime.optim import SGD
 
 BACKENDS = ["ort", "executorch"]
 FAST = [("gpt2", 1)]
@@ -40,7 +40,7 @@ def bundle(request, tiny_bundles, tmp_path_factory) -> Bundle:
     if family != "minilm":
         return load_bundle(tiny_bundles(family, split, "all"))
     if split not in _minilm:
-        from export.pipeline import ExportConfig, export_bundle
+        from flexsfl.export.pipeline import ExportConfig, export_bundle
 
         out = tmp_path_factory.mktemp("bundles") / f"minilm-s{split}"
         cfg = ExportConfig(model="minilm", split=split, out=str(out), backend="all", max_batch=4, max_seq=32,
@@ -56,8 +56,8 @@ def reference(bundle: Bundle):
     """(head, {canonical name: head parameter}) in eager PyTorch, as the bundle was exported."""
     key = str(bundle.root)
     if key not in _references:
-        from export.models import LoraSettings, load_model
-        from export.partition import build_head
+        from flexsfl.model.loading import LoraSettings, load_model
+        from flexsfl.model.partition import build_head
 
         m = bundle.manifest
         lora = LoraSettings(r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout, target_modules=m.lora.target_modules)
@@ -287,10 +287,10 @@ def test_ort_backend_trains_where_torch_cannot_be_imported(bundle):
 
         sys.meta_path.insert(0, NoTorch())
         import numpy as np
-        from edge_runtime.backends import open_backend
-        from edge_runtime.bundle import load_bundle
-        from edge_runtime.errors import BackendError
-        from edge_runtime.optim import AdamW
+        from flexsfl.edge_runtime.backends import open_backend
+        from flexsfl.core.bundle import load_bundle
+        from flexsfl.core.errors import BackendError
+        from flexsfl.edge_runtime.optim import AdamW
 
         bundle = load_bundle(sys.argv[1])
         be = open_backend("ort", bundle, threads=1)

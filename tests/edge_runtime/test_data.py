@@ -1,4 +1,4 @@
-"""edge_runtime.data: reading the user's CSV/JSONL, deterministic batches, writing JSONL."""
+"""flexsfl.edge_runtime.data: reading the user's CSV/JSONL, deterministic batches, writing JSONL."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_runtime.data import Example, batches, read_examples, read_grouped, write_jsonl
-from edge_runtime.errors import ConfigError, DataError
+from flexsfl.edge_runtime.data import Example, batches, read_examples, read_grouped, write_jsonl
+from flexsfl.core.errors import ConfigError, DataError
 
 
 def _write(tmp_path, name: str, content: str | bytes):
@@ -220,5 +220,5 @@ def test_round_trip_property_jsonl_and_csv(tmp_path_factory, rows):
 
 
 def test_module_imports_without_torch():
-    code = "import sys, edge_runtime.data, edge_runtime.text; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, flexsfl.edge_runtime.data, flexsfl.edge_runtime.text; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

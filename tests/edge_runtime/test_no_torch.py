@@ -12,8 +12,8 @@ class NoTorch:
         if name == "torch" or name.startswith("torch."):
             raise ImportError("torch is blocked")
 sys.meta_path.insert(0, NoTorch())
-import edge_runtime
-names = [m.name for m in pkgutil.walk_packages(edge_runtime.__path__, "edge_runtime.")]
+import flexsfl.edge_runtime as edge_runtime
+names = [m.name for m in pkgutil.walk_packages(flexsfl.edge_runtime.__path__, "edge_runtime.")]
 for name in names:
     importlib.import_module(name)
 import flexsfl.cli

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
-from edge_runtime.errors import ConfigError
-from edge_runtime.optim import SGD, AdamW, make_optimizer
+from flexsfl.core.errors import ConfigError
+from flexsfl.edge_runtime.optim import SGD, AdamW, make_optimizer
 
 SHAPES = {"layer.0.q.lora_A.weight": (8, 32), "layer.0.q.lora_B.weight": (32, 8), "bias": (5,)}
 

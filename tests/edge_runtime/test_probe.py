@@ -1,4 +1,4 @@
-"""edge_runtime.probe: this machine's facts, board detection, strict profile JSON, head timing."""
+"""flexsfl.edge_runtime.probe: this machine's facts, board detection, strict profile JSON, head timing."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from edge_runtime.errors import ConfigError
-from edge_runtime.probe import (
+from flexsfl.core.errors import ConfigError
+from flexsfl.edge_runtime.probe import (
     DEFAULT_BUDGET_FRACTION,
     DeviceProfile,
     add_parser,
@@ -219,8 +219,8 @@ def test_measure_head_throughput_times_forward_and_backward():
 @pytest.fixture(scope="module")
 def ort_bundle(tiny_model_dirs, tmp_path_factory):
     """A real bundle with ONNX Runtime programs: the tiny Llama cut at split 2."""
-    from edge_runtime.bundle import load_bundle
-    from export.pipeline import ExportConfig, export_bundle
+    from flexsfl.core.bundle import load_bundle
+    from flexsfl.export.pipeline import ExportConfig, export_bundle
 
     out = tmp_path_factory.mktemp("probe") / "bundle"
     export_bundle(ExportConfig(model=str(tiny_model_dirs["llama"]), split=2, out=str(out), backend="ort", max_batch=4,
@@ -230,8 +230,8 @@ def ort_bundle(tiny_model_dirs, tmp_path_factory):
 
 @pytest.mark.slow
 def test_measure_head_throughput_with_the_real_ort_backend(ort_bundle):
-    from edge_runtime.backends import open_backend
-    from export.split_selection import ModelCost, head_step_flops
+    from flexsfl.edge_runtime.backends import open_backend
+    from flexsfl.core.planner import ModelCost, head_step_flops
 
     m = ort_bundle.manifest
     backend = open_backend("ort", ort_bundle, threads=1)
@@ -281,5 +281,5 @@ def test_probe_cli_measures_the_bundles_head(ort_bundle, tmp_path, capsys):
 
 
 def test_probe_imports_without_torch():
-    code = "import sys, edge_runtime.probe as p; p.probe_device(); assert 'torch' not in sys.modules"
+    code = "import sys, flexsfl.edge_runtime.probe as p; p.probe_device(); assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,4 +1,4 @@
-"""edge_runtime.text against the real tokenizers: ids must equal transformers.AutoTokenizer's."""
+"""flexsfl.edge_runtime.text against the real tokenizers: ids must equal transformers.AutoTokenizer's."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from edge_runtime.errors import BundleError, ConfigError
-from edge_runtime.text import TextEncoder
+from flexsfl.core.errors import BundleError, ConfigError
+from flexsfl.edge_runtime.text import TextEncoder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -29,7 +29,7 @@ SENTENCES = [
 
 
 def _rotten_snippets(n: int) -> list[str]:
-    from server_backend.datasets import load_rotten
+    from flexsfl.sim.datasets import load_rotten
 
     return [e.text for e in load_rotten().examples[:: 12808 // n][:n]]
 
@@ -166,7 +166,7 @@ def test_encoder_does_not_change_the_callers_tokenizer(minilm):
 
 def _bundle_with_tokenizer(root, tokenizer_json: str, *, vocab_size: int, max_seq: int):
     """A real (tiny) bundle directory: manifest, checksummed tokenizer and adapter files."""
-    from edge_runtime.bundle import (
+    from flexsfl.core.bundle import (
         ADAPTER_CONFIG_NAME,
         ADAPTER_WEIGHTS_NAME,
         MANIFEST_NAME,
@@ -177,7 +177,7 @@ def _bundle_with_tokenizer(root, tokenizer_json: str, *, vocab_size: int, max_se
         load_bundle,
         sha256_file,
     )
-    from edge_runtime.targets import get_target
+    from flexsfl.core.targets import get_target
 
     (root / "tokenizer").mkdir(parents=True)
     (root / "tokenizer" / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")

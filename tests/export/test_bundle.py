@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime.bundle import MANIFEST_NAME, load_bundle
-from edge_runtime.errors import BundleError
+from flexsfl.core.bundle import MANIFEST_NAME, load_bundle
+from flexsfl.core.errors import BundleError
 from flexsfl.cli import main
 
 
@@ -115,14 +115,16 @@ def test_tarball_round_trip_and_cli_verify(exported, tmp_path, capsys):
 
 def test_programs_in_the_bundle_train(exported):
     """The bundle's own artifacts, through the backends, give the head's exact gradients."""
-    from edge_runtime.backends import open_backend
+    from flexsfl.edge_runtime.backends import open_backend
 
     b = load_bundle(exported)
     ids = np.random.default_rng(0).integers(5, 3000, (3, 9))
     mask = np.ones((3, 9), np.int64)
     mask[2, 4:] = 0
     g = np.random.default_rng(1).standard_normal((3, 9, 64)).astype(np.float32)
-    ref = open_backend("torch", b)
+    from flexsfl.sim.eager_backend import TorchBackend
+
+    ref = TorchBackend(b)
     want_z, want = ref.forward(ids, mask), None
     want = ref.backward(g)
     for name in ("ort", "executorch"):

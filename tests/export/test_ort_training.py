@@ -15,11 +15,11 @@ import pytest
 import torch
 from onnxruntime.training.api import CheckpointState, Module, Optimizer
 
-from edge_runtime.bundle import TensorSpec
-from edge_runtime.errors import ConfigError, ExportError
-from export.models import load_model
-from export.ort_training import ADAMW_HYPERPARAMETERS, OrtTrainingArtifacts, build_ort_training_artifacts
-from export.partition import build_head
+from flexsfl.core.bundle import TensorSpec
+from flexsfl.core.errors import ConfigError, ExportError
+from flexsfl.model.loading import load_model
+from flexsfl.export.ort_training import ADAMW_HYPERPARAMETERS, OrtTrainingArtifacts, build_ort_training_artifacts
+from flexsfl.model.partition import build_head
 
 SPLITS = (1, 3)
 RTOL = 1e-4

@@ -1,6 +1,6 @@
 """The forward/backward split of a LoRA head, checked against eager autograd.
 
-Heads come from the real partitioner (export.partition) over real MiniLM weights and small random
+Heads come from the real partitioner (flexsfl.model.partition) over real MiniLM weights and small random
 GPT-2 / Llama models (tests/tiny_models.py). What must hold for every head and split:
 
 - the programs reproduce ``z`` and ``torch.autograd.grad(z, θ, G)`` at any batch/seq in bounds,
@@ -16,10 +16,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from edge_runtime.errors import ConfigError, ExportError
-from export.models import load_model
-from export.partition import build_head
-from export.programs import BATCH, SEQ, build_head_programs, export_programs
+from flexsfl.core.errors import ConfigError, ExportError
+from flexsfl.model.loading import load_model
+from flexsfl.model.partition import build_head
+from flexsfl.export.programs import BATCH, SEQ, build_head_programs, export_programs
 
 MAX_B, MAX_T = 4, 32
 CASES = [

@@ -18,7 +18,7 @@ import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from edge_runtime.wire import Activations, Connection, Error, Hello, Role, Upload, parse
+from flexsfl.core.wire import Activations, Connection, Error, Hello, Role, Upload, parse
 
 MAX = 64 << 20
 

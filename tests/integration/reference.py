@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime.bundle import load_bundle
-from edge_runtime.data import read_examples, write_jsonl
-from edge_runtime.text import TextEncoder
-from edge_runtime.trainer import BatchCursor
-from export.models import load_model
-from export.partition import block_of, canonical_names, task_loss
-from server_backend.aggregation import ClientUpdate, layerwise_fedavg
+from flexsfl.core.bundle import load_bundle
+from flexsfl.edge_runtime.data import read_examples, write_jsonl
+from flexsfl.edge_runtime.text import TextEncoder
+from flexsfl.edge_runtime.trainer import BatchCursor
+from flexsfl.model.loading import load_model
+from flexsfl.model.partition import block_of, canonical_names, task_loss
+from flexsfl.server_backend.aggregation import ClientUpdate, layerwise_fedavg
 
 from .harness import events, finish, flexsfl, free_port, load_global, rel_err, wait_listening
 
@@ -23,7 +23,7 @@ LR, STEPS, BATCH, LABELS = 0.05, 10, 4, 2
 
 
 def make_work(tmp_path_factory, tiny_model_dirs, tiny_bundles):
-    from server_backend.datasets import load_rotten
+    from flexsfl.sim.datasets import load_rotten
 
     root = tmp_path_factory.mktemp("equiv")
     rotten = load_rotten().examples
@@ -48,7 +48,7 @@ def federate(work, tmp_path, clients: list[tuple[str, int, str]], *, min_clients
     root = work["root"]
     reg = tmp_path / "clients.json"
     procs = {}
-    from server_backend.clients import add_client
+    from flexsfl.server_backend.clients import add_client
 
     for cid in [c for c, _, _ in clients] + list(register):
         (tmp_path / f"{cid}.token").write_text(add_client(reg, cid))

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from edge_runtime.bundle import load_bundle
+from flexsfl.core.bundle import load_bundle
 
 from .harness import ROOT, env, events
 from .reference import STEPS, bundle, check, federate, make_work, order, reference
@@ -78,7 +78,7 @@ def test_bad_client_is_refused_and_good_client_unaffected(work, tmp_path):
 
 def test_client_started_before_the_server_retries_with_backoff(work, tmp_path):
     """A device that comes up before the server keeps retrying, then trains when it appears."""
-    from server_backend.clients import add_client
+    from flexsfl.server_backend.clients import add_client
 
     from .harness import finish, flexsfl, free_port, wait_listening
     from .reference import LABELS

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from server_backend.aggregation import ClientUpdate, fedavg, layerwise_fedavg, weighted_mean
+from flexsfl.server_backend.aggregation import ClientUpdate, fedavg, layerwise_fedavg, weighted_mean
 
 L = 4
 

@@ -7,9 +7,9 @@ import stat
 import numpy as np
 import pytest
 
-from edge_runtime.errors import ConfigError
-from server_backend.clients import ClientRegistry, add_client, hash_token
-from server_backend.state import ServerState
+from flexsfl.core.errors import ConfigError
+from flexsfl.server_backend.clients import ClientRegistry, add_client, hash_token
+from flexsfl.server_backend.state import ServerState
 
 LAYOUT = {"model": "minilm", "revision": "sha256:abc", "strategy": "flexpsfl"}
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from export.models import load_model
-from export.partition import build_head, task_loss
-from server_backend.tail_host import OptimizerConfig, StepRequest, TailHost
+from flexsfl.model.loading import load_model
+from flexsfl.model.partition import build_head, task_loss
+from flexsfl.server_backend.tail_host import OptimizerConfig, StepRequest, TailHost
 
 
 def _batches(n, b=4, t=10, seed=0, num_labels=3):

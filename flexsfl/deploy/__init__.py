@@ -1,0 +1,1 @@
+"""Deployment: putting a bundle and the edge runtime onto a device over SSH (``flexsfl flash``)."""

@@ -1,0 +1,65 @@
+"""Accuracy of global and personal models, where the server (or a simulation) knows the test data.
+
+A personal model is the global model with some trainable tensors replaced: a FlexP-SFL client's
+head adapters θ_k (the tail stays global), or a FedAvg/local client's whole set of adapters and
+task head. :func:`accuracy` runs the full model with those tensors swapped in (``functional_call``,
+nothing is copied into the live model), on token batches made with the bundle's tokenizer.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from flexsfl.edge_runtime.data import Example
+from flexsfl.edge_runtime.text import TextEncoder
+
+from flexsfl.server_backend.tail_host import TailHost
+
+__all__ = ["Evaluator"]
+
+
+class Evaluator:
+    """Scores models of one :class:`TailHost` on fixed example sets (tokenized once)."""
+
+    def __init__(self, host: TailHost, encoder: TextEncoder, *, batch_size: int = 64) -> None:
+        self.host = host
+        self.encoder = encoder
+        self.batch_size = batch_size
+        # canonical name -> the model's own parameter name (with PEFT's ".default" parts)
+        names = {}
+        for own, p in host.loaded.model.named_parameters():
+            for canon, q in host.params.items():
+                if q is p:
+                    names[canon] = own
+        self._own = names
+        self._cache: dict[int, tuple[Sequence[Example], list]] = {}
+
+    def _batches(self, examples: Sequence[Example]):
+        key = id(examples)
+        if key not in self._cache:
+            out = []
+            for i in range(0, len(examples), self.batch_size):
+                chunk = examples[i : i + self.batch_size]
+                enc = self.encoder.encode([e.text for e in chunk])
+                out.append((torch.from_numpy(enc.input_ids), torch.from_numpy(enc.attention_mask),
+                            np.array([e.label for e in chunk])))
+            self._cache[key] = (examples, out)  # holding `examples` keeps its id from being reused
+        return self._cache[key][1]
+
+    @torch.no_grad()
+    def accuracy(self, examples: Sequence[Example], params: Mapping[str, np.ndarray] | None = None) -> float:
+        """Accuracy of the global model, or of it with ``params`` (canonical names) swapped in."""
+        model = self.host.loaded.model
+        swap = {self._own[n]: torch.from_numpy(np.array(a, dtype=np.float32)) for n, a in (params or {}).items()}
+        correct = total = 0
+        for ids, mask, labels in self._batches(examples):
+            if swap:
+                logits = torch.func.functional_call(model, swap, (), {"input_ids": ids, "attention_mask": mask}).logits
+            else:
+                logits = model(input_ids=ids, attention_mask=mask).logits
+            correct += int((logits.argmax(-1).numpy() == labels).sum())
+            total += len(labels)
+        return correct / max(total, 1)
