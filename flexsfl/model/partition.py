@@ -1,9 +1,15 @@
-"""Cut a LoRA-adapted Hugging Face model into a head (device) and a tail (server) at split ``s``.
+"""Cut a LoRA-adapted Hugging Face model into parts: head, tail, and for the U-shaped topology middle and top.
 
 Model: embeddings ``E``, blocks ``B_0..B_{L-1}``, final norm + task head ``H``. The head is
 ``E, B_0..B_{s-1}`` and maps ``(input_ids, attention_mask)`` to the smashed data ``Z`` [B, T, d];
 the tail is ``B_s..B_{L-1}, H`` and maps ``(Z, attention_mask)`` to logits. ``tail(head(x))``
 equals the full model's logits (tested to 1e-5 in fp32).
+
+U-shaped topology (labels stay on the device): with ``u >= 0`` top blocks, the server's
+*middle* is ``B_s..B_{L-u-1}`` (``(Z, mask) -> H`` [B, T, d]) and the device's *top* is
+``B_{L-u}..B_{L-1}, H`` (``(H, mask) -> logits``, with the loss); ``top(middle(Z))`` equals
+``tail(Z)``. ``u = 0`` leaves the top only the final norm and the task head, so the loss and the
+labels still never leave the device.
 
 Heads and tails *reference* the modules of one shared model, never copy them: the server builds
 a tail per split point over its single global model, and export lowers a head built over the
@@ -33,8 +39,12 @@ if TYPE_CHECKING:
 __all__ = [
     "Head",
     "Tail",
+    "Middle",
+    "Top",
     "build_head",
     "build_tail",
+    "build_middle",
+    "build_top",
     "canonical_names",
     "block_of",
     "task_loss",
@@ -160,6 +170,9 @@ class Tail(_Part):
 
     def __init__(self, loaded: "LoadedModel", split: int) -> None:
         super().__init__(loaded, range(split, loaded.info.num_blocks))
+        self._output_layers(loaded)
+
+    def _output_layers(self, loaded: "LoadedModel") -> None:
         self.task = loaded.info.task
         base = loaded.base
         if self.family == "bert":
@@ -174,7 +187,7 @@ class Tail(_Part):
         self.cls_only_last_block = True  # BERT classification: see forward (False runs the block whole)
 
     def forward(self, z: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.family == "bert" and self.task == "seq_cls" and self.cls_only_last_block:
+        if self.family == "bert" and self.task == "seq_cls" and self.cls_only_last_block and len(self.blocks):
             # The pooler reads position 0 only, so the last block needs every position's keys and
             # values but the queries, attention output and MLP of position 0 alone: the same
             # logits and gradients for a fraction of the last block's FLOPs (about 1/6 of it).
@@ -194,6 +207,39 @@ class Tail(_Part):
         pos = torch.arange(h.shape[1], device=h.device)
         last = (pos[None, :] * attention_mask).argmax(-1)
         return logits[torch.arange(h.shape[0], device=h.device), last]
+
+
+class Middle(_Part):
+    """Blocks ``s..L-u-1``, the server's part in the U-shaped topology.
+
+    ``forward(z [B,T,d], attention_mask [B,T] int64) -> h [B,T,d]``: every position (the device's
+    top needs them all: keys and values of its blocks, or the causal LM's logits).
+    """
+
+    def __init__(self, loaded: "LoadedModel", split: int, top: int) -> None:
+        super().__init__(loaded, range(split, loaded.info.num_blocks - top))
+        if self.family == "llama":
+            self.rotary_emb = loaded.base.model.rotary_emb
+
+    def forward(self, z: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self._run_blocks(z, attention_mask)
+
+
+class Top(Tail):
+    """The device's top in the U-shaped topology: blocks ``L-u..L-1`` + final norm + task head.
+
+    ``forward(h [B,T,d], attention_mask [B,T]) -> logits`` exactly as :class:`Tail` (BERT
+    classification runs the last block for the [CLS] position only); :meth:`loss` is the task
+    loss, so a device holding the top computes it with its own labels. ``u = 0`` holds no block.
+    """
+
+    def __init__(self, loaded: "LoadedModel", top: int) -> None:
+        _Part.__init__(self, loaded, range(loaded.info.num_blocks - top, loaded.info.num_blocks))
+        self._output_layers(loaded)
+        self.top = top
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return task_loss(logits, labels, self.task)
 
 
 def _bert_block_first_row(blk: nn.Module, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -231,6 +277,26 @@ def build_head(loaded: "LoadedModel", split: int) -> Head:
 def build_tail(loaded: "LoadedModel", split: int) -> Tail:
     _check_split(loaded, split)
     return Tail(loaded, split).eval()
+
+
+def _check_top(loaded: "LoadedModel", split: int, top: int) -> None:
+    L = loaded.info.num_blocks
+    if not 0 <= top < L - split:
+        raise ConfigError(f"top {top} does not fit split {split} of {loaded.info.id} ({L} blocks): the server must keep "
+                          f"at least one block, choose 0 <= top <= {L - split - 1}")
+
+
+def build_middle(loaded: "LoadedModel", split: int, top: int) -> Middle:
+    """The server's blocks ``split..L-top-1``; ``1 <= split``, ``0 <= top`` and at least one block."""
+    _check_split(loaded, split)
+    _check_top(loaded, split, top)
+    return Middle(loaded, split, top).eval()
+
+
+def build_top(loaded: "LoadedModel", top: int) -> Top:
+    """The device's last ``top`` blocks + final norm + task head; ``0 <= top <= L-2`` (a head and a middle block remain)."""
+    _check_top(loaded, 1, top)
+    return Top(loaded, top).eval()
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
