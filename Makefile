@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow install sshd clean
+.PHONY: demo test test-slow lint-imports install sshd clean
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ test: $(STAMP) sshd
 
 test-slow: $(STAMP) sshd
 	OMP_NUM_THREADS=1 $(BIN)/pytest -q -m slow $(PYTEST_ARGS)
+
+# The import layers (pyproject.toml [tool.importlinter]): which package may import which.
+lint-imports: $(STAMP)
+	PYTHON=$(BIN)/python tools/lint_imports.sh
 
 clean:
 	rm -rf $(VENV) results .pytest_cache
