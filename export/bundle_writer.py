@@ -106,6 +106,7 @@ def write_manifest(
     tokenizer: str,
     adapter: str,
     extra: dict,
+    runtime: dict | None = None,
 ) -> Manifest:
     """Hash every file under ``root`` and write ``manifest.json`` last, atomically."""
     files = {
@@ -134,6 +135,7 @@ def write_manifest(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         flexsfl_version=__version__,
         extra=extra,
+        runtime=runtime or {},
     )
     tmp = root / (MANIFEST_NAME + ".tmp")
     tmp.write_text(manifest.dumps())

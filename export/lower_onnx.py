@@ -29,7 +29,7 @@ from flexsfl.core.errors import ExportError
 
 from flexsfl.export.programs import HeadPrograms, export_programs
 
-__all__ = ["FORWARD_NAME", "BACKWARD_NAME", "WEIGHTS_NAME", "lower_onnx"]
+__all__ = ["FORWARD_NAME", "BACKWARD_NAME", "WEIGHTS_NAME", "lower_onnx", "min_onnxruntime", "runtime_requirements"]
 
 log = logging.getLogger("flexsfl.export.onnx")
 
@@ -40,6 +40,10 @@ _SHARED_MIN_BYTES = 1024  # smaller initializers stay inside the graphs
 _ALIGN = 4096  # page-aligned offsets, so ONNX Runtime can map the weights instead of reading them
 OPSET = 18
 MAX_IR_VERSION = 10  # what onnxruntime 1.19 accepts (onnx 1.23 writes 11+)
+# The first onnxruntime release that implements each (ONNX opset, IR version), from ONNX Runtime's
+# version matrix (docs/Versioning.md there). Older releases cannot load our programs at all.
+_ORT_RELEASES = (("1.14", 18, 8), ("1.15", 19, 9), ("1.17", 20, 9), ("1.18", 21, 10), ("1.20", 22, 10),
+                 ("1.22", 23, 11))
 
 
 def lower_onnx(programs: HeadPrograms, out_dir: str | pathlib.Path, *, verify: bool = True) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
@@ -71,6 +75,25 @@ def lower_onnx(programs: HeadPrograms, out_dir: str | pathlib.Path, *, verify: b
     if verify:
         _verify(programs, paths[0], paths[1])
     return paths[0], paths[1], weights
+
+
+def min_onnxruntime(opset: int, ir_version: int) -> str:
+    """The oldest onnxruntime release that reads ONNX ``opset`` at ``ir_version`` ("1.18")."""
+    for release, max_opset, max_ir in _ORT_RELEASES:
+        if opset <= max_opset and ir_version <= max_ir:
+            return release
+    raise ExportError(f"ONNX opset {opset} / IR version {ir_version} is newer than any onnxruntime this exporter "
+                      "knows; lower OPSET/MAX_IR_VERSION in flexsfl/export/lower_onnx.py")
+
+
+def runtime_requirements(paths: list[pathlib.Path]) -> dict:
+    """What the device's onnxruntime must read for the programs at ``paths`` (the manifest's ``runtime.ort``)."""
+    import onnx
+
+    models = [onnx.load(p, load_external_data=False) for p in paths]
+    opset = max(o.version for m in models for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    ir_version = max(m.ir_version for m in models)
+    return {"onnx_opset": opset, "onnx_ir_version": ir_version, "min_onnxruntime": min_onnxruntime(opset, ir_version)}
 
 
 def _share_weights(paths: list[pathlib.Path], weights: pathlib.Path) -> pathlib.Path:

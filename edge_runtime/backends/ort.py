@@ -6,28 +6,59 @@ No torch anywhere. All ONNX Runtime API use of the edge runtime is in this modul
 
 The saved activations stay ONNX Runtime ``OrtValue``s from the forward's outputs to the
 backward's inputs (``run_with_ort_values``), so they are never copied into numpy and back.
+
+Before loading anything, the installed onnxruntime is checked against the manifest's
+``runtime.ort.min_onnxruntime`` (set at export from the programs' ONNX opset and IR version):
+an older runtime is refused with one line saying what to install, rather than failing inside
+ONNX Runtime's loader with a message about IR versions.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, ClassVar
 
 from flexsfl.core.bundle import Bundle
 from flexsfl.core.errors import BackendError
 from flexsfl.edge_runtime.backends import ProgramBackend, _first_line
 
-__all__ = ["OrtBackend"]
+__all__ = ["OrtBackend", "check_runtime_version"]
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """(1, 19, 2) for "1.19.2", "1.19.2+cpu" or "1.20.0rc1" (the leading numeric release part)."""
+    parts = tuple(int(p) for p in re.findall(r"\d+", re.match(r"[\d.]*", version).group(0)))
+    return parts + (0,) * (3 - len(parts))
+
+
+def check_runtime_version(bundle: Bundle, version: str) -> None:
+    """Refuse an onnxruntime ``version`` older than the bundle's programs need (one-line BackendError).
+
+    Bundles without the requirement (schema version 1) are accepted: ONNX Runtime's loader is then
+    the only check.
+    """
+    need = bundle.manifest.runtime.get("ort")
+    if not need:
+        return
+    minimum = need["min_onnxruntime"]
+    if _version_tuple(version) < _version_tuple(minimum):
+        raise BackendError(
+            f"onnxruntime {version} is too old for {bundle.root}: its programs (ONNX opset {need['onnx_opset']}, "
+            f"IR version {need['onnx_ir_version']}) need onnxruntime >= {minimum}; "
+            f"run `pip install 'onnxruntime>={minimum}'` on this device")
 
 
 class OrtBackend(ProgramBackend):
     name: ClassVar[str] = "ort"
 
-    def __init__(self, bundle: Bundle, *, threads: int | None = None) -> None:
+    def __init__(self, bundle: Bundle, *, threads: int | None = None, runtime_version: str | None = None) -> None:
+        """``runtime_version`` stands for the installed onnxruntime's version in the check (tests use it)."""
         try:
             import onnxruntime as ort
         except ImportError as e:
             raise BackendError(f"onnxruntime is not installed ({e}); pip install 'flexsfl[edge]'") from None
+        check_runtime_version(bundle, runtime_version or ort.__version__)
         self._ort = ort
         opts = ort.SessionOptions()
         # One process trains one head: its threads are the device's cores (or what the user says).

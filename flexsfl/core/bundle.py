@@ -27,6 +27,7 @@ from flexsfl.core.targets import TargetProfile
 
 __all__ = [
     "SCHEMA_VERSION",
+    "READABLE_SCHEMA_VERSIONS",
     "MANIFEST_NAME",
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
@@ -44,7 +45,10 @@ __all__ = [
 
 log = logging.getLogger("flexsfl.bundle")
 
-SCHEMA_VERSION = 1
+# 2 added ``runtime`` (what each backend's programs need from the device's runtime: ONNX opset, IR
+# version, minimum onnxruntime); version-1 bundles still load, with no runtime requirements.
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 ADAPTER_CONFIG_NAME = "adapter_config.json"  # PEFT's file names, so PeftModel.from_pretrained loads it
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -152,6 +156,9 @@ class Manifest:
     created: str = ""
     flexsfl_version: str = ""
     extra: dict = dataclasses.field(default_factory=dict)  # free-form notes (export timings, warnings)
+    # backend -> what its programs need from the runtime, checked when the backend opens them:
+    # {"ort": {"onnx_opset": 18, "onnx_ir_version": 10, "min_onnxruntime": "1.18"}}
+    runtime: dict[str, dict] = dataclasses.field(default_factory=dict)
 
     def program(self, role: str) -> ProgramSpec:
         if role not in self.inputs or role not in self.outputs:
@@ -186,6 +193,7 @@ class Manifest:
             "files": self.files,
             "layout_hash": self.layout_hash,
             "extra": self.extra,
+            **({"runtime": self.runtime} if self.schema_version >= 2 else {}),
         }
 
     def dumps(self) -> str:
@@ -194,10 +202,10 @@ class Manifest:
     @classmethod
     def from_json(cls, d: dict) -> "Manifest":
         version = _need(d, "schema_version", int, "manifest")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_SCHEMA_VERSIONS:
             raise BundleError(
                 f"{MANIFEST_NAME}: schema_version {version} is not supported (this flexsfl reads "
-                f"{SCHEMA_VERSION}); re-export the bundle with this flexsfl version"
+                f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}); re-export the bundle with this flexsfl version"
             )
         m = _need(d, "model", dict, "manifest")
         model = ModelInfo(
@@ -258,11 +266,27 @@ class Manifest:
             created=d.get("created", ""),
             flexsfl_version=d.get("flexsfl_version", ""),
             extra=d.get("extra", {}),
+            runtime=_runtime(_need(d, "runtime", dict, "manifest")) if version >= 2 else {},
         )
         stated = d.get("layout_hash")
         if stated is not None and stated != man.layout_hash:
             raise BundleError(f"{MANIFEST_NAME}: layout_hash does not match its model/lora/split fields (edited by hand?)")
         return man
+
+
+_RUNTIME_FIELDS = {"ort": {"onnx_opset": int, "onnx_ir_version": int, "min_onnxruntime": str}}
+
+
+def _runtime(table: dict) -> dict[str, dict]:
+    """The manifest's ``runtime`` table, checked: known backends must state every field, typed."""
+    for backend, need in table.items():
+        where = f"runtime.{backend}"
+        for key, kind in _RUNTIME_FIELDS.get(backend, {}).items():
+            _need(need, key, kind, where)
+        if backend == "ort" and not all(p.isdigit() for p in need["min_onnxruntime"].split(".")):
+            raise BundleError(f"{MANIFEST_NAME}: {where}.min_onnxruntime {need['min_onnxruntime']!r} is not a "
+                              "version like 1.18; re-export the bundle")
+    return table
 
 
 def layout_fingerprint(model: ModelInfo, lora: LoraInfo, split: int) -> str:
