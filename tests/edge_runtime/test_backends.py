@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -24,6 +21,7 @@ from flexsfl.edge_runtime.backends import open_backend
 from flexsfl.core.bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
 from flexsfl.core.errors import BackendError, BundleError, ConfigError
 from flexsfl.edge_runtime.optim import SGD
+from tests.no_torch import run_without_torch
 
 BACKENDS = ["ort", "executorch"]
 FAST = [("gpt2", 1)]
@@ -278,21 +276,14 @@ def test_programs_that_do_not_fit_the_manifest_are_refused(bundle, tmp_path):
 def test_ort_backend_trains_where_torch_cannot_be_imported(bundle):
     script = textwrap.dedent(
         """
-        import importlib.abc, json, sys
-
-        class NoTorch(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError(f"{name} is blocked")
-
-        sys.meta_path.insert(0, NoTorch())
+        import json
         import numpy as np
         from flexsfl.edge_runtime.backends import open_backend
         from flexsfl.core.bundle import load_bundle
         from flexsfl.core.errors import BackendError
         from flexsfl.edge_runtime.optim import AdamW
 
-        bundle = load_bundle(sys.argv[1])
+        bundle = load_bundle(_sys.argv[1])
         be = open_backend("ort", bundle, threads=1)
         ids = np.arange(2 * 9, dtype=np.int64).reshape(2, 9) + 1000
         mask = np.ones_like(ids)
@@ -305,12 +296,10 @@ def test_ort_backend_trains_where_torch_cannot_be_imported(bundle):
             et = "opened"
         except BackendError as e:
             et = str(e)
-        print(json.dumps({"z": list(z.shape), "changed": changed, "torch": "torch" in sys.modules, "et": et}))
+        print(json.dumps({"z": list(z.shape), "changed": changed, "torch": "torch" in _sys.modules, "et": et}))
         """
     )
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    out = subprocess.run([sys.executable, "-c", script, str(bundle.root)], capture_output=True, text=True, env=env,
-                         timeout=300, cwd=os.getcwd())
+    out = run_without_torch(script, str(bundle.root))
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["z"] == [2, 9, bundle.manifest.model.hidden_size] and res["changed"] and not res["torch"]

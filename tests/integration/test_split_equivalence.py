@@ -12,6 +12,8 @@ import json
 
 import pytest
 
+from tests.no_torch import sitecustomize_dir
+
 from .harness import ROOT
 from .reference import STEPS, check, federate, make_work, order, reference
 
@@ -21,26 +23,14 @@ def work(tmp_path_factory, tiny_model_dirs, tiny_bundles):
     return make_work(tmp_path_factory, tiny_model_dirs, tiny_bundles)
 
 
-NO_TORCH = """
-import os, sys
-open(os.environ["NO_TORCH_MARK"], "a").write(f"{os.getpid()}\\n")  # proves the blocker was loaded
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked: this process plays an edge device without torch")
-sys.meta_path.insert(0, _NoTorch())
-"""
-
-
 @pytest.mark.parametrize("backend", ["ort", "executorch"])
 def test_one_client_equals_centralized(work, tmp_path, backend):
     clients = [("a", 2, backend)]
     extra_env = None
     if backend == "ort":
         # The ORT client runs where importing torch raises (sitecustomize installs the blocker).
-        (tmp_path / "notorch").mkdir()
-        (tmp_path / "notorch" / "sitecustomize.py").write_text(NO_TORCH)
-        extra_env = {"PYTHONPATH": f"{tmp_path / 'notorch'}:{ROOT}", "NO_TORCH_MARK": str(tmp_path / "notorch.mark")}
+        blocker = sitecustomize_dir(tmp_path / "notorch", tmp_path / "notorch.mark")
+        extra_env = {"PYTHONPATH": f"{blocker}:{ROOT}"}
     state = federate(work, tmp_path, clients, extra_env=extra_env)
     if backend == "ort":
         assert (tmp_path / "notorch.mark").read_text().strip()
