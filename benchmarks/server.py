@@ -127,7 +127,7 @@ async def _client(spec: dict[str, Any]) -> dict[str, Any]:
             if isinstance(msg, Bye):
                 break
             msg = _expect(msg, RoundConfig)
-            adapters = dict(_expect(await recv(), Adapters).tensors) if msg.extra.get("adapters") else {}
+            adapters = dict(_expect(await recv(), Adapters).tensors) if msg.adapters else {}
             for step in range(msg.local_steps):
                 t0 = time.perf_counter()
                 await ws.send(conn.send(Activations(round_id=msg.round_id, step_id=step, mode="train", z=z, attention_mask=mask,

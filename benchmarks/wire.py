@@ -128,7 +128,7 @@ class _Echo:
         enc = hello.encodings[0]
         await ws.send(conn.send(Welcome(session_id="bench", encoding=enc, max_frame_bytes=self.limits.max_frame_bytes)))
         await ws.send(conn.send(RoundConfig(round_id=0, local_steps=1, batch_size=self.max_batch, lr=1e-3, optimizer="sgd",
-                                            align_lambda=0.0, extra={"adapters": False})))
+                                            align_lambda=0.0, adapters=False)))
         st = self.stats[enc] = {"parse_s": [], "serialize_s": [], "z_rel_err": None}
         g_cache: dict[tuple[int, ...], np.ndarray] = {}
         async for data in ws:

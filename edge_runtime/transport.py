@@ -38,6 +38,7 @@ from flexsfl.core.wire import (
     Role,
     RoundConfig,
     RoundEnd,
+    RoundMode,
     Upload,
     Welcome,
 )
@@ -166,18 +167,18 @@ async def _serve_rounds(link: _Link, trainer: Trainer, opts: ClientOptions) -> s
             return msg.reason
         if not isinstance(msg, RoundConfig):
             raise OrderError(f"expected RoundConfig between rounds, got {type(msg).__name__}")
-        adapters = None
-        if msg.extra.get("adapters", True):
-            a = await link.recv()
-            if not isinstance(a, Adapters):
-                raise OrderError(f"expected Adapters after RoundConfig, got {type(a).__name__}")
-            adapters = dict(a.tensors)
-        full = msg.extra.get("mode", "split") == "full"
+        full = msg.mode is RoundMode.FULL
         if full != trainer.whole_model:
             raise ConfigError(
                 f"the server runs a {'whole-model' if full else 'split'} strategy but this client was started for "
                 f"{'split' if full else 'whole-model'} training; restart it {'with' if full else 'without'} --full-model"
             )
+        adapters = None
+        if msg.adapters:
+            a = await link.recv()
+            if not isinstance(a, Adapters):
+                raise OrderError(f"expected Adapters after RoundConfig, got {type(a).__name__}")
+            adapters = dict(a.tensors)
         metrics = await _train_round(link, trainer, msg, adapters)
         if opts.evaluate and trainer.test_set:
             if full:
@@ -195,7 +196,7 @@ async def _serve_rounds(link: _Link, trainer: Trainer, opts: ClientOptions) -> s
 async def _train_round(link: _Link, trainer: Trainer, cfg: RoundConfig, adapters) -> dict[str, Any]:
     settings = RoundSettings(round_id=cfg.round_id, local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
                              optimizer=cfg.optimizer, align_lambda=cfg.align_lambda,
-                             personal=bool(cfg.extra.get("personal", True)))
+                             personal=cfg.personal)
     trainer.begin_round(settings, adapters)
     wait = 0.0
     t_round = time.perf_counter()

@@ -24,7 +24,8 @@ __all__ = ["ClientUpdate", "weighted_mean", "layerwise_fedavg", "fedavg"]
 
 @dataclasses.dataclass(frozen=True)
 class ClientUpdate:
-    """What one client uploaded at the end of a round."""
+    """What one client uploaded at the end of a round: the project's one upload type, handed to
+    :meth:`~.strategy.Strategy.aggregate` and to the server's ``on_round_end`` callback."""
 
     params: Mapping[str, np.ndarray]  # canonical name -> tensor (its head's adapters)
     num_samples: int  # n_k: examples it trained on this round

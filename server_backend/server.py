@@ -7,6 +7,9 @@ once here; what differs between FlexP-SFL and the baselines is a :class:`~.strat
 A client that sends anything the protocol refuses (garbage bytes, NaN tensors, wrong shapes, a
 wrong token, a bundle for another model) gets an ``Error`` with a one-line reason and a close
 code; it is logged, nothing it sent reaches the model, and every other session carries on.
+A message the server itself may not send (:class:`~flexsfl.core.errors.InvalidState`: the
+server's bug, not the client's) is logged as such and ends that session with ``SERVER_ERROR``
+and close code 1011.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from flexsfl.core.bundle import layout_fingerprint
-from flexsfl.core.errors import AuthError, ConfigError, ErrorCode, OrderError, ProtocolError, TensorError
+from flexsfl.core.errors import AuthError, ConfigError, ErrorCode, InvalidState, OrderError, ProtocolError, TensorError
 from flexsfl.core.wire import (
     ENCODINGS,
     Activations,
@@ -40,6 +43,7 @@ from flexsfl.core.wire import (
     Role,
     RoundConfig,
     RoundEnd,
+    RoundMode,
     Upload,
     Welcome,
     check_activations,
@@ -53,7 +57,7 @@ from flexsfl.server_backend.state import ServerState
 from flexsfl.server_backend.strategy import Strategy
 from flexsfl.server_backend.tail_host import StepRequest, TailHost
 
-__all__ = ["ServerConfig", "FlexServer", "RoundUpload", "frame_limit"]
+__all__ = ["ServerConfig", "FlexServer", "frame_limit"]
 
 log = logging.getLogger("flexsfl.server")
 
@@ -87,15 +91,6 @@ def frame_limit(host: TailHost, max_batch: int, max_seq: int) -> int:
     return int(1.1 * max(z, state)) + (1 << 20)
 
 
-@dataclasses.dataclass(frozen=True)
-class RoundUpload:
-    """What one client uploaded in a round, as handed to ``on_round_end``."""
-
-    split: int
-    params: dict[str, np.ndarray]
-    num_samples: int
-
-
 @dataclasses.dataclass(eq=False)
 class Session:
     """One connected client."""
@@ -126,7 +121,7 @@ class FlexServer:
 
     def __init__(self, host: TailHost, strategy: Strategy, registry: ClientRegistry | None, state: ServerState,
                  config: ServerConfig = ServerConfig(), *, compute_threads: int | None = None,
-                 on_round_end: Callable[[int, dict[str, "RoundUpload"]], dict] | None = None) -> None:
+                 on_round_end: Callable[[int, dict[str, ClientUpdate]], dict] | None = None) -> None:
         self.host = host
         self.strategy = strategy
         self.registry = registry
@@ -218,6 +213,17 @@ class FlexServer:
                 data = Error.from_exception(e).serialize()
                 await ws.send(data)
                 await ws.close(e.close_code, str(e)[:120])
+            except ConnectionClosed:
+                pass
+        except InvalidState as e:
+            # This server asked its own Connection for something it may not send: our bug (or a
+            # race with a closing session), never the client's; say so to both.
+            who = session.client_id if session else f"{peer[0]}:{peer[1]}" if peer else "?"
+            log.error("server error in the session of %s (not the client's fault): %s", who, e, exc_info=True)
+            self.state.log("server_error", client=who, message=str(e))
+            try:
+                await ws.send(Error.from_exception(e).serialize())
+                await ws.close(1011, "server error")
             except ConnectionClosed:
                 pass
         except ConnectionClosed:
@@ -314,15 +320,15 @@ class FlexServer:
         return logits.astype(np.float32)
 
     def _upload_specs(self, s: Session) -> dict[str, tuple[int, ...]]:
-        if self.strategy.mode == "full":
+        if self.strategy.mode is RoundMode.FULL:
             return {n: tuple(p.shape) for n, p in self.host.params.items()}
         return self.host.head_specs(s.split)
 
     async def _close(self, s: Session, msg, code: int) -> None:
         try:
             await s.send(msg)
-        except (ProtocolError, ConnectionClosed):
-            pass
+        except (InvalidState, ConnectionClosed):
+            pass  # already closed (it said Bye or Error): nothing more may pass
         await s.ws.close(code)
 
     # -- rounds --------------------------------------------------------------------------------
@@ -351,13 +357,13 @@ class FlexServer:
             plan = await self.worker.call(self.strategy.plan, r, s.client_id, s.split, self.host)
             s.upload = asyncio.get_running_loop().create_future()
             try:
-                extra = {**plan.extra, "adapters": plan.adapters is not None}
                 await s.send(RoundConfig(round_id=r, local_steps=plan.local_steps, batch_size=plan.batch_size, lr=plan.lr,
-                                         optimizer=plan.optimizer, align_lambda=plan.align_lambda, extra=extra))
+                                         optimizer=plan.optimizer, align_lambda=plan.align_lambda, mode=plan.mode,
+                                         personal=plan.personal, adapters=plan.adapters is not None))
                 if plan.adapters is not None:
                     await s.send(Adapters(round_id=r, tensors=dict(plan.adapters)))
                 started.append(s)
-            except (ConnectionClosed, ProtocolError) as e:
+            except (ConnectionClosed, InvalidState) as e:  # InvalidState: it closed while we planned
                 log.warning("round %d: could not start %s: %s", r, s.client_id, e)
         uploads: dict[str, tuple[Session, Upload]] = {}
         if started:
@@ -390,7 +396,7 @@ class FlexServer:
             try:
                 await s.send(RoundEnd(round_id=r, info={"clients": len(uploads), "seconds": summary["seconds"]}))
                 ended.append(s.metrics)
-            except (ConnectionClosed, ProtocolError) as e:
+            except (ConnectionClosed, InvalidState) as e:  # InvalidState: it closed meanwhile
                 log.warning("round %d: could not end the round for %s: %s", r, s.client_id, e)
         if ended:
             # Clients evaluate their personal model after RoundEnd, then report: wait, so that the
@@ -400,8 +406,7 @@ class FlexServer:
                 if f.done() and not f.cancelled():
                     f.exception()  # retrieved: a client that left is already logged
         if self.on_round_end is not None:
-            got = {cid: RoundUpload(s.split, dict(u.tensors), u.num_samples) for cid, (s, u) in uploads.items()}
-            evals = await self.worker.call(self.on_round_end, r, got)
+            evals = await self.worker.call(self.on_round_end, r, updates)
             self.state.log("eval", round=r, **evals)
         log.info("round %d done in %.1f s (%d clients, %d steps)", r, summary["seconds"], len(uploads), summary["steps"])
 

@@ -1,8 +1,11 @@
 """Round strategies: small classes with narrow hooks; the round loop is written once, in the server.
 
 A strategy decides who trains in a round (:meth:`Strategy.select`), what each selected client
-is told and given (:meth:`Strategy.plan`), and how the uploads change the global model
-(:meth:`Strategy.aggregate`). The maths live in :mod:`.aggregation` as free functions.
+is told and given (:meth:`Strategy.plan`, abstract), and how the uploads change the global
+model (:meth:`Strategy.aggregate`, abstract). Hooks see the server's model only through
+:class:`StrategyHost` (the global adapters ``φ``: read them whole or per head, write them back),
+never the server or its sessions. The server calls ``plan`` and ``aggregate`` on its compute
+thread, one at a time. The maths live in :mod:`.aggregation` as free functions.
 
 - :class:`FlexPSFL`: personal heads kept on the device across rounds, global adapters sent as the
   alignment reference (and as the first personal head), layer-wise aggregation across split
@@ -15,17 +18,19 @@ is told and given (:meth:`Strategy.plan`), and how the uploads change the global
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import random
-from typing import ClassVar, Mapping, Sequence
+from typing import ClassVar, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from flexsfl.core.errors import ConfigError
+from flexsfl.core.wire import RoundMode
 
 from flexsfl.server_backend.aggregation import ClientUpdate, fedavg, layerwise_fedavg
 
-__all__ = ["TrainConfig", "RoundPlan", "Strategy", "FlexPSFL", "SplitFed", "FedAvg", "LocalOnly", "STRATEGIES", "make_strategy"]
+__all__ = ["TrainConfig", "RoundPlan", "StrategyHost", "Strategy", "FlexPSFL", "SplitFed", "FedAvg", "LocalOnly", "STRATEGIES", "make_strategy"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +65,8 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RoundPlan:
-    """What one selected client receives when a round starts."""
+    """What one selected client receives when a round starts (the server turns it into a
+    RoundConfig, followed by an Adapters message when ``adapters`` is not None)."""
 
     local_steps: int
     batch_size: int
@@ -68,14 +74,38 @@ class RoundPlan:
     optimizer: str
     align_lambda: float
     adapters: Mapping[str, np.ndarray] | None  # tensors to download, or None
-    extra: Mapping[str, bool | int | float | str]  # mode ("split"|"full"), personal (keep own head)
+    mode: RoundMode  # where the model trains: split (head on the device) or full (whole model)
+    personal: bool  # the client keeps its own adapters across rounds
 
 
-class Strategy:
-    """Hooks the server's round loop calls. Subclasses override :meth:`plan` and :meth:`aggregate`."""
+class StrategyHost(Protocol):
+    """What a strategy may ask of the server's model: the global adapters ``φ`` (canonical
+    names), whole or per head, and a way to replace them. :class:`~.tail_host.TailHost` is one."""
+
+    @property
+    def blocks(self) -> Mapping[str, int]:
+        """Canonical name -> 0-based block of every tensor of ``φ`` (the task head maps to L)."""
+        ...
+
+    def head_params(self, split: int) -> dict[str, np.ndarray]:
+        """``φ``'s tensors in blocks ``0..split-1`` (a copy): what a client's head holds."""
+        ...
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Every tensor of ``φ`` (a copy)."""
+        ...
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Replace ``φ`` with ``state`` (same names and shapes)."""
+        ...
+
+
+class Strategy(abc.ABC):
+    """Hooks the server's round loop calls. Subclasses set ``name`` (and ``mode`` / ``personal``
+    where they differ) and implement :meth:`plan` and :meth:`aggregate`."""
 
     name: ClassVar[str]
-    mode: ClassVar[str] = "split"  # "split": head on device, tail on server; "full": whole model on device
+    mode: ClassVar[RoundMode] = RoundMode.SPLIT  # split: head on device, tail on server; full: whole model on device
     personal: ClassVar[bool] = True  # clients keep their own adapters across rounds
 
     def __init__(self, cfg: TrainConfig) -> None:
@@ -89,27 +119,27 @@ class Strategy:
             return ids
         return sorted(random.Random(self.cfg.seed * 1_000_003 + round_id).sample(ids, k))
 
-    def _plan(self, adapters: Mapping[str, np.ndarray] | None, align_lambda: float) -> RoundPlan:
+    def _round_plan(self, adapters: Mapping[str, np.ndarray] | None, align_lambda: float) -> RoundPlan:
         c = self.cfg
-        return RoundPlan(c.local_steps, c.batch_size, c.lr, c.optimizer, align_lambda, adapters,
-                         {"mode": self.mode, "personal": self.personal})
+        return RoundPlan(c.local_steps, c.batch_size, c.lr, c.optimizer, align_lambda, adapters, self.mode, self.personal)
 
-    def plan(self, round_id: int, client_id: str, split: int, host) -> RoundPlan:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def plan(self, round_id: int, client_id: str, split: int, host: StrategyHost) -> RoundPlan:
+        """What ``client_id`` (whose head holds ``split`` blocks) is told and given in ``round_id``."""
 
-    def aggregate(self, round_id: int, host, updates: Mapping[str, ClientUpdate]) -> None:
-        """Fold the round's uploads into ``host`` (the global model). Runs on the compute thread."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def aggregate(self, round_id: int, host: StrategyHost, updates: Mapping[str, ClientUpdate]) -> None:
+        """Fold the round's uploads (client id -> update; possibly empty) into ``host``'s ``φ``."""
 
 
 class FlexPSFL(Strategy):
     name = "flexpsfl"
 
-    def plan(self, round_id, client_id, split, host):
+    def plan(self, round_id: int, client_id: str, split: int, host: StrategyHost) -> RoundPlan:
         # φ's head blocks: the alignment reference every round, the initial θ_k at the first.
-        return self._plan(host.head_params(split), self.cfg.align_lambda)
+        return self._round_plan(host.head_params(split), self.cfg.align_lambda)
 
-    def aggregate(self, round_id, host, updates):
+    def aggregate(self, round_id: int, host: StrategyHost, updates: Mapping[str, ClientUpdate]) -> None:
         host.load_state(layerwise_fedavg(host.state(), host.blocks, list(updates.values())))
 
 
@@ -117,38 +147,38 @@ class SplitFed(FlexPSFL):
     name = "splitfed"
     personal = False  # every round starts from the global head
 
-    def plan(self, round_id, client_id, split, host):
-        return self._plan(host.head_params(split), 0.0)
+    def plan(self, round_id: int, client_id: str, split: int, host: StrategyHost) -> RoundPlan:
+        return self._round_plan(host.head_params(split), 0.0)
 
 
 class FedAvg(Strategy):
     name = "fedavg"
-    mode = "full"
+    mode = RoundMode.FULL
     personal = False
 
-    def plan(self, round_id, client_id, split, host):
-        return self._plan(host.state(), 0.0)
+    def plan(self, round_id: int, client_id: str, split: int, host: StrategyHost) -> RoundPlan:
+        return self._round_plan(host.state(), 0.0)
 
-    def aggregate(self, round_id, host, updates):
+    def aggregate(self, round_id: int, host: StrategyHost, updates: Mapping[str, ClientUpdate]) -> None:
         if updates:
             host.load_state(fedavg([(u.params, u.num_samples) for u in updates.values()]))
 
 
 class LocalOnly(Strategy):
     name = "local"
-    mode = "full"
+    mode = RoundMode.FULL
 
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
         self._started: set[str] = set()
 
-    def plan(self, round_id, client_id, split, host):
+    def plan(self, round_id: int, client_id: str, split: int, host: StrategyHost) -> RoundPlan:
         # Everyone starts from the same pretrained model; after that nothing is shared.
         first = client_id not in self._started
         self._started.add(client_id)
-        return self._plan(host.state() if first else None, 0.0)
+        return self._round_plan(host.state() if first else None, 0.0)
 
-    def aggregate(self, round_id, host, updates):
+    def aggregate(self, round_id: int, host: StrategyHost, updates: Mapping[str, ClientUpdate]) -> None:
         return None
 
 

@@ -10,6 +10,7 @@ the file, field or message at fault and says what to do::
     ├── BackendError       a training runtime is missing or failed
     ├── ExportError        a model could not be partitioned or lowered
     ├── FlashError         SSH flashing failed (host, auth, checks, upload)
+    ├── InvalidState       this side misused its own wire Connection (a bug here, not the peer's)
     └── ProtocolError      a peer sent something the wire protocol refuses
         ├── FrameError     bytes that do not parse (header, tensor, size limit)
         ├── TensorError    a tensor with the wrong dtype/shape or non-finite values
@@ -18,6 +19,12 @@ the file, field or message at fault and says what to do::
 
 ``ProtocolError.code`` is the :class:`ErrorCode` sent to the peer in an ``Error`` message;
 ``close_code`` is the websocket close code used when the connection must end.
+
+``InvalidState`` is deliberately *not* a ``ProtocolError``: when a side's own code asks its
+:class:`~flexsfl.core.wire.Connection` to send a message that the state does not allow, the
+peer did nothing wrong, so a transport must not answer it with a ``ProtocolError``'s code and
+log line (the server reports its own bug as ``SERVER_ERROR``, close code 1011). Wrong argument
+types given to the wire API raise the built-in ``TypeError``.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ __all__ = [
     "BackendError",
     "ExportError",
     "FlashError",
+    "InvalidState",
     "ProtocolError",
     "FrameError",
     "TensorError",
@@ -67,6 +75,16 @@ class ExportError(FlexSFLError):
 
 class FlashError(FlexSFLError):
     """Putting a bundle onto a device over SSH failed."""
+
+
+class InvalidState(FlexSFLError):
+    """This side asked its own wire ``Connection`` for something its state does not allow.
+
+    Raised by ``Connection.send`` for a message that is out of order, from the wrong side,
+    inconsistent with the session (round or step ids, shapes, encodings) or over the frame
+    limit both sides agreed on. It is a bug (or a race with a closing connection) in the code
+    that drives the connection, never the peer's fault; the connection is left unchanged.
+    """
 
 
 class ErrorCode(enum.IntEnum):

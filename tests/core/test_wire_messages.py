@@ -54,7 +54,7 @@ def one_of_each(encoding: str = "fp32") -> list[Message]:
         Hello(client_id="pi-4.kitchen_01", token="s3cret", layout_hash=HASH, split=3, backend="ort",
               encodings=("int8", "fp16"), profile={"memory_mb": 4096, "head_throughput": 12.5, "arch": "aarch64"}),
         Welcome(session_id="7f3a", encoding=encoding, max_frame_bytes=1 << 20, info={"model": "minilm", "blocks": 6, "resumed": False}),
-        RoundConfig(round_id=4, local_steps=10, batch_size=8, lr=5e-4, optimizer="adamw", align_lambda=0.1, extra={"seed": 7}),
+        RoundConfig(round_id=4, local_steps=10, batch_size=8, lr=5e-4, optimizer="adamw", align_lambda=0.1),
         Adapters(round_id=4, tensors={"layer.0.q.lora_A": exact((8, 16), encoding, 1), "layer.0.q.lora_B": exact((16, 8), encoding, 2)},
                  encoding=encoding),
         Activations(round_id=4, step_id=2, mode="train", z=exact((b, t, d), encoding, 3), attention_mask=mask,
@@ -71,6 +71,8 @@ def one_of_each(encoding: str = "fp32") -> list[Message]:
         Error(code=ErrorCode.BUNDLE_MISMATCH, message="layout hash differs; re-export the bundle"),
         Bye(reason="done"),
         Bye(),
+        RoundConfig(round_id=5, local_steps=1, batch_size=2, lr=1e-2, optimizer="sgd", align_lambda=0.0, mode="full",
+                    personal=False, adapters=False),
     ]
 
 
@@ -197,6 +199,9 @@ BASE = {m.KIND: m for m in reversed(one_of_each())}  # the first message of each
         (MessageKind.ROUND_CONFIG, {"lr": 0.0}, FrameError, "RoundConfig.lr must be a finite number > 0"),
         (MessageKind.ROUND_CONFIG, {"lr": float("inf")}, FrameError, "RoundConfig.lr must be a finite number"),
         (MessageKind.ROUND_CONFIG, {"optimizer": "adam"}, FrameError, "RoundConfig.optimizer must be one of sgd, adamw"),
+        (MessageKind.ROUND_CONFIG, {"mode": "half"}, FrameError, "RoundConfig.mode must be one of split, full"),
+        (MessageKind.ROUND_CONFIG, {"personal": 1}, FrameError, "RoundConfig.personal must be true or false"),
+        (MessageKind.ROUND_CONFIG, {"adapters": "yes"}, FrameError, "RoundConfig.adapters must be true or false"),
         (MessageKind.ROUND_CONFIG, {"align_lambda": -0.5}, FrameError, "RoundConfig.align_lambda must be a finite number >= 0"),
         (MessageKind.ROUND_CONFIG, {"round_id": -1}, FrameError, "RoundConfig.round_id"),
         (MessageKind.ROUND_CONFIG, {"round_id": 1 << 63}, FrameError, "RoundConfig.round_id"),
@@ -254,7 +259,9 @@ Z_BYTES = np.float32([1, 2]).tobytes()
     [
         (b"FSF", ErrorCode.MALFORMED_FRAME, "frame is 3 bytes, shorter than the 12-byte prefix"),
         (frame(magic=b"GET "), ErrorCode.MALFORMED_FRAME, "frame starts with b'GET ', not b'FSFL'"),
-        (frame(version=2), ErrorCode.BAD_VERSION, "protocol version 2; this flexsfl speaks 1"),
+        (frame(version=PROTOCOL_VERSION + 1), ErrorCode.BAD_VERSION,
+         f"protocol version {PROTOCOL_VERSION + 1}; this flexsfl speaks {PROTOCOL_VERSION}"),
+        (frame(version=1), ErrorCode.BAD_VERSION, f"protocol version 1; this flexsfl speaks {PROTOCOL_VERSION}, upgrade"),
         (frame(kind=99), ErrorCode.UNKNOWN_KIND, "unknown message kind 99"),
         (frame(kind=0), ErrorCode.UNKNOWN_KIND, "unknown message kind 0"),
         (frame(flags=1), ErrorCode.MALFORMED_FRAME, "flags 0x0001"),

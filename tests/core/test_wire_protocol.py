@@ -1,13 +1,15 @@
-"""The connection state machine (no sockets): every allowed transition, every refused one, and
-the session-level checks of activations and adapter sets."""
+"""The connection state machine (no sockets): every allowed transition, every refused one (a
+peer's frame -> ProtocolError, this side's own send -> InvalidState), and the session-level
+checks of activations and adapter sets."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from flexsfl.core.errors import ConfigError, ErrorCode, FrameError, OrderError, ProtocolError, TensorError
+from flexsfl.core.errors import ConfigError, ErrorCode, FrameError, InvalidState, OrderError, ProtocolError, TensorError
 from flexsfl.core.wire import (
+    PROTOCOL_VERSION,
     Activations,
     Adapters,
     Bye,
@@ -123,11 +125,12 @@ def test_every_other_message_is_refused_without_changing_state(situation, key):
     client, server = reach(situation)
     sender, receiver = (client, server) if key in CLIENT_SENDS else (server, client)
     before = snapshot(sender), snapshot(receiver)
-    with pytest.raises(OrderError) as e:
+    with pytest.raises(InvalidState, match="^cannot send: ") as e:  # this side's bug, not the peer's
         sender.send(CATALOGUE[key])
-    assert e.value.code == ErrorCode.OUT_OF_ORDER and "\n" not in str(e.value)
-    with pytest.raises(OrderError):
+    assert not isinstance(e.value, ProtocolError) and "\n" not in str(e.value)
+    with pytest.raises(OrderError) as e:
         receiver.receive(CATALOGUE[key].serialize())  # a peer that skipped the check
+    assert e.value.code == ErrorCode.OUT_OF_ORDER and "\n" not in str(e.value)
     assert (snapshot(sender), snapshot(receiver)) == before
 
 
@@ -135,7 +138,7 @@ def test_every_other_message_is_refused_without_changing_state(situation, key):
 def test_a_message_from_the_wrong_side_is_refused(key):
     client, server = reach("IN_ROUND")
     wrong = server if key in CLIENT_SENDS else client
-    with pytest.raises(OrderError, match="is sent by the (client|server), not the (server|client)"):
+    with pytest.raises(InvalidState, match="is sent by the (client|server), not the (server|client)"):
         wrong.send(CATALOGUE[key])
     with pytest.raises(OrderError, match="is sent by the"):
         (client if wrong is server else server).receive(CATALOGUE[key].serialize())
@@ -208,7 +211,7 @@ def test_ids_shapes_and_encodings_must_be_consistent(setup, msg, error, message)
         deliver(client, server, key)
     sender, receiver = (client, server) if isinstance(msg, (Activations, Upload, Metrics)) else (server, client)
     before = snapshot(sender), snapshot(receiver)
-    with pytest.raises(error, match=message):
+    with pytest.raises(InvalidState, match=message):
         sender.send(msg)
     with pytest.raises(error, match=message):
         receiver.receive(msg.serialize())
@@ -218,7 +221,7 @@ def test_ids_shapes_and_encodings_must_be_consistent(setup, msg, error, message)
 def test_welcome_must_pick_an_offered_encoding():
     client, server = reach("AWAIT_WELCOME")
     bad = Welcome(session_id="s", encoding="int8", max_frame_bytes=1 << 20)
-    with pytest.raises(ProtocolError, match=r"Welcome.encoding 'int8' was not offered in Hello \(fp16, fp32\)"):
+    with pytest.raises(InvalidState, match=r"Welcome.encoding 'int8' was not offered in Hello \(fp16, fp32\)"):
         server.send(bad)
     with pytest.raises(ProtocolError, match="was not offered"):
         client.receive(bad.serialize())
@@ -227,8 +230,9 @@ def test_welcome_must_pick_an_offered_encoding():
 
 def test_hello_with_another_protocol_version_is_refused():
     server = Connection(Role.SERVER)
-    hello = Hello(protocol_version=2, client_id="c", token="", layout_hash=HASH, split=1, backend="ort")
-    with pytest.raises(ProtocolError, match="Hello.protocol_version is 2; this side speaks 1") as e:
+    other = PROTOCOL_VERSION + 1
+    hello = Hello(protocol_version=other, client_id="c", token="", layout_hash=HASH, split=1, backend="ort")
+    with pytest.raises(ProtocolError, match=f"Hello.protocol_version is {other}; this side speaks {PROTOCOL_VERSION}") as e:
         server.receive(hello.serialize())
     assert e.value.code == ErrorCode.BAD_VERSION and server.state is State.AWAIT_HELLO
 
@@ -241,9 +245,9 @@ def test_welcome_lowers_the_frame_limit_for_both_sides():
     client.receive(server.send(CATALOGUE["RoundConfig"]))
     big = act("train", z=np.zeros((2, 3, 1024), np.float32))  # 12 KiB of fp16
     before = snapshot(client)
-    with pytest.raises(ProtocolError, match="Activations frame is \\d+ bytes, over the connection's limit of 4096") as e:
+    with pytest.raises(InvalidState, match="Activations frame is \\d+ bytes, over the connection's limit of 4096"):
         client.send(big)
-    assert e.value.code == ErrorCode.TOO_LARGE and snapshot(client) == before
+    assert snapshot(client) == before
     with pytest.raises(FrameError, match="over the limit of 4096"):
         server.receive(big.serialize())
     assert server.receive(client.send(act("train"))) == act("train")
@@ -252,21 +256,45 @@ def test_welcome_lowers_the_frame_limit_for_both_sides():
 def test_after_a_bad_frame_the_receiver_can_still_send_error_and_close():
     client, server = reach("IN_ROUND")
     with pytest.raises(FrameError) as e:
-        server.receive(b"FSFL\x01\x05\x00\x00\x07\x00\x00\x00garbage")
+        server.receive(b"FSFL" + bytes([PROTOCOL_VERSION]) + b"\x05\x00\x00\x07\x00\x00\x00garbage")
     assert server.state is State.IN_ROUND
     got = client.receive(server.send(Error.from_exception(e.value)))
     assert isinstance(got, Error) and got.code == ErrorCode.MALFORMED_FRAME
     assert client.state is server.state is State.CLOSED
     for conn, msg in ((client, CATALOGUE["Metrics"]), (server, CATALOGUE["RoundEnd"]), (client, CATALOGUE["Bye"])):
-        with pytest.raises(OrderError, match="after the connection closed"):
+        with pytest.raises(InvalidState, match="after the connection closed"):
             conn.send(msg)
 
 
-def test_connection_refuses_bad_arguments():
-    with pytest.raises(ConfigError, match="Role.CLIENT or Role.SERVER"):
+def test_own_side_misuse_is_invalid_state_not_the_peers_error():
+    """A side that sends out of turn has a bug of its own: the error must not carry a protocol
+    code that would blame the peer, and the Error it leads to says SERVER_ERROR."""
+    client, server = reach("IDLE")
+    before = snapshot(server)
+    with pytest.raises(InvalidState) as e:
+        server.send(CATALOGUE["RoundEnd"])  # no round is running
+    assert not isinstance(e.value, ProtocolError) and not hasattr(e.value, "close_code")
+    assert isinstance(e.value.__cause__, OrderError)  # what the peer would have been told, kept for the log
+    assert Error.from_exception(e.value).code == ErrorCode.SERVER_ERROR
+    assert snapshot(server) == before
+    assert client.receive(server.send(CATALOGUE["RoundConfig"])) == CATALOGUE["RoundConfig"]  # still usable
+
+
+def test_connection_refuses_wrong_argument_types():
+    with pytest.raises(TypeError, match="Role.CLIENT or Role.SERVER"):
         Connection("client")
-    with pytest.raises(ConfigError, match="can only send protocol messages"):
-        Connection(Role.CLIENT).send(b"hello")
+    with pytest.raises(TypeError, match="limits must be a wire Limits"):
+        Connection(Role.CLIENT, {"max_frame_bytes": 1})
+    conn = Connection(Role.CLIENT)
+    for bad in (b"hello", {"kind": "Hello"}, None):
+        with pytest.raises(TypeError, match="takes a protocol message"):
+            conn.send(bad)
+    for bad in ("text", 7, None, [1, 2]):
+        with pytest.raises(TypeError, match="takes the bytes of a binary frame"):
+            conn.receive(bad)
+    assert conn.state is State.AWAIT_HELLO
+    server = Connection(Role.SERVER)
+    assert server.receive(bytearray(conn.send(CATALOGUE["Hello"]))) == CATALOGUE["Hello"]  # bytes-like is fine
 
 
 # --- session-level checks -----------------------------------------------------------------------

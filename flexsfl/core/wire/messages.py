@@ -1,6 +1,7 @@
 """Protocol messages: frozen dataclasses that own their wire format.
 
-A frame (protocol version 1) is::
+A frame (protocol version 2; version 2 made a round's meaning typed fields of
+:class:`RoundConfig` instead of version 1's free-form ``extra``) is::
 
     b"FSFL" | version u8 | kind u8 | flags u16 (0) | header_len u32 LE | header | payloads
 
@@ -45,6 +46,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "MAGIC",
     "MessageKind",
+    "RoundMode",
     "Message",
     "Hello",
     "Welcome",
@@ -61,7 +63,7 @@ __all__ = [
     "parse",
 ]
 
-PROTOCOL_VERSION = 1  # the frame's version byte and Hello.protocol_version
+PROTOCOL_VERSION = 2  # the frame's version byte and Hello.protocol_version; peers must match exactly
 MAGIC = b"FSFL"
 _PREFIX = struct.Struct("<4sBBHI")  # magic, version, kind, flags, header_len
 _ALIGN = 8
@@ -85,6 +87,13 @@ class MessageKind(enum.IntEnum):
     ROUND_END = 10  # server -> client
     ERROR = 11  # either way
     BYE = 12  # either way
+
+
+class RoundMode(enum.StrEnum):
+    """Where the model trains in a round (:attr:`RoundConfig.mode`)."""
+
+    SPLIT = "split"  # head on the device, tail on the server: steps travel as Activations/Gradients
+    FULL = "full"  # the whole model on the device (FedAvg / local-only baselines): no steps on the wire
 
 
 # --- field validators: (where, value) -> normalized value, or FrameError naming the field ---
@@ -158,6 +167,18 @@ def _scalars(where: str, v: Any) -> dict[str, bool | int | float | str]:
         if _is_int(x) and abs(x) > _INT_MAX:
             raise _bad(f"{where}[{k!r:.80}]", "an int that fits 64 bits", x)
     return dict(v)
+
+
+def _bool(where: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise _bad(where, "true or false", v)
+    return v
+
+
+def _round_mode(where: str, v: Any) -> RoundMode:
+    if not _is_text(v) or v not in RoundMode._value2member_map_:
+        raise _bad(where, f"one of {', '.join(m.value for m in RoundMode)}", v)
+    return RoundMode(v)
 
 
 def _error_code(where: str, v: Any) -> ErrorCode:
@@ -404,7 +425,13 @@ class Welcome(Message):
 
 @_message
 class RoundConfig(Message):
-    """Server -> client: a round starts; how to train in it."""
+    """Server -> client: a round starts; how to train in it.
+
+    ``mode`` says where the model trains (a client built for the other mode must refuse the
+    round), ``personal`` whether the client keeps its own adapters across rounds (False: every
+    round starts from the global adapters sent with it), and ``adapters`` whether an
+    :class:`Adapters` message follows this one before anything else of the round.
+    """
 
     KIND = MessageKind.ROUND_CONFIG
     round_id: int = _field(_int())
@@ -413,7 +440,9 @@ class RoundConfig(Message):
     lr: float = _field(_float(0.0, above=True))
     optimizer: str = _field(_text(("sgd", "adamw")))
     align_lambda: float = _field(_float(0.0))  # lambda of the alignment term; 0 disables it
-    extra: dict = _field(_scalars, default_factory=dict)
+    mode: RoundMode = _field(_round_mode, default=RoundMode.SPLIT)
+    personal: bool = _field(_bool, default=True)  # keep theta_k across rounds
+    adapters: bool = _field(_bool, default=True)  # an Adapters message follows
 
 
 @_message

@@ -23,10 +23,19 @@ of the Activations it answers, and its tensor must match that batch's shape. Z a
 the encoding chosen in Welcome (one of those the client offered in Hello), and from Welcome on
 both sides hold frames to the smaller of their own limit and Welcome.max_frame_bytes.
 
-A message that is malformed or not allowed now raises a
-:class:`~flexsfl.core.errors.ProtocolError` and leaves the connection exactly as it was; the
-caller may then send ``Error.from_exception(exc)``, which is allowed in every state but CLOSED,
-and close.
+Who is at fault decides the exception, and a refused message always leaves the connection
+exactly as it was:
+
+* :meth:`Connection.receive` of a frame that is malformed or not allowed now raises a
+  :class:`~flexsfl.core.errors.ProtocolError` (the peer's fault); the caller may then send
+  ``Error.from_exception(exc)``, which is allowed in every state but CLOSED, and close.
+* :meth:`Connection.send` of a message that this side may not send now (out of order, from the
+  wrong side, for another round or step, over the agreed frame limit) raises
+  :class:`~flexsfl.core.errors.InvalidState`, which is *not* a ProtocolError: it is a bug (or a
+  race with a closing connection) in the code driving this side, and must not be reported to
+  the peer as the peer's error.
+* Arguments of the wrong type (a role that is not a :class:`Role`, a send of something that is
+  not a :class:`~.messages.Message`, a receive of something that is not bytes) raise ``TypeError``.
 
 :func:`check_activations` and :func:`check_tensors` validate what depends on the session's
 model (hidden size, batch limits, adapter names), which the codec cannot know.
@@ -39,7 +48,7 @@ import enum
 
 import numpy as np
 
-from flexsfl.core.errors import ConfigError, ErrorCode, OrderError, ProtocolError, TensorError
+from flexsfl.core.errors import ConfigError, ErrorCode, InvalidState, OrderError, ProtocolError, TensorError
 from flexsfl.core.wire.messages import (
     PROTOCOL_VERSION,
     Activations,
@@ -118,7 +127,9 @@ class Connection:
 
     def __init__(self, role: Role, limits: Limits = DEFAULT_LIMITS) -> None:
         if not isinstance(role, Role):
-            raise ConfigError(f"Connection role must be Role.CLIENT or Role.SERVER, got {role!r}")
+            raise TypeError(f"Connection role must be Role.CLIENT or Role.SERVER, got {type(role).__name__} {role!r}")
+        if not isinstance(limits, Limits):
+            raise TypeError(f"Connection limits must be a wire Limits, got {type(limits).__name__}")
         self.role = role
         self._s = _Session(limits=limits)
 
@@ -155,16 +166,21 @@ class Connection:
     def send(self, msg: Message) -> bytes:
         """Check that this side may send ``msg`` now, advance the state and return the frame.
 
-        Raises OrderError (or another ProtocolError) and changes nothing if it may not, or if
-        the frame would exceed the limit the peer enforces.
+        Raises :class:`~flexsfl.core.errors.InvalidState` and changes nothing if it may not
+        (wrong state or side, ids or shapes that do not match the session, a frame over the
+        agreed limit): the caller's bug, not the peer's. ``TypeError`` if ``msg`` is not a Message.
         """
-        after = self._advance(msg, self.role)
+        if not isinstance(msg, Message):
+            raise TypeError(f"Connection.send takes a protocol message, not {type(msg).__name__}")
+        try:
+            after = self._advance(msg, self.role)
+        except ProtocolError as e:
+            raise InvalidState(f"cannot send: {e}") from e
         data = msg.serialize()
         if len(data) > self._s.limits.max_frame_bytes:
-            raise ProtocolError(
-                f"{type(msg).__name__} frame is {len(data)} bytes, over the connection's limit of "
-                f"{self._s.limits.max_frame_bytes}; send smaller batches or fewer tensors",
-                ErrorCode.TOO_LARGE,
+            raise InvalidState(
+                f"cannot send: {type(msg).__name__} frame is {len(data)} bytes, over the connection's limit of "
+                f"{self._s.limits.max_frame_bytes}; send smaller batches or fewer tensors"
             )
         self._s = after
         return data
@@ -173,18 +189,20 @@ class Connection:
         """Parse a frame from the peer, check it is allowed now, advance the state and return it.
 
         An Error or Bye from the peer is returned (the connection is then CLOSED); acting on it
-        is the caller's job. Raises a ProtocolError and changes nothing if the frame is
-        malformed or not allowed now.
+        is the caller's job. Raises a ProtocolError (the peer's fault) and changes nothing if the
+        frame is malformed or not allowed now. ``data`` must be the bytes of a binary frame
+        (``TypeError`` otherwise: the transport refuses text frames itself).
         """
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"Connection.receive takes the bytes of a binary frame, not {type(data).__name__}")
         msg = parse(data, self._s.limits)
         self._s = self._advance(msg, self.peer)
         return msg
 
     def _advance(self, msg: Message, sender: Role) -> _Session:
-        """The session after ``sender`` sends ``msg``, or OrderError/ProtocolError."""
+        """The session after ``sender`` sends ``msg``, or OrderError/ProtocolError (``send`` turns
+        those into InvalidState: there the sender is this side)."""
         s, name = self._s, type(msg).__name__
-        if not isinstance(msg, Message):
-            raise ConfigError(f"can only send protocol messages, not {type(msg).__name__}")
         if s.state is State.CLOSED:
             raise OrderError(f"{name} after the connection closed; open a new connection")
         if isinstance(msg, (Error, Bye)):
