@@ -73,7 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_accuracy(args: argparse.Namespace) -> tuple[list[dict], str]:
     """Run every strategy in ``args.strategies``; write JSON, markdown and the PNG; return (rows, markdown)."""
     from flexsfl.core.errors import ConfigError
-    from flexsfl.sim.simulate import DEMO, plot, simulate
+    from flexsfl.sim.config import DEMO
+    from flexsfl.sim.results import plot
+    from flexsfl.sim.simulate import simulate
 
     names = [n.strip() for n in args.strategies.split(",") if n.strip()]
     unknown = [n for n in names if n not in RUNS]

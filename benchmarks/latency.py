@@ -311,7 +311,7 @@ def _export_backend(backends: tuple[str, ...]) -> str:
 def _cache(cfg: LatencyConfig) -> pathlib.Path:
     if cfg.cache:
         return pathlib.Path(cfg.cache)
-    from flexsfl.sim.datasets import cache_dir
+    from flexsfl.sim.data import cache_dir
 
     return cache_dir() / "bench-bundles"
 

@@ -229,7 +229,8 @@ def _step_reference(cfg: WireConfig, log_dir: pathlib.Path) -> tuple[float, str]
 
 
 def _accuracy(cfg: WireConfig, enc: str) -> dict[str, Any]:
-    from flexsfl.sim.simulate import SimConfig, simulate
+    from flexsfl.sim.config import SimConfig
+    from flexsfl.sim.simulate import simulate
 
     out = pathlib.Path(cfg.out) / "wire-accuracy" / enc
     sim = SimConfig(data=cfg.sim_data, clients=cfg.sim_clients, rounds=cfg.sim_rounds, splits=(3,), encoding=enc,

@@ -1,8 +1,8 @@
 """What this device can give to training: memory, cores, board, and the measured speed of its head.
 
 A :class:`DeviceProfile` is what split selection (:mod:`flexsfl.core.planner`) plans with and
-what a client reports in its ``Hello``. ``flexsfl edge probe --bundle B`` builds one on the
-device: it reads the facts the kernel knows (``/proc/meminfo``, the CPUs this process may run
+what a client reports in its ``Hello``. ``flexsfl edge probe --bundle B`` (:mod:`flexsfl.cli.edge`)
+builds one on the device: it reads the facts the kernel knows (``/proc/meminfo``, the CPUs this process may run
 on, ``uname -m``, the board name from the device tree, NVIDIA's ``/etc/nv_tegra_release`` on a
 Jetson, the CPU from ``/proc/cpuinfo``) and times forward + backward of the bundle's own head
 with the real runtime (:func:`measure_head_throughput`), so ``head_gflops`` is what this device
@@ -18,17 +18,14 @@ Nothing here imports torch; the backend being timed is whatever ``open_backend``
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
-import math
 import os
 import pathlib
 import socket
 import statistics
 import time
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -43,8 +40,6 @@ __all__ = [
     "measure_head_throughput",
     "read_profile",
     "write_profile",
-    "add_parser",
-    "run_probe",
 ]
 
 log = logging.getLogger("flexsfl.edge.probe")
@@ -164,7 +159,7 @@ def probe_device(
         avail = min(avail, limit)
     if memory_budget_mb is None:
         memory_budget_mb = max(1, int(avail * budget_fraction))
-    elif _is_int(memory_budget_mb) and memory_budget_mb > total:
+    elif isinstance(memory_budget_mb, int) and not isinstance(memory_budget_mb, bool) and memory_budget_mb > total:
         raise ConfigError(f"--memory-budget-mb {memory_budget_mb} is more than this device's {total} MB of RAM")
     jetson = _read(r, "etc/nv_tegra_release") is not None
     accelerator = "cuda" if jetson or (r / "dev/nvidia0").exists() else "none"
@@ -219,7 +214,7 @@ def measure_head_throughput(
     (gradients are computed, no optimizer step is taken). Inputs are random token ids in
     ``[0, vocab_size)`` with a full attention mask, and a random ``grad_z`` of ``z``'s shape.
     ``step_flops`` is the FLOP count of one forward + backward at ``(batch, seq)``
-    (:func:`flexsfl.core.planner.head_step_flops`); ``warmup`` untimed steps come first so
+    (:func:`flexsfl.core.cost.head_step_flops`); ``warmup`` untimed steps come first so
     one-time allocations and lazy initialisation are not counted.
     """
     if batch < 1 or seq < 2 or reps < 1 or warmup < 0:
@@ -243,60 +238,3 @@ def measure_head_throughput(
         batch=batch, seq=seq, reps=reps, step_flops=float(step_flops),
         median_s=statistics.median(times), min_s=min(times), max_s=max(times),
     )
-
-
-def run_probe(args: argparse.Namespace) -> int:
-    """``flexsfl edge probe``: print this device's profile as JSON (and write it with ``--json``)."""
-    head_gflops, backend_name = None, ""
-    if args.bundle:
-        # The FLOP count needs only the model's shape numbers; split_selection is torch-free.
-        from flexsfl.core.planner import ModelCost, head_step_flops
-
-        from flexsfl.edge_runtime.backends import open_backend
-        from flexsfl.core.bundle import load_bundle
-
-        bundle = load_bundle(args.bundle)
-        m = bundle.manifest
-        backend_name = args.backend or (m.target.preferred_backend if m.target.preferred_backend in m.backend else m.backend[0])
-        batch = min(8, m.max_batch) if args.batch is None else args.batch
-        seq = min(128, m.max_seq) if args.seq is None else args.seq
-        if not (1 <= batch <= m.max_batch and 2 <= seq <= m.max_seq):
-            raise ConfigError(
-                f"--batch/--seq must be within the bundle's limits (batch <= {m.max_batch}, 2 <= seq <= {m.max_seq})"
-            )
-        cost = ModelCost.from_manifest(m)
-        backend = open_backend(backend_name, bundle, threads=args.threads)
-        t = measure_head_throughput(
-            backend, batch=batch, seq=seq, reps=args.reps, vocab_size=m.model.vocab_size,
-            step_flops=head_step_flops(cost, m.split, batch=batch, seq=seq),
-        )
-        head_gflops = round(t.gflops, 3)
-        log.info("head step (split %d, batch %d, seq %d, %s): median %.1f ms over %d reps -> %.2f GFLOP/s",
-                 m.split, batch, seq, backend_name, t.median_s * 1e3, t.reps, t.gflops)
-    profile = probe_device(
-        name=args.name, memory_budget_mb=args.memory_budget_mb, head_gflops=head_gflops, backend=backend_name,
-        uplink_mbps=args.uplink_mbps, downlink_mbps=args.downlink_mbps, rtt_ms=args.rtt_ms,
-    )
-    if args.json:
-        write_profile(profile, args.json)
-    print(json.dumps(profile.to_json(), indent=2, sort_keys=True))
-    return 0
-
-
-def add_parser(edge_sub: argparse._SubParsersAction) -> None:
-    """Add ``probe`` to the ``flexsfl edge`` subcommands."""
-    p = edge_sub.add_parser("probe", help="measure this device (memory, cores, head speed) and print its profile")
-    p.add_argument("--bundle", help="bundle whose head is timed for head_gflops (without it, no speed is measured)")
-    p.add_argument("--backend", choices=["ort", "executorch", "torch"], help="default: the target's preferred one")
-    p.add_argument("--threads", type=int, help="threads for the runtime")
-    p.add_argument("--batch", type=int, help="batch size of the timed steps (default: min(8, bundle max))")
-    p.add_argument("--seq", type=int, help="sequence length of the timed steps (default: min(128, bundle max))")
-    p.add_argument("--reps", type=int, default=5, help="timed steps; the median is reported")
-    p.add_argument("--uplink-mbps", dest="uplink_mbps", type=float, help="device -> server bandwidth, Mbit/s")
-    p.add_argument("--downlink-mbps", dest="downlink_mbps", type=float, help="server -> device bandwidth, Mbit/s")
-    p.add_argument("--rtt-ms", dest="rtt_ms", type=float, help="round-trip time to the server, ms")
-    p.add_argument("--memory-budget-mb", dest="memory_budget_mb", type=int,
-                   help=f"memory training may use (default: {DEFAULT_BUDGET_FRACTION * 100:.0f}%% of what is available now)")
-    p.add_argument("--name", help="label for this device (default: the hostname)")
-    p.add_argument("--json", metavar="FILE", help="also write the profile to FILE")
-    p.set_defaults(func=run_probe)

@@ -42,6 +42,7 @@ from onnxscript.optimizer import _constant_folding as constant_folding
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flexsfl.core.bundle import TensorSpec
+from flexsfl.core.constants import OPTIMIZERS
 from flexsfl.core.errors import ConfigError, ExportError
 
 __all__ = [
@@ -230,7 +231,7 @@ def _check_arguments(
     optimizer: str,
     example_batch: tuple[int, int],
 ) -> dict[str, torch.nn.Parameter]:
-    if optimizer not in ("sgd", "adamw"):
+    if optimizer not in OPTIMIZERS:
         raise ConfigError(f"optimizer {optimizer!r} is not one of ORT's: pass 'sgd' or 'adamw'")
     b, t = example_batch
     if not (2 <= b <= max_batch and 2 <= t <= max_seq):

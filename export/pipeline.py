@@ -11,7 +11,6 @@ half-written bundle behind.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import pathlib
@@ -25,53 +24,18 @@ from flexsfl.core.errors import ConfigError
 from flexsfl.core.targets import TargetProfile, get_target
 
 from flexsfl.export.bundle_writer import tar_bundle, write_adapter, write_manifest, write_tokenizer
+from flexsfl.export.config import BACKENDS, ExportConfig
 
+# ExportConfig and BACKENDS live in flexsfl.export.config (torch-free, for the CLI); re-exported here so a
+# caller builds the config and the bundle with one import.
 __all__ = ["ExportConfig", "export_bundle", "target_notes", "BACKENDS"]
 
 log = logging.getLogger("flexsfl.export")
-
-BACKENDS = ("ort", "executorch")
 
 # What one client step costs with each backend's programs (recorded in every manifest).
 STEP_COST = {
     "split": "one forward (returns Z and the saved activations) + one backward (takes them with G) per step",
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportConfig:
-    model: str  # minilm | smollm2 | a local HF directory
-    split: int  # s: blocks on the device
-    out: str  # bundle directory to create
-    backend: str = "ort"  # ort | executorch | all
-    target: str = "generic-x86_64"
-    task: str = "seq_cls"
-    num_labels: int = 2
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: tuple[str, ...] | None = None
-    optimizer: str = "sgd"  # default on-device optimizer (the server may override per round)
-    lr: float = 1e-3
-    max_batch: int = 32  # programs accept 1 <= B <= max_batch
-    max_seq: int = 128  # and 2 <= T <= max_seq
-    tar: bool = False
-    seed: int = 0
-    ort_training_artifacts: bool = True  # also build ORT's own training/eval/optimizer/checkpoint files
-    force: bool = False  # replace an existing bundle directory
-
-    def __post_init__(self) -> None:
-        if self.backend not in (*BACKENDS, "all"):
-            raise ConfigError(f"--backend must be ort, executorch or all, got {self.backend!r}")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ConfigError(f"--optimizer must be sgd or adamw, got {self.optimizer!r}")
-        if self.max_batch < 1 or self.max_seq < 2:
-            raise ConfigError(f"--max-batch must be >= 1 and --max-seq >= 2 (got {self.max_batch}, {self.max_seq})")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
-
-    @property
-    def backends(self) -> tuple[str, ...]:
-        return BACKENDS if self.backend == "all" else (self.backend,)
 
 
 def target_notes(target: TargetProfile, backends: tuple[str, ...]) -> list[str]:
@@ -122,7 +86,7 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, 
     from flexsfl.model.loading import LoraSettings, load_model
     from flexsfl.model.partition import build_head
     from flexsfl.export.programs import build_head_programs
-    from flexsfl.core.planner import config_subset
+    from flexsfl.core.model_config import config_subset
 
     target = get_target(cfg.target)
     for note in target_notes(target, cfg.backends):

@@ -11,7 +11,6 @@ they are compared in constant time.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import hashlib
@@ -25,7 +24,7 @@ import tempfile
 
 from flexsfl.core.errors import ConfigError
 
-__all__ = ["ClientRegistry", "add_client", "hash_token", "CLIENT_ID_RE", "add_parser"]
+__all__ = ["ClientRegistry", "add_client", "hash_token", "CLIENT_ID_RE"]
 
 CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _VERSION = 1
@@ -93,36 +92,3 @@ def add_client(path: str | os.PathLike, client_id: str, *, rotate: bool = False)
     }
     _write(p, clients)
     return token
-
-
-def _run_add(args: argparse.Namespace) -> int:
-    token = add_client(args.clients, args.client_id, rotate=args.rotate)
-    if args.token_file:
-        tf = pathlib.Path(args.token_file)
-        tf.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
-    print(token)
-    return 0
-
-
-def _run_list(args: argparse.Namespace) -> int:
-    reg = ClientRegistry.load(args.clients)
-    for cid, entry in sorted(reg.clients.items()):
-        print(f"{cid}\tcreated {entry.get('created', '?')}")
-    return 0
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("clients", help="manage the devices allowed to connect to a server")
-    csub = p.add_subparsers(dest="clients_cmd", required=True)
-    a = csub.add_parser("add", help="register a client and print its new token (shown once)")
-    a.add_argument("client_id")
-    a.add_argument("--clients", required=True, help="clients file (created if missing)")
-    a.add_argument("--rotate", action="store_true", help="issue a new token for an existing client")
-    a.add_argument("--token-file", help="also write the token to this file (mode 0600)")
-    a.set_defaults(func=_run_add)
-    ls = csub.add_parser("list", help="list registered clients")
-    ls.add_argument("--clients", required=True)
-    ls.set_defaults(func=_run_list)

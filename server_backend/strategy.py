@@ -25,6 +25,7 @@ from typing import ClassVar, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from flexsfl.core.constants import OPTIMIZERS
 from flexsfl.core.errors import ConfigError
 from flexsfl.core.wire import RoundMode
 
@@ -57,8 +58,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ConfigError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.align_lambda < 0:
             raise ConfigError(f"align_lambda must be >= 0, got {self.align_lambda}")
 

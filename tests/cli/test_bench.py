@@ -1,4 +1,4 @@
-"""``flexsfl bench ...`` parsers and handlers (registered by ``flexsfl.benchmarks.cli.add_parser``)."""
+"""``flexsfl bench ...`` parsers and handlers (:mod:`flexsfl.cli.bench`)."""
 
 import argparse
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from flexsfl.benchmarks.cli import add_parser
+from flexsfl.cli.bench import add_parser
 from flexsfl.core.errors import ConfigError
 
 
@@ -18,7 +18,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def test_building_the_parsers_imports_no_torch():
     # In a fresh interpreter: other tests in this process may have imported torch already.
-    code = ("import sys, argparse; from flexsfl.benchmarks.cli import add_parser; p = argparse.ArgumentParser(); "
+    code = ("import sys, argparse; from flexsfl.cli.bench import add_parser; p = argparse.ArgumentParser(); "
             "add_parser(p.add_subparsers()); print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
@@ -45,9 +45,13 @@ def test_bad_arguments_are_config_errors(argv, match):
         args.func(args)
 
 
-def test_flexsfl_command_has_every_benchmark():
+@pytest.mark.parametrize("name, flag", [("latency", "--backend"), ("server", "--clients"), ("wire", "--encodings"),
+                                        ("accuracy", "--strategies")])
+def test_flexsfl_command_has_every_benchmark_with_its_own_flags(name, flag, capsys):
     from flexsfl.cli import build_parser
 
-    for name in ("latency", "server", "wire", "accuracy"):
-        args = build_parser().parse_args(["bench", name])
-        assert callable(args.func)
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["bench", name, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: flexsfl bench {name}") and flag in out

@@ -37,6 +37,7 @@ from flexsfl.core.bundle import (
     TensorSpec,
 )
 from flexsfl.core.targets import TARGETS, TargetProfile
+from flexsfl.deploy.wheel import build_wheel
 
 SSHD = "/usr/sbin/sshd"
 
@@ -230,3 +231,10 @@ def bundle_files(seed: int, big_mb: float = 2.0) -> dict[str, bytes]:
         f"adapter/{ADAPTER_CONFIG_NAME}": b'{"peft_type": "LORA", "r": 4, "lora_alpha": 8}',
         f"adapter/{ADAPTER_WEIGHTS_NAME}": save({"lora_A": rng.standard_normal((4, 32)).astype(np.float32)}),
     }
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory) -> pathlib.Path:
+    """This checkout's wheel, built once: the checkout may change between two builds."""
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
+

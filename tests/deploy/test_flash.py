@@ -11,10 +11,8 @@ with pip on the "device" and the tests that use it run the head and ``flexsfl ed
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import pathlib
@@ -26,26 +24,18 @@ import stat
 import subprocess
 import sys
 import time
-import zipfile
 
 import pytest
 
 from flexsfl.core.bundle import MANIFEST_NAME, load_bundle
 from flexsfl.core.errors import ConfigError, FlashError
 from flexsfl.core.targets import TARGETS, TargetProfile
-from flexsfl.deploy import flash_remote
 from flexsfl.export.bundle_writer import tar_bundle
-from flexsfl.deploy.flash import (
-    ClientSettings,
-    Progress,
-    Remote,
-    add_parser,
-    build_wheel,
-    flash,
-    render_unit,
-    rollback,
-    wheel_digest,
-)
+from flexsfl.cli.flash import add_parser
+from flexsfl.deploy.flash import ClientSettings, flash, rollback
+from flexsfl.deploy.service import render_unit
+from flexsfl.deploy.ssh import Remote
+from flexsfl.deploy.upload import Progress
 
 from .conftest import SSHServer, bundle_files, descendants, free_port, write_bundle
 
@@ -83,38 +73,8 @@ def settings(sshd: SSHServer, tmp_path: pathlib.Path, device_path: pathlib.Path,
     return ClientSettings(server=server, client_id="pi-7", token_file=str(token), data=data)
 
 
-# -- argument parsing and rendering (no ssh) -----------------------------------------------------
+# -- settings (no ssh) ------------------------------------------------------------------------------
 
-
-@pytest.mark.parametrize(
-    "dest, host, user, directory",
-    [
-        ("pi@raspberrypi", "raspberrypi", "pi", "flexsfl"),
-        ("pi@10.0.0.7:/opt/flexsfl", "10.0.0.7", "pi", "/opt/flexsfl"),
-        ("jetson:models/a", "jetson", None, "models/a"),
-        ("root@[fe80::1%eth0]:~/x", "fe80::1%eth0", "root", "~/x"),
-    ],
-)
-def test_destination_parses(dest, host, user, directory):
-    r = Remote.parse(dest)
-    assert (r.host, r.user, r.directory) == (host, user, directory)
-    assert Remote.parse(str(r)) == r
-
-
-@pytest.mark.parametrize(
-    "dest, kw, fragment",
-    [
-        ("-oProxyCommand=touch /tmp/x@host", {}, "bad user name"),
-        ("pi@-oProxyCommand=x", {}, "bad host"),
-        ("pi@host:dir with space", {}, "device directory"),
-        ("pi@host:$(reboot)", {}, "device directory"),
-        ("pi@host", {"port": 70000}, "--port"),
-        ("pi@host", {"ssh_options": ("-F/tmp/cfg",)}, "Key=Value"),
-    ],
-)
-def test_destination_refuses_what_could_reach_a_shell_or_ssh(dest, kw, fragment):
-    with pytest.raises(ConfigError, match=re.escape(fragment)):
-        Remote.parse(dest, **kw)
 
 
 def test_client_settings_refuse_bad_values(tmp_path):
@@ -129,53 +89,6 @@ def test_client_settings_refuse_bad_values(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         ClientSettings(token_file=str(tmp_path / "missing")).read_token()
 
-
-def test_units_run_the_edge_runtime_with_restart_and_sandboxing():
-    system = render_unit("/opt/flexsfl", user="pi", system=True)
-    user = render_unit("/home/pi/flexsfl", user="pi", system=False)
-    for unit, d in ((system, "/opt/flexsfl"), (user, "/home/pi/flexsfl")):
-        assert f"ExecStart={d}/venv/bin/flexsfl edge run --config {d}/config.json\n" in unit
-        assert f"WorkingDirectory={d}\n" in unit
-        assert "Restart=on-failure\n" in unit and "RestartSec=10\n" in unit
-        assert "NoNewPrivileges=yes\n" in unit
-    assert "User=pi\n" in system and "WantedBy=multi-user.target\n" in system
-    assert "ProtectSystem=strict\n" in system and "ReadWritePaths=/opt/flexsfl\n" in system
-    assert "After=network-online.target" in system
-    # A user manager runs its units as that user and cannot apply the privileged sandboxing.
-    assert "User=" not in user and "ProtectSystem" not in user and "WantedBy=default.target\n" in user
-
-
-def test_device_script_stays_within_python_3_6_syntax():
-    # The probe must run on an old python3 to say it is too old, not die of a SyntaxError.
-    ast.parse(pathlib.Path(flash_remote.__file__).read_text(), feature_version=(3, 6))
-
-
-@pytest.fixture(scope="session")
-def wheel(tmp_path_factory) -> pathlib.Path:
-    """This checkout's wheel, built once: the checkout may change between two builds."""
-    return build_wheel(tmp_path_factory.mktemp("wheel"))
-
-
-def test_wheel_digest_follows_contents_not_timestamps(wheel, tmp_path):
-    with zipfile.ZipFile(wheel) as z:
-        names = {n for n in z.namelist()}
-        assert "flexsfl/deploy/flash_remote.py" in names and "flexsfl/edge_runtime/trainer.py" in names
-        tops = {n.split("/")[0] for n in names}
-        assert all(t == "flexsfl" or t.startswith("flexsfl-") for t in tops), sorted(tops)
-        assert not any("__pycache__" in n for n in names)
-
-    def rewrite(out: pathlib.Path, change: str | None) -> pathlib.Path:
-        with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(out, "w") as dst:
-            for info in src.infolist():
-                data = src.read(info)
-                info.date_time = (2030, 1, 1, 0, 0, 0)
-                dst.writestr(info, data + b"# changed\n" if info.filename == change else data)
-        return out
-
-    same = rewrite(tmp_path / "same.whl", None)
-    assert hashlib.sha256(same.read_bytes()).digest() != hashlib.sha256(wheel.read_bytes()).digest()
-    assert wheel_digest(same) == wheel_digest(wheel)
-    assert wheel_digest(rewrite(tmp_path / "other.whl", "flexsfl/deploy/flash.py")) != wheel_digest(wheel)
 
 
 # -- flashing over ssh -----------------------------------------------------------------------------
@@ -308,7 +221,7 @@ def test_connection_cut_mid_upload_keeps_previous_bundle_and_resumes(sshd, devic
 def _cli(*argv: str) -> list[str]:
     """argv running `flexsfl flash ...` through this module's add_parser/run in a fresh python."""
     code = (
-        "import argparse, sys; from flexsfl.deploy.flash import add_parser; p = argparse.ArgumentParser(prog='flexsfl'); "
+        "import argparse, sys; from flexsfl.cli.flash import add_parser; p = argparse.ArgumentParser(prog='flexsfl'); "
         "add_parser(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
     )
     return [sys.executable, "-c", code, "flash", *argv]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -16,7 +15,6 @@ from flexsfl.core.errors import ConfigError
 from flexsfl.edge_runtime.probe import (
     DEFAULT_BUDGET_FRACTION,
     DeviceProfile,
-    add_parser,
     measure_head_throughput,
     probe_device,
     read_profile,
@@ -231,7 +229,7 @@ def ort_bundle(tiny_model_dirs, tmp_path_factory):
 @pytest.mark.slow
 def test_measure_head_throughput_with_the_real_ort_backend(ort_bundle):
     from flexsfl.edge_runtime.backends import open_backend
-    from flexsfl.core.planner import ModelCost, head_step_flops
+    from flexsfl.core.cost import ModelCost, head_step_flops
 
     m = ort_bundle.manifest
     backend = open_backend("ort", ort_bundle, threads=1)
@@ -242,42 +240,6 @@ def test_measure_head_throughput_with_the_real_ort_backend(ort_bundle):
     assert t.gflops == pytest.approx(flops / t.median_s / 1e9) and t.gflops > 0
     after = backend.get_params()
     assert all(np.array_equal(before[k], after[k]) for k in before)  # timing does not train
-
-
-def _probe_cli(argv):
-    parser = argparse.ArgumentParser(prog="flexsfl")
-    edge = parser.add_subparsers(dest="command").add_parser("edge").add_subparsers(dest="edge_cmd")
-    add_parser(edge)
-    args = parser.parse_args(["edge", "probe", *argv])
-    return args.func(args)
-
-
-def test_probe_cli_help_renders(capsys):
-    with pytest.raises(SystemExit) as e:
-        _probe_cli(["--help"])
-    assert e.value.code == 0 and "--memory-budget-mb" in capsys.readouterr().out
-
-
-def test_probe_cli_prints_and_writes_the_profile(tmp_path, capsys):
-    out = tmp_path / "me.json"
-    assert _probe_cli(["--name", "here", "--uplink-mbps", "25", "--downlink-mbps", "80", "--rtt-ms", "12",
-                       "--memory-budget-mb", "512", "--json", str(out)]) == 0
-    printed = json.loads(capsys.readouterr().out)
-    p = read_profile(out)
-    assert printed == p.to_json()
-    assert (p.name, p.uplink_mbps, p.downlink_mbps, p.rtt_ms, p.memory_budget_mb) == ("here", 25.0, 80.0, 12.0, 512)
-
-
-@pytest.mark.slow
-def test_probe_cli_measures_the_bundles_head(ort_bundle, tmp_path, capsys):
-    out = tmp_path / "me.json"
-    assert _probe_cli(["--bundle", str(ort_bundle.root), "--backend", "ort", "--threads", "1", "--reps", "2",
-                       "--json", str(out)]) == 0
-    p = read_profile(out)
-    assert json.loads(capsys.readouterr().out) == p.to_json()
-    assert p.backend == "ort" and p.head_gflops > 0
-    with pytest.raises(ConfigError, match=r"--batch/--seq must be within the bundle's limits \(batch <= 4"):
-        _probe_cli(["--bundle", str(ort_bundle.root), "--batch", "5"])
 
 
 def test_probe_imports_without_torch():

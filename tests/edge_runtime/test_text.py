@@ -29,7 +29,7 @@ SENTENCES = [
 
 
 def _rotten_snippets(n: int) -> list[str]:
-    from flexsfl.sim.datasets import load_rotten
+    from flexsfl.sim.data import load_rotten
 
     return [e.text for e in load_rotten().examples[:: 12808 // n][:n]]
 

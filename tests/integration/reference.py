@@ -23,7 +23,7 @@ LR, STEPS, BATCH, LABELS = 0.05, 10, 4, 2
 
 
 def make_work(tmp_path_factory, tiny_model_dirs, tiny_bundles):
-    from flexsfl.sim.datasets import load_rotten
+    from flexsfl.sim.data import load_rotten
 
     root = tmp_path_factory.mktemp("equiv")
     rotten = load_rotten().examples

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from flexsfl.sim.simulate import SimConfig, simulate, table
+from flexsfl.sim.config import SimConfig
+from flexsfl.sim.results import table
+from flexsfl.sim.simulate import simulate
 
 
 def test_flexpsfl_on_vader_learns(tmp_path):
@@ -32,5 +34,5 @@ def test_flexpsfl_on_vader_learns(tmp_path):
 def test_bad_config_is_one_clear_error():
     from flexsfl.core.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="--splits needs 1 or 3"):
+    with pytest.raises(ConfigError, match="splits needs 1 or 3"):
         SimConfig(clients=3, splits=(1, 2))

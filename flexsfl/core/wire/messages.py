@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from flexsfl.core.constants import OPTIMIZERS
 from flexsfl.core.errors import ErrorCode, FrameError, TensorError
 from flexsfl.core.wire.tensors import DEFAULT_LIMITS, ENCODINGS, Limits, TensorHeader, _is_int, _is_text, decode, encode
 
@@ -438,7 +439,7 @@ class RoundConfig(Message):
     local_steps: int = _field(_int(1))  # tau
     batch_size: int = _field(_int(1))
     lr: float = _field(_float(0.0, above=True))
-    optimizer: str = _field(_text(("sgd", "adamw")))
+    optimizer: str = _field(_text(OPTIMIZERS))
     align_lambda: float = _field(_float(0.0))  # lambda of the alignment term; 0 disables it
     mode: RoundMode = _field(_round_mode, default=RoundMode.SPLIT)
     personal: bool = _field(_bool, default=True)  # keep theta_k across rounds

@@ -48,6 +48,7 @@ import enum
 
 import numpy as np
 
+from flexsfl.core.constants import TASKS
 from flexsfl.core.errors import ConfigError, ErrorCode, InvalidState, OrderError, ProtocolError, TensorError
 from flexsfl.core.wire.messages import (
     PROTOCOL_VERSION,
@@ -341,7 +342,7 @@ def check_activations(msg: Activations, *, hidden_size: int, max_batch: int, max
     would make the server's loss NaN. (The message itself guarantees the mask is 0/1 and the
     shapes agree.)
     """
-    if task not in ("seq_cls", "causal_lm"):
+    if task not in TASKS:
         raise ConfigError(f"check_activations: task must be 'seq_cls' or 'causal_lm', got {task!r}")
     b, t, d = msg.z.shape
     if not 1 <= b <= max_batch:

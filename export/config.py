@@ -1,0 +1,69 @@
+"""What ``flexsfl export`` builds: :class:`ExportConfig`, each field with its help (the flags are made from it).
+
+Torch-free, so the CLI can build its parser without loading the export stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flexsfl.core.constants import OPTIMIZERS, TASKS
+from flexsfl.core.errors import ConfigError
+
+__all__ = ["BACKENDS", "ExportConfig"]
+
+BACKENDS = ("ort", "executorch")
+
+
+def _f(default=dataclasses.MISSING, help: str = "", **meta):  # noqa: A002 - PEFT's name for it
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    model: str = _f(help="minilm, smollm2, or a local Hugging Face model directory")
+    split: int = _f(help="blocks on the device (1 <= S < L)")
+    out: str = _f(help="bundle directory to create")
+    backend: str = _f("ort", "which on-device programs to build", choices=(*BACKENDS, "all"))
+    target: str = _f("generic-x86_64", "generic-x86_64, rpi4, rpi5 or jetson-orin")
+    task: str = _f(TASKS[0], "what the model is trained for", choices=TASKS)
+    num_labels: int = _f(2, "classes for seq_cls")
+    lora_r: int = _f(8, "LoRA rank")
+    lora_alpha: float = _f(16.0, "LoRA scaling numerator (scale = alpha / r)")
+    lora_targets: tuple[str, ...] | None = _f(None, "comma-separated module names (default: attention q,v)",
+                                              metavar="NAMES")
+    # Plain SGD: the cheapest on a device; the server names the optimizer of every round anyway.
+    optimizer: str = _f(OPTIMIZERS[0], "default on-device optimizer (the server may override it per round)",
+                        choices=OPTIMIZERS)
+    lr: float = _f(1e-3, "default on-device learning rate")
+    max_batch: int = _f(32, "programs accept 1 <= B <= max batch")
+    max_seq: int = _f(128, "and 2 <= T <= max seq")
+    seed: int = _f(0, "seed for new weights (task head, LoRA A)")
+    tar: bool = _f(False, "also write OUT.tar.gz")
+    ort_training_artifacts: bool = _f(
+        True, "leave out ONNX Runtime's own training/eval/optimizer models and checkpoint (the edge runtime "
+              "trains with the forward/backward pair; the checkpoint is a second copy of the head's weights)",
+        flag="--no-ort-training-artifacts")
+    force: bool = _f(False, "replace an existing bundle directory", cli=False)
+
+    def __post_init__(self) -> None:
+        if self.backend not in (*BACKENDS, "all"):
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)} or all, got {self.backend!r}")
+        if self.task not in TASKS:
+            raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if isinstance(self.split, bool) or not isinstance(self.split, int) or self.split < 1:
+            raise ConfigError(f"split must be an int >= 1 (blocks on the device), got {self.split!r}")
+        if self.max_batch < 1 or self.max_seq < 2:
+            raise ConfigError(f"max_batch must be >= 1 and max_seq >= 2 (got {self.max_batch}, {self.max_seq})")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.lora_r < 1:
+            raise ConfigError(f"lora_r must be >= 1, got {self.lora_r}")
+        if self.num_labels < 1:
+            raise ConfigError(f"num_labels must be >= 1, got {self.num_labels}")
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        return BACKENDS if self.backend == "all" else (self.backend,)

@@ -1,0 +1,118 @@
+"""``flexsfl serve``: host the tail for every client and run FlexP-SFL rounds.
+
+The client optimizer defaults to :data:`~flexsfl.core.constants.TRAIN_OPTIMIZER`, as in
+``flexsfl simulate`` and ``demo`` (a bundle's own default, ``flexsfl export --optimizer``, is SGD;
+the server names the optimizer of every round).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from flexsfl.core.constants import OPTIMIZERS, TASKS, TRAIN_OPTIMIZER
+
+__all__ = ["add_parser", "build_server", "add_model_args", "add_train_args", "train_config", "load_server_model"]
+
+log = logging.getLogger("flexsfl.server")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="minilm, smollm2, or a local Hugging Face model directory")
+    p.add_argument("--task", choices=TASKS, default=TASKS[0])
+    p.add_argument("--num-labels", type=int, default=2)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-targets", default=None, help="comma-separated module names (default: attention q,v)")
+    p.add_argument("--seed", type=int, default=0, help="seed of new weights; must match the bundles' export seed")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strategy", default="flexpsfl", help="flexpsfl, splitfed, fedavg or local")
+    p.add_argument("--rounds", type=int, default=10, help="rounds to run (0 = until stopped)")
+    p.add_argument("--min-clients", type=int, default=1, help="clients to wait for before a round starts")
+    p.add_argument("--clients-per-round", type=int, default=0, help="0 = every connected client")
+    p.add_argument("--local-steps", type=int, default=10, help="tau: client steps per round")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3, help="client learning rate")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=TRAIN_OPTIMIZER, help=f"client optimizer (default: {TRAIN_OPTIMIZER})")
+    p.add_argument("--server-lr", type=float, default=None, help="tail learning rate (default: --lr)")
+    p.add_argument("--server-optimizer", choices=OPTIMIZERS, default=None, help="default: --optimizer")
+    p.add_argument("--align-lambda", type=float, default=0.0, help="weight of the alignment term")
+    p.add_argument("--round-timeout", type=float, default=600.0)
+
+
+def train_config(args: argparse.Namespace):
+    # The server's modules import torch (the tail host): loaded by the handler, not the parser.
+    from flexsfl.server_backend.strategy import TrainConfig
+
+    return TrainConfig(
+        rounds=args.rounds, clients_per_round=args.clients_per_round, min_clients=args.min_clients,
+        local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+        align_lambda=args.align_lambda, round_timeout=args.round_timeout, seed=args.seed,
+    )
+
+
+def load_server_model(args: argparse.Namespace, attn: str = "sdpa"):
+    from flexsfl.model.loading import LoraSettings, load_model
+
+    targets = tuple(args.lora_targets.split(",")) if args.lora_targets else None
+    return load_model(args.model, task=args.task, num_labels=args.num_labels, seed=args.seed, attn_implementation=attn,
+                      lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, target_modules=targets))
+
+
+def build_server(args: argparse.Namespace, loaded=None):
+    """A ready :class:`FlexServer` from ``serve``'s arguments."""
+    from flexsfl.server_backend.clients import ClientRegistry
+    from flexsfl.server_backend.server import FlexServer, ServerConfig
+    from flexsfl.server_backend.state import ServerState
+    from flexsfl.server_backend.strategy import make_strategy
+    from flexsfl.server_backend.tail_host import OptimizerConfig, TailHost
+
+    cfg = train_config(args)
+    strategy = make_strategy(args.strategy, cfg)
+    loaded = loaded or load_server_model(args)
+    host = TailHost(loaded, OptimizerConfig(args.server_optimizer or args.optimizer, args.server_lr or args.lr))
+    layout = {
+        "model": loaded.info.id, "revision": loaded.info.revision, "task": loaded.info.task,
+        "num_labels": loaded.info.num_labels, "lora": loaded.lora.to_json(), "strategy": strategy.name,
+    }
+    state = ServerState(args.state_dir, layout)
+    registry = ClientRegistry.load(args.clients) if args.clients else None
+    config = ServerConfig(
+        host=args.host, port=args.port, max_batch=args.max_batch, max_seq=args.max_seq,
+        batching=not args.no_batching, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        exit_when_done=args.rounds > 0, admin_token_file=args.admin_token_file, linger=args.linger,
+    )
+    return FlexServer(host, strategy, registry, state, config, compute_threads=args.threads)
+
+
+def _run(args: argparse.Namespace) -> int:
+    server = build_server(args)
+    try:
+        asyncio.run(server.serve())
+    finally:
+        server.state.close()
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the server: host the tails, run the rounds, persist state")
+    add_model_args(p)
+    add_train_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--clients", required=True, help="clients file from `flexsfl clients add`")
+    p.add_argument("--state-dir", required=True, help="where rounds, adapters and metrics are kept (resumes from it)")
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--max-seq", type=int, default=512)
+    p.add_argument("--no-batching", action="store_true", help="run every step on its own (no cross-client batching)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for the tail")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate: serve wss://")
+    p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    p.add_argument("--admin-token-file", default=None,
+                   help="operator token for the status page, /metrics and /api/status (without it they answer loopback only)")
+    p.add_argument("--linger", type=float, default=0.0,
+                   help="seconds to keep the status page and /metrics up after the last round (for a final scrape)")
+    p.set_defaults(func=_run)

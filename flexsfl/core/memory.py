@@ -1,0 +1,109 @@
+"""How much device memory training split ``s`` takes, per runtime (no torch)::
+
+    memory(s) = 4 B · (embedding + w · s · block parameters)         frozen weights
+              + 4 B · s · LoRA parameters · (2 + optimizer states)   adapters + gradients + SGD 0 / momentum 1 / AdamW 2
+              + copies · 4 B · B · T · s · saved(T)                  activations the backward reads
+              + workspace · 4 B · B · T · saved(T)                   the runtime's transient buffers
+              + 4 B · B · T · d · (2, or 3 with alignment)           Z, the server's gradient G (and Z')
+              + runtime + Python                                     fixed
+
+with ``saved(T)`` from :meth:`flexsfl.core.cost.ModelCost.saved_floats` and the block weights'
+copies ``w``, ``copies``, ``workspace`` and the fixed part per runtime (:data:`RUNTIMES`).
+
+**Runtimes** (:data:`RUNTIMES`). The constants are fitted to the peak resident set of MiniLM's
+head at splits 1, 3 and 5 (batch 8, seq 128, one thread, x86-64, Python 3.11); the model is
+within 9 % of each of the nine measurements::
+
+    runtime                               fixed    measured peak MB (s = 1, 3, 5)   model
+    ort (onnxruntime 1.32, no torch)       45 MB   246, 448, 537                    265, 408, 552
+    executorch 1.5.1 (XNNPACK delegate)   330 MB   576, 737, 925                    591, 752, 914
+    torch 2.13 eager (reference)          385 MB   555, 643, 746                    555, 640, 725
+
+The edge process itself (Python, numpy, tokenizers, websockets, safetensors) is 34 MB
+(:data:`PYTHON_MB`). ONNX Runtime and ExecuTorch both load each block's weights twice (the
+backward program needs them too). ONNX Runtime holds the saved activations about 2.6 times (its
+arena grows in steps); ExecuTorch three times (the forward's planned arena, the outputs copied
+to Python, the backward's planned inputs), and it plans memory for the bundle's
+``max_batch × max_seq`` whatever the batch, so plan with those. ExecuTorch's Python bindings link
+libtorch: 325 MB on import. (On x86, the ``onnxruntime-training`` 1.19.2 wheel imports torch
+when torch is installed, 255 MB more; a device runs the plain ``onnxruntime`` wheel, as
+measured here.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from flexsfl.core.cost import ModelCost, check_shape, check_split
+from flexsfl.core.errors import ConfigError
+
+__all__ = ["OPTIMIZER_STATES", "PYTHON_MB", "Runtime", "RUNTIMES", "memory_breakdown_mb", "memory_mb"]
+
+OPTIMIZER_STATES = {"sgd": 0, "sgd-momentum": 1, "adamw": 2}  # fp32 tensors per trainable tensor
+PYTHON_MB = 35.0  # interpreter + numpy, tokenizers, websockets, safetensors (34 MB measured)
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """How a training runtime spends device memory besides the embedding (fitted to measured peak RSS)."""
+
+    fixed_mb: float  # the runtime itself and the sessions' own state (Python not included)
+    block_weight_copies: int  # how many copies of each block's frozen weights it loads
+    activation_copies: float  # how many times the saved activations are resident during a step
+    workspace_blocks: float  # transient buffers, in units of one block's saved activations
+
+
+# Fitted to the peak RSS of MiniLM's head at splits 1, 3 and 5 (batch 8, seq 128, one thread);
+# the model is within 9 % of every measurement (see the module docstring).
+RUNTIMES = {
+    # forward.onnx and backward.onnx share one weights.bin on disk, but each session holds the
+    # blocks' weights in memory (the backward transposed, for input gradients); the forward's outputs are copied out of its arena into numpy, and the
+    # arena grows in steps.
+    "ort": Runtime(fixed_mb=45.0, block_weight_copies=2, activation_copies=2.6, workspace_blocks=3.0),
+    # The .pte holds the block weights twice too (XNNPACK packs its own). The forward's planned
+    # arena, the outputs copied to Python and the backward's planned inputs each hold the saved
+    # activations; memory is planned for the bundle's max batch x max seq, whatever the batch.
+    "executorch": Runtime(fixed_mb=330.0, block_weight_copies=2, activation_copies=3.0, workspace_blocks=4.5),
+    # Autograd keeps a few extra views. The reference backend loads transformers, peft and the
+    # whole model.
+    "torch": Runtime(fixed_mb=385.0, block_weight_copies=1, activation_copies=1.6, workspace_blocks=2.0),
+}
+_MB = 1e6
+_F32 = 4  # bytes
+
+
+def memory_breakdown_mb(
+    cost: ModelCost,
+    s: int,
+    *,
+    batch: int,
+    seq: int,
+    optimizer: str = "sgd",
+    runtime: str = "ort",
+    align: bool = False,
+) -> dict[str, float]:
+    """Device memory of training split ``s``, in MB per part (see the module docstring)."""
+    check_split(cost, s)
+    check_shape(batch, seq)
+    if optimizer not in OPTIMIZER_STATES:
+        raise ConfigError(f"unknown optimizer {optimizer!r}; choose one of: {', '.join(OPTIMIZER_STATES)}")
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+    rt = RUNTIMES[runtime]
+    tokens = batch * seq
+    block_acts = _F32 * tokens * cost.saved_floats(seq)
+    return {
+        "weights": _F32 * (cost.embedding_params + rt.block_weight_copies * s * cost.block_params) / _MB,
+        "adapters": _F32 * s * cost.lora_params_per_block * (2 + OPTIMIZER_STATES[optimizer]) / _MB,
+        "activations": rt.activation_copies * (_F32 * tokens * cost.saved_floats(seq, first=True) + (s - 1) * block_acts)
+        / _MB,
+        "workspace": rt.workspace_blocks * block_acts / _MB,
+        "io": _F32 * tokens * cost.hidden_size * (3 if align else 2) / _MB,
+        "runtime": rt.fixed_mb + PYTHON_MB,
+    }
+
+
+def memory_mb(cost: ModelCost, s: int, **kwargs: Any) -> float:
+    """Total of :func:`memory_breakdown_mb` (same arguments)."""
+    return sum(memory_breakdown_mb(cost, s, **kwargs).values())

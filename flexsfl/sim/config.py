@@ -1,0 +1,83 @@
+"""What one simulated federation runs: :class:`SimConfig`, each field with its help (the flags of
+``flexsfl simulate`` and ``flexsfl demo`` are made from it), and :data:`DEMO`, the README's run.
+
+Torch-free and cheap to import: the CLI builds its parsers from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flexsfl.core.constants import OPTIMIZERS, TRAIN_OPTIMIZER
+from flexsfl.core.errors import ConfigError
+from flexsfl.core.wire.tensors import ENCODINGS
+from flexsfl.sim.data.partition import SCHEMES
+
+__all__ = ["STRATEGIES", "SIM_BACKENDS", "SimConfig", "DEMO"]
+
+STRATEGIES = ("flexpsfl", "splitfed", "fedavg", "local")
+SIM_BACKENDS = ("ort", "executorch")  # the device runtimes a simulated client runs
+
+
+def _f(default, help: str, **meta):  # noqa: A002 - PEFT's name for it
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+@dataclasses.dataclass(frozen=True)
+class SimConfig:
+    strategy: str = _f("flexpsfl", "FlexP-SFL or one of its baselines", choices=STRATEGIES)
+    model: str = _f("minilm", "minilm, smollm2 or a HF directory")
+    data: str = _f("vader", "vader, rotten, or a CSV/JSONL file")
+    partition: str = _f("natural", "how the data are split among clients", choices=SCHEMES)
+    alpha: float = _f(0.5, "Dirichlet concentration (smaller = more label skew)")
+    clients: int = _f(4, "number of clients K")
+    rounds: int = _f(8, "federated rounds")
+    local_steps: int = _f(10, "tau: client steps per round")
+    batch_size: int = _f(16, "client batch size")
+    lr: float = _f(5e-4, "client (and tail) learning rate")
+    optimizer: str = _f(TRAIN_OPTIMIZER, "client (and tail) optimizer", choices=OPTIMIZERS)
+    align_lambda: float = _f(0.0, "weight of the alignment term (0: no alignment)")
+    splits: tuple[int, ...] | None = _f(None, "comma-separated split per client (or one for all); default: from --profiles")
+    profiles: tuple[str, ...] | None = _f(
+        None, "comma-separated device profile per client (rpi4, rpi5, jetson-orin, ...); the planner picks each split")
+    backend: str = _f("ort", "device runtime of every client", choices=SIM_BACKENDS)
+    encoding: str = _f("fp32", "transfer encoding of Z and g", choices=ENCODINGS)
+    max_train: int | None = _f(400, "training examples per client")
+    max_test: int | None = _f(100, "test examples per client")
+    max_seq: int = _f(64, "tokens per example")
+    eval_every: int = _f(1, "evaluate personal models on the union test set every N rounds (0: last only)")
+    seed: int = _f(0, "seed of the partition, the new weights and the data order")
+    out: str = _f("results/simulate", "results directory")
+    in_process: bool = _f(False, "run clients as tasks of this process (fast tests only)")
+    threads: int = _f(1, "threads per client process and for the server's tail")
+    batching: bool = _f(True, "run every server step on its own (no cross-client batching)", flag="--no-batching")
+    target_acc: float = _f(0.75, "personalized accuracy for 'time/bytes to reach' in the summary")
+    num_labels: int = _f(2, "classes", cli=False)
+    bundle_cache: str | None = _f(None, "reuse exported bundles across runs (default: <cache>/bundles)", cli=False)
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("strategy", STRATEGIES), ("partition", SCHEMES), ("optimizer", OPTIMIZERS),
+                              ("backend", SIM_BACKENDS), ("encoding", ENCODINGS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("clients", "rounds", "local_steps", "batch_size", "threads", "num_labels"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_seq < 2:
+            raise ConfigError(f"max_seq must be >= 2, got {self.max_seq}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.splits is not None and len(self.splits) not in (1, self.clients):
+            raise ConfigError(f"splits needs 1 or {self.clients} values (one per client), got {len(self.splits)}")
+        if self.profiles is not None and len(self.profiles) != self.clients:
+            raise ConfigError(f"profiles needs {self.clients} names (one per client), got {len(self.profiles)}")
+
+
+# The README's main command: 4 VADER domains as 4 devices of different kinds, so splits differ.
+DEMO = SimConfig(
+    strategy="flexpsfl", model="minilm", data="vader", partition="natural", clients=4, rounds=5, local_steps=15,
+    batch_size=8, lr=2e-3, optimizer="adamw", align_lambda=0.1, profiles=("rpi4", "rpi4", "rpi5", "jetson-orin"),
+    backend="ort", max_train=300, max_test=80, max_seq=48, eval_every=0, out="results/demo",
+)

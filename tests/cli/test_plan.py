@@ -1,0 +1,52 @@
+"""``flexsfl plan``: the table, a profile file, a pin, JSON, a bad profile."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+
+import pytest
+
+from flexsfl.core.errors import ConfigError
+from flexsfl.core.profile import write_profile
+from flexsfl.core.profiles import EXAMPLE_PROFILES
+from flexsfl.cli.plan import add_parser
+
+
+def _plan(argv):
+    parser = argparse.ArgumentParser(prog="flexsfl")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["plan", *argv])
+    return args.func(args)
+
+
+def test_plan_cli_help_renders(capsys):
+    with pytest.raises(SystemExit) as e:
+        _plan(["--help"])
+    assert e.value.code == 0 and "--server-gflops" in capsys.readouterr().out
+
+
+def test_plan_prints_a_table_and_the_choice(capsys):
+    assert _plan(["--model", "minilm", "--profile", "rpi5"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^split 3: fastest of the splits that fit 450 MB", out, re.M)
+    assert re.search(r"3 .*yes.*chosen", out) and re.search(r"4 .*no", out)
+
+
+def test_plan_reads_a_profile_file_pins_and_prints_json(tmp_path, capsys):
+    path = tmp_path / "profile.json"
+    write_profile(dataclasses.replace(EXAMPLE_PROFILES["jetson-orin"], name="my-jetson"), path)
+    assert _plan(["--model", "minilm", "--profile", str(path), "--pin", "2", "--json", "--encoding", "fp16"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["split"], out["pinned"], out["profile"]["name"]) == (2, True, "my-jetson")
+    assert [e["split"] for e in out["estimates"]] == [1, 2, 3, 4, 5]
+
+
+def test_plan_refuses_a_bad_profile_naming_the_field(tmp_path):
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({**EXAMPLE_PROFILES["rpi4"].to_json(), "head_gflops": "fast"}))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: field 'head_gflops' must be a number > 0"):
+        _plan(["--model", "minilm", "--profile", str(path)])
+
