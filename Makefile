@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow lint-imports install sshd clean
+.PHONY: demo test test-slow test-arm64 lint-imports install sshd clean
 
 install: $(STAMP)
 
@@ -33,10 +33,15 @@ sshd:
 	  echo "note: /usr/sbin/sshd missing and cannot be installed here; the SSH flashing tests will be skipped"; }
 
 test: $(STAMP) sshd
-	OMP_NUM_THREADS=1 $(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -m "not slow and not arm64" $(PYTEST_ARGS)
 
 test-slow: $(STAMP) sshd
 	OMP_NUM_THREADS=1 $(BIN)/pytest -q -m slow $(PYTEST_ARGS)
+
+# An emulated Raspberry Pi 4 (arm64 Debian under qemu-user, tests/device/): needs root. The first run
+# builds the root into ${XDG_CACHE_HOME:-~/.cache}/flexsfl/arm64-root (README: how long); later runs reuse it.
+test-arm64: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -s -m arm64 tests/device $(PYTEST_ARGS)
 
 # The import layers (pyproject.toml [tool.importlinter]): which package may import which.
 lint-imports: $(STAMP)
