@@ -24,12 +24,12 @@ import json
 import os
 import pathlib
 import re
-import secrets
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from flexsfl.core.atomic import atomic_path
 from flexsfl.core.errors import ConfigError, DataError
 
 __all__ = ["Example", "read_examples", "read_grouped", "write_jsonl", "batches"]
@@ -90,25 +90,16 @@ def write_jsonl(path: str | os.PathLike, examples: Iterable[Example]) -> int:
     truncated data file behind. Parent directories are created. Returns the number written.
     """
     path = pathlib.Path(path)
-    # A unique sibling name opened with "x" (not mkstemp, which makes files 0600): the result
-    # gets the usual umask permissions.
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(tmp, "x", encoding="utf-8", newline="\n")
-    except OSError as e:
-        raise DataError(f"{path}: cannot write ({e.strerror}); choose a writable location") from None
     n = 0
     try:
-        with f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
             for ex in examples:
                 f.write(json.dumps({"label": ex.label, "text": ex.text}, ensure_ascii=False, sort_keys=True))
                 f.write("\n")
                 n += 1
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    except OSError as e:
+        raise DataError(f"{path}: cannot write ({e.strerror}); choose a writable location") from None
     return n
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from flexsfl.edge_runtime.alignment import alignment_loss_and_grad
 from flexsfl.edge_runtime.backends import Backend
+from flexsfl.core.atomic import atomic_write_many
 from flexsfl.core.bundle import Bundle
 from flexsfl.edge_runtime.data import Example, batches
 from flexsfl.core.errors import ConfigError, TensorError
@@ -280,10 +281,11 @@ class HeadTrainer:
             tensors.update({f"opt/{k}": v for k, v in self._optimizer.state_dict().items()})
         meta = {"layout_hash": self.bundle.manifest.layout_hash, "epoch": self.cursor.epoch, "position": self.cursor.position,
                 "last_round": self.last_round, "optimizer": list(self._opt_key) if self._opt_key else None}
-        tmp = self.state_dir / f".{_STATE_FILE}.tmp"
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, self.state_dir / _STATE_FILE)
-        (self.state_dir / _META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        # Data first, sidecar last: the JSON never describes tensors that are not on disk.
+        atomic_write_many({
+            self.state_dir / _STATE_FILE: lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp)),
+            self.state_dir / _META_FILE: lambda tmp: tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"),
+        })
 
     def _restore(self) -> None:
         from safetensors.numpy import load_file

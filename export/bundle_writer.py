@@ -1,18 +1,20 @@
 """Write a bundle: stage the files, hash every one, write the manifest last, optionally tar it.
 
-The manifest is written after every other file and atomically (a temporary name, then a rename),
-so a bundle directory either has a manifest that covers all of its files or none at all.
+The manifest is written after every other file and atomically (:mod:`flexsfl.core.atomic`),
+so a bundle directory either has a manifest that covers all of its files or none at all. The
+other files are written into the pipeline's staging directory, which is renamed into place
+whole; the tarball, written beside its final name, is atomic on its own.
 """
 
 from __future__ import annotations
 
 import datetime
-import os
 import pathlib
 import tarfile
 from typing import TYPE_CHECKING
 
 from flexsfl import __version__
+from flexsfl.core.atomic import atomic_path, atomic_write_text
 from flexsfl.core.bundle import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -137,16 +139,12 @@ def write_manifest(
         extra=extra,
         runtime=runtime or {},
     )
-    tmp = root / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(manifest.dumps())
-    os.replace(tmp, root / MANIFEST_NAME)
+    atomic_write_text(root / MANIFEST_NAME, manifest.dumps())
     return manifest
 
 
 def tar_bundle(root: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
     """``root`` -> ``out`` (.tar.gz) with one top-level directory, written atomically."""
-    tmp = out.with_name(out.name + ".tmp")
-    with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
+    with atomic_path(out) as tmp, tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
         tar.add(root, arcname=root.name)
-    os.replace(tmp, out)
     return out

@@ -186,6 +186,8 @@ def build_ort_training_artifacts(
             if verify:
                 step("verify", _HINT_VERIFY, _verify, stage, head, params, example)
             inputs, outputs = _specs(stage / EVAL_MODEL_NAME)
+            # Finished files move from the stage beside ``out``: each rename is atomic (same file
+            # system), and in a bundle ``out`` is itself inside the pipeline's staging directory.
             for name in (TRAINING_MODEL_NAME, EVAL_MODEL_NAME, OPTIMIZER_MODEL_NAME, CHECKPOINT_NAME):
                 os.replace(stage / name, out / name)
     finally:

@@ -168,6 +168,8 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, 
             load_bundle(stage)
         if out.exists():
             shutil.rmtree(out)
+        # A directory rename: the bundle appears whole (its manifest last, written atomically inside
+        # the stage), so this stays os.replace rather than core.atomic, which writes single files.
         os.replace(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

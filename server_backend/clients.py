@@ -20,8 +20,8 @@ import os
 import pathlib
 import re
 import secrets
-import tempfile
 
+from flexsfl.core.atomic import atomic_write_text
 from flexsfl.core.errors import ConfigError
 
 __all__ = ["ClientRegistry", "add_client", "hash_token", "CLIENT_ID_RE"]
@@ -65,16 +65,8 @@ class ClientRegistry:
 
 def _write(path: pathlib.Path, clients: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".clients-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"version": _VERSION, "clients": clients}, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    # 0600 from the first byte: the registry holds token hashes, readable by the server's user only.
+    atomic_write_text(path, json.dumps({"version": _VERSION, "clients": clients}, indent=2, sort_keys=True) + "\n", mode=0o600)
 
 
 def add_client(path: str | os.PathLike, client_id: str, *, rotate: bool = False) -> str:

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from flexsfl.core.atomic import atomic_path, atomic_write_text
 from flexsfl.core.errors import ConfigError
 
 __all__ = ["ServerState"]
@@ -52,9 +53,8 @@ CREATE TABLE IF NOT EXISTS clients (
 def _save_tensors(path: pathlib.Path, tensors: Mapping[str, np.ndarray], meta: dict[str, str]) -> None:
     from safetensors.numpy import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(tmp), metadata=meta)
 
 
 def _load_tensors(path: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -84,7 +84,7 @@ class ServerState:
                     "use a new --state-dir"
                 )
         else:
-            meta.write_text(json.dumps(layout, indent=2, sort_keys=True) + "\n")
+            atomic_write_text(meta, json.dumps(layout, indent=2, sort_keys=True) + "\n")
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.dir / "state.sqlite", check_same_thread=False)
         self._db.executescript(_SCHEMA)
