@@ -55,8 +55,10 @@ class ExportConfig:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if isinstance(self.split, bool) or not isinstance(self.split, int) or self.split < 1:
             raise ConfigError(f"split must be an int >= 1 (blocks on the device), got {self.split!r}")
-        if self.max_batch < 1 or self.max_seq < 2:
-            raise ConfigError(f"max_batch must be >= 1 and max_seq >= 2 (got {self.max_batch}, {self.max_seq})")
+        if self.max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_seq < 2:
+            raise ConfigError(f"max_seq must be >= 2, got {self.max_seq}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.lora_r < 1:

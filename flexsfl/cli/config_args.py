@@ -95,7 +95,7 @@ def add_config_args(
         if tp is bool:
             flag = flag_name(f)
             off = flag.startswith("--no-")
-            kw.update(action="store_const", const=not off, default=None if base is not None else (not off))
+            kw.update(action="store_const", const=not off, default=None if base is not None else off)
             parser.add_argument(flag, **kw)
             continue
         if typing.get_origin(tp) is tuple:

@@ -13,6 +13,7 @@ import tempfile
 import tomllib
 import zipfile
 
+from flexsfl.core.atomic import atomic_path
 from flexsfl.core.errors import ConfigError, FlashError
 
 __all__ = ["build_wheel", "wheel_digest"]
@@ -60,7 +61,10 @@ def build_wheel(out_dir: str | os.PathLike) -> pathlib.Path:
             last = (proc.stderr.strip() or proc.stdout.strip() or "no wheel written").splitlines()[-1]
             raise FlashError(f"building the flexsfl wheel failed: {last}; fix the build or pass --wheel FILE")
         out_dir.mkdir(parents=True, exist_ok=True)
-        return pathlib.Path(shutil.copy2(wheels[0], out_dir))
+        target = out_dir / wheels[0].name
+        with atomic_path(target) as tmp:
+            shutil.copyfile(wheels[0], tmp)
+        return target
 
 
 def wheel_digest(path: str | os.PathLike) -> str:

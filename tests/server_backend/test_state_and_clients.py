@@ -73,14 +73,3 @@ def test_clients_registry_tokens(tmp_path):
     assert ClientRegistry.load(path).authenticate("pi-kitchen", new) and not ClientRegistry.load(path).authenticate("pi-kitchen", tok)
     with pytest.raises(ConfigError, match="client id 'bad id!' is invalid"):
         add_client(path, "bad id!")
-
-
-def test_clients_cli_prints_a_token_and_writes_the_token_file(tmp_path, capsys):
-    from flexsfl.cli import main
-
-    assert main(["clients", "add", "dev1", "--clients", str(tmp_path / "c.json"), "--token-file", str(tmp_path / "t")]) == 0
-    token = capsys.readouterr().out.strip()
-    assert (tmp_path / "t").read_text().strip() == token
-    assert stat.S_IMODE(os.stat(tmp_path / "t").st_mode) == 0o600
-    assert main(["clients", "add", "dev1", "--clients", str(tmp_path / "c.json")]) == 2
-    assert "already exists" in capsys.readouterr().err
