@@ -29,12 +29,16 @@ import functools
 import logging
 import pathlib
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from flexsfl.core.errors import ExportError
 
 from flexsfl.export.programs import HeadPrograms, export_programs
+
+if TYPE_CHECKING:
+    from flexsfl.export.top_programs import TopPrograms
 
 __all__ = ["PTE_NAME", "lower_executorch"]
 
@@ -117,11 +121,15 @@ def _for_executorch(gm: torch.fx.GraphModule, *, xnnpack: bool) -> None:
             n.target = _erf_for_xnnpack
 
 
-def lower_executorch(programs: HeadPrograms, out_dir: str | pathlib.Path, *, xnnpack: bool = True) -> pathlib.Path:
+def lower_executorch(programs: HeadPrograms, out_dir: str | pathlib.Path, *, xnnpack: bool = True,
+                     top: "TopPrograms | None" = None) -> pathlib.Path:
     """Write ``out_dir/head.pte`` with methods ``forward`` and ``backward``; returns its path.
 
     The methods take and return exactly ``programs.forward_spec`` / ``backward_spec``, in
-    order. ``xnnpack=False`` keeps every op on ExecuTorch's portable kernels (~3x slower).
+    order. With ``top`` (U-shaped topology) the same program also has the top's ``top_train``
+    and ``top_eval`` methods (``top.train_spec`` / ``eval_spec``): one file, so a weight both
+    ends read (a causal LM's output matrix tied to its embedding) is stored once.
+    ``xnnpack=False`` keeps every op on ExecuTorch's portable kernels (~3x slower).
     Raises :class:`ExportError` if a step fails.
     """
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -131,12 +139,18 @@ def lower_executorch(programs: HeadPrograms, out_dir: str | pathlib.Path, *, xnn
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / PTE_NAME
     # 1. torch.export both programs with dynamic batch/seq, ops rewritten for ExecuTorch.
-    ep_f, ep_b = export_programs(programs, transform=functools.partial(_for_executorch, xnnpack=xnnpack))
+    transform = functools.partial(_for_executorch, xnnpack=xnnpack)
+    ep_f, ep_b = export_programs(programs, transform=transform)
+    methods = {"forward": ep_f, "backward": ep_b}
+    if top is not None:
+        from flexsfl.export.top_programs import export_top_programs
+
+        methods.update(export_top_programs(top, transform=transform))
     try:
-        # 2. Edge dialect, both methods in one program so constants are shared; XNNPACK takes
+        # 2. Edge dialect, every method in one program so constants are shared; XNNPACK takes
         #    the GEMMs and the heavy elementwise ops.
         edge = to_edge_transform_and_lower(
-            {"forward": ep_f, "backward": ep_b},
+            methods,
             partitioner=[_xnnpack_partitioner()] if xnnpack else None,
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
         )

@@ -29,7 +29,8 @@ from flexsfl.core.errors import ExportError
 
 from flexsfl.export.programs import HeadPrograms, export_programs
 
-__all__ = ["FORWARD_NAME", "BACKWARD_NAME", "WEIGHTS_NAME", "lower_onnx", "min_onnxruntime", "runtime_requirements"]
+__all__ = ["FORWARD_NAME", "BACKWARD_NAME", "WEIGHTS_NAME", "lower_onnx", "write_onnx_program", "share_weights",
+           "min_onnxruntime", "runtime_requirements"]
 
 log = logging.getLogger("flexsfl.export.onnx")
 
@@ -52,29 +53,35 @@ def lower_onnx(programs: HeadPrograms, out_dir: str | pathlib.Path, *, verify: b
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ep_f, ep_b = export_programs(programs)
-    paths = []
-    for which, ep, spec, name in (("forward", ep_f, programs.forward_spec, FORWARD_NAME),
-                                  ("backward", ep_b, programs.backward_spec, BACKWARD_NAME)):
-        path = out / name
-        try:
-            # The exporter prints progress lines and warnings about torchvision; keep them out.
-            with contextlib.redirect_stdout(io.StringIO()):
-                onx = torch.onnx.export(ep, (), dynamo=True, opset_version=OPSET, optimize=True,
-                                        input_names=[t.name for t in spec.inputs],
-                                        output_names=[t.name for t in spec.outputs])
-        except Exception as e:  # noqa: BLE001 - the exporter raises many types
-            raise ExportError(f"ONNX export of the {which} program failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
-        onx.model.ir_version = min(onx.model.ir_version, MAX_IR_VERSION)
-        _check_standard_ops(onx.model, which)
-        # Heads over protobuf's 2 GB limit get their weights in a file next to the model.
-        onx.save(path)
-        paths.append(path)
-    weights = _share_weights(paths, out / WEIGHTS_NAME)
+    paths = [write_onnx_program(ep, spec, out / name, which)
+             for which, ep, spec, name in (("forward", ep_f, programs.forward_spec, FORWARD_NAME),
+                                           ("backward", ep_b, programs.backward_spec, BACKWARD_NAME))]
+    weights = share_weights(paths, out / WEIGHTS_NAME)
     log.info("ONNX programs written in %.1f s (%s)", time.perf_counter() - t0,
              ", ".join(f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in (*paths, weights)))
     if verify:
         _verify(programs, paths[0], paths[1])
     return paths[0], paths[1], weights
+
+
+def write_onnx_program(ep, spec, path: pathlib.Path, which: str) -> pathlib.Path:
+    """``ep`` (a ``torch.export`` program taking ``spec.inputs``) as a standard-ops ONNX file at ``path``.
+
+    Its weights are inside it (or, over protobuf's 2 GB limit, in a file next to it) until
+    :func:`share_weights` moves them into the bundle's one weights file.
+    """
+    try:
+        # The exporter prints progress lines and warnings about torchvision; keep them out.
+        with contextlib.redirect_stdout(io.StringIO()):
+            onx = torch.onnx.export(ep, (), dynamo=True, opset_version=OPSET, optimize=True,
+                                    input_names=[t.name for t in spec.inputs],
+                                    output_names=[t.name for t in spec.outputs])
+    except Exception as e:  # noqa: BLE001 - the exporter raises many types
+        raise ExportError(f"ONNX export of the {which} program failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+    onx.model.ir_version = min(onx.model.ir_version, MAX_IR_VERSION)
+    _check_standard_ops(onx.model, which)
+    onx.save(path)
+    return path
 
 
 def min_onnxruntime(opset: int, ir_version: int) -> str:
@@ -96,9 +103,12 @@ def runtime_requirements(paths: list[pathlib.Path]) -> dict:
     return {"onnx_opset": opset, "onnx_ir_version": ir_version, "min_onnxruntime": min_onnxruntime(opset, ir_version)}
 
 
-def _share_weights(paths: list[pathlib.Path], weights: pathlib.Path) -> pathlib.Path:
+def share_weights(paths: list[pathlib.Path], weights: pathlib.Path) -> pathlib.Path:
     """Move every initializer of >= 1 KiB of the models at ``paths`` into ``weights`` as ONNX
     external data, each distinct tensor once, and rewrite the models to point at it.
+
+    The models must sit in ``weights``' directory. One already pointing at ``weights`` is read
+    back in first, so programs added later (the U-shaped topology's top) join the same file.
 
     The exporter constant-folds the backward's ``Wᵀ`` into initializers of their own; such a
     matrix is stored as a reference to the forward's ``W`` plus a ``Transpose`` node, which ONNX

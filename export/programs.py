@@ -55,7 +55,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from flexsfl.core.bundle import ProgramSpec, TensorSpec
 from flexsfl.core.errors import ConfigError, ExportError
 
-__all__ = ["HeadPrograms", "build_head_programs", "export_programs", "BATCH", "SEQ"]
+__all__ = ["HeadPrograms", "build_head_programs", "export_programs", "export_program", "BATCH", "SEQ"]
 
 log = logging.getLogger("flexsfl.export.programs")
 
@@ -248,28 +248,36 @@ def export_programs(
     that it cannot prove, and refuses the named dims. :func:`_check_dynamic` then verifies that
     every named dim is still symbolic with exactly its bounds.
     """
-    dims = programs.dims()
     bounds = programs.bounds()
-    out = []
-    for which, gm, spec, args in (
-        ("forward", programs.forward, programs.forward_spec, programs.example_forward_args()),
-        ("backward", programs.backward, programs.backward_spec, programs.example_backward_args()),
-    ):
-        if transform is not None:
-            gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-            transform(gm)
-            gm.graph.eliminate_dead_code()
-            gm.graph.lint()
-            gm.recompile()
-        shapes = tuple({i: dims[s] for i, s in enumerate(t.shape) if isinstance(s, str)} or None for t in spec.inputs)
-        try:
-            with torch.fx.experimental._config.patch(backed_size_oblivious=True):
-                ep = torch.export.export(gm, args, dynamic_shapes=shapes, strict=False)
-        except Exception as e:
-            raise ExportError(f"re-exporting the {which} program failed: {type(e).__name__}: {_first_line(e)}") from e
-        _check_dynamic(ep, spec, bounds, which)
-        out.append(ep)
-    return out[0], out[1]
+    return (
+        export_program("forward", programs.forward, programs.forward_spec, programs.example_forward_args(), bounds,
+                       transform=transform),
+        export_program("backward", programs.backward, programs.backward_spec, programs.example_backward_args(), bounds,
+                       transform=transform),
+    )
+
+
+def export_program(which: str, gm: fx.GraphModule, spec: ProgramSpec, args: tuple[torch.Tensor, ...],
+                   bounds: dict[str, tuple[int, int]], *,
+                   transform: Callable[[fx.GraphModule], None] | None = None) -> ExportedProgram:
+    """One program (``gm`` taking ``spec.inputs``) as a ``torch.export`` program whose named dims
+    have exactly ``bounds``; traced at ``args``, on a copy edited by ``transform`` (see
+    :func:`export_programs`). Every program this package builds is re-exported through here."""
+    dims = {name: Dim(name, min=lo, max=hi) for name, (lo, hi) in bounds.items()}
+    if transform is not None:
+        gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        transform(gm)
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    shapes = tuple({i: dims[s] for i, s in enumerate(t.shape) if isinstance(s, str)} or None for t in spec.inputs)
+    try:
+        with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            ep = torch.export.export(gm, args, dynamic_shapes=shapes, strict=False)
+    except Exception as e:
+        raise ExportError(f"re-exporting the {which} program failed: {type(e).__name__}: {_first_line(e)}") from e
+    _check_dynamic(ep, spec, bounds, which)
+    return ep
 
 
 def _check_dynamic(ep: ExportedProgram, spec: ProgramSpec, bounds: dict, which: str) -> None:

@@ -97,6 +97,7 @@ class _Part(nn.Module):
         super().__init__()
         self.family = loaded.family
         self.num_blocks = loaded.info.num_blocks
+        self.hidden_size = loaded.info.hidden_size
         base = loaded.base
         if self.family == "bert":
             body, layers = base.bert, base.bert.encoder.layer
