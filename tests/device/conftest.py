@@ -43,7 +43,7 @@ def minilm_bundle(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def wheel(tmp_path_factory) -> pathlib.Path:
-    from flexsfl.deploy.flash import build_wheel
+    from flexsfl.deploy.wheel import build_wheel
 
     return build_wheel(tmp_path_factory.mktemp("wheel"))
 

@@ -369,8 +369,12 @@ class Device:
         return chroot(self.root, argv, **kwargs)
 
     def stop(self) -> None:
+        """Kill, unmount, and empty the root's /tmp (as a reboot would); safe to call twice."""
         stop_all(self.root)
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if not _mount_points(self.root):
+            for p in (self.root / "tmp").iterdir():
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink()
 
     def __enter__(self) -> Device:
         return self

@@ -17,7 +17,8 @@ import pytest
 
 from flexsfl.core.bundle import MANIFEST_NAME, load_bundle
 from flexsfl.core.targets import TARGETS
-from flexsfl.deploy.flash import ClientSettings, Remote, flash, rollback
+from flexsfl.deploy.flash import ClientSettings, flash, rollback
+from flexsfl.deploy.ssh import Remote
 
 pytestmark = pytest.mark.arm64  # make test-arm64; deselected from make test
 
