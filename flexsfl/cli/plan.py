@@ -7,6 +7,9 @@ import dataclasses
 import json
 import pathlib
 
+from rich.console import Console
+from rich.table import Table
+
 from flexsfl.core.constants import TASKS
 from flexsfl.core.cost import ModelCost
 from flexsfl.core.memory import OPTIMIZER_STATES, RUNTIMES
@@ -42,9 +45,6 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"model": args.model, "profile": profile.to_json(), "batch": args.batch, "seq": args.seq,
                           **choice.to_json()}, indent=2, sort_keys=True))
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
     runtime = args.runtime or profile.backend or "ort"
     table = Table(title=f"{args.model} ({cost.family}, {cost.num_blocks} blocks) on {profile.name}: batch {args.batch}, "
                         f"seq {args.seq}, {runtime}, budget {profile.memory_budget_mb} MB")

@@ -3,15 +3,20 @@
 The client optimizer defaults to :data:`~flexsfl.core.constants.TRAIN_OPTIMIZER`, as in
 ``flexsfl simulate`` and ``demo`` (a bundle's own default, ``flexsfl export --optimizer``, is SGD;
 the server names the optimizer of every round).
+
+The parser imports nothing heavy; the handlers import the server's modules, which load torch
+(the tail host), when they run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 
 from flexsfl.core.constants import OPTIMIZERS, TASKS, TRAIN_OPTIMIZER
+from flexsfl.server_backend.strategy import STRATEGIES, TrainConfig
 
 __all__ = ["add_parser", "build_server", "add_model_args", "add_train_args", "train_config", "load_server_model"]
 
@@ -29,29 +34,25 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--strategy", default="flexpsfl", help="flexpsfl, splitfed, fedavg or local")
-    p.add_argument("--rounds", type=int, default=10, help="rounds to run (0 = until stopped)")
-    p.add_argument("--min-clients", type=int, default=1, help="clients to wait for before a round starts")
-    p.add_argument("--clients-per-round", type=int, default=0, help="0 = every connected client")
-    p.add_argument("--local-steps", type=int, default=10, help="tau: client steps per round")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3, help="client learning rate")
+    """The round flags; their defaults are :class:`TrainConfig`'s, but the client optimizer's
+    (:data:`TRAIN_OPTIMIZER`, the default of every command that trains a federation)."""
+    d = TrainConfig()
+    p.add_argument("--strategy", default="flexpsfl", help=f"one of {', '.join(STRATEGIES)}")
+    p.add_argument("--rounds", type=int, default=d.rounds, help="rounds to run (0 = until stopped)")
+    p.add_argument("--min-clients", type=int, default=d.min_clients, help="clients to wait for before a round starts")
+    p.add_argument("--clients-per-round", type=int, default=d.clients_per_round, help="0 = every connected client")
+    p.add_argument("--local-steps", type=int, default=d.local_steps, help="tau: client steps per round")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help="client learning rate")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=TRAIN_OPTIMIZER, help=f"client optimizer (default: {TRAIN_OPTIMIZER})")
     p.add_argument("--server-lr", type=float, default=None, help="tail learning rate (default: --lr)")
     p.add_argument("--server-optimizer", choices=OPTIMIZERS, default=None, help="default: --optimizer")
-    p.add_argument("--align-lambda", type=float, default=0.0, help="weight of the alignment term")
-    p.add_argument("--round-timeout", type=float, default=600.0)
+    p.add_argument("--align-lambda", type=float, default=d.align_lambda, help="weight of the alignment term")
+    p.add_argument("--round-timeout", type=float, default=d.round_timeout)
 
 
-def train_config(args: argparse.Namespace):
-    # The server's modules import torch (the tail host): loaded by the handler, not the parser.
-    from flexsfl.server_backend.strategy import TrainConfig
-
-    return TrainConfig(
-        rounds=args.rounds, clients_per_round=args.clients_per_round, min_clients=args.min_clients,
-        local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-        align_lambda=args.align_lambda, round_timeout=args.round_timeout, seed=args.seed,
-    )
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
 
 
 def load_server_model(args: argparse.Namespace, attn: str = "sdpa"):

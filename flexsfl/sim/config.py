@@ -11,11 +11,12 @@ import dataclasses
 from flexsfl.core.constants import OPTIMIZERS, TRAIN_OPTIMIZER
 from flexsfl.core.errors import ConfigError
 from flexsfl.core.wire.tensors import ENCODINGS
+from flexsfl.server_backend.strategy import STRATEGIES as _STRATEGY_CLASSES
 from flexsfl.sim.data.partition import SCHEMES
 
 __all__ = ["STRATEGIES", "SIM_BACKENDS", "SimConfig", "DEMO"]
 
-STRATEGIES = ("flexpsfl", "splitfed", "fedavg", "local")
+STRATEGIES = tuple(_STRATEGY_CLASSES)  # flexpsfl, splitfed, fedavg, local: the server's registry
 SIM_BACKENDS = ("ort", "executorch")  # the device runtimes a simulated client runs
 
 

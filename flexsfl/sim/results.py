@@ -10,6 +10,8 @@ import pathlib
 from typing import Sequence
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
 from flexsfl.core.atomic import atomic_path, atomic_write_text
 from flexsfl.sim.config import SimConfig
@@ -90,7 +92,7 @@ def _time_to(rows: list[dict], target: float) -> dict:
 
 def plot(summaries: Sequence[tuple[str, pathlib.Path]], path: pathlib.Path) -> pathlib.Path:
     """Accuracy vs wall time, one line per run (rounds.jsonl of each)."""
-    import matplotlib
+    import matplotlib  # the bench extra: only a finished run draws, so only it needs matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -117,9 +119,6 @@ def plot(summaries: Sequence[tuple[str, pathlib.Path]], path: pathlib.Path) -> p
 
 def table(summary: dict) -> str:
     """The per-client table printed at the end of a run."""
-    from rich.console import Console
-    from rich.table import Table
-
     t = Table(title=f"{summary['config']['strategy']} on {summary['config']['data']} "
                     f"({summary['rounds']} rounds, {summary['final']['elapsed_s']:.0f} s of training)")
     for col in ("client", "data", "profile", "split", "personal acc", "generalization acc", "step ms",

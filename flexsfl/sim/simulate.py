@@ -23,14 +23,38 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
 from typing import Any
 
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+import flexsfl.export as export
 from flexsfl.core.atomic import atomic_write_text
+from flexsfl.core.bundle import load_bundle
+from flexsfl.core.cost import ModelCost
 from flexsfl.core.errors import ConfigError, FlexSFLError
+from flexsfl.core.model_config import read_model_config
+from flexsfl.core.planner import choose_split
+from flexsfl.core.profiles import EXAMPLE_PROFILES
+from flexsfl.edge_runtime.client import run_edge
+from flexsfl.edge_runtime.text import TextEncoder
+from flexsfl.export.config import ExportConfig
+from flexsfl.export.pipeline import export_bundle
+from flexsfl.model.loading import load_model
+from flexsfl.server_backend.clients import ClientRegistry, add_client
+from flexsfl.server_backend.server import FlexServer, ServerConfig
+from flexsfl.server_backend.state import ServerState
+from flexsfl.server_backend.strategy import TrainConfig, make_strategy
+from flexsfl.server_backend.tail_host import OptimizerConfig, TailHost
 from flexsfl.sim.config import SimConfig
+from flexsfl.sim.data import cache_dir, prepare
+from flexsfl.sim.eager_backend import full_model_trainer
+from flexsfl.sim.evaluation import Evaluator
 from flexsfl.sim.results import collect, plot
 
 __all__ = ["simulate"]
@@ -45,11 +69,6 @@ def _choose_splits(cfg: SimConfig) -> tuple[list[int], list[dict]]:
         return splits, [{"pinned": s} for s in splits]
     if cfg.profiles is None:
         raise ConfigError("give --splits (one per client) or --profiles (device profile names) to choose split points")
-    from flexsfl.core.cost import ModelCost
-    from flexsfl.core.model_config import read_model_config
-    from flexsfl.core.planner import choose_split
-    from flexsfl.core.profiles import EXAMPLE_PROFILES
-
     cost = ModelCost.from_config(read_model_config(cfg.model), num_labels=cfg.num_labels)
     splits, why = [], []
     for name in cfg.profiles:
@@ -66,8 +85,6 @@ def _choose_splits(cfg: SimConfig) -> tuple[list[int], list[dict]]:
 
 def _bundle_for(cfg: SimConfig, split: int, cache: pathlib.Path) -> pathlib.Path:
     """Export (or reuse) the bundle for one split point."""
-    from flexsfl.export.pipeline import ExportConfig, export_bundle
-
     key = json.dumps([cfg.model, split, cfg.backend, cfg.num_labels, cfg.max_seq, cfg.seed, _code_version()])
     path = cache / f"{pathlib.Path(cfg.model).name}-s{split}-{cfg.backend}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
     if (path / "manifest.json").exists():
@@ -80,8 +97,6 @@ def _bundle_for(cfg: SimConfig, split: int, cache: pathlib.Path) -> pathlib.Path
 
 def _code_version() -> str:
     """Bundles are cached per version of the export code, so a fix re-exports them."""
-    import flexsfl.export as export
-
     h = hashlib.sha256()
     for f in sorted(pathlib.Path(export.__file__).parent.glob("*.py")):
         h.update(f.read_bytes())
@@ -92,8 +107,6 @@ class _RoundEval:
     """The server's end-of-round evaluation (runs on its compute thread)."""
 
     def __init__(self, host, encoder, partition, cfg: SimConfig) -> None:
-        from flexsfl.sim.evaluation import Evaluator
-
         self.ev = Evaluator(host, encoder)
         self.union = partition.test
         self.own = {f"c{c.client}": c.test for c in partition.clients}
@@ -117,17 +130,6 @@ class _RoundEval:
 
 
 async def _run(cfg: SimConfig, out: pathlib.Path, progress) -> dict:
-    from flexsfl.core.bundle import load_bundle
-    from flexsfl.edge_runtime.text import TextEncoder
-    from flexsfl.model.loading import load_model
-
-    from flexsfl.server_backend.clients import add_client
-    from flexsfl.sim.data import prepare
-    from flexsfl.server_backend.server import FlexServer, ServerConfig
-    from flexsfl.server_backend.state import ServerState
-    from flexsfl.server_backend.strategy import TrainConfig, make_strategy
-    from flexsfl.server_backend.tail_host import OptimizerConfig, TailHost
-
     t_start = time.perf_counter()
     progress("partitioning the data")
     partition = prepare(cfg.data, cfg.partition, cfg.clients, out / "data", cfg.seed, alpha=cfg.alpha,
@@ -153,8 +155,6 @@ async def _run(cfg: SimConfig, out: pathlib.Path, progress) -> dict:
         tf.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(tf, token + "\n", mode=0o600)
 
-    import torch
-
     torch.set_num_threads(cfg.threads)
     train = TrainConfig(rounds=cfg.rounds, min_clients=cfg.clients, local_steps=cfg.local_steps, batch_size=cfg.batch_size,
                         lr=cfg.lr, optimizer=cfg.optimizer, align_lambda=cfg.align_lambda, seed=cfg.seed, round_timeout=1800)
@@ -162,11 +162,8 @@ async def _run(cfg: SimConfig, out: pathlib.Path, progress) -> dict:
     host = TailHost(loaded, OptimizerConfig(cfg.optimizer, cfg.lr))
     state_dir = out / "server"
     if state_dir.exists():
-        import shutil
-
         shutil.rmtree(state_dir)
     state = ServerState(state_dir, {"model": loaded.info.id, "strategy": strategy.name})
-    from flexsfl.server_backend.clients import ClientRegistry
 
     evaluator = _RoundEval(host, encoder, partition, cfg)
     server = FlexServer(host, strategy, ClientRegistry.load(clients_file), state,
@@ -220,15 +217,10 @@ async def _run(cfg: SimConfig, out: pathlib.Path, progress) -> dict:
 
 
 def _default_cache() -> pathlib.Path:
-    from flexsfl.sim.data import cache_dir
-
     return cache_dir() / "bundles"
 
 
 def _run_edge_quiet(args: dict) -> int:
-    from flexsfl.edge_runtime.client import run_edge
-    from flexsfl.sim.eager_backend import full_model_trainer
-
     return run_edge({k: v for k, v in args.items() if v is not None},
                     make_trainer=full_model_trainer if args.get("full_model") else None)
 
@@ -239,6 +231,7 @@ def _spawn_client(args: dict, log_path: pathlib.Path, threads: int) -> subproces
     atomic_write_text(cfg_path, json.dumps({k: v for k, v in args.items() if v is not None}, indent=2))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "flexsfl", "-v", "edge", "run", "--config", str(cfg_path)]
+    # The client log is a live stream (a person tails it), not a file read back whole: no atomic write.
     return subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
 
 
@@ -247,8 +240,6 @@ def simulate(cfg: SimConfig, *, show: bool = True) -> dict:
     """Run one federation; returns the summary (also in ``cfg.out``/summary.json)."""
     out = pathlib.Path(cfg.out).resolve()  # clients get absolute paths in their config files
     out.mkdir(parents=True, exist_ok=True)
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True, quiet=not show)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
