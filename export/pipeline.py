@@ -6,11 +6,18 @@
 Every step is one call; the bundle is staged in a temporary directory next to ``--out`` and
 renamed into place only when it is complete and verified, so a failed export never leaves a
 half-written bundle behind.
+
+One name everywhere: the programs are renamed to the canonical (PEFT) parameter names before
+they are lowered, so a trainable tensor has the same name in the adapter file, in the
+manifest's ``trainable_parameters``, as an ONNX graph input (its gradient output is
+``grad.<name>``) and in the manifest's program specs, which describe each program exactly as
+its runtime sees it (ExecuTorch methods by position, in the same order).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import pathlib
@@ -20,7 +27,7 @@ import time
 from typing import Iterator
 
 from flexsfl.core.bundle import Bundle, TensorSpec, load_bundle
-from flexsfl.core.errors import ConfigError
+from flexsfl.core.errors import ConfigError, ExportError
 from flexsfl.core.targets import TargetProfile, get_target
 
 from flexsfl.export.bundle_writer import tar_bundle, write_adapter, write_manifest, write_tokenizer
@@ -106,19 +113,19 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, 
             names = [n for n, _ in head.trainable()]
         with steps.step("build forward/backward programs"):
             programs = build_head_programs(head, names, max_batch=cfg.max_batch, max_seq=cfg.max_seq)
+            canonical = head.canonical()
+            programs = _with_canonical_names(programs, canonical)  # the names the lowered graphs get
         specs: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {}
         artifacts: dict[str, str] = {}
         runtime: dict[str, dict] = {}  # backend -> what its programs need from the device's runtime
-        canonical = head.canonical()
-        rename = _param_renamer(canonical)
         if "executorch" in cfg.backends:
             from flexsfl.export.lower_executorch import lower_executorch
 
             with steps.step("lower to ExecuTorch (.pte)"):
                 pte = lower_executorch(programs, stage / "executorch")
             artifacts["executorch.program"] = pte.relative_to(stage).as_posix()
-            specs["executorch.forward"] = rename(programs.forward_spec)
-            specs["executorch.backward"] = rename(programs.backward_spec)
+            specs["executorch.forward"] = (programs.forward_spec.inputs, programs.forward_spec.outputs)
+            specs["executorch.backward"] = (programs.backward_spec.inputs, programs.backward_spec.outputs)
         if "ort" in cfg.backends:
             from flexsfl.export.lower_onnx import lower_onnx, runtime_requirements
 
@@ -128,8 +135,8 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, 
             artifacts["ort.backward"] = bwd.relative_to(stage).as_posix()
             artifacts["ort.weights"] = weights.relative_to(stage).as_posix()
             runtime["ort"] = runtime_requirements([fwd, bwd])
-            specs["ort.forward"] = rename(programs.forward_spec)
-            specs["ort.backward"] = rename(programs.backward_spec)
+            specs["ort.forward"] = (programs.forward_spec.inputs, programs.forward_spec.outputs)
+            specs["ort.backward"] = (programs.backward_spec.inputs, programs.backward_spec.outputs)
             if cfg.ort_training_artifacts:
                 from flexsfl.export.ort_training import build_ort_training_artifacts
 
@@ -181,14 +188,29 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, 
     return bundle, where
 
 
-def _param_renamer(canonical: dict[str, str]):
-    """Program specs name params by the head's module names; bundles use canonical (PEFT) names."""
+def _with_canonical_names(programs, canonical: dict[str, str]):
+    """``programs`` with its specs' parameter inputs named by their canonical (PEFT) names and the
+    gradient outputs ``grad.<canonical name>``: the names the lowered graphs and the manifest use.
 
-    def rename(spec) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-        def fix(ts: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
-            return tuple(TensorSpec(canonical.get(t.name, t.name), t.dtype, t.shape) for t in ts)
+    Only names change (positions, dtypes and shapes stay), so the traced graphs are untouched.
+    """
 
-        return fix(spec.inputs), fix(spec.outputs)
+    def fix(ts: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+        out = []
+        for t in ts:
+            name = canonical.get(t.name)
+            if name is None and t.name.startswith("grad.") and t.name[5:] in canonical:
+                name = "grad." + canonical[t.name[5:]]
+            out.append(dataclasses.replace(t, name=name or t.name))
+        return tuple(out)
 
-    return rename
+    def spec(s):
+        return dataclasses.replace(s, inputs=fix(s.inputs), outputs=fix(s.outputs))
+
+    renamed = dataclasses.replace(programs, forward_spec=spec(programs.forward_spec), backward_spec=spec(programs.backward_spec))
+    for which in ("forward_spec", "backward_spec"):
+        names = [t.name for s in (getattr(renamed, which).inputs, getattr(renamed, which).outputs) for t in s]
+        if len(set(names)) != len(names):
+            raise ExportError(f"two tensors of the {which[:-5]} program share a name after renaming to PEFT names; please report this")
+    return renamed
 

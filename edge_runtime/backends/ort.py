@@ -10,7 +10,8 @@ backward's inputs (``run_with_ort_values``), so they are never copied into numpy
 Before loading anything, the installed onnxruntime is checked against the manifest's
 ``runtime.ort.min_onnxruntime`` (set at export from the programs' ONNX opset and IR version):
 an older runtime is refused with one line saying what to install, rather than failing inside
-ONNX Runtime's loader with a message about IR versions.
+ONNX Runtime's loader with a message about IR versions. The graphs' input and output names must
+be the manifest's (schema 3 on), so a client that feeds them by the manifest's names alone works.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import re
 from typing import Any, ClassVar
 
 from flexsfl.core.bundle import Bundle
-from flexsfl.core.errors import BackendError
+from flexsfl.core.errors import BackendError, BundleError
 from flexsfl.edge_runtime.backends import ProgramBackend, _first_line
 
 __all__ = ["OrtBackend", "check_runtime_version"]
@@ -49,6 +50,24 @@ def check_runtime_version(bundle: Bundle, version: str) -> None:
             f"run `pip install 'onnxruntime>={minimum}'` on this device")
 
 
+def _check_names(bundle: Bundle, sessions: dict) -> None:
+    """Schema 3 on: each graph's input and output names, in order, are exactly the manifest's."""
+    m = bundle.manifest
+    if m.schema_version < 3:
+        return  # older bundles named parameters differently in the graphs; they run by position
+    for method, session in sessions.items():
+        role = f"ort.{method}"
+        spec = m.program(role)
+        for what, got, want in (("inputs", session.get_inputs(), spec.inputs), ("outputs", session.get_outputs(), spec.outputs)):
+            got_names, want_names = [t.name for t in got], [t.name for t in want]
+            if got_names != want_names:
+                where = next((i for i, (a, b) in enumerate(zip(got_names, want_names)) if a != b), min(len(got_names), len(want_names)))
+                raise BundleError(
+                    f"{bundle.path(role)}: {what} differ from the manifest's {role} at position {where} "
+                    f"(graph {got_names[where] if where < len(got_names) else '-'!r}, manifest "
+                    f"{want_names[where] if where < len(want_names) else '-'!r}); re-export the bundle")
+
+
 class OrtBackend(ProgramBackend):
     name: ClassVar[str] = "ort"
 
@@ -68,6 +87,7 @@ class OrtBackend(ProgramBackend):
         opts.log_severity_level = 3
         self._sessions = {m: self._session(bundle, f"ort.{m}", opts) for m in ("forward", "backward")}
         self._inputs = {m: [i.name for i in s.get_inputs()] for m, s in self._sessions.items()}
+        _check_names(bundle, self._sessions)
         self._setup(bundle, {m: len(names) for m, names in self._inputs.items()})
 
     def _session(self, bundle: Bundle, role: str, opts):

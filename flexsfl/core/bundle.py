@@ -47,8 +47,13 @@ log = logging.getLogger("flexsfl.bundle")
 
 # 2 added ``runtime`` (what each backend's programs need from the device's runtime: ONNX opset, IR
 # version, minimum onnxruntime); version-1 bundles still load, with no runtime requirements.
-SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
+# 3: the program specs describe each program exactly as its runtime sees it: ONNX input/output
+# names are the graphs' own, ExecuTorch methods take and return the same list by position, and a
+# split program's trainable inputs carry the ``trainable_parameters`` names (gradients
+# ``grad.<name>``), checked on load. Older bundles still load; their program names are only
+# descriptive (the backends feed them by position).
+SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
 ADAPTER_CONFIG_NAME = "adapter_config.json"  # PEFT's file names, so PeftModel.from_pretrained loads it
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -271,7 +276,26 @@ class Manifest:
         stated = d.get("layout_hash")
         if stated is not None and stated != man.layout_hash:
             raise BundleError(f"{MANIFEST_NAME}: layout_hash does not match its model/lora/split fields (edited by hand?)")
+        if version >= 3:
+            _check_program_names(man)
         return man
+
+
+def _check_program_names(m: Manifest) -> None:
+    """Schema 3: every split program names its trainable inputs (and gradients) as
+    ``trainable_parameters`` does, in that order, so a client can build a feed from the manifest."""
+    names = [p.name for p in m.trainable_parameters]
+    grads = [f"grad.{n}" for n in names]
+    for role in sorted(m.inputs):
+        backend, _, method = role.partition(".")
+        if method not in ("forward", "backward"):
+            continue
+        ins, outs = m.inputs[role], m.outputs.get(role, ())
+        got = [t.name for t in ins[len(ins) - len(names):]] if len(ins) >= len(names) else [t.name for t in ins]
+        bad = got != names or (method == "backward" and [t.name for t in outs] != grads)
+        if bad:
+            raise BundleError(f"{MANIFEST_NAME}: program {role!r} does not name its trainable inputs/gradients as "
+                              "trainable_parameters does; re-export the bundle")
 
 
 _RUNTIME_FIELDS = {"ort": {"onnx_opset": int, "onnx_ir_version": int, "min_onnxruntime": str}}
@@ -377,6 +401,7 @@ def _extract_tar(path: pathlib.Path, cache: pathlib.Path | None) -> pathlib.Path
     entries = [p for p in tmp.iterdir()]
     root = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp
     try:
+        # A directory rename (atomic): the extracted bundle appears whole or not at all.
         os.replace(root, dest)
     except OSError:  # another process extracted the same tarball first; theirs is identical
         pass

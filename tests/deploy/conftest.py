@@ -206,7 +206,8 @@ def write_bundle(root: pathlib.Path, files: dict[str, bytes], *, target: TargetP
         lora=LoraInfo(r=r, alpha=8.0, dropout=0.0, target_modules=("query", "value")),
         max_batch=8,
         max_seq=32,
-        inputs={"ort.forward": (TensorSpec("input_ids", "int64", ("batch", "seq")),)},
+        inputs={"ort.forward": (TensorSpec("input_ids", "int64", ("batch", "seq")),  # + θ, named as below
+                                TensorSpec("base_model.model.layer.0.query.lora_A.weight", "float32", (r, d)))},
         outputs={"ort.forward": (TensorSpec("z", "float32", ("batch", "seq", d)),)},
         trainable_parameters=(ParamSpec("base_model.model.layer.0.query.lora_A.weight", (r, d), "float32", 0),),
         artifacts={"ort.forward": "ort/forward.onnx"},

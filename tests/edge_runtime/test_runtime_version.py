@@ -32,7 +32,7 @@ def test_manifest_records_opset_ir_version_and_minimum_runtime(bundle):
         assert model.ir_version <= need["onnx_ir_version"]
         assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) <= need["onnx_opset"]
     assert need == {"onnx_opset": 18, "onnx_ir_version": 10, "min_onnxruntime": "1.18"}
-    assert bundle.manifest.schema_version == SCHEMA_VERSION == 2
+    assert bundle.manifest.schema_version == SCHEMA_VERSION == 3
 
 
 @pytest.mark.parametrize("opset, ir, want", [(17, 8, "1.14"), (18, 8, "1.14"), (18, 9, "1.15"), (20, 9, "1.17"),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from flexsfl.core.bundle import MANIFEST_NAME, load_bundle
+from flexsfl.core.bundle import MANIFEST_NAME, SCHEMA_VERSION, load_bundle
 from flexsfl.core.errors import BundleError
 from flexsfl.cli import main
 
@@ -27,7 +27,7 @@ def exported(tmp_path_factory, tiny_model_dirs):
 def test_manifest_describes_every_program(exported):
     b = load_bundle(exported)
     m = b.manifest
-    assert m.schema_version == 2 and m.runtime["ort"]["min_onnxruntime"] and m.split == 2 and m.backend == ("ort", "executorch") and m.target.name == "rpi5"
+    assert m.schema_version == SCHEMA_VERSION == 3 and m.runtime["ort"]["min_onnxruntime"] and m.split == 2 and m.backend == ("ort", "executorch") and m.target.name == "rpi5"
     assert m.model.family == "llama" and m.model.num_blocks == 4 and m.model.hidden_size == 64
     assert {"executorch.program", "ort.forward", "ort.backward", "ort.training_model", "ort.eval_model",
             "ort.optimizer_model", "ort.checkpoint"} <= set(m.artifacts)
