@@ -1,0 +1,266 @@
+"""The server's middle in the U-shaped topology: blocks ``s..L-u-1`` over the global model.
+
+A U-shaped step reaches the server twice, and labels never do::
+
+    forward  (client, step, Z [B,T,d], mask)  -> H [B,T,d]     # kept: what the backward needs
+    backward (client, step, dL/dH [B,T,d])    -> dL/dZ          # then an optimizer step
+
+Between the two halves the host keeps, per ``(client, step)``, what the middle's backward needs,
+bounded in memory: at most ``max_pending`` entries (a forward beyond that is refused) and each
+for ``ttl_s`` seconds (:meth:`MiddleHost.expire`, called by every entry point, frees it; a late
+backward is refused). Two ways to keep it (``recompute``):
+
+- ``False`` (default): the autograd graph of the forward, activations included (fast; memory per
+  client is the middle's training activations);
+- ``True``: only ``Z``, the mask and a snapshot of the adapters; the backward runs the forward
+  again (one more middle forward per step; memory per client is ``Z``).
+
+Either way the forward runs on a snapshot of the middle's adapters, so an optimizer step taken
+for another client in between changes neither this client's graph nor its ``dL/dZ``: a client's
+result is exactly what it would get alone from the weights its forward saw.
+
+Cross-client batching: :meth:`forward_batch` runs the requests that arrived together as one
+forward per ``(split, top)``, right-padding ``T`` with masked zeros; :meth:`backward_batch` backpropagates
+each client's ``dL/dH`` through its own rows only (the others get zeros) and sums the clients'
+adapter gradients into one optimizer step, as :class:`~flexsfl.server_backend.tail_host.TailHost`
+does with its summed objective. Not thread-safe: call it from the server's one compute thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable, Hashable, Sequence
+
+import numpy as np
+import torch
+
+from flexsfl.core.errors import ConfigError
+from flexsfl.model.partition import Middle, build_middle
+from flexsfl.server_backend.tail_host import TailHost
+
+__all__ = ["MiddleRequest", "MiddleForward", "MiddleBackward", "MiddleResult", "MiddleHost"]
+
+log = logging.getLogger("flexsfl.server.middle")
+
+
+@dataclasses.dataclass(frozen=True)
+class MiddleRequest:
+    """One client's forward half: its smashed data at its ``(split, top)``. No labels."""
+
+    key: Hashable  # (client id, step id): the backward names it
+    split: int
+    top: int
+    z: np.ndarray  # [B, T, d] float32
+    attention_mask: np.ndarray  # [B, T] int64
+
+
+@dataclasses.dataclass(frozen=True)
+class MiddleForward:
+    h: np.ndarray | None  # [B, T, d] float32; None when refused
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MiddleBackward:
+    """One client's backward half: dL/dH for the forward it named."""
+
+    key: Hashable
+    grad_h: np.ndarray  # [B, T, d] float32
+
+
+@dataclasses.dataclass(frozen=True)
+class MiddleResult:
+    g: np.ndarray | None  # [B, T, d] float32: dL/dZ; None when refused (nothing was changed)
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class _Batch:
+    """One forward batch: its adapters snapshot, inputs and (store mode) graph; shared by its clients."""
+
+    middle: Middle
+    snapshot: dict[str, torch.Tensor]  # own name -> detached copy requiring grad
+    z: torch.Tensor  # [ΣB, T, d] leaf requiring grad
+    mask: torch.Tensor
+    h: torch.Tensor | None  # the forward's output (None in recompute mode until needed)
+    users: int  # entries not yet consumed or expired
+
+
+@dataclasses.dataclass
+class _Pending:
+    batch: _Batch
+    rows: slice
+    shape: tuple[int, ...]  # the client's Z shape [B, T, d]
+    deadline: float
+
+
+class MiddleHost:
+    """U-shaped clients' middles over ``host``'s global model; shares its optimizer and adapters."""
+
+    def __init__(self, host: TailHost, *, ttl_s: float = 60.0, max_pending: int = 256, recompute: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not ttl_s > 0 or max_pending < 1:
+            raise ConfigError(f"ttl_s must be > 0 and max_pending >= 1 (got {ttl_s}, {max_pending})")
+        self.host, self.ttl_s, self.max_pending, self.recompute, self.clock = host, ttl_s, max_pending, recompute, clock
+        self._middles: dict[tuple[int, int], Middle] = {}
+        self.pending: dict[Hashable, _Pending] = {}
+        self.steps = 0
+
+    def middle(self, split: int, top: int) -> Middle:
+        if (split, top) not in self._middles:
+            self._middles[split, top] = build_middle(self.host.loaded, split, top)
+        return self._middles[split, top]
+
+    def expire(self) -> list[Hashable]:
+        """Free every entry past its deadline; returns their keys."""
+        now = self.clock()
+        gone = [k for k, p in self.pending.items() if p.deadline <= now]
+        for k in gone:
+            self._release(self.pending.pop(k))
+        if gone:
+            log.info("freed %d middle forward(s) whose backward did not arrive in %.0f s", len(gone), self.ttl_s)
+        return gone
+
+    def _release(self, p: _Pending) -> None:
+        p.batch.users -= 1
+        if p.batch.users == 0:  # drop the graph and activations now, not when the last reference goes
+            p.batch.h = p.batch.z = None  # type: ignore[assignment]
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward_batch(self, reqs: Sequence[MiddleRequest]) -> list[MiddleForward]:
+        """``H`` for every request (one forward per ``(split, top)``); each is kept for its backward."""
+        self.expire()
+        out: list[MiddleForward | None] = [None] * len(reqs)
+        groups: dict[tuple[int, int], list[int]] = {}
+        room = self.max_pending - len(self.pending)
+        for i, r in enumerate(reqs):
+            why = self._check_forward(r, reqs[:i])
+            if why is None and room <= 0:
+                why = f"the server holds {self.max_pending} unfinished U-shaped steps; retry after a backward or the deadline"
+            if why is not None:
+                out[i] = MiddleForward(None, why)
+                continue
+            room -= 1
+            groups.setdefault((r.split, r.top), []).append(i)
+        deadline = self.clock() + self.ttl_s
+        for (split, top), idx in groups.items():
+            middle = self.middle(split, top)
+            z, mask, rows = _concat([reqs[i] for i in idx])
+            snapshot = {n: p.detach().clone().requires_grad_(True) for n, p in middle.trainable()}
+            batch = _Batch(middle, snapshot, z.requires_grad_(True), mask, None, len(idx))
+            with torch.enable_grad() if not self.recompute else torch.no_grad():
+                h = torch.func.functional_call(middle, snapshot, (batch.z, mask))
+            if not self.recompute:
+                batch.h = h
+            for i, r in zip(idx, rows):
+                t = reqs[i].z.shape[1]
+                hi = h[r, :t].detach().numpy().copy()
+                if not np.isfinite(hi).all():
+                    out[i] = MiddleForward(None, "the middle's output is not finite for these activations")
+                    batch.users -= 1
+                    continue
+                self.pending[reqs[i].key] = _Pending(batch, r, tuple(reqs[i].z.shape), deadline)
+                out[i] = MiddleForward(hi)
+        return out  # type: ignore[return-value]
+
+    def _check_forward(self, r: MiddleRequest, before: Sequence[MiddleRequest]) -> str | None:
+        d = self.host.info.hidden_size
+        z, m = np.asarray(r.z), np.asarray(r.attention_mask)
+        if r.key in self.pending or any(b.key == r.key for b in before):
+            return f"step {r.key!r} already has a middle forward waiting for its backward; use a new step id"
+        if z.ndim != 3 or z.shape[2] != d or m.shape != z.shape[:2] or z.shape[1] < 2 or z.shape[0] < 1:
+            return f"Z must be float32 [B, T, {d}] with mask [B, T] (T >= 2); got {list(z.shape)} and {list(m.shape)}"
+        if z.dtype != np.float32 or not np.isfinite(z).all():
+            return "Z must hold finite float32 values"
+        try:
+            self.middle(r.split, r.top)
+        except ConfigError as e:
+            return str(e)
+        return None
+
+    # -- backward ------------------------------------------------------------------------------
+    def backward_batch(self, reqs: Sequence[MiddleBackward]) -> list[MiddleResult]:
+        """``dL/dZ`` for every request, then one optimizer step with the summed adapter gradients.
+
+        A refused request (unknown or expired step, wrong shape, non-finite ``dL/dH`` or
+        ``dL/dZ``) changes nothing and keeps its forward for a correct retry until the deadline;
+        if any gradient comes out non-finite nothing is stepped for any of them.
+        """
+        expired = set(self.expire())
+        out: list[MiddleResult | None] = [None] * len(reqs)
+        by_batch: dict[int, list[int]] = {}
+        seen: set = set()
+        for i, r in enumerate(reqs):
+            p = self.pending.get(r.key)
+            g = np.asarray(r.grad_h)
+            if p is None or r.key in seen:
+                late = r.key in expired
+                out[i] = MiddleResult(None, f"step {r.key!r} " + ("arrived after the deadline; its forward was freed, "
+                                      "redo the step" if late else "has no middle forward waiting (never sent, or "
+                                      "already answered)"))
+            elif g.shape != p.shape or g.dtype != np.float32:
+                out[i] = MiddleResult(None, f"dL/dH must be float32 {list(p.shape)} like the H sent for step {r.key!r}, "
+                                      f"got {g.dtype} {list(g.shape)}")
+            elif not np.isfinite(g).all():
+                out[i] = MiddleResult(None, f"dL/dH for step {r.key!r} has NaN or Inf values; nothing was changed")
+            else:
+                seen.add(r.key)
+                by_batch.setdefault(id(p.batch), []).append(i)
+        grads: dict[torch.nn.Parameter, torch.Tensor] = {}  # live adapter -> summed gradient
+        live: dict[int, np.ndarray] = {}
+        for idx in by_batch.values():
+            batch = self.pending[reqs[idx[0]].key].batch
+            h = batch.h
+            if h is None:  # recompute mode: the forward again, from the same inputs and snapshot
+                with torch.enable_grad():
+                    h = torch.func.functional_call(batch.middle, batch.snapshot, (batch.z, batch.mask))
+            gh = torch.zeros_like(h)
+            for i in idx:
+                p = self.pending[reqs[i].key]
+                gh[p.rows, : p.shape[1]] = torch.from_numpy(np.asarray(reqs[i].grad_h))
+            names = list(batch.snapshot)
+            gz, *gp = torch.autograd.grad(h, [batch.z, *batch.snapshot.values()], gh, retain_graph=True,
+                                          allow_unused=True)
+            own = dict(batch.middle.named_parameters())
+            for n, g in zip(names, gp):
+                if g is not None:
+                    grads[own[n]] = grads[own[n]] + g if own[n] in grads else g
+            for i in idx:
+                p = self.pending[reqs[i].key]
+                live[i] = gz[p.rows, : p.shape[1]].numpy().copy()
+        if not live:
+            return out  # type: ignore[return-value]
+        if not all(np.isfinite(g).all() for g in live.values()) or not all(bool(torch.isfinite(g).all()) for g in grads.values()):
+            for i in live:
+                out[i] = MiddleResult(None, "the middle's gradient is not finite for this batch; nothing was changed")
+            return out  # type: ignore[return-value]
+        opt = self.host.optimizer
+        opt.zero_grad(set_to_none=True)
+        for param, g in grads.items():
+            param.grad = g
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.steps += 1
+        for i, g in live.items():
+            self._release(self.pending.pop(reqs[i].key))
+            out[i] = MiddleResult(g)
+        return out  # type: ignore[return-value]
+
+
+def _concat(reqs: Sequence[MiddleRequest]) -> tuple[torch.Tensor, torch.Tensor, list[slice]]:
+    """Stack along the batch, right-padding T with masked zeros (invisible to unpadded queries)."""
+    t = max(r.z.shape[1] for r in reqs)
+    d = reqs[0].z.shape[2]
+    n = sum(r.z.shape[0] for r in reqs)
+    z = np.zeros((n, t, d), np.float32)
+    mask = np.zeros((n, t), np.int64)
+    rows, start = [], 0
+    for r in reqs:
+        b, ti = r.z.shape[:2]
+        z[start:start + b, :ti] = r.z
+        mask[start:start + b, :ti] = r.attention_mask
+        rows.append(slice(start, start + b))
+        start += b
+    return torch.from_numpy(z), torch.from_numpy(mask), rows
