@@ -55,3 +55,32 @@ def test_flexsfl_command_has_every_benchmark_with_its_own_flags(name, flag, caps
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: flexsfl bench {name}") and flag in out
+
+
+@pytest.mark.parametrize("argv, run_name, settings", [
+    (["bench", "latency", "--model", "minilm", "--splits", "2,3", "--backend", "ort", "--reps", "4", "--threads", "1"],
+     "run_latency", {"model": "minilm", "splits": (2, 3), "backends": ("ort",), "reps": 4, "threads": 1}),
+    (["bench", "server", "--clients", "1,2", "--split", "2", "--rounds", "3", "--modes", "batched"],
+     "run_server_bench", {"clients": (1, 2), "split": 2, "rounds": 3, "modes": ("batched",)}),
+    (["bench", "wire", "--encodings", "fp32,int8", "--reps", "5", "--hidden", "16"],
+     "run_wire", {"encodings": ("fp32", "int8"), "reps": 5, "hidden": 16}),
+    (["bench", "accuracy", "--strategies", "flexpsfl,local", "--rounds", "2", "--local-steps", "3"],
+     "run_accuracy", {"strategies": "flexpsfl,local", "rounds": 2, "local_steps": 3}),
+])
+def test_each_command_runs_its_benchmark_with_the_parsed_settings(argv, run_name, settings, monkeypatch, capsys):
+    import importlib
+
+    from flexsfl.cli import bench, build_parser
+
+    name = argv[1]
+    module = importlib.import_module(f"flexsfl.benchmarks.{name}")
+    mod, run, text = bench.BENCHMARKS[name]
+    assert mod is module and run is getattr(module, run_name)  # `bench NAME` is bound to that benchmark
+    # Stand in for the (minutes-long) run itself, to see what the command hands it.
+    seen = []
+    monkeypatch.setitem(bench.BENCHMARKS, name, (mod, lambda cfg: (seen.append(cfg), ([], f"| summary of {name} |"))[1], text))
+    args = build_parser().parse_args(argv)
+    assert args.func(args) == 0
+    (cfg,) = seen
+    assert {k: getattr(cfg, k) for k in settings} == settings
+    assert f"| summary of {name} |" in capsys.readouterr().out
