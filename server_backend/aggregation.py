@@ -1,6 +1,6 @@
 """Aggregation maths as free functions over numpy arrays (no torch), tested against numpy.
 
-Layer-wise aggregation across heterogeneous split points (DESIGN.md, Algorithm step 7): for each
+Layer-wise aggregation across heterogeneous split points (the end of a FlexP-SFL round): for each
 block ``j``, the new global adapter is the sample-weighted mean of
 
 - the personal adapters ``θ_k^j`` of the clients whose head holds block ``j`` (``j < s_k``), each

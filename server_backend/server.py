@@ -160,7 +160,7 @@ class FlexServer:
                 self.config.host,
                 self.config.port,
                 ssl=ssl_ctx,
-                compression=None,  # deflate on float tensors costs ~50x time for ~nothing (recipes 3c)
+                compression=None,  # deflate on float tensors costs ~50x time for ~nothing
                 max_size=self.limits.max_frame_bytes,
                 ping_interval=20,
                 ping_timeout=60,

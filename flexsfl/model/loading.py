@@ -119,7 +119,7 @@ def load_model(
     """Load a model, add LoRA adapters and the task head; fp32, eval mode, deterministic from ``seed``.
 
     ``attn_implementation="eager"`` is what on-device export needs (SDPA breaks the joint-graph
-    export, recipes 3a); the server may use ``"sdpa"`` for speed. Both give the same numbers to ~1e-6.
+    export); the server may use ``"sdpa"`` for speed. Both give the same numbers to ~1e-6.
     """
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
