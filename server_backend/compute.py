@@ -51,6 +51,10 @@ class ComputeWorker:
         self._q.put(_STOP)
         self._thread.join(timeout=30)
 
+    def queue_depth(self) -> int:
+        """Requests waiting for the thread (approximate: it moves while you read it)."""
+        return self._q.qsize()
+
     async def train(self, req: StepRequest) -> StepResult:
         fut = asyncio.get_running_loop().create_future()
         self._q.put(("train", req, fut))

@@ -53,6 +53,7 @@ from flexsfl.core.wire import (
 from flexsfl.server_backend.aggregation import ClientUpdate
 from flexsfl.server_backend.clients import ClientRegistry
 from flexsfl.server_backend.compute import ComputeWorker
+from flexsfl.server_backend.http import StatusEndpoints, read_admin_token
 from flexsfl.server_backend.state import ServerState
 from flexsfl.server_backend.strategy import Strategy
 from flexsfl.server_backend.tail_host import StepRequest, TailHost
@@ -74,6 +75,8 @@ class ServerConfig:
     tls_cert: str | None = None  # PEM certificate + key: serve wss://
     tls_key: str | None = None
     exit_when_done: bool = True  # after the last round, say Bye to everyone and return
+    admin_token_file: str | None = None  # operator token for the HTTP status endpoints; None: loopback peers only
+    linger: float = 0.0  # seconds to keep serving /metrics and the status page after the last round
 
     def __post_init__(self) -> None:
         bad = [e for e in self.encodings if e not in ENCODINGS]
@@ -139,6 +142,8 @@ class FlexServer:
         # Called on the compute thread after each round (e.g. a simulation's evaluation); what it
         # returns is logged as the round's "eval" event. Its time is not counted as round time.
         self.on_round_end = on_round_end
+        admin = read_admin_token(config.admin_token_file) if config.admin_token_file else None
+        self.status = StatusEndpoints(self, admin_token=admin)  # /healthz, /metrics, the status page (http.py)
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def serve(self) -> None:
@@ -164,6 +169,7 @@ class FlexServer:
                 max_size=self.limits.max_frame_bytes,
                 ping_interval=20,
                 ping_timeout=60,
+                process_request=self.status.process_request,  # plain HTTP on the same port
             ) as server:
                 self.port = server.sockets[0].getsockname()[1]
                 scheme = "wss" if ssl_ctx else "ws"
@@ -171,9 +177,11 @@ class FlexServer:
                          self.strategy.name, self.limits.max_frame_bytes)
                 self.ready.set()
                 await self._run_rounds()
+                self.state.log("phase", round=self.round_id, phase="finished")
                 if self.config.exit_when_done:
                     for s in list(self.sessions.values()):
                         await self._close(s, Bye(reason="training finished"), 1000)
+                    await asyncio.sleep(self.config.linger)  # a last scrape sees the final counts
                 else:
                     await asyncio.Future()
         finally:
@@ -229,6 +237,8 @@ class FlexServer:
         except ConnectionClosed:
             log.info("%s disconnected", session.client_id if session else peer)
         finally:
+            if session is not None:
+                self.status.closed(session)
             if session is not None and self.sessions.get(session.client_id) is session:
                 del self.sessions[session.client_id]
                 for fut in (session.upload, session.metrics):
@@ -266,6 +276,7 @@ class FlexServer:
             info={"model": info.id, "strategy": self.strategy.name, "round": self.round_id, "task": info.task},
         ))
         self.sessions[hello.client_id] = session
+        self.status.opened(session)
         self.state.client_seen(hello.client_id, hello.split, hello.backend, hello.profile)
         self.state.log("hello", client=hello.client_id, split=hello.split, backend=hello.backend, encoding=encoding,
                        profile=dict(hello.profile))
@@ -341,6 +352,7 @@ class FlexServer:
     async def _run_rounds(self) -> None:
         cfg = self.strategy.cfg
         while cfg.rounds == 0 or self.round_id < cfg.rounds:
+            self.state.log("phase", round=self.round_id, phase="waiting")
             await self._wait_for_clients(cfg.min_clients)
             await self._run_round(self.round_id)
             self.round_id += 1
@@ -351,6 +363,7 @@ class FlexServer:
         t0 = time.perf_counter()
         steps0 = self.worker.steps
         await asyncio.to_thread(self.state.start_round, r, [s.client_id for s in chosen])
+        self.state.log("phase", round=r, phase="training", clients=[s.client_id for s in chosen])
         log.info("round %d: %s", r, ", ".join(f"{s.client_id}(s={s.split})" for s in chosen))
         started = []
         for s in chosen:
@@ -377,6 +390,7 @@ class FlexServer:
         if dropped:
             log.warning("round %d: no upload from %s; left out of the aggregation", r, ", ".join(dropped))
         updates = {cid: ClientUpdate(dict(u.tensors), u.num_samples, s.split) for cid, (s, u) in uploads.items()}
+        self.state.log("phase", round=r, phase="aggregating")
         t_agg = time.perf_counter()
         await self.worker.call(self.strategy.aggregate, r, self.host, updates)
         agg_s = time.perf_counter() - t_agg
@@ -390,6 +404,7 @@ class FlexServer:
         await asyncio.to_thread(self.state.finish_round, r, summary)
         self.state.log("round", round=r, strategy=self.strategy.name, **summary,
                        bytes={cid: {"in": s.bytes_in, "out": s.bytes_out} for cid, (s, _) in uploads.items()})
+        self.state.log("phase", round=r, phase="evaluating")
         ended = []
         for s, _ in uploads.values():
             s.metrics = asyncio.get_running_loop().create_future()
@@ -432,4 +447,3 @@ def _lm_summary(logits: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
     out[:, 1] = keep.sum(1)
     out[:, 2] = (keep & (lg.argmax(-1) == lab)).sum(1)
     return out
-

@@ -21,7 +21,7 @@ import pathlib
 import sqlite3
 import threading
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -89,6 +89,9 @@ class ServerState:
         self._db = sqlite3.connect(self.dir / "state.sqlite", check_same_thread=False)
         self._db.executescript(_SCHEMA)
         self._metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        # Called with (event, row) after each log line, on the logging thread (the server's
+        # telemetry); a listener must be quick and must not raise.
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
 
     def close(self) -> None:
         with self._lock:
@@ -159,6 +162,8 @@ class ServerState:
         line = json.dumps(row, sort_keys=True, default=_jsonable)
         with self._lock:
             self._metrics.write(line + "\n")
+        for listener in self.listeners:
+            listener(event, row)
 
 
 def _jsonable(v: Any) -> Any:
