@@ -103,3 +103,19 @@ def test_no_heavy_runtime_at_import_time(name, path):
     heavy = [f"{path.relative_to(ROOT)}:{line}: import {mod}" for line, mod in import_time_imports(ast.parse(path.read_text()))
              if mod.split(".")[0] in LAZY]
     assert not heavy, f"{name} imports a heavy runtime at import time; import it inside the function that needs it: {heavy}"
+
+
+# Notes that live outside the repository; code comments state the fact itself instead.
+OUTSIDE = ("DESIGN.md", "STYLE.md", "models-and-data.md", "runtime-recipes")
+
+
+def test_no_comment_points_outside_the_repository():
+    hits = []
+    files = [f for d in ROOT.iterdir() if d.is_dir() and not d.name.startswith((".", "build")) for f in d.rglob("*.py")]
+    for f in sorted(files):
+        rel = f.relative_to(ROOT)
+        if f == pathlib.Path(__file__).resolve():
+            continue
+        for i, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
+            hits += [f"{rel}:{i}: {name}" for name in OUTSIDE if name in line]
+    assert not hits, hits
