@@ -28,9 +28,6 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="cut a model at a split point and build an on-device training bundle")
-    add_config_args(p, ExportConfig, only=(
-        "model", "split", "backend", "target", "task", "num_labels", "lora_r", "lora_alpha", "lora_targets",
-        "optimizer", "lr", "max_batch", "max_seq", "seed", "out", "tar", "ort_training_artifacts",
-    ))
+    add_config_args(p, ExportConfig)  # every field with a flag, in the config's order
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run)
