@@ -24,6 +24,8 @@ class ExportConfig:
     model: str = _f(help="minilm, smollm2, or a local Hugging Face model directory")
     split: int = _f(help="blocks on the device (1 <= S < L)")
     out: str = _f(help="bundle directory to create")
+    top: int | None = _f(None, "U-shaped topology: the device also keeps the last TOP blocks + final norm + task head, "
+                               "so labels never leave it (0: norm and head only); adds the top's programs", metavar="U")
     backend: str = _f("ort", "which on-device programs to build", choices=(*BACKENDS, "all"))
     target: str = _f("generic-x86_64", "generic-x86_64, rpi4, rpi5 or jetson-orin")
     task: str = _f(TASKS[0], "what the model is trained for", choices=TASKS)
@@ -55,6 +57,8 @@ class ExportConfig:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if isinstance(self.split, bool) or not isinstance(self.split, int) or self.split < 1:
             raise ConfigError(f"split must be an int >= 1 (blocks on the device), got {self.split!r}")
+        if self.top is not None and (isinstance(self.top, bool) or not isinstance(self.top, int) or self.top < 0):
+            raise ConfigError(f"top must be an int >= 0 (blocks the device keeps at the output end), got {self.top!r}")
         if self.max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_seq < 2:

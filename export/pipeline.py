@@ -103,7 +103,8 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, 
         raise ConfigError(f"{out} already exists and is not empty; choose another --out or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    steps = _Steps(5 + len(cfg.backends) + int("ort" in cfg.backends and cfg.ort_training_artifacts), progress)
+    steps = _Steps(5 + len(cfg.backends) + int("ort" in cfg.backends and cfg.ort_training_artifacts)
+                   + int(cfg.top is not None) * (1 + int("ort" in cfg.backends)), progress)
     try:
         with steps.step(f"load {cfg.model} with LoRA r={cfg.lora_r}"):
             lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
@@ -115,6 +116,13 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, 
             programs = build_head_programs(head, names, max_batch=cfg.max_batch, max_seq=cfg.max_seq)
             canonical = head.canonical()
             programs = _with_canonical_names(programs, canonical)  # the names the lowered graphs get
+        top = None  # U-shaped topology (--top): the device's top programs, lowered beside the head's
+        if cfg.top is not None:
+            from flexsfl.export import top_bundle
+
+            with steps.step(f"build the top's programs (last {cfg.top} blocks + final norm + task head)"):
+                top = top_bundle.build_top_export(loaded, cfg.top, split=cfg.split, max_batch=cfg.max_batch,
+                                                  max_seq=cfg.max_seq)
         specs: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {}
         artifacts: dict[str, str] = {}
         runtime: dict[str, dict] = {}  # backend -> what its programs need from the device's runtime
@@ -122,10 +130,11 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, 
             from flexsfl.export.lower_executorch import lower_executorch
 
             with steps.step("lower to ExecuTorch (.pte)"):
-                pte = lower_executorch(programs, stage / "executorch")
+                pte = lower_executorch(programs, stage / "executorch", top=top and top.programs)
             artifacts["executorch.program"] = pte.relative_to(stage).as_posix()
             specs["executorch.forward"] = (programs.forward_spec.inputs, programs.forward_spec.outputs)
             specs["executorch.backward"] = (programs.backward_spec.inputs, programs.backward_spec.outputs)
+            specs.update(top.specs("executorch") if top else {})
         if "ort" in cfg.backends:
             from flexsfl.export.lower_onnx import lower_onnx, runtime_requirements
 
@@ -134,7 +143,14 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, 
             artifacts["ort.forward"] = fwd.relative_to(stage).as_posix()
             artifacts["ort.backward"] = bwd.relative_to(stage).as_posix()
             artifacts["ort.weights"] = weights.relative_to(stage).as_posix()
-            runtime["ort"] = runtime_requirements([fwd, bwd])
+            onnx_files = [fwd, bwd]
+            if top is not None:
+                with steps.step("lower the top to ONNX (top_train.onnx, top_eval.onnx; one weights.bin)"):
+                    top_paths = top_bundle.lower_top_onnx(top, [fwd, bwd], weights)
+                artifacts.update({role: p.relative_to(stage).as_posix() for role, p in top_paths.items()})
+                specs.update(top.specs("ort"))
+                onnx_files += list(top_paths.values())
+            runtime["ort"] = runtime_requirements(onnx_files)
             specs["ort.forward"] = (programs.forward_spec.inputs, programs.forward_spec.outputs)
             specs["ort.backward"] = (programs.backward_spec.inputs, programs.backward_spec.outputs)
             if cfg.ort_training_artifacts:
@@ -151,6 +167,9 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, 
         with steps.step("write tokenizer and PEFT adapter"):
             tokenizer = write_tokenizer(loaded, stage, cfg.max_seq)
             adapter, params = write_adapter(loaded, head, stage)
+            if top is not None:
+                top_adapter, top_params = top_bundle.write_top_adapter(loaded, top, stage)
+                artifacts[top_bundle.TOP_ADAPTER_ROLE] = top_adapter
         order = [canonical[n] for n in names]
         by_name = {p.name: p for p in params}
         params = tuple(by_name[n] for n in order)  # program input order
@@ -170,6 +189,7 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, 
                     "export_seconds": steps.seconds,
                     "target_notes": target_notes(target, cfg.backends),
                     "saved_activations": programs.num_saved,
+                    **({"top": top_bundle.top_manifest_extra(top, top_params)} if top is not None else {}),
                 },
             )
             load_bundle(stage)

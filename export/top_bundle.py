@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from flexsfl.core.bundle import ADAPTER_WEIGHTS_NAME, ParamSpec, TensorSpec
+from flexsfl.core.bundle import ADAPTER_WEIGHTS_NAME, ParamSpec, ProgramSpec, TensorSpec
 from flexsfl.core.errors import ExportError
 from flexsfl.export.top_programs import EVAL, TRAIN, TopPrograms, build_top_programs, export_top_programs
 
@@ -58,30 +58,40 @@ class TopExport:
     canonical: dict[str, str]
 
     def specs(self, backend: str) -> dict[str, Specs]:
-        """Manifest program entries ``{"<backend>.top_train": (inputs, outputs), ...}``, canonical names."""
-
-        def fix(ts: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
-            out = []
-            for t in ts:
-                name = self.canonical.get(t.name, t.name)
-                if t.name.startswith("grad.") and t.name[5:] in self.canonical:
-                    name = "grad." + self.canonical[t.name[5:]]
-                out.append(TensorSpec(name, t.dtype, t.shape))
-            return tuple(out)
-
+        """Manifest program entries ``{"<backend>.top_train": (inputs, outputs), ...}``."""
         p = self.programs
-        return {f"{backend}.{TRAIN}": (fix(p.train_spec.inputs), fix(p.train_spec.outputs)),
-                f"{backend}.{EVAL}": (fix(p.eval_spec.inputs), fix(p.eval_spec.outputs))}
+        return {f"{backend}.{TRAIN}": (p.train_spec.inputs, p.train_spec.outputs),
+                f"{backend}.{EVAL}": (p.eval_spec.inputs, p.eval_spec.outputs)}
 
 
-def build_top_export(loaded: "LoadedModel", top_blocks: int, *, max_batch: int, max_seq: int) -> TopExport:
-    """Cut the last ``top_blocks`` blocks + final norm + task head and build their programs."""
-    from flexsfl.model.partition import build_top
+def build_top_export(loaded: "LoadedModel", top_blocks: int, *, split: int, max_batch: int, max_seq: int) -> TopExport:
+    """Cut the last ``top_blocks`` blocks + final norm + task head and build their programs; the
+    server's middle between ``split`` and them must keep at least one block (else ConfigError).
 
+    The programs' specs name the trainable tensors by canonical (PEFT) name and their gradients
+    ``grad.<name>`` (only names change), so the lowered graphs' inputs carry those names.
+    """
+    from flexsfl.model.partition import build_middle, build_top
+
+    build_middle(loaded, split, top_blocks)  # checks the (split, top) layout, one line
     top = build_top(loaded, top_blocks)
     names = [n for n, _ in top.trainable()]
     programs = build_top_programs(top, names, max_batch=max_batch, max_seq=max_seq)
-    return TopExport(top=top, programs=programs, canonical=top.canonical())
+    canonical = top.canonical()
+
+    def fix(ts: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+        out = []
+        for t in ts:
+            name = canonical.get(t.name)
+            if name is None and t.name.startswith("grad.") and t.name[5:] in canonical:
+                name = "grad." + canonical[t.name[5:]]
+            out.append(dataclasses.replace(t, name=name or t.name))
+        return tuple(out)
+
+    programs = dataclasses.replace(
+        programs, **{k: ProgramSpec(fix(getattr(programs, k).inputs), fix(getattr(programs, k).outputs))
+                     for k in ("train_spec", "eval_spec")})
+    return TopExport(top=top, programs=programs, canonical=canonical)
 
 
 def lower_top_onnx(top: TopExport, head_paths: list[pathlib.Path], weights: pathlib.Path, *, verify: bool = True

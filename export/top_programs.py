@@ -180,10 +180,11 @@ def build_top_programs(
     bt = {0: b, 1: t}
     with _training_view(top, set(param_names)):
         try:
-            # Size-obliviously: the causal LM's shifted loss has a ``seq - 1`` dim that the solver
-            # would otherwise guard as >= 2 (a size-1 dim specializes), refusing seq = 2.
+            # A causal LM is traced size-obliviously: its shifted loss has a ``seq - 1`` dim that
+            # the solver would otherwise guard as >= 2 (a size-1 dim specializes), refusing
+            # seq = 2. Classification is not: there it would add a ``batch != 1`` guard instead.
             with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]), \
-                    torch.fx.experimental._config.patch(backed_size_oblivious=True):
+                    torch.fx.experimental._config.patch(backed_size_oblivious=task == "causal_lm"):
                 ep = torch.export.export(wrapped, (h, mask, labels), strict=False,
                                          dynamic_shapes=(bt, bt, bt if task == "causal_lm" else {0: b}))
                 from torch.export.experimental import _export_forward_backward

@@ -15,7 +15,7 @@ from flexsfl.core.bundle import Bundle
 from flexsfl.core.errors import BackendError
 from flexsfl.edge_runtime.backends import INSTALL_HINTS, ProgramBackend, _first_line
 
-__all__ = ["ExecuTorchBackend"]
+__all__ = ["ExecuTorchBackend", "ExecuTorchTopPrograms"]
 
 
 class ExecuTorchBackend(ProgramBackend):
@@ -56,3 +56,32 @@ class ExecuTorchBackend(ProgramBackend):
             return [outs[0].numpy(), *outs[1:]]
         return [o.numpy() for o in outs]
 
+
+class ExecuTorchTopPrograms:
+    """Methods ``top_train`` / ``top_eval`` of the bundle's ``.pte`` (U-shaped topology), for
+    :mod:`flexsfl.edge_runtime.top`: ``run(method, numpy inputs) -> numpy outputs``."""
+
+    def __init__(self, bundle: Bundle, threads: int | None) -> None:
+        try:
+            import torch
+            from executorch.runtime import Runtime
+        except ImportError as e:
+            raise BackendError(f"ExecuTorch is not usable here ({e}); {INSTALL_HINTS['executorch']}") from None
+        self._torch = torch
+        path = bundle.path("executorch.program")
+        try:
+            self._program = Runtime.get().load_program(path)
+            self._methods = {m: self._program.load_method(m) for m in ("top_train", "top_eval")}
+        except Exception as e:  # noqa: BLE001
+            raise BackendError(f"{path}: ExecuTorch cannot load its top methods ({_first_line(e)}); re-export the "
+                               "bundle with --top") from None
+
+    def num_inputs(self, method: str) -> int:
+        return self._methods[method].metadata.num_inputs()
+
+    def run(self, method: str, inputs: list[Any]) -> list[Any]:
+        try:
+            outs = self._methods[method].execute([self._torch.from_numpy(a) for a in inputs])
+        except Exception as e:  # noqa: BLE001
+            raise BackendError(f"ExecuTorch {method} failed (H {list(inputs[0].shape)}): {_first_line(e)}") from None
+        return [o.numpy() for o in outs]
