@@ -87,8 +87,8 @@ class OrtBackend(ProgramBackend):
         opts.log_severity_level = 3
         self._sessions = {m: self._session(bundle, f"ort.{m}", opts) for m in ("forward", "backward")}
         self._inputs = {m: [i.name for i in s.get_inputs()] for m, s in self._sessions.items()}
+        self._setup(bundle, {m: len(names) for m, names in self._inputs.items()})  # input counts first
         _check_names(bundle, self._sessions)
-        self._setup(bundle, {m: len(names) for m, names in self._inputs.items()})
 
     def _session(self, bundle: Bundle, role: str, opts):
         path = bundle.path(role)

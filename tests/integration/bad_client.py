@@ -18,7 +18,7 @@ import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from flexsfl.core.wire import Activations, Connection, Error, Hello, Role, Upload, parse
+from flexsfl.core.wire import PROTOCOL_VERSION, Activations, Connection, Error, Hello, Role, Upload, parse
 
 MAX = 64 << 20
 
@@ -75,7 +75,8 @@ async def main(port, cid, token, layout, split, hidden, out_path):
     await attempt("other_model", {"layout": "0" * 64})
     await attempt("garbage_first", raw=b"\x00garbage\xff" * 10)
     await attempt("text_frame", raw="hello")
-    await attempt("garbage_after_hello", then=lambda c: b"FSFL\x01\x07\x00\x00\xff\xff\xff\xff")
+    # this protocol version's prefix, then a header length that runs past the frame
+    await attempt("garbage_after_hello", then=lambda c: b"FSFL" + bytes([PROTOCOL_VERSION]) + b"\x07\x00\x00\xff\xff\xff\xff")
     wrong = np.zeros((2, 6, hidden + 1), np.float32)
 
     def wrong_shape(c):
