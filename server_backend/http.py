@@ -35,14 +35,12 @@ import ipaddress
 import json
 import logging
 import math
-import pathlib
 from typing import TYPE_CHECKING, Any
 
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from flexsfl import __version__
-from flexsfl.core.errors import ConfigError
 from flexsfl.server_backend.fleet import Fleet
 from flexsfl.server_backend.telemetry import CONTENT_TYPE, Telemetry
 
@@ -51,7 +49,7 @@ if TYPE_CHECKING:
 
     from flexsfl.server_backend.server import FlexServer, Session
 
-__all__ = ["StatusEndpoints", "read_admin_token", "PAGE"]
+__all__ = ["StatusEndpoints", "PAGE"]
 
 log = logging.getLogger("flexsfl.server.http")
 
@@ -70,19 +68,6 @@ class _QuietHTTP(logging.Filter):
 _ws_log = logging.getLogger("websockets.server")
 if not any(isinstance(f, _QuietHTTP) for f in _ws_log.filters):
     _ws_log.addFilter(_QuietHTTP())
-
-
-def read_admin_token(path: str | pathlib.Path) -> str:
-    """The operator token in ``path`` (surrounding whitespace ignored)."""
-    p = pathlib.Path(path)
-    try:
-        token = p.read_text().strip()
-    except OSError as e:
-        raise ConfigError(f"--admin-token-file {p}: cannot read it ({e.strerror}); give a readable file") from None
-    if len(token) < 16 or any(c.isspace() for c in token):
-        raise ConfigError(f"--admin-token-file {p}: the token must be one word of at least 16 characters; "
-                          "make one with `python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
-    return token
 
 
 class StatusEndpoints:

@@ -28,6 +28,7 @@ from websockets.exceptions import ConnectionClosed
 
 from flexsfl.core.bundle import layout_fingerprint
 from flexsfl.core.errors import AuthError, ConfigError, ErrorCode, InvalidState, OrderError, ProtocolError, TensorError
+from flexsfl.core.tokens import read_admin_token
 from flexsfl.core.wire import (
     ENCODINGS,
     Activations,
@@ -53,7 +54,7 @@ from flexsfl.core.wire import (
 from flexsfl.server_backend.aggregation import ClientUpdate
 from flexsfl.server_backend.clients import ClientRegistry
 from flexsfl.server_backend.compute import ComputeWorker
-from flexsfl.server_backend.http import StatusEndpoints, read_admin_token
+from flexsfl.server_backend.http import StatusEndpoints
 from flexsfl.server_backend.state import ServerState
 from flexsfl.server_backend.strategy import Strategy
 from flexsfl.server_backend.tail_host import StepRequest, TailHost
