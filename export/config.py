@@ -24,7 +24,7 @@ class ExportConfig:
     model: str = _f(help="minilm, smollm2, or a local Hugging Face model directory")
     split: int = _f(help="blocks on the device (1 <= S < L)")
     out: str = _f(help="bundle directory to create")
-    top: int | None = _f(None, "U-shaped topology: the device also keeps the last TOP blocks + final norm + task head, "
+    top: int | None = _f(None, "U-shaped topology: the device also keeps the last U blocks + final norm + task head, "
                                "so labels never leave it (0: norm and head only); adds the top's programs", metavar="U")
     backend: str = _f("ort", "which on-device programs to build", choices=(*BACKENDS, "all"))
     target: str = _f("generic-x86_64", "generic-x86_64, rpi4, rpi5 or jetson-orin")

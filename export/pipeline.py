@@ -112,10 +112,6 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, 
         with steps.step(f"cut the head at split {cfg.split}"):
             head = build_head(loaded, cfg.split)
             names = [n for n, _ in head.trainable()]
-        with steps.step("build forward/backward programs"):
-            programs = build_head_programs(head, names, max_batch=cfg.max_batch, max_seq=cfg.max_seq)
-            canonical = head.canonical()
-            programs = _with_canonical_names(programs, canonical)  # the names the lowered graphs get
         top = None  # U-shaped topology (--top): the device's top programs, lowered beside the head's
         if cfg.top is not None:
             from flexsfl.export import top_bundle
@@ -123,6 +119,10 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, 
             with steps.step(f"build the top's programs (last {cfg.top} blocks + final norm + task head)"):
                 top = top_bundle.build_top_export(loaded, cfg.top, split=cfg.split, max_batch=cfg.max_batch,
                                                   max_seq=cfg.max_seq)
+        with steps.step("build forward/backward programs"):
+            programs = build_head_programs(head, names, max_batch=cfg.max_batch, max_seq=cfg.max_seq)
+            canonical = head.canonical()
+            programs = _with_canonical_names(programs, canonical)  # the names the lowered graphs get
         specs: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {}
         artifacts: dict[str, str] = {}
         runtime: dict[str, dict] = {}  # backend -> what its programs need from the device's runtime

@@ -101,3 +101,14 @@ def test_bad_arguments(tiny_model_dirs):
         build_top_programs(top, ["nope"], max_batch=2, max_seq=8)
     with pytest.raises(ConfigError, match="max_seq"):
         build_top_programs(top, [], max_batch=2, max_seq=1)
+
+
+def test_export_refuses_a_layout_that_leaves_the_server_no_block(tiny_model_dirs, tmp_path):
+    from flexsfl.export.pipeline import ExportConfig, export_bundle
+
+    with pytest.raises(ConfigError, match="at least one block") as e:  # 4 blocks: split 2 + top 2 leaves none
+        export_bundle(ExportConfig(model=str(tiny_model_dirs["gpt2"]), split=2, top=2, out=str(tmp_path / "b")),
+                      progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "b").exists()
+    with pytest.raises(ConfigError, match="top must be an int >= 0"):
+        ExportConfig(model="x", split=1, out="o", top=-1)
