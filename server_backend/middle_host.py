@@ -86,6 +86,7 @@ class _Batch:
     mask: torch.Tensor
     h: torch.Tensor | None  # the forward's output (None in recompute mode until needed)
     users: int  # entries not yet consumed or expired
+    nbytes: int = 0  # what it holds: inputs, snapshot and (store mode) the activations the graph saved
 
 
 @dataclasses.dataclass
@@ -112,6 +113,11 @@ class MiddleHost:
         if (split, top) not in self._middles:
             self._middles[split, top] = build_middle(self.host.loaded, split, top)
         return self._middles[split, top]
+
+    def held_bytes(self) -> int:
+        """Bytes the pending steps hold (each forward batch counted once): the server's memory for
+        U-shaped clients between their two halves."""
+        return sum({id(p.batch): p.batch.nbytes for p in self.pending.values()}.values())
 
     def expire(self) -> list[Hashable]:
         """Free every entry past its deadline; returns their keys."""
@@ -150,8 +156,17 @@ class MiddleHost:
             z, mask, rows = _concat([reqs[i] for i in idx])
             snapshot = {n: p.detach().clone().requires_grad_(True) for n, p in middle.trainable()}
             batch = _Batch(middle, snapshot, z.requires_grad_(True), mask, None, len(idx))
-            with torch.enable_grad() if not self.recompute else torch.no_grad():
+            saved: dict[int, int] = {}  # storage -> bytes, each counted once (views share one)
+
+            def keep(t: torch.Tensor) -> torch.Tensor:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+
+            with torch.enable_grad() if not self.recompute else torch.no_grad(), \
+                    torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
                 h = torch.func.functional_call(middle, snapshot, (batch.z, mask))
+            own = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (z, mask, *snapshot.values())}
+            batch.nbytes = sum({**saved, **own}.values())
             if not self.recompute:
                 batch.h = h
             for i, r in zip(idx, rows):

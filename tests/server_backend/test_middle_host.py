@@ -149,3 +149,18 @@ def test_bad_forward_halves_and_settings(tiny_llama):
     assert bad[3].error is None and "already" in bad[4].error
     with pytest.raises(ConfigError):
         MiddleHost(TailHost(lm), ttl_s=0)
+
+
+def test_recompute_holds_less_than_the_graph_and_both_free_everything(tiny_llama):
+    lm = load_model(tiny_llama, num_labels=3)
+    ids, mask, _ = _batches(1, b=4, t=32)[0]
+    z = build_head(lm, 1)(ids, mask).detach().numpy()
+    held = {}
+    for recompute in (False, True):
+        host = MiddleHost(TailHost(lm, OptimizerConfig("sgd", 0.0 + 1e-9)), recompute=recompute)
+        host.forward_batch([MiddleRequest("a", 1, 0, z, mask.numpy())])
+        held[recompute] = host.held_bytes()
+        assert held[recompute] >= z.nbytes
+        host.backward_batch([MiddleBackward("a", np.ones_like(z))])
+        assert host.held_bytes() == 0
+    assert held[True] < held[False] / 3  # Z + mask + adapters vs. every saved activation of 2 blocks
