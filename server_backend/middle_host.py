@@ -195,6 +195,16 @@ class MiddleHost:
             return str(e)
         return None
 
+    @torch.no_grad()
+    def predict(self, split: int, top: int, z: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """``H`` of the global middle for smashed data, keeping nothing (evaluation of a personal
+        model: device head -> this -> device top). Bad input is a one-line ConfigError."""
+        why = self._check_forward(MiddleRequest(object(), split, top, np.asarray(z), np.asarray(attention_mask)), ())
+        if why is not None:
+            raise ConfigError(why)
+        z, mask = np.array(z, dtype=np.float32), np.array(attention_mask, dtype=np.int64)
+        return self.middle(split, top)(torch.from_numpy(z), torch.from_numpy(mask)).numpy()
+
     # -- backward ------------------------------------------------------------------------------
     def backward_batch(self, reqs: Sequence[MiddleBackward]) -> list[MiddleResult]:
         """``dL/dZ`` for every request, then one optimizer step with the summed adapter gradients.

@@ -149,6 +149,11 @@ def test_bad_forward_halves_and_settings(tiny_llama):
     assert bad[3].error is None and "already" in bad[4].error
     with pytest.raises(ConfigError):
         MiddleHost(TailHost(lm), ttl_s=0)
+    # evaluation keeps nothing and equals the training forward
+    h = host.predict(1, 1, z + 1, m)
+    assert np.array_equal(h, host.forward_batch([MiddleRequest("e", 1, 1, z + 1, m)])[0].h)
+    with pytest.raises(ConfigError, match="at least one block"):
+        host.predict(3, 1, z, m)
 
 
 def test_recompute_holds_less_than_the_graph_and_both_free_everything(tiny_llama):
