@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 import shutil
 import tarfile
 
@@ -52,8 +53,17 @@ def test_adapter_loads_with_peft(exported, tiny_model_dirs):
     model = PeftModel.from_pretrained(base, str(exported / "adapter"))
     want = load_file(str(exported / "adapter" / "adapter_model.safetensors"))
     got = {n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n}
+    # The file holds every trainable tensor of the head, exactly as the manifest lists them...
+    m = load_bundle(exported).manifest
+    assert want and {n: tuple(t.shape) for n, t in want.items()} == {p.name: tuple(p.shape) for p in m.trainable_parameters}
+    # ...which is every LoRA tensor PEFT builds from the adapter's config: A and B of each target
+    # module (q, v) in each of the head's blocks (0, 1) and nothing of the tail's.
+    assert set(got) == set(want)
+    layers = {int(re.search(r"\.layers\.(\d+)\.", n).group(1)) for n in want}
+    assert layers == {0, 1} and len(want) == 2 * 2 * 2
     for name, t in want.items():
         torch.testing.assert_close(got[name], t)
+    assert all(t.abs().sum() > 0 for n, t in want.items() if "lora_A" in n)  # real values, not an empty shell
 
 
 def test_every_flipped_byte_is_caught_naming_the_file(exported, tmp_path):
