@@ -6,11 +6,6 @@ from __future__ import annotations
 import argparse
 import logging
 
-from rich.console import Console
-from rich.logging import RichHandler
-from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-from rich.progress import Progress as Bars
-
 from flexsfl.core.errors import ConfigError
 from flexsfl.deploy.flash import EXTRAS, ClientSettings, flash, rollback
 from flexsfl.deploy.service import UNIT_NAME
@@ -66,6 +61,12 @@ def run(args: argparse.Namespace) -> int:
 
     Errors propagate as :class:`FlexSFLError` (the ``flexsfl`` main prints them as one line).
     """
+    # rich's progress and logging modules cost every `flexsfl` start ~0.1 s: loaded when flashing.
+    from rich.console import Console
+    from rich.logging import RichHandler
+    from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import Progress as Bars
+
     if args.rollback:
         if args.destination is not None or args.bundle is None:
             raise ConfigError("flexsfl flash --rollback takes one argument: user@host[:DIR]")
