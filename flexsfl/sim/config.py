@@ -38,9 +38,11 @@ class SimConfig:
     lr: float = _f(5e-4, "client (and tail) learning rate")
     optimizer: str = _f(TRAIN_OPTIMIZER, "client (and tail) optimizer", choices=OPTIMIZERS)
     align_lambda: float = _f(0.0, "weight of the alignment term (0: no alignment)")
-    splits: tuple[int, ...] | None = _f(None, "comma-separated split per client (or one for all); default: from --profiles")
+    splits: tuple[int, ...] | None = _f(None, "comma-separated split per client (or one for all); default: from --profiles",
+                                        metavar="S[,...]")
     profiles: tuple[str, ...] | None = _f(
-        None, "comma-separated device profile per client (rpi4, rpi5, jetson-orin, ...); the planner picks each split")
+        None, "comma-separated device profile per client (rpi4, rpi5, jetson-orin, ...); the planner picks each split",
+        metavar="NAME[,...]")
     backend: str = _f("ort", "device runtime of every client", choices=SIM_BACKENDS)
     encoding: str = _f("fp32", "transfer encoding of Z and g", choices=ENCODINGS)
     max_train: int | None = _f(400, "training examples per client")
