@@ -21,7 +21,9 @@ def test_flexpsfl_on_vader_learns(tmp_path):
     assert rows[-1]["global_acc"] >= 0.70, rows
     assert rows[-1]["personal_acc"] >= 0.70, rows
     assert rows[-1]["generalization_acc"] >= 0.70, rows
-    assert rows[-1]["global_acc"] > rows[0]["global_acc"] or rows[0]["global_acc"] >= 0.75
+    # and rises with the rounds: a later round beats the first (trained 15 steps) by >= 6 of the
+    # 120 test examples (measured: 0.66 after round 0, 0.82 and 0.80 after rounds 1 and 2)
+    assert max(r["global_acc"] for r in rows[1:]) >= rows[0]["global_acc"] + 0.05, rows
     # both clients trained every round and reported their phases
     for r in rows:
         assert set(r["clients"]) == {"c0", "c1"}
