@@ -18,11 +18,10 @@ import json
 import logging
 import os
 import pathlib
-import tarfile
-import tempfile
 from typing import Any
 
 from flexsfl.core.errors import BundleError
+from flexsfl.core.extract import extract_tar
 from flexsfl.core.targets import TargetProfile
 
 __all__ = [
@@ -385,38 +384,12 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _extract_tar(path: pathlib.Path, cache: pathlib.Path | None) -> pathlib.Path:
-    digest = sha256_file(path)
-    base = cache or pathlib.Path(tempfile.gettempdir()) / "flexsfl-bundles"
-    dest = base / digest[:16]
-    if (dest / MANIFEST_NAME).exists():
-        return dest
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".extract-", dir=_mkdir(base)))
-    try:
-        with tarfile.open(path, "r:gz") as tar:
-            # filter="data" refuses absolute paths, links out of the tree and device files.
-            tar.extractall(tmp, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise BundleError(f"{path}: not a readable .tar.gz bundle ({e}); re-create it with `flexsfl export --tar`") from None
-    entries = [p for p in tmp.iterdir()]
-    root = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp
-    try:
-        # A directory rename (atomic): the extracted bundle appears whole or not at all.
-        os.replace(root, dest)
-    except OSError:  # another process extracted the same tarball first; theirs is identical
-        pass
-    return dest
-
-
-def _mkdir(p: pathlib.Path) -> pathlib.Path:
-    p.mkdir(parents=True, exist_ok=True)
-    return p
-
-
 def load_bundle(path: str | os.PathLike, *, cache: str | os.PathLike | None = None) -> Bundle:
     """Open and verify a bundle directory or ``.tar.gz``.
 
-    Checks the schema version, that every file the manifest lists exists with its sha256, that
+    A ``.tar.gz`` is unpacked into a private cache by :func:`~flexsfl.core.extract.extract_tar`
+    (``cache``: its directory). Checks the schema version, that every file the manifest lists
+    exists as a plain file (no symbolic links) with its sha256, that
     every artifact, the tokenizer and the adapter are among them, and that no path escapes the
     bundle. Raises :class:`BundleError` naming the first file at fault.
     """
@@ -424,7 +397,7 @@ def load_bundle(path: str | os.PathLike, *, cache: str | os.PathLike | None = No
     if not path.exists():
         raise BundleError(f"{path}: no such bundle; export one with `flexsfl export`")
     if path.is_file():
-        root = _extract_tar(path, pathlib.Path(cache) if cache else None)
+        root = extract_tar(path, sha256_file(path), cache)
     else:
         root = path
     mpath = root / MANIFEST_NAME
@@ -437,8 +410,12 @@ def load_bundle(path: str | os.PathLike, *, cache: str | os.PathLike | None = No
         raise BundleError(f"{mpath}: not valid JSON ({e.__class__.__name__} at byte {getattr(e, 'pos', '?')}); the bundle is damaged") from None
     manifest = Manifest.from_json(data)
 
+    real_root = root.resolve()
     for rel, digest in manifest.files.items():
         f = root / _safe_relpath(rel)
+        if f.is_symlink() or (f.exists() and not f.resolve().is_relative_to(real_root)):
+            # A link could point anywhere (a file of the user's, a device): bundles hold plain files only.
+            raise BundleError(f"{f}: is a symbolic link (or under one); a bundle holds plain files only, copy or export it again")
         if not f.is_file():
             raise BundleError(f"{f}: listed in the manifest but missing; the bundle is incomplete, copy it again")
         if sha256_file(f) != digest:

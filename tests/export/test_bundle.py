@@ -123,6 +123,30 @@ def test_tarball_round_trip_and_cli_verify(exported, tmp_path, capsys):
     assert "bad.tar.gz" in err and len(err.strip().splitlines()) == 1
 
 
+def test_symlink_in_a_directory_bundle_is_refused(exported, tmp_path):
+    """A listed file that is a link (here to a file outside with the same bytes) is refused, naming it."""
+    copy = tmp_path / "copy"
+    shutil.copytree(exported, copy)
+    rel = json.loads((copy / MANIFEST_NAME).read_text())["tokenizer"]
+    outside = tmp_path / "outside"
+    shutil.copy(copy / rel, outside)
+    (copy / rel).unlink()
+    (copy / rel).symlink_to(outside)
+    with pytest.raises(BundleError, match="symbolic link") as e:
+        load_bundle(copy)
+    assert rel in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+def test_planted_extraction_is_replaced_by_the_tarball(exported, tmp_path):
+    tar = exported.with_name(exported.name + ".tar.gz")
+    cache = tmp_path / "cache"
+    b = load_bundle(tar, cache=cache)
+    man = b.root / MANIFEST_NAME
+    man.write_text(man.read_text().replace('"split": 2', '"split": 1'))  # someone edits the cached copy
+    again = load_bundle(tar, cache=cache)
+    assert again.root == b.root and again.manifest.split == 2 and again.manifest_sha256 == load_bundle(exported).manifest_sha256
+
+
 def test_programs_in_the_bundle_train(exported):
     """The bundle's own artifacts, through the backends, give the head's exact gradients."""
     from flexsfl.edge_runtime.backends import open_backend
