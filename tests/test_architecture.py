@@ -119,3 +119,10 @@ def test_no_comment_points_outside_the_repository():
         for i, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
             hits += [f"{rel}:{i}: {name}" for name in OUTSIDE if name in line]
     assert not hits, hits
+
+
+def test_the_architecture_doc_names_every_package():
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    missing = [p for p in packages if p != "flexsfl" and f"`{p}`" not in doc and f"`{p.rsplit('.', 1)[1]}/`" not in doc]
+    assert not missing, f"docs/architecture.md does not say what {missing} hold; add a line per package"
