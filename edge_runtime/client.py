@@ -2,7 +2,7 @@
 
 ``flexsfl edge run`` (:mod:`flexsfl.cli.edge`) takes its settings from flags or from ``--config FILE`` (JSON written by
 ``flexsfl flash``: ``server``, ``client_id``, ``token_file``, ``bundle``, ``data``, and optionally
-``test_data``, ``backend``, ``threads``, ``state_dir``); flags win over the file.
+``test_data``, ``backend``, ``threads``, ``state_dir``, ``ca_file``); flags win over the file.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ __all__ = ["CONFIG_KEYS", "TrainerFactory", "edge_settings", "run_edge"]
 log = logging.getLogger("flexsfl.edge")
 
 CONFIG_KEYS = {"server", "client_id", "token_file", "token", "bundle", "data", "test_data", "backend", "threads",
-                "state_dir", "encodings", "max_retries", "seed", "full_model", "profile"}
+                "state_dir", "encodings", "max_retries", "seed", "full_model", "profile", "ca_file"}
 
 
 def edge_settings(args: argparse.Namespace) -> dict:
@@ -47,7 +47,7 @@ def edge_settings(args: argparse.Namespace) -> dict:
         if unknown:
             raise ConfigError(f"{path}: unknown keys {unknown}; allowed: {sorted(CONFIG_KEYS)}")
         base = path.parent
-        for k in ("token_file", "bundle", "data", "test_data", "state_dir", "profile"):
+        for k in ("token_file", "bundle", "data", "test_data", "state_dir", "profile", "ca_file"):
             if isinstance(cfg.get(k), str):
                 cfg[k] = str((base / cfg[k]).expanduser()) if not os.path.isabs(cfg[k]) else cfg[k]
     for k in CONFIG_KEYS:
@@ -106,7 +106,7 @@ def run_edge(cfg: dict, *, make_trainer: TrainerFactory | None = None) -> int:
         profile = {"backend": backend_name, "arch": m.target.arch, "target": m.target.name}
     opts = ClientOptions(
         server=cfg["server"], client_id=cfg["client_id"], token=_token(cfg), profile=profile,
-        max_retries=int(cfg.get("max_retries") or 0),
+        max_retries=int(cfg.get("max_retries") or 0), ca_file=cfg.get("ca_file"),
         **({"encodings": tuple(encodings)} if encodings else {}),
     )
     report = asyncio.run(run_client(trainer, opts))

@@ -294,11 +294,25 @@ class HeadTrainer:
         path, meta_path = self.state_dir / _STATE_FILE, self.state_dir / _META_FILE
         if not (path.exists() and meta_path.exists()):
             return
-        meta = json.loads(meta_path.read_text())
+        todo = f"move {self.state_dir} aside to start this device's personal head afresh"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{meta_path}: unreadable personal state ({type(e).__name__}: {e}); {todo}") from None
+        if not isinstance(meta, dict) or not all(type(meta.get(k)) is int and meta[k] >= -1
+                                                 for k in ("epoch", "position", "last_round")):
+            raise ConfigError(f"{meta_path}: personal state metadata lacks integer epoch/position/last_round; {todo}")
         if meta.get("layout_hash") != self.bundle.manifest.layout_hash:
             log.warning("%s holds a personal head for another bundle layout; starting fresh", self.state_dir)
             return
-        tensors = load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError, OSError, ValueError
+            raise ConfigError(f"{path}: unreadable personal state ({e}); {todo}") from None
+        bad = sorted(k for k, v in tensors.items() if not np.isfinite(v).all())
+        if bad or not any(k.startswith("theta/") for k in tensors):
+            what = f"non-finite values in {bad[0]}" if bad else "no theta/ tensors"
+            raise ConfigError(f"{path}: personal state has {what}; {todo}")
         self.backend.set_params({k[6:]: v for k, v in tensors.items() if k.startswith("theta/")})
         phi = {k[4:]: v for k, v in tensors.items() if k.startswith("phi/")}
         self.phi = phi or None

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import random
 import ssl
 import time
+import urllib.parse
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from flexsfl.core.errors import AuthError, ConfigError, ErrorCode, FlexSFLError, OrderError, ProtocolError
 from flexsfl.edge_runtime.trainer import HeadTrainer, RoundSettings, Trainer
 from flexsfl.core.wire import (
+    CLIENT_ID_RE,
     ENCODINGS,
     Activations,
     Adapters,
@@ -68,6 +71,11 @@ class ClientOptions:
     def __post_init__(self) -> None:
         if not self.server.startswith(("ws://", "wss://")):
             raise ConfigError(f"server URL {self.server!r} must start with ws:// or wss://")
+        if not CLIENT_ID_RE.fullmatch(self.client_id):
+            raise ConfigError(f"client id {self.client_id!r} is invalid: use 1-128 letters, digits, '.', '_' or '-' "
+                              "(starting with a letter or digit)")
+        if self.ca_file is not None and not self.server.startswith("wss://"):
+            raise ConfigError(f"--ca-file is for wss:// servers; {self.server!r} is not TLS")
         bad = [e for e in self.encodings if e not in ENCODINGS]
         if bad or not self.encodings:
             raise ConfigError(f"encodings {bad} not supported; choose from {', '.join(ENCODINGS)}")
@@ -111,17 +119,18 @@ async def run_client(trainer: Trainer, opts: ClientOptions, *, stop: asyncio.Eve
     report = ClientReport()
     m = trainer.bundle.manifest
     limits = Limits(max_frame_bytes=_frame_limit(trainer))
-    ssl_ctx = None
-    if opts.server.startswith("wss://"):
-        ssl_ctx = ssl.create_default_context(cafile=opts.ca_file)
+    ssl_ctx = _ssl_context(opts)
+    # Build Hello before connecting: a field the wire refuses is this device's own configuration
+    # error, fatal here, never a network failure to retry.
+    hello = Hello(client_id=opts.client_id, token=opts.token, layout_hash=m.layout_hash, split=m.split,
+                  backend=trainer.backend_name, encodings=opts.encodings, profile=opts.profile)
     failures = 0
     while True:
         try:
             async with connect(opts.server, compression=None, max_size=limits.max_frame_bytes, ssl=ssl_ctx,
                                open_timeout=opts.open_timeout, ping_interval=20, ping_timeout=60) as ws:
                 link = _Link(ws, Connection(Role.CLIENT, limits), report)
-                await link.send(Hello(client_id=opts.client_id, token=opts.token, layout_hash=m.layout_hash, split=m.split,
-                                      backend=trainer.backend_name, encodings=opts.encodings, profile=opts.profile))
+                await link.send(hello)
                 welcome = await link.recv()
                 if not isinstance(welcome, Welcome):
                     raise OrderError(f"expected Welcome, got {type(welcome).__name__}")
@@ -146,6 +155,29 @@ async def run_client(trainer: Trainer, opts: ClientOptions, *, stop: asyncio.Eve
             if stop is not None and stop.is_set():
                 return report
             await asyncio.sleep(delay)
+
+
+def _ssl_context(opts: ClientOptions) -> ssl.SSLContext | None:
+    """TLS for wss:// (``ca_file``: a private CA); None for ws://, with a warning off loopback."""
+    host = urllib.parse.urlsplit(opts.server).hostname or ""
+    if opts.server.startswith("ws://"):
+        if not _is_loopback(host):
+            log.warning("%s is plain ws:// to a non-loopback host: the token and the activations travel in clear; "
+                        "serve with --tls-cert/--tls-key and use wss://", opts.server)
+        return None
+    try:
+        return ssl.create_default_context(cafile=opts.ca_file)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"--ca-file {opts.ca_file}: cannot load the CA certificates ({e}); give a PEM file") from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _why(e: BaseException) -> str:

@@ -93,6 +93,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--config", help="JSON settings (written by `flexsfl flash`); flags override it")
     r.add_argument("--bundle", help="bundle directory or .tar.gz")
     r.add_argument("--server", help="ws://host:port or wss://host:port")
+    r.add_argument("--ca-file", dest="ca_file", metavar="PEM",
+                   help="CA certificates (PEM) that signed the server's certificate, for wss:// with a private CA")
     r.add_argument("--data", help="local training data: CSV or JSONL with text,label")
     r.add_argument("--test-data", dest="test_data", help="local test data for personalized accuracy")
     r.add_argument("--client-id", dest="client_id")

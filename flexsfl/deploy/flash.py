@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 from flexsfl.core.bundle import Manifest, load_bundle, sha256_file
 from flexsfl.core.errors import ConfigError, FlashError
+from flexsfl.core.wire import CLIENT_ID_RE
 from flexsfl.deploy import flash_remote
 from flexsfl.deploy.checks import check_device, check_disk, venv_disk_mb
 from flexsfl.deploy.service import UNIT_NAME, follow_logs, render_unit
@@ -62,8 +63,10 @@ class ClientSettings:
     def __post_init__(self) -> None:
         if self.server is not None and not re.fullmatch(r"wss?://\S+", self.server):
             raise ConfigError(f"--server {self.server!r}: give the server's ws:// or wss:// URL")
-        if self.client_id is not None and not re.fullmatch(r"[^\s\x00-\x1f]+", self.client_id):
-            raise ConfigError(f"--client-id {self.client_id!r}: must be non-empty, without spaces")
+        if self.client_id is not None and not CLIENT_ID_RE.fullmatch(self.client_id):
+            # The wire's rule: an id the server would refuse in Hello is refused here, before flashing.
+            raise ConfigError(f"--client-id {self.client_id!r}: use 1-128 letters, digits, '.', '_' or '-' "
+                              "(starting with a letter or digit)")
         if self.data is not None and not SAFE_PATH.fullmatch(self.data):
             raise ConfigError(f"--data {self.data!r}: the path may only hold letters, digits and ._/~+@-")
         if self.backend is not None and self.backend not in EXTRAS:

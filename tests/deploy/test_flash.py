@@ -82,6 +82,10 @@ def test_client_settings_refuse_bad_values(tmp_path):
         ClientSettings(server="http://x")
     with pytest.raises(ConfigError, match="--backend"):
         ClientSettings(backend="tflite")
+    for bad in ("x;y", "a b", "-lead", "x" * 129, "$(id)"):
+        with pytest.raises(ConfigError, match="--client-id"):  # the wire's rule: Hello would refuse it
+            ClientSettings(client_id=bad)
+    assert ClientSettings(client_id="pi-7.kitchen_2").client_id == "pi-7.kitchen_2"
     empty = tmp_path / "t"
     empty.write_text("\n")
     with pytest.raises(ConfigError, match="one line"):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from flexsfl.core.bundle import load_bundle
+from flexsfl.core.errors import ConfigError
 from flexsfl.edge_runtime.backends import open_backend
 from flexsfl.edge_runtime.data import Example
 from flexsfl.edge_runtime.trainer import HeadTrainer, RoundSettings
@@ -60,3 +61,33 @@ def test_a_failed_save_keeps_the_previous_state_and_its_sidecar(bundle, tmp_path
     # neither file changed: the sidecar is never written ahead of its data, and no temporary is left
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     assert _trainer(bundle, tmp_path).last_round == 0
+
+
+@pytest.mark.parametrize("damage, what", [
+    (lambda d: (d / "personal.json").write_text('{"layout_hash": "x", "epo'), "personal.json: unreadable personal state"),
+    (lambda d: (d / "personal.json").write_text('{"epoch": "0", "position": 0, "last_round": 0}'), "lacks integer"),
+    (lambda d: (d / "personal.safetensors").write_bytes((d / "personal.safetensors").read_bytes()[:100]),
+     "personal.safetensors: unreadable personal state"),
+])
+def test_a_corrupt_personal_state_is_refused_in_one_line(bundle, tmp_path, damage, what):
+    t = _trainer(bundle, tmp_path)
+    _one_round(t, 0)
+    damage(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ConfigError, match=what) as e:
+        _trainer(bundle, tmp_path)
+    assert len(str(e.value).splitlines()) == 1 and "move" in str(e.value)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # never overwritten
+
+
+def test_a_personal_state_with_nan_is_refused(bundle, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    t = _trainer(bundle, tmp_path)
+    _one_round(t, 0)
+    tensors = load_file(str(tmp_path / "personal.safetensors"))
+    first = sorted(k for k in tensors if k.startswith("theta/"))[0]
+    tensors[first] = np.full_like(tensors[first], np.nan)
+    save_file(tensors, str(tmp_path / "personal.safetensors"))
+    with pytest.raises(ConfigError, match=f"non-finite values in {first}"):
+        _trainer(bundle, tmp_path)

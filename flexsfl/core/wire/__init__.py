@@ -8,6 +8,7 @@ Pure functions over bytes and numpy; no sockets, no asyncio, and never torch.
 """
 
 from flexsfl.core.wire.messages import (
+    CLIENT_ID_RE,
     MAGIC,
     PROTOCOL_VERSION,
     Activations,
@@ -33,6 +34,7 @@ from flexsfl.core.wire.tensors import DEFAULT_LIMITS, DTYPES, ENCODINGS, Limits,
 __all__ = [
     "PROTOCOL_VERSION",
     "MAGIC",
+    "CLIENT_ID_RE",
     "MessageKind",
     "Message",
     "Hello",

@@ -46,6 +46,7 @@ from flexsfl.core.wire.tensors import DEFAULT_LIMITS, ENCODINGS, Limits, TensorH
 __all__ = [
     "PROTOCOL_VERSION",
     "MAGIC",
+    "CLIENT_ID_RE",
     "MessageKind",
     "RoundMode",
     "Message",
@@ -70,6 +71,7 @@ _PREFIX = struct.Struct("<4sBBHI")  # magic, version, kind, flags, header_len
 _ALIGN = 8
 _INT_MAX = (1 << 63) - 1  # ids and counts must fit an int64 (SQLite, numpy) on every peer
 _IDENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+CLIENT_ID_RE = _IDENT  # Hello.client_id (fullmatch): flash and the device check an id with it before any connection
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
