@@ -51,6 +51,12 @@ def _assert_state(host, want: dict[str, np.ndarray]) -> None:
         np.testing.assert_allclose(got[n], want[n], rtol=1e-6, atol=1e-7, err_msg=n)
 
 
+def _assert_same(got, want):
+    assert got is not None and set(got) == set(want)
+    for n in want:
+        np.testing.assert_array_equal(got[n], want[n])
+
+
 def layerwise_reference(phi, blocks, uploads):
     """φ^j <- (Σ_{k: j<s_k} n_k θ_k^j + (Σ_{k: j>=s_k} n_k) φ^j) / Σ_k n_k; φ^j as it was if no head holds j."""
     out = {}
@@ -116,12 +122,6 @@ def test_local_only_sends_the_pretrained_model_once_per_client(host):
     assert s.plan(1, "a", 2, host).adapters is None  # nothing is shared after the start
     _assert_same(s.plan(1, "b", 2, host).adapters, host.state())  # a newcomer starts from the same model
     assert s.plan(2, "b", 2, host).adapters is None
-
-
-def _assert_same(got, want):
-    assert got is not None and set(got) == set(want)
-    for n in want:
-        np.testing.assert_array_equal(got[n], want[n])
 
 
 # --- what aggregation does to φ ----------------------------------------------------------------
