@@ -237,9 +237,13 @@ def _build(root: pathlib.Path, recipe: dict, log: Callable[[str], None]) -> None
     """debootstrap + certificates + openssh-server + the edge venv into ``root`` (a fresh folder)."""
     t0 = time.monotonic()
     log(f"debootstrap {recipe['suite']} ({recipe['mirror']}) into {root}: 5-15 minutes")
-    subprocess.run(["debootstrap", f"--arch={recipe['arch']}", f"--variant={recipe['variant']}",
-                    f"--include={','.join(recipe['include'])}", recipe["suite"], str(root), recipe["mirror"]],
-                   check=True, capture_output=True)
+    boot = subprocess.run(["debootstrap", f"--arch={recipe['arch']}", f"--variant={recipe['variant']}",
+                           f"--include={','.join(recipe['include'])}", recipe["suite"], str(root), recipe["mirror"]],
+                          capture_output=True, text=True)
+    if boot.returncode != 0:
+        stop_all(root)  # debootstrap mounts proc and sys in the root itself
+        raise RuntimeError(f"debootstrap failed ({boot.returncode}; see {root}/debootstrap/debootstrap.log): "
+                           f"{(boot.stdout + boot.stderr).strip().splitlines()[-1:]}")
     # The host's extra CA certificates (a TLS-inspecting proxy), or pip fails CERTIFICATE_VERIFY_FAILED.
     extra = root / "usr" / "local" / "share" / "ca-certificates"
     extra.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from flexsfl.core.bundle import MANIFEST_NAME, load_bundle
+from flexsfl.core.errors import FlashError
 from flexsfl.core.targets import TARGETS
 from flexsfl.deploy.flash import ClientSettings, flash, rollback
 from flexsfl.deploy.ssh import Remote
@@ -121,6 +122,21 @@ def test_flashed_runtime_completes_a_training_round_against_the_host_server(arm6
     rounds = events(tmp_path / "state", "round")
     assert rounds[0]["clients"] == ["pi-4"] and rounds[0]["steps"] == 2
     assert (here / "state" / "personal.safetensors").exists()
+
+
+def test_a_bundle_for_another_architecture_is_refused_before_copying(arm64_device, minilm_bundle, tmp_path):
+    name = f"flexsfl-{secrets.token_hex(3)}"
+    other = tmp_path / "x86"
+    shutil.copytree(minilm_bundle, other)
+    manifest = json.loads((other / MANIFEST_NAME).read_text())
+    manifest["target"] = TARGETS["generic-x86_64"].to_json()
+    (other / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    with pytest.raises(FlashError, match="the device is aarch64 but the bundle is built for x86_64") as err:
+        flash(other, remote(arm64_device, name), install=False)
+    assert "\n" not in str(err.value)
+    here = arm64_device.root / "root" / name
+    assert not here.exists() or not any(here.rglob("*.onnx"))  # nothing was copied
+    shutil.rmtree(here, ignore_errors=True)
 
 
 def test_rollback_switches_to_the_previous_bundle_and_back(arm64_device, flashed, minilm_bundle, tmp_path):
