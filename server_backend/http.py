@@ -21,7 +21,10 @@ compared in constant time; anything else gets 401 and a one-line body, nothing m
 token file these paths answer loopback peers only (403 for others). Nothing served contains a
 client token: the status is built from metrics events, which never hold one.
 
-Each answer closes its connection (websockets speaks HTTP/1.1 only for the handshake).
+Each answer closes its connection (websockets speaks HTTP/1.1 only for the handshake). The
+bodies of ``/metrics`` and ``/api/status`` are built at most once per :data:`CACHE_SECONDS` and
+shared by every request in between, so a flood of them (many open pages, an eager scraper) costs
+the event loop that moves the clients' tensors little more than the HTTP exchange itself.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import ipaddress
 import json
 import logging
 import math
+import time
 from typing import TYPE_CHECKING, Any
 
 from websockets.datastructures import Headers
@@ -49,11 +53,12 @@ if TYPE_CHECKING:
 
     from flexsfl.server_backend.server import FlexServer, Session
 
-__all__ = ["StatusEndpoints", "PAGE"]
+__all__ = ["StatusEndpoints", "PAGE", "CACHE_SECONDS"]
 
 log = logging.getLogger("flexsfl.server.http")
 
 PAGE = "status_page.html"  # package data beside this module
+CACHE_SECONDS = 1.0  # the page polls every 2 s; Prometheus scrapes every 15 s or so
 _PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
              "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
@@ -88,6 +93,7 @@ class StatusEndpoints:
         self.telemetry = Telemetry(self.fleet, live=self._live, queue_depth=server.worker.queue_depth)
         self._admin = admin_token.encode() if admin_token else None
         self._page = importlib.resources.files("flexsfl.server_backend").joinpath(PAGE).read_bytes()
+        self._cache: dict[str, tuple[float, bytes]] = {}  # path -> (monotonic time built, body)
         server.state.listeners.append(self._observe)
 
     # -- hooks the server calls -----------------------------------------------------------------
@@ -133,13 +139,21 @@ class StatusEndpoints:
         if path == "/readyz":
             return _response(200, b"ready\n") if self.server.ready.is_set() else _response(503, b"starting\n")
         if path == "/metrics":
-            return _response(200, self.telemetry.exposition(), CONTENT_TYPE)
+            return _response(200, self._cached(path, self.telemetry.exposition), CONTENT_TYPE)
         if path == "/api/status":
-            body = json.dumps(_finite(self.status()), separators=(",", ":"), allow_nan=False).encode()
+            body = self._cached(path, lambda: json.dumps(_finite(self.status()), separators=(",", ":"),
+                                                         allow_nan=False).encode())
             return _response(200, body, "application/json")
         if path in ("/", "/index.html"):
             return _response(200, self._page, "text/html; charset=utf-8", {"Content-Security-Policy": _PAGE_CSP})
         return _response(404, b"not found: try /, /api/status, /metrics, /healthz or /readyz\n")
+
+    def _cached(self, path: str, build) -> bytes:
+        now = time.monotonic()
+        hit = self._cache.get(path)
+        if hit is None or now - hit[0] >= CACHE_SECONDS:
+            hit = self._cache[path] = (now, build())
+        return hit[1]
 
     def _deny(self, connection: "ServerConnection", request: Request) -> Response | None:
         if self._admin is None:
