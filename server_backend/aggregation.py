@@ -19,7 +19,13 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["ClientUpdate", "weighted_mean", "layerwise_fedavg", "fedavg"]
+__all__ = ["ClientUpdate", "AGGREGATIONS", "weighted_mean", "coordinate_median", "trimmed_mean", "combine",
+           "layerwise_fedavg", "fedavg"]
+
+# How the arrays of one tensor are combined. "mean" weighs by samples; the robust rules do not
+# (a sample count is the client's claim) and bound what a minority of bad uploads can move.
+AGGREGATIONS = ("mean", "median", "trimmed-mean")
+TRIM = 0.2  # trimmed-mean: drop this fraction of values at each end, per coordinate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,16 +50,41 @@ def weighted_mean(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.
     return (acc / total).astype(np.float32)
 
 
+def coordinate_median(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """The per-coordinate median (float64 inside, float32 out): robust to fewer than half bad arrays."""
+    return np.median(np.stack([np.asarray(a, np.float64) for a in arrays]), axis=0).astype(np.float32)
+
+
+def trimmed_mean(arrays: Sequence[np.ndarray], trim: float = TRIM) -> np.ndarray:
+    """Per coordinate, the mean after dropping the ``floor(trim * n)`` lowest and highest values."""
+    x = np.sort(np.stack([np.asarray(a, np.float64) for a in arrays]), axis=0)
+    k = int(trim * len(arrays))
+    return x[k : len(arrays) - k].mean(axis=0).astype(np.float32)
+
+
+def combine(arrays: Sequence[np.ndarray], weights: Sequence[float], rule: str = "mean") -> np.ndarray:
+    """One tensor from several by ``rule`` (one of :data:`AGGREGATIONS`); only "mean" uses the weights."""
+    if rule == "mean":
+        return weighted_mean(arrays, weights)
+    if rule == "median":
+        return coordinate_median(arrays)
+    if rule == "trimmed-mean":
+        return trimmed_mean(arrays)
+    raise ValueError(f"aggregation {rule!r} is not one of {', '.join(AGGREGATIONS)}")
+
+
 def layerwise_fedavg(
     global_params: Mapping[str, np.ndarray],
     blocks: Mapping[str, int],
     updates: Sequence[ClientUpdate],
+    rule: str = "mean",
 ) -> dict[str, np.ndarray]:
     """New global adapters after one FlexP-SFL round.
 
     ``global_params``: the server's φ after this round's tail training (canonical name -> array);
     ``blocks``: canonical name -> 0-based block (the task head maps to L); ``updates``: one per
-    client that finished the round. Returns a new dict; inputs are not modified.
+    client that finished the round; ``rule``: how each tensor's arrays are combined (the server's
+    φ^j counts as one more array). Returns a new dict; inputs are not modified.
     """
     out = dict(global_params)
     if not updates:
@@ -73,11 +104,11 @@ def layerwise_fedavg(
         if server_weight:
             arrays.append(phi)
             weights.append(server_weight)
-        out[name] = weighted_mean(arrays, weights)
+        out[name] = combine(arrays, weights, rule)
     return out
 
 
-def fedavg(updates: Sequence[tuple[Mapping[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
-    """Plain FedAvg: the sample-weighted mean of every tensor all clients uploaded."""
+def fedavg(updates: Sequence[tuple[Mapping[str, np.ndarray], int]], rule: str = "mean") -> dict[str, np.ndarray]:
+    """Plain FedAvg: every tensor all clients uploaded, combined by ``rule`` (default: sample-weighted mean)."""
     names = updates[0][0].keys()
-    return {n: weighted_mean([p[n] for p, _ in updates], [k for _, k in updates]) for n in names}
+    return {n: combine([p[n] for p, _ in updates], [k for _, k in updates], rule) for n in names}

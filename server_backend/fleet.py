@@ -113,8 +113,9 @@ class Fleet:
         rec.server_s_round += float(f.get("server_ms", 0.0)) / 1e3
         rec.loss = float(f["loss"])
 
-    def _on_client_metrics(self, f: Mapping[str, Any]) -> None:
-        rec = self._client(f["client"])
+    def _on_client_metrics(self, row: Mapping[str, Any]) -> None:
+        rec = self._client(row["client"])
+        f = {**row.get("metrics", {}), "round": row["round"]}  # what the client reported, nested under "metrics"
         if "personal_acc" in f:
             rec.personal_acc = float(f["personal_acc"])
         if "perplexity" in f:

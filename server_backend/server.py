@@ -52,8 +52,19 @@ from flexsfl.core.wire import (
 )
 
 from flexsfl.server_backend.aggregation import ClientUpdate
-from flexsfl.server_backend.clients import ClientRegistry
+from flexsfl.server_backend.clients import ClientRegistry, hash_token
 from flexsfl.server_backend.compute import ComputeWorker
+from flexsfl.server_backend.guards import (
+    HELLO_MAX_BYTES,
+    MAX_CONNECTIONS,
+    MAX_UNAUTHENTICATED,
+    STEP_TIMEOUT,
+    UPLOAD_NORM_FACTOR,
+    RateLimit,
+    RoundLedger,
+    check_upload_norms,
+    reference_norms,
+)
 from flexsfl.server_backend.http import StatusEndpoints
 from flexsfl.server_backend.state import ServerState
 from flexsfl.server_backend.strategy import Strategy
@@ -78,6 +89,13 @@ class ServerConfig:
     exit_when_done: bool = True  # after the last round, say Bye to everyone and return
     admin_token_file: str | None = None  # operator token for the HTTP status endpoints; None: loopback peers only
     linger: float = 0.0  # seconds to keep serving /metrics and the status page after the last round
+    # Limits on what one connection, registered or not, can cost (docs/security.md).
+    max_connections: int = MAX_CONNECTIONS  # open websocket connections; more are closed at once with 1013
+    max_unauthenticated: int = MAX_UNAUTHENTICATED  # of them, connections that have not been welcomed yet
+    hello_max_bytes: int = HELLO_MAX_BYTES  # the largest frame before Welcome (checked from the frame header)
+    step_timeout: float = STEP_TIMEOUT  # seconds a client in a round may stay silent before it is dropped
+    upload_norm_factor: float = UPLOAD_NORM_FACTOR  # per-tensor upload norm <= this x the global adapter's; 0 = off
+    refusal_log_per_s: float = 5.0  # refusals logged per second at most (the rest are counted)
 
     def __post_init__(self) -> None:
         bad = [e for e in self.encodings if e not in ENCODINGS]
@@ -85,6 +103,11 @@ class ServerConfig:
             raise ConfigError(f"encodings {bad or '[]'} not supported; choose from {', '.join(ENCODINGS)}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("give both --tls-cert and --tls-key to serve wss://")
+        for name in ("max_connections", "max_unauthenticated", "hello_max_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.step_timeout > 0:
+            raise ConfigError(f"--step-timeout must be > 0 seconds, got {self.step_timeout}")
 
 
 def frame_limit(host: TailHost, max_batch: int, max_seq: int) -> int:
@@ -109,6 +132,10 @@ class Session:
     bytes_in: int = 0
     bytes_out: int = 0
     steps: int = 0
+    token_sha256: str = ""  # the token it authenticated with: a rotation or revocation ends the session
+    last_heard: float = dataclasses.field(default_factory=time.monotonic)  # last frame in or out
+    in_step: bool = False  # the server is computing its step (its silence is not its fault)
+    ledger: RoundLedger | None = None  # what the server served it this round (guards.py)
     upload: asyncio.Future | None = None  # the round's Upload, set by the round loop
     metrics: asyncio.Future | None = None  # the round's Metrics (sent after the client's evaluation)
     _send_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
@@ -118,6 +145,7 @@ class Session:
             data = self.conn.send(msg)
             await self.ws.send(data)
             self.bytes_out += len(data)
+            self.last_heard = time.monotonic()
 
 
 class FlexServer:
@@ -144,12 +172,17 @@ class FlexServer:
         # returns is logged as the round's "eval" event. Its time is not counted as round time.
         self.on_round_end = on_round_end
         admin = read_admin_token(config.admin_token_file) if config.admin_token_file else None
+        self._connections: set[ServerConnection] = set()
+        self._unwelcomed: set[ServerConnection] = set()
+        self._refusals = RateLimit(config.refusal_log_per_s)
+        self._closing: set[asyncio.Task] = set()  # closes of dropped clients, in the background
         self.status = StatusEndpoints(self, admin_token=admin)  # /healthz, /metrics, the status page (http.py)
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def serve(self) -> None:
         """Listen, run the strategy's rounds, return when they are done (or run until cancelled)."""
-        resumed = await asyncio.to_thread(self.state.load_global)
+        specs = {n: tuple(p.shape) for n, p in self.host.params.items()}
+        resumed = await asyncio.to_thread(self.state.load_global, specs)
         if resumed is not None:
             last, tensors = resumed
             self.host.load_state(tensors)
@@ -167,7 +200,7 @@ class FlexServer:
                 self.config.port,
                 ssl=ssl_ctx,
                 compression=None,  # deflate on float tensors costs ~50x time for ~nothing
-                max_size=self.limits.max_frame_bytes,
+                max_size=self.config.hello_max_bytes,  # raised to the frame limit at Welcome
                 ping_interval=20,
                 ping_timeout=60,
                 process_request=self.status.process_request,  # plain HTTP on the same port
@@ -190,6 +223,29 @@ class FlexServer:
 
     # -- connections ---------------------------------------------------------------------------
     async def _handle(self, ws: ServerConnection) -> None:
+        cfg = self.config
+        if len(self._connections) >= cfg.max_connections or len(self._unwelcomed) >= cfg.max_unauthenticated:
+            self.refused += 1
+            self._log_refusal(f"{ws.remote_address}", "BUSY", "too many connections (--max-connections)")
+            await ws.close(1013, "too many connections; retry later")
+            return
+        self._connections.add(ws)
+        self._unwelcomed.add(ws)
+        try:
+            await self._session(ws)
+        finally:
+            self._connections.discard(ws)
+            self._unwelcomed.discard(ws)
+
+    def _log_refusal(self, who: str, code: str, message: str) -> None:
+        """Log a refusal, at most ``refusal_log_per_s`` a second; the rest are counted in the next line."""
+        if not self._refusals.allow():
+            return
+        more = self._refusals.take_suppressed()
+        log.warning("refused %s: %s%s", who, message, f" ({more} more refusals not logged)" if more else "")
+        self.state.log("refused", client=who, code=code, message=message, **({"suppressed": more} if more else {}))
+
+    async def _session(self, ws: ServerConnection) -> None:
         conn = Connection(Role.SERVER, self.limits)
         session: Session | None = None
         peer = ws.remote_address
@@ -208,6 +264,10 @@ class FlexServer:
                 if isinstance(data, str):
                     raise ProtocolError("text frames are not part of the protocol; send binary frames", ErrorCode.MALFORMED_FRAME)
                 session.bytes_in += len(data)
+                session.last_heard = time.monotonic()
+                if self.registry is not None and not self.registry.still_valid(session.client_id, session.token_sha256):
+                    raise AuthError(f"client {session.client_id!r} was revoked or its token rotated; "
+                                    "reconnect with the current token")
                 msg = conn.receive(data)
                 if isinstance(msg, (Bye, Error)):
                     log.info("%s left: %s", session.client_id, getattr(msg, "reason", None) or getattr(msg, "message", ""))
@@ -215,9 +275,8 @@ class FlexServer:
                 await self._dispatch(session, msg)
         except ProtocolError as e:
             who = session.client_id if session else f"{peer[0]}:{peer[1]}" if peer else "?"
-            log.warning("refused %s: %s", who, e)
             self.refused += 1
-            self.state.log("refused", client=who, code=e.code.name, message=str(e))
+            self._log_refusal(who, e.code.name, str(e))
             try:
                 data = Error.from_exception(e).serialize()
                 await ws.send(data)
@@ -269,7 +328,10 @@ class FlexServer:
         old = self.sessions.get(hello.client_id)
         if old is not None:
             await self._close(old, Bye(reason="replaced by a newer connection of the same client"), 1000)
-        session = Session(hello.client_id, hello.split, hello.backend, dict(hello.profile), conn, ws, bytes_in=nbytes)
+        session = Session(hello.client_id, hello.split, hello.backend, dict(hello.profile), conn, ws, bytes_in=nbytes,
+                          token_sha256=hash_token(hello.token))
+        ws.protocol.max_message_size = self.limits.max_frame_bytes  # welcomed: the full frame limit from now on
+        self._unwelcomed.discard(ws)
         await session.send(Welcome(
             session_id=secrets.token_hex(8),
             encoding=encoding,
@@ -291,9 +353,16 @@ class FlexServer:
             check_activations(msg, hidden_size=info.hidden_size, max_batch=self.config.max_batch,
                               max_seq=self.config.max_seq, num_labels=info.num_labels, task=info.task)
             if msg.mode == "train":
+                if s.ledger is None or s.upload is None or s.upload.done():
+                    raise OrderError(f"train step {msg.step_id}: {s.client_id} is not in a running round")
+                s.ledger.admit_step(msg.round_id, msg.step_id, int(msg.z.shape[0]))
                 t0 = time.perf_counter()
-                res = await self.worker.train(StepRequest(s.split, np.asarray(msg.z), np.asarray(msg.attention_mask),
-                                                          np.asarray(msg.labels), tag=f"{s.client_id}:{msg.round_id}:{msg.step_id}"))
+                s.in_step = True
+                try:
+                    res = await self.worker.train(StepRequest(s.split, np.asarray(msg.z), np.asarray(msg.attention_mask),
+                                                              np.asarray(msg.labels), tag=f"{s.client_id}:{msg.round_id}:{msg.step_id}"))
+                finally:
+                    s.in_step = False
                 if res.g is None:
                     raise TensorError(f"step {msg.step_id} refused: {res.error}", ErrorCode.NON_FINITE)
                 s.steps += 1
@@ -313,6 +382,16 @@ class FlexServer:
             for name, a in msg.tensors.items():
                 if not np.isfinite(a).all():
                     raise TensorError(f"Upload tensor {name!r} has non-finite values", ErrorCode.NON_FINITE)
+            if s.ledger is not None and s.ledger.round_id == msg.round_id:
+                allowed = s.ledger.allowed_samples()
+                if msg.num_samples > allowed and not s.ledger.whole_model:
+                    raise TensorError(f"Upload.num_samples {msg.num_samples} is more than the {allowed} samples this "
+                                      f"server served {s.client_id} in round {msg.round_id}; refused")
+                if msg.num_samples > allowed:  # whole model on the device: capped at τ x batch, logged
+                    log.warning("%s: Upload.num_samples %d capped at %d (local_steps x batch_size)", s.client_id,
+                                msg.num_samples, allowed)
+                    msg = dataclasses.replace(msg, num_samples=allowed)
+                check_upload_norms(msg.tensors, s.ledger.ref_norms or {}, self.config.upload_norm_factor)
             if s.upload is not None and not s.upload.done():
                 s.upload.set_result(msg)
             else:
@@ -320,7 +399,8 @@ class FlexServer:
                 log.warning("%s: late upload for round %d ignored", s.client_id, msg.round_id)
                 await s.send(RoundEnd(round_id=msg.round_id, info={"late": True}))
         elif isinstance(msg, Metrics):
-            self.state.log("client_metrics", client=s.client_id, round=msg.round_id, split=s.split, **dict(msg.metrics))
+            # Nested under one key: a client's keys can neither collide with nor forge the row's own fields.
+            self.state.log("client_metrics", client=s.client_id, round=msg.round_id, split=s.split, metrics=dict(msg.metrics))
             if s.metrics is not None and not s.metrics.done():
                 s.metrics.set_result(msg)
 
@@ -370,6 +450,9 @@ class FlexServer:
         for s in chosen:
             plan = await self.worker.call(self.strategy.plan, r, s.client_id, s.split, self.host)
             s.upload = asyncio.get_running_loop().create_future()
+            s.ledger = RoundLedger(r, plan.local_steps, plan.batch_size, whole_model=plan.mode is RoundMode.FULL,
+                                   ref_norms=reference_norms(plan.adapters) if plan.adapters is not None else None)
+            s.last_heard = time.monotonic()
             try:
                 await s.send(RoundConfig(round_id=r, local_steps=plan.local_steps, batch_size=plan.batch_size, lr=plan.lr,
                                          optimizer=plan.optimizer, align_lambda=plan.align_lambda, mode=plan.mode,
@@ -381,7 +464,7 @@ class FlexServer:
                 log.warning("round %d: could not start %s: %s", r, s.client_id, e)
         uploads: dict[str, tuple[Session, Upload]] = {}
         if started:
-            done, _ = await asyncio.wait([s.upload for s in started], timeout=cfg.round_timeout)
+            done = await self._wait_for(r, {s: s.upload for s in started}, "upload")
             for s in started:
                 if s.upload in done and s.upload.exception() is None:
                     uploads[s.client_id] = (s, s.upload.result())
@@ -417,7 +500,7 @@ class FlexServer:
         if ended:
             # Clients evaluate their personal model after RoundEnd, then report: wait, so that the
             # next RoundConfig never crosses an evaluation in flight.
-            await asyncio.wait(ended, timeout=cfg.round_timeout)
+            await self._wait_for(r, {s: s.metrics for s, _ in uploads.values() if s.metrics in ended}, "metrics")
             for f in ended:
                 if f.done() and not f.cancelled():
                     f.exception()  # retrieved: a client that left is already logged
@@ -425,6 +508,36 @@ class FlexServer:
             evals = await self.worker.call(self.on_round_end, r, updates)
             self.state.log("eval", round=r, **evals)
         log.info("round %d done in %.1f s (%d clients, %d steps)", r, summary["seconds"], len(uploads), summary["steps"])
+
+    async def _wait_for(self, r: int, waits: dict[Session, asyncio.Future], what: str) -> set[asyncio.Future]:
+        """Wait for every future, at most ``round_timeout``; a session silent for ``step_timeout`` is dropped
+        (its future fails, it leaves ``sessions`` at once, so it no longer counts toward --min-clients)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.strategy.cfg.round_timeout
+        pending = {f for f in waits.values() if not f.done()}
+        while pending and loop.time() < deadline:
+            tick = min(deadline - loop.time(), max(0.05, self.config.step_timeout / 4))
+            _, pending = await asyncio.wait(pending, timeout=tick)
+            now = time.monotonic()
+            for s, f in waits.items():
+                if not f.done() and not s.in_step and now - s.last_heard > self.config.step_timeout:
+                    self._drop(s, f"silent for {now - s.last_heard:.0f} s while the server waited for its {what} "
+                                  f"(--step-timeout {self.config.step_timeout:g})", r)
+        return {f for f in waits.values() if f.done()}
+
+    def _drop(self, s: Session, why: str, r: int) -> None:
+        log.warning("round %d: dropped %s: %s", r, s.client_id, why)
+        self.state.log("dropped", client=s.client_id, round=r, reason=why)
+        if self.sessions.get(s.client_id) is s:
+            del self.sessions[s.client_id]
+            self._changed.set()
+        for fut in (s.upload, s.metrics):
+            if fut is not None and not fut.done():
+                fut.set_exception(ConnectionError(f"{s.client_id} dropped: {why}"))
+        # 1013: try again later. A silent peer may never answer the close handshake: close in the background.
+        task = asyncio.create_task(s.ws.close(1013, "silent past the step deadline"))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def _persist(self, r: int, state: dict, uploads: dict) -> None:
         self.state.save_global(r, state)
@@ -448,3 +561,4 @@ def _lm_summary(logits: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
     out[:, 1] = keep.sum(1)
     out[:, 2] = (keep & (lg.argmax(-1) == lab)).sum(1)
     return out
+

@@ -29,7 +29,7 @@ from flexsfl.core.constants import OPTIMIZERS
 from flexsfl.core.errors import ConfigError
 from flexsfl.core.wire import RoundMode
 
-from flexsfl.server_backend.aggregation import ClientUpdate, fedavg, layerwise_fedavg
+from flexsfl.server_backend.aggregation import AGGREGATIONS, ClientUpdate, fedavg, layerwise_fedavg
 
 __all__ = ["TrainConfig", "RoundPlan", "StrategyHost", "Strategy", "FlexPSFL", "SplitFed", "FedAvg", "LocalOnly", "STRATEGIES", "make_strategy"]
 
@@ -47,6 +47,7 @@ class TrainConfig:
     optimizer: str = "sgd"  # client optimizer: sgd | adamw
     align_lambda: float = 0.0  # lambda of the alignment term
     round_timeout: float = 600.0  # seconds to wait for uploads; late clients are left out of the round
+    aggregation: str = "mean"  # how uploads combine per tensor: mean (sample-weighted) | median | trimmed-mean
     seed: int = 0  # client sampling
 
     def __post_init__(self) -> None:
@@ -58,6 +59,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"aggregation {self.aggregation!r} is not one of {', '.join(AGGREGATIONS)}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.align_lambda < 0:
@@ -141,7 +144,7 @@ class FlexPSFL(Strategy):
         return self._round_plan(host.head_params(split), self.cfg.align_lambda)
 
     def aggregate(self, round_id: int, host: StrategyHost, updates: Mapping[str, ClientUpdate]) -> None:
-        host.load_state(layerwise_fedavg(host.state(), host.blocks, list(updates.values())))
+        host.load_state(layerwise_fedavg(host.state(), host.blocks, list(updates.values()), self.cfg.aggregation))
 
 
 class SplitFed(FlexPSFL):
@@ -162,7 +165,7 @@ class FedAvg(Strategy):
 
     def aggregate(self, round_id: int, host: StrategyHost, updates: Mapping[str, ClientUpdate]) -> None:
         if updates:
-            host.load_state(fedavg([(u.params, u.num_samples) for u in updates.values()]))
+            host.load_state(fedavg([(u.params, u.num_samples) for u in updates.values()], self.cfg.aggregation))
 
 
 class LocalOnly(Strategy):

@@ -97,8 +97,9 @@ class Telemetry:
                 if k != "round" and isinstance(v, (int, float)):
                     self.eval.labels(k).set(v)
 
-    def _client_metrics(self, f: Mapping[str, Any]) -> None:
-        cid = f["client"]
+    def _client_metrics(self, row: Mapping[str, Any]) -> None:
+        cid = row["client"]
+        f = {**row.get("metrics", {}), "round": row["round"]}  # what the client reported, nested under "metrics"
         if isinstance(f.get("client_compute_ms"), (int, float)):
             self.client_compute.labels(cid).observe(f["client_compute_ms"] / 1e3)
         server_ms = self.fleet.reported(int(f["round"]), cid).get("server_ms")  # the fleet saw this event first

@@ -14,8 +14,11 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import signal
 
 from flexsfl.core.constants import OPTIMIZERS, TASKS, TRAIN_OPTIMIZER
+from flexsfl.server_backend import guards as s_limits  # numpy only: the defaults of the limits
+from flexsfl.server_backend.aggregation import AGGREGATIONS
 from flexsfl.server_backend.strategy import STRATEGIES, TrainConfig
 
 __all__ = ["add_parser", "build_server", "add_model_args", "add_train_args", "train_config", "load_server_model"]
@@ -49,6 +52,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-optimizer", choices=OPTIMIZERS, default=None, help="default: --optimizer")
     p.add_argument("--align-lambda", type=float, default=d.align_lambda, help="weight of the alignment term")
     p.add_argument("--round-timeout", type=float, default=d.round_timeout)
+    p.add_argument("--aggregation", choices=AGGREGATIONS, default=d.aggregation,
+                   help="how uploads combine, tensor by tensor, keeping the layer-wise rule (median/trimmed-mean: robust "
+                        "to a minority of bad uploads, ignore sample counts)")
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -85,14 +91,23 @@ def build_server(args: argparse.Namespace, loaded=None):
         host=args.host, port=args.port, max_batch=args.max_batch, max_seq=args.max_seq,
         batching=not args.no_batching, tls_cert=args.tls_cert, tls_key=args.tls_key,
         exit_when_done=args.rounds > 0, admin_token_file=args.admin_token_file, linger=args.linger,
+        max_connections=args.max_connections, max_unauthenticated=args.max_unauthenticated,
+        step_timeout=args.step_timeout, upload_norm_factor=args.upload_norm_factor,
     )
     return FlexServer(host, strategy, registry, state, config, compute_threads=args.threads)
+
+
+async def _serve(server) -> None:
+    if server.registry is not None:
+        # The clients file is also re-read when it changes; SIGHUP forces it (e.g. after editing it by hand).
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, server.registry.reload)
+    await server.serve()
 
 
 def _run(args: argparse.Namespace) -> int:
     server = build_server(args)
     try:
-        asyncio.run(server.serve())
+        asyncio.run(_serve(server))
     finally:
         server.state.close()
     return 0
@@ -114,6 +129,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
     p.add_argument("--admin-token-file", default=None,
                    help="operator token for the status page, /metrics and /api/status (without it they answer loopback only)")
+
+    p.add_argument("--max-connections", type=int, default=s_limits.MAX_CONNECTIONS,
+                   help="open websocket connections at most; more are closed at once (1013, retry later)")
+    p.add_argument("--max-unauthenticated", type=int, default=s_limits.MAX_UNAUTHENTICATED,
+                   help="connections that have not been welcomed yet, at most (each may send one small Hello frame)")
+    p.add_argument("--step-timeout", type=float, default=s_limits.STEP_TIMEOUT,
+                   help="seconds a client in a round may stay silent before it is dropped (the round goes on without it)")
+    p.add_argument("--upload-norm-factor", type=float, default=s_limits.UPLOAD_NORM_FACTOR,
+                   help="refuse an upload whose tensor norm is over this x the global adapter's (0: no bound)")
     p.add_argument("--linger", type=float, default=0.0,
                    help="seconds to keep the status page and /metrics up after the last round (for a final scrape)")
     p.set_defaults(func=_run)

@@ -34,7 +34,7 @@ def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why
         elif e["event"] == "eval":
             rounds.setdefault(r, {}).update({k: v for k, v in e.items() if k not in ("t", "event", "round")})
         elif e["event"] == "client_metrics":
-            m = {k: v for k, v in e.items() if k not in ("t", "event", "round", "client")}
+            m = {**e.get("metrics", {}), "split": e.get("split")}  # the client's own keys are nested
             srv = server_ms.get((e["client"], r), [])
             if srv:
                 m["server_ms"] = float(np.mean(srv))

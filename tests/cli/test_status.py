@@ -37,7 +37,7 @@ def test_render_shows_round_clients_and_history():
     fleet.observe("phase", {"phase": "training", "round": 3, "clients": ["pi-kitchen"]})
     fleet.observe("hello", {"client": "pi-kitchen", "split": 2, "backend": "ort", "profile": {"target": "rpi5"}})
     fleet.observe("step", {"client": "pi-kitchen", "round": 3, "step": 0, "loss": 0.7, "server_ms": 5.0})
-    fleet.observe("client_metrics", {"client": "pi-kitchen", "round": 2, "personal_acc": 0.812, "loss": 0.5})
+    fleet.observe("client_metrics", {"client": "pi-kitchen", "round": 2, "metrics": {"personal_acc": 0.812, "loss": 0.5}})
     status = fleet.snapshot({"pi-kitchen": (2_500_000, 1_200_000)}, extra={"model": "minilm", "strategy": "flexpsfl"})
     console = Console(width=200, record=True)
     console.print(render(status, now=status["server"]["started"] + 5))

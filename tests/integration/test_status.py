@@ -149,11 +149,10 @@ def test_metrics_match_what_the_clients_did(fed):
         mine = [e for e in reported if e["client"] == cid]
         assert [e["round"] for e in mine] == list(range(ROUNDS))
         client = (("client", cid),)
-        assert m[("flexsfl_steps_total", client)] == sum(e["steps"] for e in mine) == ROUNDS * STEPS
+        assert m[("flexsfl_steps_total", client)] == sum(e["metrics"]["steps"] for e in mine) == ROUNDS * STEPS
         # Every message each side counted: the client's count at its last report, plus that
         # report itself (in) or the server's Bye after it (out).
-        last = mine[-1]
-        said = {k: v for k, v in last.items() if k not in ("t", "event", "client", "round", "split")}
+        last = said = mine[-1]["metrics"]
         assert m[("flexsfl_bytes_received_total", client)] == last["bytes_sent"] + len(
             Metrics(round_id=ROUNDS - 1, metrics=said).serialize())
         assert m[("flexsfl_bytes_sent_total", client)] == last["bytes_received"] + len(

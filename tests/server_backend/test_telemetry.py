@@ -34,8 +34,8 @@ def _round(tel: Telemetry, r: int, clients: dict[str, int], *, acc: dict[str, fl
         tel.observe("batch", {"steps": [f"{c}:{r}:{step}" for c in clients], "ms": 15.0})
     tel.observe("round", {"round": r, "seconds": 1.5, "steps": 2 * len(clients), "dropped": []})
     for cid in clients:
-        tel.observe("client_metrics", {"client": cid, "round": r, "split": clients[cid], "steps": 2, "loss": 0.4,
-                                       "client_compute_ms": 30.0, "roundtrip_ms": 50.0, "personal_acc": acc[cid]})
+        tel.observe("client_metrics", {"client": cid, "round": r, "split": clients[cid], "metrics": {
+            "steps": 2, "loss": 0.4, "client_compute_ms": 30.0, "roundtrip_ms": 50.0, "personal_acc": acc[cid]}})
 
 
 def test_counters_histograms_and_status_follow_the_events():
@@ -121,6 +121,6 @@ def test_two_servers_in_one_process_keep_their_own_metrics():
 
 def test_non_finite_client_values_do_not_break_the_status():
     fleet, tel, _ = _make()
-    tel.observe("client_metrics", {"client": "a", "round": 0, "loss": math.nan, "personal_acc": 0.5})
+    tel.observe("client_metrics", {"client": "a", "round": 0, "metrics": {"loss": math.nan, "personal_acc": 0.5}})
     assert math.isnan(fleet.snapshot({})["clients"][0]["loss"])  # the HTTP layer turns it into null
     assert "flexsfl_round_loss NaN" in tel.exposition().decode()
