@@ -16,7 +16,7 @@ import sys
 from typing import Sequence
 
 from flexsfl import __version__
-from flexsfl.cli import bench, bundle, clients, data, demo, edge, export, flash, plan, serve, simulate, status
+from flexsfl.cli import adapters, bench, bundle, clients, data, demo, edge, export, flash, generate, plan, serve, simulate, status
 from flexsfl.core.errors import FlexSFLError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
@@ -24,7 +24,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 log = logging.getLogger("flexsfl")
 
 # The subcommands, in the order `flexsfl --help` lists them.
-COMMANDS = (export, bundle, demo, simulate, serve, status, edge, clients, data, flash, plan, bench)
+COMMANDS = (export, bundle, demo, simulate, serve, status, edge, clients, data, flash, plan, bench, adapters, generate)
 
 
 def build_parser() -> argparse.ArgumentParser:
