@@ -4,11 +4,15 @@ A personal model is the global model with some trainable tensors replaced: a Fle
 head adapters θ_k (the tail stays global), or a FedAvg/local client's whole set of adapters and
 task head. :func:`accuracy` runs the full model with those tensors swapped in (``functional_call``,
 nothing is copied into the live model), on token batches made with the bundle's tokenizer.
+
+For a causal LM, :meth:`Evaluator.perplexity` is the LM's measure (lower is better): ``exp`` of
+the mean next-token negative log-likelihood over every predicted token of the texts (padding
+predicts nothing and is never predicted), with the bytes of UTF-8 text per token beside it.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +22,15 @@ from flexsfl.edge_runtime.text import TextEncoder
 
 from flexsfl.server_backend.tail_host import TailHost
 
-__all__ = ["Evaluator"]
+__all__ = ["Evaluator", "LMScore"]
+
+
+class LMScore(NamedTuple):
+    """A causal LM on a set of texts: perplexity (lower is better), predicted tokens, UTF-8 bytes per token."""
+
+    perplexity: float
+    tokens: int
+    bytes_per_token: float
 
 
 class Evaluator:
@@ -63,3 +75,26 @@ class Evaluator:
             correct += int((logits.argmax(-1).numpy() == labels).sum())
             total += len(labels)
         return correct / max(total, 1)
+
+    @torch.no_grad()
+    def perplexity(self, examples: Sequence[Example], params: Mapping[str, np.ndarray] | None = None) -> LMScore:
+        """Token-weighted perplexity of the causal LM (global, or with ``params`` swapped in) on ``examples``' texts.
+
+        Position ``t`` predicts token ``t+1`` where both are real tokens; texts are cut at the
+        encoder's ``max_seq`` as in training. Raises ``ValueError`` for a classification model.
+        """
+        if self.host.info.task != "causal_lm":
+            raise ValueError(f"perplexity needs a causal LM; {self.host.info.id} is a {self.host.info.task} model")
+        model = self.host.loaded.model
+        swap = {self._own[n]: torch.from_numpy(np.array(a, dtype=np.float32)) for n, a in (params or {}).items()}
+        nll, tokens = 0.0, 0
+        for ids, mask, _ in self._batches(examples):
+            kw = {"input_ids": ids, "attention_mask": mask}
+            logits = (torch.func.functional_call(model, swap, (), kw) if swap else model(**kw)).logits
+            labels = torch.where(mask == 1, ids, -100)[:, 1:]
+            nll += float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                           labels.reshape(-1), ignore_index=-100, reduction="sum"))
+            tokens += int((labels != -100).sum())
+        text_bytes = sum(len(e.text.encode("utf-8")) for e in examples)
+        n_tok = sum(int(m.sum()) for _, m, _ in self._batches(examples))
+        return LMScore(float(np.exp(nll / max(tokens, 1))), tokens, text_bytes / max(n_tok, 1))

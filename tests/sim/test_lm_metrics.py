@@ -1,0 +1,64 @@
+"""Evaluator.perplexity: exp of the mean next-token NLL over real tokens, batched with padding,
+equals a per-text hand computation with Hugging Face's own loss; personal tensors change it."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from flexsfl.edge_runtime.data import Example
+from flexsfl.edge_runtime.text import TextEncoder
+from flexsfl.model.loading import load_model
+from flexsfl.server_backend.tail_host import TailHost
+from flexsfl.sim.evaluation import Evaluator
+
+WORDS = "the a film story was good bad long short very not quite funny dull sharp warm cold plot actor ending".split()
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dirs):
+    host = TailHost(load_model(str(tiny_model_dirs["llama"]), task="causal_lm"))
+    encoder = TextEncoder.from_file(tiny_model_dirs["llama"] / "tokenizer.json", max_seq=24, pad_id=0)
+    rng = np.random.default_rng(0)
+    texts = [Example(" ".join(rng.choice(WORDS, size=int(rng.integers(2, 14)))), 0) for _ in range(9)]
+    return host, encoder, texts
+
+
+def test_perplexity_equals_per_text_hf_loss(setup):
+    host, encoder, texts = setup
+    ev = Evaluator(host, encoder, batch_size=4)  # batches of different lengths: padding inside
+    score = ev.perplexity(texts)
+    nll = n = 0
+    with torch.no_grad():
+        for e in texts:
+            enc = encoder.encode([e.text])
+            ids = torch.from_numpy(enc.input_ids)
+            assert enc.attention_mask.all()  # alone: no padding
+            loss = host.loaded.model(input_ids=ids, labels=ids).loss  # HF shifts and averages
+            nll += float(loss) * (ids.shape[1] - 1)
+            n += ids.shape[1] - 1
+    assert score.tokens == n
+    assert math.isclose(score.perplexity, math.exp(nll / n), rel_tol=1e-5)
+    total_bytes = sum(len(e.text.encode()) for e in texts)
+    assert math.isclose(score.bytes_per_token, total_bytes / (n + len(texts)), rel_tol=1e-9)
+
+
+def test_personal_tensors_change_perplexity_without_touching_the_global_model(setup):
+    host, encoder, texts = setup
+    ev = Evaluator(host, encoder)
+    before = ev.perplexity(texts).perplexity
+    rng = np.random.default_rng(1)
+    personal = {n: rng.standard_normal(a.shape).astype(np.float32) for n, a in host.state().items() if ".layers.0." in n}
+    assert personal
+    assert abs(ev.perplexity(texts, personal).perplexity - before) > 1e-3 * before
+    assert ev.perplexity(texts).perplexity == before
+
+
+def test_perplexity_refuses_a_classifier(tiny_model_dirs, setup):
+    _, encoder, texts = setup
+    ev = Evaluator(TailHost(load_model(str(tiny_model_dirs["llama"]), num_labels=2)), encoder)
+    with pytest.raises(ValueError, match="causal LM"):
+        ev.perplexity(texts)
