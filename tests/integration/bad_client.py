@@ -1,11 +1,20 @@
 """A misbehaving client, run as its own process by the robustness test.
 
-``python bad_client.py PORT CLIENT_ID TOKEN_FILE LAYOUT_HASH SPLIT HIDDEN OUT.json``
+``python bad_client.py PORT CLIENT_ID TOKEN_FILE LAYOUT_HASH SPLIT HIDDEN OUT.json [MODE]``
 
-Each on a fresh connection, it sends a wrong token, an unknown client, a bundle for another model,
+MODE ``attacks`` (the default): each on a fresh connection, it sends a wrong token, an unknown client, a bundle for another model,
 garbage bytes, a text frame, activations with the wrong hidden size, an out-of-order upload and an
 oversized frame; then it prints "joined", joins a round with valid credentials and sends NaN
 activations. For each it records what the server answered (Error code and message) and the close code, in OUT.json.
+
+The other modes are one registered device misbehaving inside a round (what it may do once it holds
+a valid token), each answer recorded in OUT.json the same way:
+
+* ``poison``: at the round's start, an Upload of every adapter filled with 1e30 and
+  ``num_samples=2**62``, without training a step.
+* ``replay``: round 0, train step 0 (answered), then step 0 again; round 1 (a new connection),
+  step id τ (one past the last), then on a third connection of the same round step 2**40.
+* ``silent``: joins the round, then says nothing (it keeps the socket open) until killed.
 """
 
 from __future__ import annotations
@@ -120,6 +129,54 @@ async def main(port, cid, token, layout, split, hidden, out_path):
         json.dump(results, f, indent=2)
 
 
+async def _join(url, cid, token, layout, split):
+    """Connect, say Hello, wait for the round's RoundConfig and Adapters; returns (ws, conn, RoundConfig, Adapters)."""
+    ws = await connect(url, compression=None, max_size=MAX)
+    conn = Connection(Role.CLIENT)
+    await _hello(ws, conn, cid, token, layout, split)
+    cfg = conn.receive(await ws.recv())
+    adapters = conn.receive(await ws.recv()) if cfg.adapters else None
+    return ws, conn, cfg, adapters
+
+
+def _step(conn, round_id, step_id, hidden):
+    z = np.full((2, 6, hidden), 0.1, np.float32)
+    return conn.send(Activations(round_id=round_id, step_id=step_id, mode="train", z=z,
+                                 attention_mask=np.ones((2, 6), np.int64), labels=np.array([0, 1]), encoding="fp32"))
+
+
+async def in_round(mode, port, cid, token, layout, split, hidden, out_path):
+    url = f"ws://127.0.0.1:{port}"
+    results: dict = {}
+    if mode == "poison":
+        ws, conn, cfg, adapters = await _join(url, cid, token, layout, split)
+        huge = {n: np.full(a.shape, 1e30, np.float32) for n, a in adapters.tensors.items()}
+        await ws.send(Upload(round_id=cfg.round_id, num_samples=2**62, tensors=huge).serialize())
+        results["poison"] = await _answer(ws)
+    elif mode == "replay":
+        ws, conn, cfg, _ = await _join(url, cid, token, layout, split)
+        await ws.send(_step(conn, cfg.round_id, 0, hidden))
+        results["first_step"] = type(conn.receive(await ws.recv())).__name__
+        # the same step again: our own Connection would refuse to send it, so serialize it directly
+        await ws.send(Activations(round_id=cfg.round_id, step_id=0, mode="train", z=np.full((2, 6, hidden), 0.1, np.float32),
+                                  attention_mask=np.ones((2, 6), np.int64), labels=np.array([0, 1])).serialize())
+        results["replayed_step"] = await _answer(ws)
+        for name, step_id in (("extra_step", None), ("huge_step_id", 2**40)):
+            ws, conn, cfg, _ = await _join(url, cid, token, layout, split)
+            await ws.send(_step(conn, cfg.round_id, cfg.local_steps if step_id is None else step_id, hidden))
+            results[name] = await _answer(ws)
+    elif mode == "silent":
+        ws, conn, cfg, _ = await _join(url, cid, token, layout, split)
+        print("silent in round", cfg.round_id, flush=True)
+        results["silent"] = await _answer(ws)  # the server's close when it drops us
+    with open(out_path, "w") as f:
+        json.dump(results, f, indent=2)
+
+
 if __name__ == "__main__":
-    port, cid, token_file, layout, split, hidden, out = sys.argv[1:]
-    asyncio.run(main(int(port), cid, open(token_file).read().strip(), layout, int(split), int(hidden), out))
+    port, cid, token_file, layout, split, hidden, out, *mode = sys.argv[1:]
+    token = open(token_file).read().strip()
+    if mode and mode[0] != "attacks":
+        asyncio.run(in_round(mode[0], int(port), cid, token, layout, int(split), int(hidden), out))
+    else:
+        asyncio.run(main(int(port), cid, token, layout, int(split), int(hidden), out))
