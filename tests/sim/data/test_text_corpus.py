@@ -1,0 +1,73 @@
+"""Per-device raw text: VADER domains as clients' corpora, the user's .txt/.jsonl, the instruction format."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from flexsfl.core.errors import DataError
+from flexsfl.edge_runtime.data import read_examples
+from flexsfl.sim.data.text_corpus import (
+    instruction_text,
+    read_text_corpus,
+    response_labels,
+    split_corpus,
+    vader_domains,
+    write_client_files,
+)
+
+# SmolLM2-Instruct's template (ChatML), so the test needs no model download.
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+          "'\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_vader_domains_are_disjoint_raw_text_clients(tmp_path):
+    clients = vader_domains(4, train=30, test=10, seed=0)
+    assert [c.name for c in clients] == ["tweets", "movie_reviews", "amazon_reviews", "nyt_editorials"]
+    keys = [{" ".join(e.text.lower().split()) for e in c.train + c.test} for c in clients]
+    for c, k in zip(clients, keys):
+        assert len(c.train) == 30 and len(c.test) == 10 and len(k) == 40
+        assert all(e.label == 0 for e in c.train)
+    assert all(not (a & b) for i, a in enumerate(keys) for b in keys[i + 1:])
+    assert vader_domains(2, train=30, test=10, seed=0) == clients[:2]  # seeded
+    paths = write_client_files(clients, tmp_path)
+    assert [e.text for e in read_examples(paths["tweets"][1])] == [e.text for e in clients[0].test]
+    with pytest.raises(DataError, match="choose 1..4"):
+        vader_domains(5)
+
+
+def test_user_text_and_jsonl_files(tmp_path):
+    txt = tmp_path / "notes.txt"
+    txt.write_text("first line\n\n  second line  \nthird\n")
+    assert read_text_corpus(txt) == ["first line", "second line", "third"]
+    jl = tmp_path / "d.jsonl"
+    jl.write_text(json.dumps({"text": "a"}) + "\n" + json.dumps({"prompt": "hi?", "response": "hello."}) + "\n")
+    with pytest.raises(DataError, match=r"d.jsonl:2: an instruction row needs"):
+        read_text_corpus(jl)
+
+    class Tok:
+        chat_template = None
+
+    assert read_text_corpus(jl, tokenizer=Tok()) == ["a", "hi?\nhello."]
+    jl.write_text('{"label": 1}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:1: a row needs"):
+        read_text_corpus(jl)
+    c = split_corpus("notes", ["x y", "X  y", "z", "w", "v"], train=10, test=1)
+    assert len(c.test) == 1 and len(c.train) == 3  # the repeat (case and spaces) is dropped
+
+
+def test_instruction_format_masks_the_prompt_tokens(tiny_model_dirs):
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(tiny_model_dirs["llama"]))
+    tok.chat_template = CHATML
+    whole, head = instruction_text(tok, "What is the capital of France?", "Paris.")
+    assert whole.startswith(head) and head.endswith("assistant\n") and "Paris." in whole[len(head):]
+    enc = tok([whole, "short"], padding=True, return_tensors="np")
+    n_prompt = len(tok(head)["input_ids"]) - 1  # the prompt's tokens, less the closing [SEP] the tokenizer adds
+    assert enc["input_ids"][0][:n_prompt].tolist() == tok(head)["input_ids"][:n_prompt]
+    labels = response_labels(enc["input_ids"], enc["attention_mask"], [n_prompt, 0])
+    assert (labels[0, :n_prompt] == -100).all() and (labels[0, n_prompt:] != -100).any()
+    assert (labels[1] == np.where(enc["attention_mask"][1] == 1, enc["input_ids"][1], -100)).all()
