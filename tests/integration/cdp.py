@@ -103,10 +103,14 @@ class Browser:
         return res["result"].get("value")
 
     async def wait_for(self, expression: str, timeout: float, what: str) -> Any:
-        """Poll ``expression`` until it is truthy; returns its value."""
+        """Poll ``expression`` until it is truthy; returns its value. An expression that throws (the
+        page is still loading: its elements are not there yet) counts as not yet."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            value = await self.evaluate(expression)
+            try:
+                value = await self.evaluate(expression)
+            except RuntimeError:
+                value = None
             if value:
                 return value
             await asyncio.sleep(0.25)
