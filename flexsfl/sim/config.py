@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from flexsfl.core.constants import OPTIMIZERS, TRAIN_OPTIMIZER
+from flexsfl.core.constants import OPTIMIZERS, TASKS, TRAIN_OPTIMIZER
 from flexsfl.core.errors import ConfigError
 from flexsfl.core.wire.tensors import ENCODINGS
 from flexsfl.server_backend.strategy import STRATEGIES as _STRATEGY_CLASSES
 from flexsfl.sim.data.partition import SCHEMES
 
-__all__ = ["STRATEGIES", "SIM_BACKENDS", "SimConfig", "DEMO"]
+__all__ = ["STRATEGIES", "SIM_BACKENDS", "SimConfig", "DEMO", "DEMO_LM"]
 
 STRATEGIES = tuple(_STRATEGY_CLASSES)  # flexpsfl, splitfed, fedavg, local: the server's registry
 SIM_BACKENDS = ("ort", "executorch")  # the device runtimes a simulated client runs
@@ -28,6 +28,8 @@ def _f(default, help: str, **meta):  # noqa: A002 - PEFT's name for it
 class SimConfig:
     strategy: str = _f("flexpsfl", "FlexP-SFL or one of its baselines", choices=STRATEGIES)
     model: str = _f("minilm", "minilm, smollm2 or a HF directory")
+    task: str = _f("seq_cls", "seq_cls (classify the labels), or causal_lm (each client fine-tunes the LM on its own "
+                   "texts; perplexity instead of accuracy)", choices=(*TASKS, "causal-lm"))
     data: str = _f("vader", "vader, rotten, or a CSV/JSONL file")
     partition: str = _f("natural", "how the data are split among clients", choices=SCHEMES)
     alpha: float = _f(0.5, "Dirichlet concentration (smaller = more label skew)")
@@ -59,7 +61,9 @@ class SimConfig:
     bundle_cache: str | None = _f(None, "reuse exported bundles across runs (default: <cache>/bundles)", cli=False)
 
     def __post_init__(self) -> None:
-        for name, allowed in (("strategy", STRATEGIES), ("partition", SCHEMES), ("optimizer", OPTIMIZERS),
+        if self.task == "causal-lm":
+            object.__setattr__(self, "task", "causal_lm")  # the demo's spelling
+        for name, allowed in (("task", TASKS), ("strategy", STRATEGIES), ("partition", SCHEMES), ("optimizer", OPTIMIZERS),
                               ("backend", SIM_BACKENDS), ("encoding", ENCODINGS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -83,4 +87,12 @@ DEMO = SimConfig(
     strategy="flexpsfl", model="minilm", data="vader", partition="natural", clients=4, rounds=5, local_steps=15,
     batch_size=8, lr=2e-3, optimizer="adamw", align_lambda=0.1, profiles=("rpi4", "rpi4", "rpi5", "jetson-orin"),
     backend="ort", max_train=300, max_test=80, max_seq=48, eval_every=0, out="results/demo",
+)
+
+# ``flexsfl demo --task causal-lm``: SmolLM2 fine-tuned on 4 VADER domains' raw text (one per device),
+# pinned splits, sized to finish in minutes on 2 cores once the model cache is warm.
+DEMO_LM = SimConfig(
+    strategy="flexpsfl", model="smollm2", task="causal_lm", data="vader", partition="natural", clients=4, rounds=2,
+    local_steps=6, batch_size=4, lr=1e-3, optimizer="adamw", splits=(2, 4, 6, 8), backend="ort", max_train=48,
+    max_test=16, max_seq=32, eval_every=0, out="results/demo-llm",
 )

@@ -16,7 +16,7 @@ from rich.table import Table
 from flexsfl.core.atomic import atomic_path, atomic_write_text
 from flexsfl.sim.config import SimConfig
 
-__all__ = ["collect", "plot", "table"]
+__all__ = ["collect", "plot", "table", "lm_table"]
 
 
 def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why: list[dict], total_s: float) -> dict:
@@ -52,7 +52,7 @@ def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why
             "personal_acc": float(np.mean(personal)) if personal else None,
             "generalization_acc": float(np.mean(list(row["generalization"].values()))) if "generalization" in row else None,
             "bytes": int(sum(c.get("bytes_sent", 0) + c.get("bytes_received", 0) for c in clients.values())),
-            **{k: row[k] for k in ("generalization", "personal_server") if k in row},
+            **{k: row[k] for k in ("generalization", "personal_server", "lm") if k in row},
             "clients": clients,
         })
     atomic_write_text(out / "rounds.jsonl", "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
@@ -69,6 +69,7 @@ def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why
             "predicted_step_ms": 1e3 * why[k]["predicted"]["time_s"] if "predicted" in why[k] else None,
             "client_compute_ms": c.get("client_compute_ms"), "wire_ms": c.get("wire_ms"), "server_ms": c.get("server_ms"),
             "bytes": c.get("bytes_sent", 0) + c.get("bytes_received", 0),
+            **last.get("lm", {}).get(cid, {}),  # causal LM: perplexities (personal, global, pretrained, generalization)
         })
     target = _time_to(rows, cfg.target_acc)
     summary = {
@@ -117,8 +118,28 @@ def plot(summaries: Sequence[tuple[str, pathlib.Path]], path: pathlib.Path) -> p
 
 
 
+def lm_table(summary: dict) -> str:
+    """The per-client table of a causal-LM run: perplexity (lower is better) on own and others' held-out text."""
+    t = Table(title=f"{summary['config']['strategy']} causal LM on {summary['config']['data']} "
+                    f"({summary['rounds']} rounds, {summary['final']['elapsed_s']:.0f} s of training); perplexity")
+    for col in ("client", "data", "split", "personal", "global", "pretrained", "generalization", "bytes/token", "step ms"):
+        t.add_column(col, justify="left" if col in ("client", "data") else "right")
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    for c in summary["per_client"]:
+        t.add_row(c["client"], c["groups"][0], str(c["split"]), fmt(c.get("personal_ppl")), fmt(c.get("global_ppl")),
+                  fmt(c.get("pretrained_ppl")), fmt(c.get("generalization_ppl")), fmt(c.get("bytes_per_token")),
+                  f"{c['step_ms']:.0f}")
+    console = Console(record=True, width=150, file=io.StringIO())
+    console.print(t)
+    console.print("personal: the client's head + global tail; global: the global model; pretrained: before training; "
+                  "all on the client's own held-out text; generalization: personal model on the other clients' texts")
+    return console.export_text()
+
+
 def table(summary: dict) -> str:
     """The per-client table printed at the end of a run."""
+    if summary["config"].get("task") == "causal_lm":
+        return lm_table(summary)
     t = Table(title=f"{summary['config']['strategy']} on {summary['config']['data']} "
                     f"({summary['rounds']} rounds, {summary['final']['elapsed_s']:.0f} s of training)")
     for col in ("client", "data", "profile", "split", "personal acc", "generalization acc", "step ms",

@@ -57,7 +57,7 @@ from flexsfl.sim.eager_backend import full_model_trainer
 from flexsfl.sim.evaluation import Evaluator
 from flexsfl.sim.results import collect, plot
 
-__all__ = ["simulate"]
+__all__ = ["simulate", "bundle_for"]
 
 log = logging.getLogger("flexsfl.simulate")
 
@@ -69,7 +69,7 @@ def _choose_splits(cfg: SimConfig) -> tuple[list[int], list[dict]]:
         return splits, [{"pinned": s} for s in splits]
     if cfg.profiles is None:
         raise ConfigError("give --splits (one per client) or --profiles (device profile names) to choose split points")
-    cost = ModelCost.from_config(read_model_config(cfg.model), num_labels=cfg.num_labels)
+    cost = ModelCost.from_config(read_model_config(cfg.model), task=cfg.task, num_labels=cfg.num_labels)
     splits, why = [], []
     for name in cfg.profiles:
         if name not in EXAMPLE_PROFILES:
@@ -85,11 +85,13 @@ def _choose_splits(cfg: SimConfig) -> tuple[list[int], list[dict]]:
 
 def _bundle_for(cfg: SimConfig, split: int, cache: pathlib.Path) -> pathlib.Path:
     """Export (or reuse) the bundle for one split point."""
-    key = json.dumps([cfg.model, split, cfg.backend, cfg.num_labels, cfg.max_seq, cfg.seed, _code_version()])
+    key = json.dumps([cfg.model, split, cfg.backend, cfg.num_labels, cfg.max_seq, cfg.seed, _code_version()]
+                     + ([cfg.task] if cfg.task != "seq_cls" else []))
     path = cache / f"{pathlib.Path(cfg.model).name}-s{split}-{cfg.backend}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
     if (path / "manifest.json").exists():
         return path
-    export_bundle(ExportConfig(model=cfg.model, split=split, out=str(path), backend=cfg.backend, num_labels=cfg.num_labels,
+    export_bundle(ExportConfig(model=cfg.model, split=split, out=str(path), backend=cfg.backend, task=cfg.task,
+                               num_labels=cfg.num_labels,
                                max_batch=max(32, cfg.batch_size), max_seq=cfg.max_seq, seed=cfg.seed,
                                optimizer=cfg.optimizer, lr=cfg.lr, ort_training_artifacts=False), progress=False)
     return path
@@ -112,9 +114,29 @@ class _RoundEval:
         self.own = {f"c{c.client}": c.test for c in partition.clients}
         self.cfg = cfg
         self.personal: dict[str, dict] = {}
+        self.lm = cfg.task == "causal_lm"
+        # Causal LM: the pretrained model's perplexity on each client's own held-out text, before any round.
+        self.pretrained = {cid: self.ev.perplexity(t).perplexity for cid, t in self.own.items()} if self.lm else {}
+
+    def _lm(self) -> dict:
+        """Per client: perplexity of its personal, the global and the pretrained model on its own held-out
+        text, of its personal model on the other clients' texts (generalization), and bytes per token."""
+        out = {}
+        for cid, own in sorted(self.own.items()):
+            others = [e for c, t in self.own.items() if c != cid for e in t]
+            personal = self.personal.get(cid)
+            mine = self.ev.perplexity(own, personal)
+            out[cid] = {"personal_ppl": mine.perplexity, "global_ppl": self.ev.perplexity(own).perplexity,
+                        "pretrained_ppl": self.pretrained[cid], "bytes_per_token": mine.bytes_per_token,
+                        "generalization_ppl": self.ev.perplexity(others, personal).perplexity if others else None}
+        return out
 
     def __call__(self, r: int, uploads: dict) -> dict:
         cfg = self.cfg
+        if self.lm:
+            for cid, u in uploads.items():
+                self.personal[cid] = u.params
+            return {"lm": self._lm()} if r == cfg.rounds - 1 else {}
         for cid, u in uploads.items():
             self.personal[cid] = u.params
         out: dict[str, Any] = {"global_acc": self.ev.accuracy(self.union)}
@@ -135,7 +157,7 @@ async def _run(cfg: SimConfig, out: pathlib.Path, progress) -> dict:
     partition = prepare(cfg.data, cfg.partition, cfg.clients, out / "data", cfg.seed, alpha=cfg.alpha,
                         max_train=cfg.max_train, max_test=cfg.max_test, overwrite=True)
     progress(f"loading {cfg.model}")
-    loaded = load_model(cfg.model, num_labels=cfg.num_labels, seed=cfg.seed, attn_implementation="sdpa")
+    loaded = load_model(cfg.model, task=cfg.task, num_labels=cfg.num_labels, seed=cfg.seed, attn_implementation="sdpa")
     splits, why = _choose_splits(cfg)
     if cfg.strategy == "splitfed" and len(set(splits)) > 1:
         splits = [min(splits)] * cfg.clients  # SplitFed has one split for everyone: the smallest that fits
@@ -214,6 +236,11 @@ async def _run(cfg: SimConfig, out: pathlib.Path, progress) -> dict:
             serve.cancel()
         state.close()
     return collect(cfg, out, partition, splits, why, time.perf_counter() - t_start)
+
+
+def bundle_for(cfg: SimConfig, split: int) -> pathlib.Path:
+    """The bundle a run of ``cfg`` exports (or reused) for ``split``: what its clients at that split ran."""
+    return _bundle_for(cfg, split, pathlib.Path(cfg.bundle_cache) if cfg.bundle_cache else _default_cache())
 
 
 def _default_cache() -> pathlib.Path:
