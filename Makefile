@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow test-arm64 lint-imports install sshd clean
+.PHONY: demo demo-llm test test-slow test-arm64 lint-imports install sshd clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/flexsfl demo
+
+# The second demo: SmolLM2 fine-tuned on each device's own VADER domain; perplexity table and samples.
+demo-llm: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/flexsfl demo --task causal-lm
 
 # The SSH flashing tests run a real OpenSSH server on loopback; install it when we may.
 sshd:
