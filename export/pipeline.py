@@ -131,6 +131,8 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, 
 
             with steps.step("lower to ExecuTorch (.pte)"):
                 pte = lower_executorch(programs, stage / "executorch", top=top and top.programs)
+                if top is not None:
+                    top_bundle.verify_top_executorch(top.programs, pte)
             artifacts["executorch.program"] = pte.relative_to(stage).as_posix()
             specs["executorch.forward"] = (programs.forward_spec.inputs, programs.forward_spec.outputs)
             specs["executorch.backward"] = (programs.backward_spec.inputs, programs.backward_spec.outputs)

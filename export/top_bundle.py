@@ -37,8 +37,8 @@ if TYPE_CHECKING:
     from flexsfl.model.loading import LoadedModel
     from flexsfl.model.partition import Top
 
-__all__ = ["TopExport", "build_top_export", "lower_top_onnx", "write_top_adapter", "top_manifest_extra",
-           "TOP_ADAPTER_DIR", "TOP_ADAPTER_ROLE", "ONNX_NAMES"]
+__all__ = ["TopExport", "build_top_export", "lower_top_onnx", "verify_top_executorch", "write_top_adapter",
+           "top_manifest_extra", "TOP_ADAPTER_DIR", "TOP_ADAPTER_ROLE", "ONNX_NAMES"]
 
 log = logging.getLogger("flexsfl.export.top")
 
@@ -105,6 +105,8 @@ def lower_top_onnx(top: TopExport, head_paths: list[pathlib.Path], weights: path
     spec = {TRAIN: top.programs.train_spec, EVAL: top.programs.eval_spec}
     paths = {role: write_onnx_program(ep, spec[role], out / ONNX_NAMES[role], role) for role, ep in eps.items()}
     share_weights([*head_paths, *paths.values()], weights)
+    log.info("top ONNX programs: %s; shared %s now %.1f MB", ", ".join(f"{p.name} {p.stat().st_size / 1e6:.2f} MB"
+             for p in paths.values()), weights.name, weights.stat().st_size / 1e6)
     if verify:
         verify_top_onnx(top.programs, paths[TRAIN], paths[EVAL])
     return {f"ort.{role}": p for role, p in paths.items()}
@@ -132,6 +134,30 @@ def verify_top_onnx(programs: TopPrograms, train: pathlib.Path, evaluate: pathli
             if not err <= tol:
                 raise ExportError(f"ONNX {path.name} output {spec.name} differs from the torch program "
                                   f"(rel err {err:.2e} > {tol:g}); please report this")
+
+
+def verify_top_executorch(programs: TopPrograms, pte: pathlib.Path, tol: float = 1e-4) -> None:
+    """The ``.pte``'s top methods against the torch programs at a batch/seq other than the traced
+    one (rel err <= tol): ExecuTorch plans some graphs static-shaped, and a bundle whose top runs
+    at one shape only must not be written."""
+    from executorch.runtime import Runtime
+
+    b, t = min(3, programs.max_batch), min(11, programs.max_seq)
+    program = Runtime.get().load_program(pte)
+    for method, gm, args in ((TRAIN, programs.train, programs.example_train_args(b, t, seed=7)),
+                             (EVAL, programs.eval, programs.example_eval_args(b, t, seed=7))):
+        try:
+            got = program.load_method(method).execute(list(args))
+        except Exception as e:  # noqa: BLE001 - the bindings raise RuntimeError/ValueError
+            raise ExportError(f"the top's ExecuTorch {method} method fails at batch {b} x seq {t} ({str(e)[:120]}): "
+                              "this model's top came out static-shaped; export the top with --backend ort") from None
+        with torch.no_grad():
+            want = gm(*args)
+        for g, w in zip(got, want):
+            err = float((g - w).norm() / w.norm().clamp_min(1e-12))
+            if not err <= tol:
+                raise ExportError(f"the top's ExecuTorch {method} differs from the torch program (rel err {err:.2e}); "
+                                  "please report this")
 
 
 def write_top_adapter(loaded: "LoadedModel", top: TopExport, root: pathlib.Path) -> tuple[str, tuple[ParamSpec, ...]]:

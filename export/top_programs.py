@@ -57,6 +57,7 @@ log = logging.getLogger("flexsfl.export.top_programs")
 TRAIN = "top_train"  # program (and method) names in bundles
 EVAL = "top_eval"
 _WRAPPED = "top."  # prefix of the top's names inside _TopLoss
+_aten = torch.ops.aten
 
 
 def portable_task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
@@ -291,6 +292,10 @@ def _copy(graph: fx.Graph, inputs: list[tuple[str, fx.Node]], outputs: list[fx.N
         if n in needed and n.op == "call_function":
             env[n] = g.node_copy(n, arg)
             env[n].meta = dict(n.meta)
+            if n.target is _aten.empty_permuted.default and list(n.args[1]) == list(range(len(n.args[1]))):
+                # ``ones_like`` of the loss seed, decomposed; ExecuTorch has no empty_permuted kernel
+                # and an identity permutation is a plain ``empty``.
+                env[n].target, env[n].args = _aten.empty.memory_format, (env[n].args[0],)
     g.output(tuple(env[n] for n in outputs))
     g.eliminate_dead_code()
     gm = fx.GraphModule(root, g)
