@@ -520,7 +520,10 @@ class FlexServer:
             _, pending = await asyncio.wait(pending, timeout=tick)
             now = time.monotonic()
             for s, f in waits.items():
-                if not f.done() and not s.in_step and now - s.last_heard > self.config.step_timeout:
+                # A whole-model round (FedAvg, local) trains and evaluates on the device with no
+                # steps on the wire: only --round-timeout bounds it.
+                whole = s.ledger is not None and s.ledger.whole_model
+                if not f.done() and not s.in_step and not whole and now - s.last_heard > self.config.step_timeout:
                     self._drop(s, f"silent for {now - s.last_heard:.0f} s while the server waited for its {what} "
                                   f"(--step-timeout {self.config.step_timeout:g})", r)
         return {f for f in waits.values() if f.done()}
