@@ -55,10 +55,10 @@ def _inputs(bundle, b=3, t=11, seed=0):
     return h, mask, labels
 
 
-def _theta(bundle, seed=1):
+def _theta(bundle, backend="ort", seed=1):
     # LoRA B starts at zero (every A gradient would be zero): test with random non-zero tensors.
     rng = np.random.default_rng(seed)
-    spec = bundle.manifest.program("ort.top_train").inputs[3:]
+    spec = bundle.manifest.program(f"{backend}.top_train").inputs[3:]
     return {t.name: (0.05 * rng.standard_normal(t.shape)).astype(np.float32) for t in spec}
 
 
@@ -153,3 +153,34 @@ def test_bad_inputs_are_one_line_errors(case):
         top.set_params({"nope": np.zeros(1, np.float32)})
     assert all(np.array_equal(before[n], a) for n, a in top.params.items())
     assert np.isfinite(top.train_step(h, mask, labels).loss)
+
+
+@pytest.mark.slow
+def test_executorch_top_equals_eager(tiny_model_dirs, tmp_path):
+    # The top's methods live in the head's .pte (GPT-2's tied LM head shared with the embedding);
+    # the same checks as ORT's, in-process (ExecuTorch needs torch), at a shape other than the traced one.
+    src = str(tiny_model_dirs["gpt2"])
+    bundle, _ = export_bundle(ExportConfig(model=src, split=1, top=1, out=str(tmp_path / "b"), backend="executorch",
+                                           task="causal_lm", max_batch=4, max_seq=24), progress=False)
+    train = bundle.manifest.program("executorch.top_train")
+    assert [t.name for t in train.inputs[:3]] == ["h", "attention_mask", "labels"]
+    runner = open_top(bundle, "executorch", threads=1)
+    theta = _theta(bundle, "executorch")
+    runner.set_params(theta)
+    h, mask, labels = _inputs(bundle, b=3, t=13)
+    step = runner.train_step(h, mask, labels)
+    lm = load_model(src, task="causal_lm")
+    top = build_top(lm, 1)
+    own = {c: n for n, c in top.canonical().items()}
+    named = dict(top.named_parameters())
+    with torch.no_grad():
+        for c, a in theta.items():
+            named[own[c]].copy_(torch.from_numpy(a))
+    ht = torch.from_numpy(h).requires_grad_(True)
+    logits = top(ht, torch.from_numpy(mask))
+    loss = task_loss(logits, torch.from_numpy(labels), "causal_lm")
+    gh, *gp = torch.autograd.grad(loss, [ht, *(named[own[c]] for c in theta)])
+    assert _rel(step.loss, loss.item()) <= 1e-4 and _rel(step.grad_h, gh) <= 1e-4
+    assert _rel(runner.predict(h, mask), logits.detach()) <= 1e-4
+    for c, g in zip(theta, gp):
+        assert _rel(step.grads[c], g) <= 1e-4, c
