@@ -159,7 +159,7 @@ def test_metrics_match_what_the_clients_did(fed):
             Bye(reason="training finished").serialize())
         assert m[("flexsfl_client_compute_seconds_count", client)] == ROUNDS
         assert m[("flexsfl_client_compute_seconds_sum", client)] == pytest.approx(
-            sum(e["client_compute_ms"] for e in mine) / 1e3)
+            sum(e["metrics"]["client_compute_ms"] for e in mine) / 1e3)
         assert m[("flexsfl_wire_seconds_count", client)] == ROUNDS
         assert m[("flexsfl_client_personal_accuracy", client)] == pytest.approx(last["personal_acc"])
     assert m[("flexsfl_server_step_seconds_count", ())] == m[("flexsfl_step_batch_size_count", ())] == 2 * ROUNDS * STEPS
