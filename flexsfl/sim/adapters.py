@@ -166,6 +166,7 @@ def _load_peft(adapter_dir: pathlib.Path, task: str, num_labels: int) -> Any:
     import transformers
     from peft import PeftModel
 
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar on a command's output
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     auto = transformers.AutoModelForCausalLM if task == "causal_lm" else transformers.AutoModelForSequenceClassification
     kw = {} if task == "causal_lm" else {"num_labels": num_labels}
@@ -182,6 +183,7 @@ def load_for_generation(model_dir: str | pathlib.Path) -> Any:
     if (d / "adapter_config.json").is_file():
         return _load_peft(d, "causal_lm", 0)
     if (d / "config.json").is_file():
+        transformers.utils.logging.disable_progress_bar()
         return transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
     raise ConfigError(f"{model_dir}: neither a PEFT adapter dir (adapter_config.json) nor a model dir (config.json); "
                       "pass the --out of `flexsfl adapters merge`")
