@@ -110,6 +110,12 @@ class FullModelTrainer:
                 enc = self.encoder.encode([e.text for e in chunk])
                 logits = self.loaded.model(input_ids=torch.from_numpy(enc.input_ids),
                                            attention_mask=torch.from_numpy(enc.attention_mask)).logits
+                if self.task == "causal_lm":  # next-token accuracy over real tokens, as the split devices report it
+                    target = np.where(enc.attention_mask == 1, enc.input_ids, -100)[:, 1:]
+                    hit = (logits[:, :-1].argmax(-1).numpy() == target) & (target != -100)
+                    correct += int(hit.sum())
+                    total += int((target != -100).sum())
+                    continue
                 correct += int((logits.argmax(-1).numpy() == np.array([e.label for e in chunk])).sum())
                 total += len(chunk)
         return correct, total

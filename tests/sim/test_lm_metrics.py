@@ -62,3 +62,25 @@ def test_perplexity_refuses_a_classifier(tiny_model_dirs, setup):
     ev = Evaluator(TailHost(load_model(str(tiny_model_dirs["llama"]), num_labels=2)), encoder)
     with pytest.raises(ValueError, match="causal LM"):
         ev.perplexity(texts)
+
+
+def test_full_model_trainer_scores_next_tokens_for_a_causal_lm(tiny_model_dirs, tmp_path, setup):
+    """The local-only / FedAvg baselines' device evaluation: next-token hits over real tokens."""
+    from flexsfl.core.bundle import load_bundle
+    from flexsfl.export.pipeline import ExportConfig, export_bundle
+    from flexsfl.sim.full_trainer import FullModelTrainer
+
+    _, _, texts = setup
+    export_bundle(ExportConfig(model=str(tiny_model_dirs["llama"]), split=1, out=str(tmp_path / "b"), backend="ort",
+                               task="causal_lm", max_batch=8, max_seq=24, ort_training_artifacts=False), progress=False)
+    t = FullModelTrainer(load_bundle(tmp_path / "b"), texts, texts, threads=1)
+    correct, total = t.evaluate()
+    hits = n = 0
+    with torch.no_grad():
+        for e in texts:
+            enc = t.encoder.encode([e.text])
+            ids = torch.from_numpy(enc.input_ids)
+            pred = t.loaded.model(input_ids=ids).logits[0, :-1].argmax(-1)
+            hits += int((pred == ids[0, 1:]).sum())
+            n += ids.shape[1] - 1
+    assert (correct, total) == (hits, n) and n > len(texts)
