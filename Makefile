@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-llm test test-slow test-arm64 lint-imports install sshd clean
+.PHONY: demo demo-llm test test-slow test-arm64 lint-imports install sshd chromium clean
 
 install: $(STAMP)
 
@@ -36,7 +36,13 @@ sshd:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null) || \
 	  echo "note: /usr/sbin/sshd missing and cannot be installed here; the SSH flashing tests will be skipped"; }
 
-test: $(STAMP) sshd
+# The status-page test opens the page in a real headless Chromium (Debian's package); install it when we may.
+chromium:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "note: chromium missing and cannot be installed here; the status-page browser test will be skipped"; }
+
+test: $(STAMP) sshd chromium
 	OMP_NUM_THREADS=1 $(BIN)/pytest -q -m "not slow and not arm64" $(PYTEST_ARGS)
 
 test-slow: $(STAMP) sshd
