@@ -50,8 +50,11 @@ def _samples(cfg: SimConfig, summary: dict) -> None:
     out = pathlib.Path(cfg.out).resolve()
     for k, c in enumerate(summary["per_client"]):
         cid = c["client"]
-        model = merge_personal(bundle_for(cfg, c["split"]), out / "clients" / cid, out / "server",
-                               out / "personal" / cid, force=True)
+        # A split device keeps its personal state; the whole-model baselines' is what the server got last.
+        personal = out / "clients" / cid
+        if not personal.is_dir():
+            personal = out / "server" / "personal" / f"{cid}.safetensors"
+        model = merge_personal(bundle_for(cfg, c["split"]), personal, out / "server", out / "personal" / cid, force=True)
         text = read_examples(out / "data" / f"client_{k}" / "test.jsonl")[0].text
         prompt = " ".join(text.split()[:6])
         print(f"{cid} ({c['groups'][0]}, adapter {model}): {prompt!r} -> {generate(str(model), prompt, max_new_tokens=24)!r}")
