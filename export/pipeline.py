@@ -27,7 +27,7 @@ import time
 from typing import Iterator
 
 from flexsfl.core.bundle import Bundle, TensorSpec, load_bundle
-from flexsfl.core.errors import ConfigError, ExportError
+from flexsfl.core.errors import ConfigError
 from flexsfl.core.targets import TargetProfile, get_target
 
 from flexsfl.export.bundle_writer import tar_bundle, write_adapter, write_manifest, write_tokenizer
@@ -92,7 +92,7 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, 
     """Build, verify and place the bundle. Returns it and where it was written (dir or tarball)."""
     from flexsfl.model.loading import LoraSettings, load_model
     from flexsfl.model.partition import build_head
-    from flexsfl.export.programs import build_head_programs
+    from flexsfl.export.programs import build_head_programs, with_canonical_names
     from flexsfl.core.model_config import config_subset
 
     target = get_target(cfg.target)
@@ -122,7 +122,10 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, 
         with steps.step("build forward/backward programs"):
             programs = build_head_programs(head, names, max_batch=cfg.max_batch, max_seq=cfg.max_seq)
             canonical = head.canonical()
-            programs = _with_canonical_names(programs, canonical)  # the names the lowered graphs get
+            # the names the lowered graphs get
+            programs = dataclasses.replace(
+                programs, forward_spec=with_canonical_names(programs.forward_spec, canonical, what="forward"),
+                backward_spec=with_canonical_names(programs.backward_spec, canonical, what="backward"))
         specs: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {}
         artifacts: dict[str, str] = {}
         runtime: dict[str, dict] = {}  # backend -> what its programs need from the device's runtime
@@ -208,31 +211,4 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, 
     if cfg.tar:
         where = tar_bundle(out, out.with_name(out.name + ".tar.gz"))
     return bundle, where
-
-
-def _with_canonical_names(programs, canonical: dict[str, str]):
-    """``programs`` with its specs' parameter inputs named by their canonical (PEFT) names and the
-    gradient outputs ``grad.<canonical name>``: the names the lowered graphs and the manifest use.
-
-    Only names change (positions, dtypes and shapes stay), so the traced graphs are untouched.
-    """
-
-    def fix(ts: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
-        out = []
-        for t in ts:
-            name = canonical.get(t.name)
-            if name is None and t.name.startswith("grad.") and t.name[5:] in canonical:
-                name = "grad." + canonical[t.name[5:]]
-            out.append(dataclasses.replace(t, name=name or t.name))
-        return tuple(out)
-
-    def spec(s):
-        return dataclasses.replace(s, inputs=fix(s.inputs), outputs=fix(s.outputs))
-
-    renamed = dataclasses.replace(programs, forward_spec=spec(programs.forward_spec), backward_spec=spec(programs.backward_spec))
-    for which in ("forward_spec", "backward_spec"):
-        names = [t.name for s in (getattr(renamed, which).inputs, getattr(renamed, which).outputs) for t in s]
-        if len(set(names)) != len(names):
-            raise ExportError(f"two tensors of the {which[:-5]} program share a name after renaming to PEFT names; please report this")
-    return renamed
 

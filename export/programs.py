@@ -55,7 +55,8 @@ from torch.export.graph_signature import InputKind, OutputKind
 from flexsfl.core.bundle import ProgramSpec, TensorSpec
 from flexsfl.core.errors import ConfigError, ExportError
 
-__all__ = ["HeadPrograms", "build_head_programs", "export_programs", "export_program", "BATCH", "SEQ"]
+__all__ = ["HeadPrograms", "build_head_programs", "export_programs", "export_program", "with_canonical_names",
+           "BATCH", "SEQ"]
 
 log = logging.getLogger("flexsfl.export.programs")
 
@@ -653,3 +654,27 @@ def _dtype_name(dt: torch.dtype) -> str:
         return _DTYPE_NAMES[dt]
     except KeyError:
         raise ExportError(f"a saved activation has dtype {dt}, which bundles cannot describe") from None
+
+
+def with_canonical_names(spec: ProgramSpec, canonical: dict[str, str], *, what: str) -> ProgramSpec:
+    """``spec`` with its parameter inputs named by their canonical (PEFT) names and its gradient
+    outputs ``grad.<canonical name>``: the names the lowered graphs and the manifest use.
+
+    Only names change (positions, dtypes and shapes stay), so a traced graph is untouched. Two
+    tensors that would share a name are an ExportError naming the program (``what``).
+    """
+
+    def fix(ts: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+        out = []
+        for t in ts:
+            name = canonical.get(t.name)
+            if name is None and t.name.startswith("grad.") and t.name[5:] in canonical:
+                name = "grad." + canonical[t.name[5:]]
+            out.append(dataclasses.replace(t, name=name or t.name))
+        return tuple(out)
+
+    renamed = ProgramSpec(fix(spec.inputs), fix(spec.outputs))
+    names = [t.name for t in (*renamed.inputs, *renamed.outputs)]
+    if len(set(names)) != len(names):
+        raise ExportError(f"two tensors of the {what} program share a name after renaming to PEFT names; please report this")
+    return renamed

@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from flexsfl.core.bundle import ADAPTER_WEIGHTS_NAME, ParamSpec, ProgramSpec, TensorSpec
+from flexsfl.core.bundle import ADAPTER_WEIGHTS_NAME, ParamSpec, TensorSpec
 from flexsfl.core.errors import ExportError
+from flexsfl.export.programs import with_canonical_names
 from flexsfl.export.top_programs import EVAL, TRAIN, TopPrograms, build_top_programs, export_top_programs
 
 if TYPE_CHECKING:
@@ -79,18 +80,8 @@ def build_top_export(loaded: "LoadedModel", top_blocks: int, *, split: int, max_
     programs = build_top_programs(top, names, max_batch=max_batch, max_seq=max_seq)
     canonical = top.canonical()
 
-    def fix(ts: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
-        out = []
-        for t in ts:
-            name = canonical.get(t.name)
-            if name is None and t.name.startswith("grad.") and t.name[5:] in canonical:
-                name = "grad." + canonical[t.name[5:]]
-            out.append(dataclasses.replace(t, name=name or t.name))
-        return tuple(out)
-
     programs = dataclasses.replace(
-        programs, **{k: ProgramSpec(fix(getattr(programs, k).inputs), fix(getattr(programs, k).outputs))
-                     for k in ("train_spec", "eval_spec")})
+        programs, **{k: with_canonical_names(getattr(programs, k), canonical, what=k[:-5]) for k in ("train_spec", "eval_spec")})
     return TopExport(top=top, programs=programs, canonical=canonical)
 
 

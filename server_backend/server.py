@@ -20,7 +20,7 @@ import logging
 import secrets
 import ssl
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 from websockets.asyncio.server import ServerConnection, serve
@@ -439,7 +439,6 @@ class FlexServer:
             self.round_id += 1
 
     async def _run_round(self, r: int) -> None:
-        cfg = self.strategy.cfg
         chosen = [self.sessions[c] for c in self.strategy.select(r, list(self.sessions))]
         t0 = time.perf_counter()
         steps0 = self.worker.steps

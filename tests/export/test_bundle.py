@@ -4,7 +4,6 @@ import json
 import pathlib
 import re
 import shutil
-import tarfile
 
 import numpy as np
 import pytest

@@ -7,7 +7,6 @@ match ``torch.optim.AdamW``, and the eval model computes with the trained weight
 """
 
 import contextlib
-import pathlib
 
 import numpy as np
 import onnx
