@@ -12,19 +12,8 @@ Data sets (each example carries a *group*, the natural unit of non-IID data):
 - a path: the user's own CSV/JSONL (see :mod:`flexsfl.edge_runtime.data`), optionally with a ``group``
   column.
 
-Partition schemes, each a pure function of (data set, K, seed, options):
-
-- ``natural``: whole groups go to clients (4 VADER domains -> 4 clients, one each); with more
-  groups than clients they are dealt largest-first to the smallest client, so sizes even out.
-- ``dirichlet``: label skew; each class is split among clients by proportions ~ Dir(alpha).
-  Small alpha -> each client sees mostly one class.
-- ``iid``: a uniform shuffle cut into K near-equal parts.
-
-Each client's examples are then split into train/test (stratified by label), the test sets are
-capped, and their union is the global test set. A text (compared case- and space-insensitively)
-never sits in one client's train set and any client's test set: the packaged data repeat a few
-texts across groups, which would otherwise leak test answers into training. Train sets are
-capped last.
+How they are split among clients (``natural``, ``dirichlet``, ``iid``; train/test splits without
+leaks) is described once, in :mod:`flexsfl.sim.data.partition`.
 
 Only numpy and the standard library: no torch, no pandas.
 
