@@ -6,6 +6,9 @@ Two file formats, chosen by extension:
 - ``.jsonl`` (or ``.ndjson``): one object per line, ``{"text": "...", "label": 1}``; blank lines
   are skipped, other keys are ignored.
 
+Either may carry an optional ``prompt`` (causal LM, instruction format): a proper prefix of
+``text`` whose tokens get no loss (see :class:`Example`).
+
 Labels are integers ``0..N-1``, or strings mapped to their index in an explicit ``label_names``
 list. Every malformed row is a :class:`~flexsfl.core.errors.DataError` whose one-line message
 names the file, the line and the field, e.g. ``data.csv:17: label 'x' is not an integer; labels
@@ -41,16 +44,26 @@ _INT = re.compile(r"[+-]?\d+")
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One labelled text. ``label`` is the class index, ``0 <= label < num_labels``."""
+    """One labelled text. ``label`` is the class index, ``0 <= label < num_labels``.
+
+    ``prompt`` (instruction format, causal LM only): a proper prefix of ``text`` — the rendered
+    prompt — whose tokens carry no loss, so the model learns the response only. Empty: the whole
+    text is learned.
+    """
 
     text: str
     label: int
+    prompt: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, str):
             raise DataError(f"Example.text must be a str, got {type(self.text).__name__}")
         if not isinstance(self.label, int) or isinstance(self.label, bool) or self.label < 0:
             raise DataError(f"Example.label must be an int >= 0, got {self.label!r}")
+        if not isinstance(self.prompt, str):
+            raise DataError(f"Example.prompt must be a str, got {type(self.prompt).__name__}")
+        if self.prompt and (not self.text.startswith(self.prompt) or len(self.prompt) == len(self.text)):
+            raise DataError("Example.prompt must be a proper prefix of its text (the rendered prompt before the response)")
 
 
 def read_examples(
@@ -95,7 +108,8 @@ def write_jsonl(path: str | os.PathLike, examples: Iterable[Example]) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
             for ex in examples:
-                f.write(json.dumps({"label": ex.label, "text": ex.text}, ensure_ascii=False, sort_keys=True))
+                row = {"label": ex.label, "text": ex.text, **({"prompt": ex.prompt} if ex.prompt else {})}
+                f.write(json.dumps(row, ensure_ascii=False, sort_keys=True))
                 f.write("\n")
                 n += 1
     except OSError as e:
@@ -152,7 +166,7 @@ def _read(
         if not text.strip():
             raise DataError(f"{where}:{line}: text is empty; remove the row or fill in its text")
         label = _label(_field(row, "label", where, line), names, n, f"{where}:{line}")
-        examples.append(Example(text, label))
+        examples.append(Example(text, label, _prompt(row.get("prompt"), text, f"{where}:{line}")))
         if group_field is not None:
             group = _group(row.get(group_field), group_field, f"{where}:{line}")
             if group is None and first_missing is None:
@@ -275,6 +289,18 @@ def _label(value: Any, names: tuple[str, ...] | None, n: int | None, at: str) ->
     if value < 0 or (n is not None and value >= n):
         bound = f"0..{n - 1}" if n is not None else "0..N-1"
         raise DataError(f"{at}: label {value} is out of range; labels must be {bound}")
+    return value
+
+
+def _prompt(value: Any, text: str, at: str) -> str:
+    """The row's optional ``prompt``: absent/empty, or a proper prefix of its text."""
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{at}: prompt must be a string, got {_json_type(value)}")
+    if not text.startswith(value) or len(value) == len(text):
+        raise DataError(f"{at}: prompt must be a proper prefix of text (the rendered prompt before the response); "
+                        f"render both with the same chat template")
     return value
 
 

@@ -160,3 +160,31 @@ class TextEncoder:
         return TokenBatch(ids, mask)
 
     __call__ = encode
+
+    def lm_labels(self, batch: TokenBatch, prompts: Sequence[str] | None = None) -> np.ndarray:
+        """Causal-LM labels [B, T] int64 for an encoded batch: the token ids, -100 on padding and
+        on each row's prompt tokens (instruction format: the loss is on the response only).
+
+        ``prompts[i]`` is a prefix of the text row ``i`` was encoded from ("" for none). Its
+        tokens are the longest common prefix of its own encoding and the row's real tokens, so a
+        token that merges across the prompt/response boundary stays labelled, and special tokens
+        the tokenizer appends to every text (an EOS) are not counted as prompt. Works for left
+        and right padding.
+        """
+        ids, mask = batch.input_ids, batch.attention_mask
+        labels = np.where(mask == 1, ids, -100).astype(np.int64)
+        if not prompts or not any(prompts):
+            return labels
+        if len(prompts) != ids.shape[0]:
+            raise ConfigError(f"{len(prompts)} prompts for a batch of {ids.shape[0]} texts; pass one per text")
+        for i, enc in enumerate(self._tok.encode_batch(list(prompts))):
+            if not prompts[i]:
+                continue
+            real = np.flatnonzero(mask[i] == 1)
+            p = np.array([t for t, m in zip(enc.ids, enc.attention_mask) if m], dtype=np.int64)
+            n = min(len(p), len(real))
+            same = ids[i, real[:n]] == p[:n]
+            k = n if same.all() else int(np.argmin(same))
+            labels[i, real[:k]] = -100
+        return labels
+

@@ -32,7 +32,7 @@ from flexsfl.core.bundle import Bundle
 from flexsfl.edge_runtime.data import Example, batches
 from flexsfl.core.errors import ConfigError, TensorError
 from flexsfl.edge_runtime.optim import make_optimizer
-from flexsfl.edge_runtime.text import TextEncoder
+from flexsfl.edge_runtime.text import TextEncoder, TokenBatch
 
 __all__ = ["RoundSettings", "Step", "RoundStats", "BatchCursor", "Trainer", "HeadTrainer"]
 
@@ -333,6 +333,6 @@ class HeadTrainer:
         return self.settings
 
     def _labels(self, batch: list[Example], input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        if self.task == "causal_lm":  # next-token prediction on the text itself; padding ignored
-            return np.where(mask == 1, input_ids, -100).astype(np.int64)
+        if self.task == "causal_lm":  # next-token prediction on the text itself; padding and prompts ignored
+            return self.encoder.lm_labels(TokenBatch(input_ids, mask), [e.prompt for e in batch])
         return np.array([e.label for e in batch], dtype=np.int64)

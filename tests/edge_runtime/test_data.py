@@ -216,3 +216,22 @@ def test_round_trip_property_jsonl_and_csv(tmp_path_factory, rows):
             w.writerows(csv_rows)
         assert read_examples(d / "a.csv") == [Example(t, y) for t, y in csv_rows]
 
+
+
+def test_instruction_prompt_round_trips_and_must_prefix_its_text(tmp_path):
+    """A causal-LM instruction row keeps its rendered prompt (the part that gets no loss)."""
+    rows = [Example("Q: hi?\nA: hello.", 0, "Q: hi?\nA: "), Example("plain", 0)]
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, rows)
+    assert read_examples(path) == rows
+    assert '"prompt"' not in path.read_text().splitlines()[1]  # only rows that have one carry it
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "Q: hi? A: hello.", "label": 0}\n{"text": "Q: hi? A: hello.", "prompt": "A:", "label": 0}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: prompt must be a proper prefix of text"):
+        read_examples(bad)
+    whole = tmp_path / "whole.csv"
+    whole.write_text("text,label,prompt\nsame,0,same\n")
+    with pytest.raises(DataError, match=r"whole.csv:2: prompt must be a proper prefix"):
+        read_examples(whole)
+    with pytest.raises(DataError, match="proper prefix"):
+        Example("abc", 0, "x")

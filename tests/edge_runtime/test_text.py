@@ -226,3 +226,39 @@ def test_from_bundle_uses_its_tokenizer_max_seq_pad_config_and_min_seq_2(smollm2
     small = _bundle_with_tokenizer(tmp_path / "c", backend.to_str(), vocab_size=1000, max_seq=12)
     with pytest.raises(BundleError, match=f"tokenizer has {len(tok)} tokens but the model embeds 1000"):
         TextEncoder.from_bundle(small)
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_lm_labels_mask_padding_and_the_chat_prompt_only(smollm2, left):
+    """Instruction format on the device: the rendered prompt's tokens and padding get -100, every
+    response token keeps its id (the loss is on the response only), for either padding side."""
+    path, tok = smollm2
+    enc = TextEncoder.from_file(path, max_seq=96, pad_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    if left:
+        enc._left = True
+        enc._tok.enable_padding(direction="left", pad_id=enc.pad_id, pad_token=enc._tok.id_to_token(enc.pad_id))
+    pairs = [("What is the capital of France?", "Paris."), ("Say hi.", "Hello there, how are you today?")]
+    rendered = [(tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False),
+                 tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True))
+                for p, r in pairs]
+    texts = [w for w, _ in rendered] + ["plain text, no prompt"]
+    prompts = [h for _, h in rendered] + [""]
+    batch = enc.encode(texts)
+    labels = enc.lm_labels(batch, prompts)
+    for i, (text, prompt) in enumerate(zip(texts, prompts)):
+        real = np.flatnonzero(batch.attention_mask[i] == 1)
+        n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
+        assert (labels[i, batch.attention_mask[i] == 0] == -100).all()
+        assert (labels[i, real[:n_prompt]] == -100).all()
+        np.testing.assert_array_equal(labels[i, real[n_prompt:]], batch.input_ids[i, real[n_prompt:]])
+        if prompt:  # the response's words are what is learned
+            learned = tok.decode(labels[i, real[n_prompt:]])
+            assert pairs[i][1] in learned and pairs[i][0] not in learned
+    np.testing.assert_array_equal(enc.lm_labels(batch), np.where(batch.attention_mask == 1, batch.input_ids, -100))
+
+
+def test_lm_labels_needs_one_prompt_per_text(smollm2):
+    path, tok = smollm2
+    enc = TextEncoder.from_file(path, max_seq=16, pad_id=0)
+    with pytest.raises(ConfigError, match="2 prompts for a batch of 1"):
+        enc.lm_labels(enc.encode(["hello world"]), ["a", "b"])
