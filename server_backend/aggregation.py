@@ -10,6 +10,14 @@ block ``j``, the new global adapter is the sample-weighted mean of
 
 Tensors outside every client's head (deeper blocks, the task head) are only trained on the
 server and are left as they are.
+
+**U-shaped clients** (``top = u_k`` not None) also hold the last ``u_k`` blocks and the task head
+("block" ``L``): the blocks a client holds are ``[0, s_k) ∪ [L - u_k, L]`` (:func:`holds`), and
+the server trained block ``j`` for it only when ``s_k <= j < L - u_k`` (its middle). The rule is
+the same with "the client's head holds ``j``" read as "the client holds ``j``": block ``j``'s new
+``φ^j`` is the sample-weighted mean of the ``θ_k^j`` of every client that holds it and of the
+server's ``φ^j`` weighted by the samples of the clients whose ``j`` the server trained. A
+head/tail client (``top`` None) leaves the task head and every block past its split to the server.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["ClientUpdate", "AGGREGATIONS", "weighted_mean", "coordinate_median", "trimmed_mean", "combine",
+__all__ = ["ClientUpdate", "holds", "AGGREGATIONS", "weighted_mean", "coordinate_median", "trimmed_mean", "combine",
            "layerwise_fedavg", "fedavg"]
 
 # How the arrays of one tensor are combined. "mean" weighs by samples; the robust rules do not
@@ -33,9 +41,19 @@ class ClientUpdate:
     """What one client uploaded at the end of a round: the project's one upload type, handed to
     :meth:`~.strategy.Strategy.aggregate` and to the server's ``on_round_end`` callback."""
 
-    params: Mapping[str, np.ndarray]  # canonical name -> tensor (its head's adapters)
+    params: Mapping[str, np.ndarray]  # canonical name -> tensor (every block it holds, see holds())
     num_samples: int  # n_k: examples it trained on this round
     split: int  # s_k: blocks 0..s_k-1 are on the device
+    top: int | None = None  # u_k of a U-shaped client (last u_k blocks + task head on the device); None: head/tail
+
+
+def holds(j: int, split: int, top: int | None, num_blocks: int) -> bool:
+    """Whether a client at ``(split, top)`` holds block ``j`` (0-based; the task head is ``num_blocks``).
+
+    Head/tail (``top`` None): ``j < split``. U-shaped: ``j < split`` or ``j >= num_blocks - top``
+    (so the task head always, even with ``top = 0``).
+    """
+    return j < split or (top is not None and j >= num_blocks - top)
 
 
 def weighted_mean(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
@@ -78,23 +96,27 @@ def layerwise_fedavg(
     blocks: Mapping[str, int],
     updates: Sequence[ClientUpdate],
     rule: str = "mean",
+    num_blocks: int | None = None,
 ) -> dict[str, np.ndarray]:
     """New global adapters after one FlexP-SFL round.
 
     ``global_params``: the server's φ after this round's tail training (canonical name -> array);
     ``blocks``: canonical name -> 0-based block (the task head maps to L); ``updates``: one per
     client that finished the round; ``rule``: how each tensor's arrays are combined (the server's
-    φ^j counts as one more array). Returns a new dict; inputs are not modified.
+    φ^j counts as one more array); ``num_blocks``: L, needed when an update is U-shaped (its top
+    blocks are counted from L). Returns a new dict; inputs are not modified.
     """
     out = dict(global_params)
     if not updates:
         return out
+    if num_blocks is None and any(u.top is not None for u in updates):
+        raise ValueError("layerwise_fedavg: U-shaped updates (top set) need num_blocks")
     for name, phi in global_params.items():
         j = blocks[name]
         arrays, weights = [], []
         server_weight = 0
         for u in updates:
-            if j < u.split:
+            if holds(j, u.split, u.top, num_blocks or 0):
                 arrays.append(u.params[name])
                 weights.append(u.num_samples)
             else:

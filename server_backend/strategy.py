@@ -9,7 +9,15 @@ thread, one at a time. The maths live in :mod:`.aggregation` as free functions.
 
 - :class:`FlexPSFL`: personal heads kept on the device across rounds, global adapters sent as the
   alignment reference (and as the first personal head), layer-wise aggregation across split
-  points. ``align_lambda = 0`` is the ablation.
+  points. ``align_lambda = 0`` is the ablation. A U-shaped client (``top`` set) is planned and
+  aggregated over every block it holds (see :class:`FlexPSFLU`).
+- :class:`FlexPSFLU`: FlexP-SFL-U, the label-private U-shaped topology: each client holds its
+  head blocks ``[0, s_k)`` *and* its top ``[L - u_k, L)`` + final norm + task head, all personal
+  and kept across rounds; the server trains only the middle and never sees a label. Each round
+  sends ``φ`` of every block the client holds (alignment reference, first personal model);
+  layer-wise aggregation covers head and top blocks and the task head (:func:`.aggregation.holds`).
+  The alignment term acts on the head's output as in FlexP-SFL, and with ``align_top`` also at
+  the top's input ``H`` (the client's RoundConfig says so).
 - :class:`SplitFed`: SplitFed/SplitLoRA: one split for everyone, no personalization (every round
   starts from the global head), FedAvg of the heads.
 - :class:`FedAvg`: FedAvg-LoRA with the whole model on the device (client mode "full").
@@ -21,7 +29,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import random
-from typing import ClassVar, Mapping, Protocol, Sequence
+from typing import Any, ClassVar, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -29,9 +37,12 @@ from flexsfl.core.constants import OPTIMIZERS
 from flexsfl.core.errors import ConfigError
 from flexsfl.core.wire import RoundMode
 
-from flexsfl.server_backend.aggregation import AGGREGATIONS, ClientUpdate, fedavg, layerwise_fedavg
+from flexsfl.server_backend.aggregation import AGGREGATIONS, ClientUpdate, fedavg, holds, layerwise_fedavg
 
-__all__ = ["TrainConfig", "RoundPlan", "StrategyHost", "Strategy", "FlexPSFL", "SplitFed", "FedAvg", "LocalOnly", "STRATEGIES", "make_strategy"]
+__all__ = ["TrainConfig", "RoundPlan", "StrategyHost", "Strategy", "FlexPSFL", "FlexPSFLU", "SplitFed", "FedAvg",
+           "LocalOnly", "STRATEGIES", "TOPOLOGIES", "make_strategy", "client_params"]
+
+TOPOLOGIES = ("head-tail", "u")  # head-tail: the server holds the output (and sees labels); u: the device does
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +59,7 @@ class TrainConfig:
     align_lambda: float = 0.0  # lambda of the alignment term
     round_timeout: float = 600.0  # seconds to wait for uploads; late clients are left out of the round
     aggregation: str = "mean"  # how uploads combine per tensor: mean (sample-weighted) | median | trimmed-mean
+    align_top: bool = False  # U-shaped clients: the alignment term also at the top's input H (needs align_lambda > 0)
     seed: int = 0  # client sampling
 
     def __post_init__(self) -> None:
@@ -65,6 +77,8 @@ class TrainConfig:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.align_lambda < 0:
             raise ConfigError(f"align_lambda must be >= 0, got {self.align_lambda}")
+        if self.align_top and not self.align_lambda > 0:
+            raise ConfigError("align_top applies the alignment term at the top's input: set align_lambda > 0 too")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +94,7 @@ class RoundPlan:
     adapters: Mapping[str, np.ndarray] | None  # tensors to download, or None
     mode: RoundMode  # where the model trains: split (head on the device) or full (whole model)
     personal: bool  # the client keeps its own adapters across rounds
+    align_top: bool = False  # U-shaped client: the alignment term also at the top's input H
 
 
 class StrategyHost(Protocol):
@@ -89,6 +104,11 @@ class StrategyHost(Protocol):
     @property
     def blocks(self) -> Mapping[str, int]:
         """Canonical name -> 0-based block of every tensor of ``φ`` (the task head maps to L)."""
+        ...
+
+    @property
+    def info(self) -> Any:
+        """The model's facts; strategies read ``info.num_blocks`` (L)."""
         ...
 
     def head_params(self, split: int) -> dict[str, np.ndarray]:
@@ -111,6 +131,7 @@ class Strategy(abc.ABC):
     name: ClassVar[str]
     mode: ClassVar[RoundMode] = RoundMode.SPLIT  # split: head on device, tail on server; full: whole model on device
     personal: ClassVar[bool] = True  # clients keep their own adapters across rounds
+    topologies: ClassVar[tuple[str, ...]] = ("head-tail",)  # the client topologies it can plan (see refuse)
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -123,35 +144,83 @@ class Strategy(abc.ABC):
             return ids
         return sorted(random.Random(self.cfg.seed * 1_000_003 + round_id).sample(ids, k))
 
-    def _round_plan(self, adapters: Mapping[str, np.ndarray] | None, align_lambda: float) -> RoundPlan:
+    def refuse(self, top: int | None) -> str | None:
+        """Why a client of this topology (``top``: its u_k if U-shaped, None for head/tail) cannot
+        train under this strategy, as one line for the client; None when it can. The server asks
+        at Hello."""
+        if self.mode is RoundMode.FULL:
+            return None  # the whole model trains on the device: the split layout does not matter
+        topology = "head-tail" if top is None else "u"
+        if topology in self.topologies:
+            return None
+        if topology == "u":
+            return (f"strategy {self.name} trains head/tail clients (labels go to the server); this client has a "
+                    "U-shaped bundle (--top): use strategy flexpsfl-u, or export the bundle without --top")
+        return (f"strategy {self.name} trains U-shaped clients (labels stay on the device); this client's bundle "
+                "has no top: export it with --top U, or use strategy flexpsfl")
+
+    def _round_plan(self, adapters: Mapping[str, np.ndarray] | None, align_lambda: float,
+                    align_top: bool = False) -> RoundPlan:
         c = self.cfg
-        return RoundPlan(c.local_steps, c.batch_size, c.lr, c.optimizer, align_lambda, adapters, self.mode, self.personal)
+        return RoundPlan(c.local_steps, c.batch_size, c.lr, c.optimizer, align_lambda, adapters, self.mode, self.personal,
+                         align_top)
 
     @abc.abstractmethod
-    def plan(self, round_id: int, client_id: str, split: int, host: StrategyHost) -> RoundPlan:
-        """What ``client_id`` (whose head holds ``split`` blocks) is told and given in ``round_id``."""
+    def plan(self, round_id: int, client_id: str, split: int, host: StrategyHost, top: int | None = None) -> RoundPlan:
+        """What ``client_id`` (whose head holds ``split`` blocks and, if U-shaped, whose top holds
+        the last ``top`` blocks + task head) is told and given in ``round_id``."""
 
     @abc.abstractmethod
     def aggregate(self, round_id: int, host: StrategyHost, updates: Mapping[str, ClientUpdate]) -> None:
         """Fold the round's uploads (client id -> update; possibly empty) into ``host``'s ``φ``."""
 
 
+def client_params(host: StrategyHost, split: int, top: int | None) -> dict[str, np.ndarray]:
+    """``φ``'s tensors in every block a client at ``(split, top)`` holds (a copy): its head's, and
+    for a U-shaped client (``top`` not None) also its top blocks' and the task head's."""
+    if top is None:
+        return host.head_params(split)
+    L = host.info.num_blocks
+    if not (isinstance(top, int) and 0 <= top < L - split):
+        raise ConfigError(f"top {top!r} does not fit split {split} of a {L}-block model: choose 0 <= top <= {L - split - 1}")
+    state = host.state()
+    return {n: state[n] for n, j in host.blocks.items() if holds(j, split, top, L)}
+
+
 class FlexPSFL(Strategy):
     name = "flexpsfl"
+    topologies = TOPOLOGIES  # head/tail and U-shaped clients, in one federation if need be
 
-    def plan(self, round_id: int, client_id: str, split: int, host: StrategyHost) -> RoundPlan:
-        # φ's head blocks: the alignment reference every round, the initial θ_k at the first.
-        return self._round_plan(host.head_params(split), self.cfg.align_lambda)
+    def plan(self, round_id: int, client_id: str, split: int, host: StrategyHost, top: int | None = None) -> RoundPlan:
+        # φ of every block the client holds: the alignment reference every round, the initial θ_k at the first.
+        align_top = self.cfg.align_top and top is not None
+        return self._round_plan(client_params(host, split, top), self.cfg.align_lambda, align_top)
 
     def aggregate(self, round_id: int, host: StrategyHost, updates: Mapping[str, ClientUpdate]) -> None:
-        host.load_state(layerwise_fedavg(host.state(), host.blocks, list(updates.values()), self.cfg.aggregation))
+        host.load_state(layerwise_fedavg(host.state(), host.blocks, list(updates.values()), self.cfg.aggregation,
+                                         num_blocks=host.info.num_blocks))
+
+
+class FlexPSFLU(FlexPSFL):
+    """FlexP-SFL-U: FlexP-SFL with every client U-shaped (labels and output layers stay on the device)."""
+
+    name = "flexpsfl-u"
+    topologies = ("u",)
+
+    def plan(self, round_id: int, client_id: str, split: int, host: StrategyHost, top: int | None = None) -> RoundPlan:
+        if top is None:
+            raise ConfigError(self.refuse(None) or "")
+        return super().plan(round_id, client_id, split, host, top)
 
 
 class SplitFed(FlexPSFL):
     name = "splitfed"
     personal = False  # every round starts from the global head
+    topologies = ("head-tail",)
 
-    def plan(self, round_id: int, client_id: str, split: int, host: StrategyHost) -> RoundPlan:
+    def plan(self, round_id: int, client_id: str, split: int, host: StrategyHost, top: int | None = None) -> RoundPlan:
+        if top is not None:
+            raise ConfigError(self.refuse(top) or "")
         return self._round_plan(host.head_params(split), 0.0)
 
 
@@ -160,7 +229,7 @@ class FedAvg(Strategy):
     mode = RoundMode.FULL
     personal = False
 
-    def plan(self, round_id: int, client_id: str, split: int, host: StrategyHost) -> RoundPlan:
+    def plan(self, round_id: int, client_id: str, split: int, host: StrategyHost, top: int | None = None) -> RoundPlan:
         return self._round_plan(host.state(), 0.0)
 
     def aggregate(self, round_id: int, host: StrategyHost, updates: Mapping[str, ClientUpdate]) -> None:
@@ -176,7 +245,7 @@ class LocalOnly(Strategy):
         super().__init__(cfg)
         self._started: set[str] = set()
 
-    def plan(self, round_id: int, client_id: str, split: int, host: StrategyHost) -> RoundPlan:
+    def plan(self, round_id: int, client_id: str, split: int, host: StrategyHost, top: int | None = None) -> RoundPlan:
         # Everyone starts from the same pretrained model; after that nothing is shared.
         first = client_id not in self._started
         self._started.add(client_id)
@@ -186,7 +255,7 @@ class LocalOnly(Strategy):
         return None
 
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (FlexPSFL, SplitFed, FedAvg, LocalOnly)}
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (FlexPSFL, FlexPSFLU, SplitFed, FedAvg, LocalOnly)}
 
 
 def make_strategy(name: str, cfg: TrainConfig) -> Strategy:

@@ -8,6 +8,8 @@ to the global adapters φ, given known uploads, compared with numpy written out 
 - SplitFed: the same rule on heads that all stop at the same split; no personalization.
 - FedAvg: the sample-weighted mean of every tensor.
 - LocalOnly: φ is never changed.
+- FlexP-SFL-U: the same rule over every block a U-shaped client holds, [0, s) ∪ [L-u, L) and the
+  task head; the server's φ^j counts for the clients whose middle held j.
 """
 
 from __future__ import annotations
@@ -76,10 +78,10 @@ def layerwise_reference(phi, blocks, uploads):
 
 
 def test_strategies_by_name():
-    assert set(STRATEGIES) == {"flexpsfl", "splitfed", "fedavg", "local"}
+    assert set(STRATEGIES) == {"flexpsfl", "flexpsfl-u", "splitfed", "fedavg", "local"}
     for name in STRATEGIES:
         assert make_strategy(name, CFG).name == name
-    with pytest.raises(ConfigError, match="unknown strategy 'fedprox'; choose one of: flexpsfl, splitfed, fedavg, local"):
+    with pytest.raises(ConfigError, match="unknown strategy 'fedprox'; choose one of: flexpsfl, flexpsfl-u, splitfed, fedavg, local"):
         make_strategy("fedprox", CFG)
 
 
@@ -184,3 +186,81 @@ def test_a_round_without_uploads_leaves_phi(host, name):
     phi = host.state()
     make_strategy(name, CFG).aggregate(0, host, {})
     _assert_state(host, phi)
+
+
+# --- FlexP-SFL-U: U-shaped clients hold head blocks, top blocks and the task head ----------------
+
+
+def _held(host, split, top):
+    L = host.info.num_blocks
+    return {n for n, j in host.blocks.items() if j < split or j >= L - top}
+
+
+@pytest.mark.parametrize("name", ["flexpsfl-u", "flexpsfl"])
+def test_u_plan_sends_phi_of_every_block_the_client_holds(host, name):
+    L = host.info.num_blocks
+    s = make_strategy(name, CFG)
+    for round_id in (0, 1):
+        for cid, split, top in (("a", 1, 0), ("b", 1, 2), ("c", 2, 1)):
+            plan = s.plan(round_id, cid, split, host, top)
+            _check_common(plan)
+            assert plan.mode == "split" and plan.personal is True and plan.align_lambda == 0.3 and plan.align_top is False
+            want = _held(host, split, top)
+            assert set(plan.adapters) == want
+            assert any(host.blocks[n] == L for n in want)  # the task head travels, even at top 0
+            assert not any(split <= host.blocks[n] < L - top for n in want)  # never a middle block
+            for n in want:
+                np.testing.assert_array_equal(plan.adapters[n], host.state()[n])
+
+
+def test_u_plan_refuses_what_does_not_fit(host):
+    with pytest.raises(ConfigError, match="strategy flexpsfl-u trains U-shaped clients .* export it with --top U"):
+        make_strategy("flexpsfl-u", CFG).plan(0, "a", 1, host)
+    with pytest.raises(ConfigError, match="use strategy flexpsfl-u, or export the bundle without --top"):
+        make_strategy("splitfed", CFG).plan(0, "a", 1, host, 1)
+    with pytest.raises(ConfigError, match="top 3 does not fit split 1 of a 4-block model: choose 0 <= top <= 2"):
+        make_strategy("flexpsfl-u", CFG).plan(0, "a", 1, host, 3)
+
+
+def test_refuse_says_which_topology_each_strategy_trains():
+    assert make_strategy("flexpsfl", CFG).refuse(None) is None and make_strategy("flexpsfl", CFG).refuse(2) is None
+    assert make_strategy("flexpsfl-u", CFG).refuse(0) is None
+    assert "export it with --top U" in make_strategy("flexpsfl-u", CFG).refuse(None)
+    assert "use strategy flexpsfl-u" in make_strategy("splitfed", CFG).refuse(1)
+    assert make_strategy("fedavg", CFG).refuse(1) is None  # the whole model is on the device either way
+
+
+def test_align_top_needs_lambda():
+    import dataclasses
+
+    assert dataclasses.replace(CFG, align_top=True).align_top is True
+    with pytest.raises(ConfigError, match="align_top .* set align_lambda > 0 too"):
+        dataclasses.replace(CFG, align_lambda=0.0, align_top=True)
+
+
+def test_align_top_reaches_the_plan(host):
+    import dataclasses
+
+    s = make_strategy("flexpsfl", dataclasses.replace(CFG, align_top=True))
+    assert s.plan(0, "u", 1, host, 1).align_top is True
+    assert s.plan(0, "h", 1, host).align_top is False  # a head/tail client has no top
+
+
+def test_flexpsfl_u_aggregates_head_and_top_blocks_layer_wise(host):
+    phi = host.state()
+    L = host.info.num_blocks
+    rng = np.random.default_rng(7)
+    rand = lambda names: {n: rng.standard_normal(phi[n].shape).astype(np.float32) for n in names}  # noqa: E731
+    ups = {"a": ClientUpdate(rand(_held(host, 1, 2)), 4, 1, 2),  # holds 0, 2, 3, head; middle 1
+           "b": ClientUpdate(rand(_held(host, 2, 0)), 6, 2, 0)}  # holds 0, 1, head; middle 2, 3
+    make_strategy("flexpsfl-u", CFG).aggregate(0, host, ups)
+    got = host.state()
+    for n, j in host.blocks.items():
+        a, b = ups["a"].params.get(n), ups["b"].params.get(n)
+        if j == 0 or j == L:  # both hold it: the server's φ takes no part
+            want = (4 * a.astype(np.float64) + 6 * b) / 10
+        elif j == 1:  # b holds it, the server trained it for a
+            want = (6 * b.astype(np.float64) + 4 * phi[n]) / 10
+        else:  # 2, 3: a holds them, the server trained them for b
+            want = (4 * a.astype(np.float64) + 6 * phi[n]) / 10
+        np.testing.assert_allclose(got[n], want, rtol=1e-5, atol=1e-6, err_msg=n)
