@@ -171,3 +171,22 @@ def test_any_activations_round_trips_exactly_in_fp32(shape, mode, seed):
     labels = rng.integers(-100, 1000, shape[:2] if seed % 2 else shape[:1])
     msg = Activations(round_id=seed, step_id=seed // 3, mode=mode, z=z, attention_mask=mask, labels=labels)
     assert parse(msg.serialize()) == msg
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.tuples(st.integers(0, 3), st.integers(0, 5), st.integers(0, 7)), st.integers(0, 2**32),
+       st.floats(allow_nan=False, allow_infinity=False, width=64))
+def test_any_u_shaped_leg_round_trips_exactly_in_fp32(shape, seed, loss):
+    from flexsfl.core.wire import Activations, MiddleOutput, TopGradients
+
+    rng = np.random.default_rng(seed)
+    arrays = [rng.standard_normal(shape).astype(np.float32) * np.float32(10.0) ** rng.integers(-30, 30) for _ in range(3)]
+    for msg in (
+        Activations(round_id=seed, step_id=seed // 3, mode="train", z=arrays[0], attention_mask=rng.integers(0, 2, shape[:2])),
+        MiddleOutput(round_id=seed, step_id=seed // 3, h=arrays[1]),
+        TopGradients(round_id=seed, step_id=seed // 3, loss=loss, grad_h=arrays[2]),
+    ):
+        data = msg.serialize()
+        assert parse(data) == msg
+        header = json.loads(data[12:12 + struct.unpack_from("<I", data, 8)[0]])
+        assert "labels" not in header["fields"] and "labels" not in [t["name"] for t in header["tensors"]]

@@ -1,6 +1,7 @@
 """The connection state machine (no sockets): every allowed transition, every refused one (a
-peer's frame -> ProtocolError, this side's own send -> InvalidState), and the session-level
-checks of activations and adapter sets."""
+peer's frame -> ProtocolError, this side's own send -> InvalidState), for head/tail sessions and
+U-shaped ones (``U:`` situations: Z up, H down, dL/dH up, dL/dZ down, no labels on the wire), and
+the session-level checks of activations and adapter sets."""
 
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ from flexsfl.core.wire import (
     Hello,
     Limits,
     Metrics,
+    MiddleOutput,
     Pending,
     Predictions,
     Role,
     RoundConfig,
     RoundEnd,
     State,
+    TopGradients,
     Upload,
     Welcome,
     check_activations,
@@ -55,8 +58,14 @@ CATALOGUE = {
     "RoundEnd": RoundEnd(round_id=1),
     "Error": Error(code=ErrorCode.SERVER_ERROR, message="x"),
     "Bye": Bye(reason="done"),
+    # U-shaped
+    "Hello/U": Hello(client_id="pi5-u", token="t", layout_hash=HASH, split=1, top=1, backend="ort", encodings=("fp16",)),
+    "Activations/u-train": act("train", labels=None),
+    "MiddleOutput": MiddleOutput(round_id=1, step_id=7, h=Z, encoding="fp16"),
+    "TopGradients": TopGradients(round_id=1, step_id=7, loss=0.5, grad_h=Z, encoding="fp16"),
 }
-CLIENT_SENDS = {"Hello", "Activations/train", "Activations/eval", "Upload", "Metrics", "Error", "Bye"}
+CLIENT_SENDS = {"Hello", "Activations/train", "Activations/eval", "Upload", "Metrics", "Error", "Bye",
+                "Hello/U", "Activations/u-train", "TopGradients"}
 
 # How to get to each situation from a fresh pair, and what each allowed message leads to there.
 SCRIPTS = {
@@ -69,9 +78,18 @@ SCRIPTS = {
     "IN_ROUND+eval": ["Hello", "Welcome", "RoundConfig", "Activations/eval"],
     "AWAIT_ROUND_END": ["Hello", "Welcome", "RoundConfig", "Upload"],
     "CLOSED": ["Hello", "Bye"],
+    "U:AWAIT_WELCOME": ["Hello/U"],
+    "U:IDLE": ["Hello/U", "Welcome"],
+    "U:IDLE+eval>MiddleOutput": ["Hello/U", "Welcome", "Activations/eval"],
+    "U:IN_ROUND": ["Hello/U", "Welcome", "RoundConfig"],
+    "U:IN_ROUND+train>MiddleOutput": ["Hello/U", "Welcome", "RoundConfig", "Activations/u-train"],
+    "U:IN_ROUND+train>TopGradients": ["Hello/U", "Welcome", "RoundConfig", "Activations/u-train", "MiddleOutput"],
+    "U:IN_ROUND+train>Gradients": ["Hello/U", "Welcome", "RoundConfig", "Activations/u-train", "MiddleOutput", "TopGradients"],
+    "U:IN_ROUND+eval>MiddleOutput": ["Hello/U", "Welcome", "RoundConfig", "Activations/eval"],
+    "U:AWAIT_ROUND_END": ["Hello/U", "Welcome", "RoundConfig", "Upload"],
 }
 ALLOWED = {
-    "AWAIT_HELLO": {"Hello": "AWAIT_WELCOME"},
+    "AWAIT_HELLO": {"Hello": "AWAIT_WELCOME", "Hello/U": "U:AWAIT_WELCOME"},
     "AWAIT_WELCOME": {"Welcome": "IDLE"},
     "IDLE": {"RoundConfig": "IN_ROUND", "Activations/eval": "IDLE+eval", "Metrics": "IDLE"},
     "IDLE+eval": {"Predictions": "IDLE"},
@@ -81,15 +99,33 @@ ALLOWED = {
     "IN_ROUND+eval": {"Predictions": "IN_ROUND"},
     "AWAIT_ROUND_END": {"RoundEnd": "IDLE", "Metrics": "AWAIT_ROUND_END"},
     "CLOSED": {},
+    "U:AWAIT_WELCOME": {"Welcome": "U:IDLE"},
+    "U:IDLE": {"RoundConfig": "U:IN_ROUND", "Activations/eval": "U:IDLE+eval>MiddleOutput", "Metrics": "U:IDLE"},
+    "U:IDLE+eval>MiddleOutput": {"MiddleOutput": "U:IDLE"},
+    "U:IN_ROUND": {"Adapters": "U:IN_ROUND", "Activations/u-train": "U:IN_ROUND+train>MiddleOutput",
+                   "Activations/eval": "U:IN_ROUND+eval>MiddleOutput", "Upload": "U:AWAIT_ROUND_END", "Metrics": "U:IN_ROUND"},
+    "U:IN_ROUND+train>MiddleOutput": {"MiddleOutput": "U:IN_ROUND+train>TopGradients"},
+    "U:IN_ROUND+train>TopGradients": {"TopGradients": "U:IN_ROUND+train>Gradients"},
+    "U:IN_ROUND+train>Gradients": {"Gradients": "U:IN_ROUND"},
+    "U:IN_ROUND+eval>MiddleOutput": {"MiddleOutput": "U:IN_ROUND"},
+    "U:AWAIT_ROUND_END": {"RoundEnd": "U:IDLE", "Metrics": "U:AWAIT_ROUND_END"},
+}
+# Refused for what the session decides about labels, not for their order (the peer's fault all the same).
+NOT_ORDER = {
+    ("IN_ROUND", "Activations/u-train"): (TensorError, "a head/tail train step needs labels"),
+    ("U:IN_ROUND", "Activations/train"): (ProtocolError, "carries labels in a U-shaped session"),
 }
 for situation, allowed in ALLOWED.items():
     if situation != "CLOSED":
-        allowed.update({"Error": "CLOSED", "Bye": "CLOSED"})
+        closed = "U:CLOSED" if situation.startswith("U:") else "CLOSED"
+        allowed.update({"Error": closed, "Bye": closed})
 
 
 def situation_of(conn: Connection) -> str:
     p = conn.pending
-    return conn.state.name + (f"+{p.mode}" if p else "")
+    if not conn.u_shaped:
+        return conn.state.name + (f"+{p.mode}" if p else "")
+    return "U:" + conn.state.name + (f"+{p.mode}>{p.awaits.__name__}" if p else "")
 
 
 def deliver(client: Connection, server: Connection, key: str):
@@ -110,7 +146,7 @@ def reach(situation: str) -> tuple[Connection, Connection]:
 
 
 def snapshot(conn: Connection):
-    return (conn.state, conn.round_id, conn.pending, conn.encoding, conn.session_id, conn.limits)
+    return (conn.state, conn.round_id, conn.pending, conn.encoding, conn.session_id, conn.limits, conn.top)
 
 
 @pytest.mark.parametrize("situation, key, after", [(s, k, a) for s, allowed in ALLOWED.items() for k, a in allowed.items()])
@@ -128,9 +164,10 @@ def test_every_other_message_is_refused_without_changing_state(situation, key):
     with pytest.raises(InvalidState, match="^cannot send: ") as e:  # this side's bug, not the peer's
         sender.send(CATALOGUE[key])
     assert not isinstance(e.value, ProtocolError) and "\n" not in str(e.value)
-    with pytest.raises(OrderError) as e:
+    error, message = NOT_ORDER.get((situation, key), (OrderError, None))
+    with pytest.raises(error, match=message) as e:
         receiver.receive(CATALOGUE[key].serialize())  # a peer that skipped the check
-    assert e.value.code == ErrorCode.OUT_OF_ORDER and "\n" not in str(e.value)
+    assert (error is not OrderError or e.value.code == ErrorCode.OUT_OF_ORDER) and "\n" not in str(e.value)
     assert (snapshot(sender), snapshot(receiver)) == before
 
 
@@ -183,7 +220,7 @@ def test_two_rounds_with_eval_between_them():
          "Gradients answers round 1 step 8, but the outstanding Activations is round 1 step 7"),
         (["Activations/train"], Gradients(round_id=2, step_id=7, loss=0.5, g=Z, encoding="fp16"), OrderError, "answers round 2 step 7"),
         (["Activations/train"], Predictions(round_id=1, step_id=7, logits=np.zeros((2, 5), np.float32)), OrderError,
-         "Predictions answers an Activations in mode 'eval', but the outstanding one is 'train'"),
+         r"Predictions while Activations round 1 step 7 awaits its answer \(Gradients\)"),
         (["Activations/train"], Gradients(round_id=1, step_id=7, loss=0.5, g=Z[:, :2], encoding="fp16"), TensorError,
          r"Gradients.g has shape \[2, 2, 4\], but z had \[2, 3, 4\]"),
         (["Activations/train"], Gradients(round_id=1, step_id=7, loss=0.5, g=Z, encoding="int8"), TensorError,
@@ -199,7 +236,7 @@ def test_two_rounds_with_eval_between_them():
         ([], Metrics(round_id=0, metrics={}), OrderError, "Metrics is for round 0, but round 1 is running"),
         (["Upload"], RoundEnd(round_id=2), OrderError, "RoundEnd is for round 2, but round 1 is running"),
         (["Activations/train"], Metrics(round_id=1, metrics={}), OrderError,
-         "Metrics while Activations round 1 step 7 awaits its answer; one request at a time"),
+         r"Metrics while Activations round 1 step 7 awaits its answer \(Gradients\); one request at a time"),
         (["Activations/train"], act("train", step_id=8), OrderError, "awaits its answer"),
         (["Upload", "RoundEnd"], CATALOGUE["RoundConfig"], OrderError,
          "RoundConfig starts round 1, but round 1 came before; round ids must increase"),
@@ -216,6 +253,53 @@ def test_ids_shapes_and_encodings_must_be_consistent(setup, msg, error, message)
     with pytest.raises(error, match=message):
         receiver.receive(msg.serialize())
     assert (snapshot(sender), snapshot(receiver)) == before
+
+
+@pytest.mark.parametrize(
+    "setup, msg, error, message",
+    [
+        (["Activations/u-train", "MiddleOutput"], TopGradients(round_id=1, step_id=9, loss=0.5, grad_h=Z, encoding="fp16"),
+         OrderError, "TopGradients answers round 1 step 9, but the outstanding Activations is round 1 step 7"),
+        ([], TopGradients(round_id=1, step_id=7, loss=0.5, grad_h=Z, encoding="fp16"), OrderError,
+         "TopGradients answers no Activations; none is outstanding"),
+        (["Activations/u-train"], CATALOGUE["TopGradients"], OrderError,
+         r"TopGradients while Activations round 1 step 7 awaits its answer \(MiddleOutput\)"),
+        (["Activations/u-train", "MiddleOutput"], TopGradients(round_id=1, step_id=7, loss=0.5, grad_h=Z[:1], encoding="fp16"),
+         TensorError, r"TopGradients.grad_h has shape \[1, 3, 4\], but z had \[2, 3, 4\]"),
+        (["Activations/u-train", "MiddleOutput"], TopGradients(round_id=1, step_id=7, loss=0.5, grad_h=Z, encoding="fp32"),
+         TensorError, "TopGradients.grad_h travels in fp32, but the connection negotiated fp16"),
+        (["Activations/u-train"], MiddleOutput(round_id=1, step_id=7, h=Z[:, :2], encoding="fp16"), TensorError,
+         r"MiddleOutput.h has shape \[2, 2, 4\], but z had \[2, 3, 4\]"),
+        (["Activations/u-train"], CATALOGUE["Gradients"], OrderError, r"awaits its answer \(MiddleOutput\)"),
+        (["Activations/u-train", "MiddleOutput"], CATALOGUE["Gradients"], OrderError, r"awaits its answer \(TopGradients\)"),
+        (["Activations/eval"], CATALOGUE["Predictions"], OrderError, r"awaits its answer \(MiddleOutput\)"),
+        ([], CATALOGUE["Activations/train"], ProtocolError, "labels stay on the device"),
+    ],
+)
+def test_u_shaped_steps_go_z_h_dldh_dldz_in_order(setup, msg, error, message):
+    client, server = reach("U:IN_ROUND")
+    assert client.top == server.top == 1 and client.u_shaped
+    for key in setup:
+        deliver(client, server, key)
+    sender, receiver = (client, server) if isinstance(msg, (Activations, TopGradients)) else (server, client)
+    before = snapshot(sender), snapshot(receiver)
+    with pytest.raises(InvalidState, match=message):
+        sender.send(msg)
+    with pytest.raises(error, match=message) as e:
+        receiver.receive(msg.serialize())
+    assert "\n" not in str(e.value)
+    assert (snapshot(sender), snapshot(receiver)) == before
+
+
+def test_head_tail_sessions_never_see_the_u_messages():
+    client, server = reach("IN_ROUND+train")
+    assert client.top == -1 and not server.u_shaped
+    for msg, receiver in ((CATALOGUE["MiddleOutput"], client), (CATALOGUE["TopGradients"], server)):
+        with pytest.raises(OrderError):
+            receiver.receive(msg.serialize())
+    client, server = reach("IN_ROUND")
+    with pytest.raises(OrderError, match="only for U-shaped sessions"):
+        server.receive(CATALOGUE["TopGradients"].serialize())
 
 
 def test_welcome_must_pick_an_offered_encoding():

@@ -1,7 +1,9 @@
 """Protocol messages: frozen dataclasses that own their wire format.
 
-A frame (protocol version 2; version 2 made a round's meaning typed fields of
-:class:`RoundConfig` instead of version 1's free-form ``extra``) is::
+A frame (protocol version 3; version 2 made a round's meaning typed fields of
+:class:`RoundConfig` instead of version 1's free-form ``extra``; version 3 added the U-shaped
+topology: ``Hello.top``, :class:`MiddleOutput` and :class:`TopGradients`, and an
+:class:`Activations` whose labels the session, not the message, requires) is::
 
     b"FSFL" | version u8 | kind u8 | flags u16 (0) | header_len u32 LE | header | payloads
 
@@ -57,6 +59,8 @@ __all__ = [
     "Activations",
     "Gradients",
     "Predictions",
+    "MiddleOutput",
+    "TopGradients",
     "Upload",
     "Metrics",
     "RoundEnd",
@@ -65,7 +69,7 @@ __all__ = [
     "parse",
 ]
 
-PROTOCOL_VERSION = 2  # the frame's version byte and Hello.protocol_version; peers must match exactly
+PROTOCOL_VERSION = 3  # the frame's version byte and Hello.protocol_version; peers must match exactly
 MAGIC = b"FSFL"
 _PREFIX = struct.Struct("<4sBBHI")  # magic, version, kind, flags, header_len
 _ALIGN = 8
@@ -90,6 +94,8 @@ class MessageKind(enum.IntEnum):
     ROUND_END = 10  # server -> client
     ERROR = 11  # either way
     BYE = 12  # either way
+    MIDDLE_OUTPUT = 13  # server -> client (U-shaped: H of the server's middle)
+    TOP_GRADIENTS = 14  # client -> server (U-shaped: dL/dH from the device's top)
 
 
 class RoundMode(enum.StrEnum):
@@ -410,6 +416,9 @@ class Hello(Message):
     token: str = _field(_text(), secret=True)  # shared secret; empty when the server runs without tokens
     layout_hash: str = _field(_hex64)  # Manifest.layout_hash of the client's bundle
     split: int = _field(_int(1))  # s: blocks in the client's head
+    # u: blocks in the client's top (U-shaped topology: labels and loss stay on the device);
+    # -1 = head/tail (the server holds every block after the head and the task head)
+    top: int = _field(_int(-1), default=-1)
     backend: str = _field(_text(empty=False))  # "ort", "executorch", ...
     encodings: tuple[str, ...] = _field(_encodings, default=ENCODINGS)  # preference order
     profile: dict = _field(_scalars, default_factory=dict)  # memory_mb, head_throughput, uplink_mbps, ...
@@ -464,8 +473,9 @@ class Activations(Message):
     """Client -> server: the smashed data of one step.
 
     ``z`` float32 [B, T, d]; ``attention_mask`` int64 [B, T] of 0/1 (uint8 on the wire);
-    ``labels`` int64 [B] (sequence classification) or [B, T] (causal LM, -100 = ignore),
-    required when ``mode == "train"``. ``z`` travels in ``encoding``.
+    ``labels`` int64 [B] (sequence classification) or [B, T] (causal LM, -100 = ignore).
+    The session decides about labels (:mod:`.protocol`): a head/tail train step needs them, a
+    U-shaped session (``Hello.top >= 0``) refuses any. ``z`` travels in ``encoding``.
     """
 
     KIND = MessageKind.ACTIVATIONS
@@ -481,10 +491,7 @@ class Activations(Message):
         bt = self.z.shape[:2]
         if self.attention_mask.shape != bt:
             raise TensorError(f"Activations.attention_mask has shape {list(self.attention_mask.shape)}, z needs {list(bt)}")
-        if self.labels is None:
-            if self.mode == "train":
-                raise TensorError("Activations.labels is required when mode is 'train'")
-        elif self.labels.shape not in (bt[:1], bt):
+        if self.labels is not None and self.labels.shape not in (bt[:1], bt):
             raise TensorError(f"Activations.labels has shape {list(self.labels.shape)}, z needs {list(bt[:1])} or {list(bt)}")
 
 
@@ -508,6 +515,32 @@ class Predictions(Message):
     round_id: int = _field(_int())
     step_id: int = _field(_int())
     logits: np.ndarray = _array(_Slot("float", (2, 3)))
+    encoding: str = _encoding()
+
+
+@_message
+class MiddleOutput(Message):
+    """Server -> client, U-shaped: ``h`` = the middle's output H, float32 [B, T, d], for the
+    Activations with the same ids (train: the device answers with :class:`TopGradients`; eval:
+    the device runs its top itself and keeps the predictions)."""
+
+    KIND = MessageKind.MIDDLE_OUTPUT
+    round_id: int = _field(_int())
+    step_id: int = _field(_int())
+    h: np.ndarray = _array(_Slot("float", (3,)))
+    encoding: str = _encoding()
+
+
+@_message
+class TopGradients(Message):
+    """Client -> server, U-shaped: ``grad_h`` = dL/dH, float32 [B, T, d], from the device's top
+    (which holds the labels), and the step's ``loss`` for the server's metrics."""
+
+    KIND = MessageKind.TOP_GRADIENTS
+    round_id: int = _field(_int())
+    step_id: int = _field(_int())
+    loss: float = _field(_float())
+    grad_h: np.ndarray = _array(_Slot("float", (3,)))
     encoding: str = _encoding()
 
 
@@ -565,7 +598,9 @@ class Bye(Message):
 
 
 _BY_KIND: dict[MessageKind, type[Message]] = {
-    c.KIND: c for c in (Hello, Welcome, RoundConfig, Adapters, Activations, Gradients, Predictions, Upload, Metrics, RoundEnd, Error, Bye)
+    c.KIND: c
+    for c in (Hello, Welcome, RoundConfig, Adapters, Activations, Gradients, Predictions, MiddleOutput, TopGradients, Upload,
+              Metrics, RoundEnd, Error, Bye)
 }
 
 

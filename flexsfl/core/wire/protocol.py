@@ -17,8 +17,17 @@ States (``->`` is the message that moves on; the sender is in brackets)::
     IDLE, IN_ROUND, AWAIT_ROUND_END: Metrics[c]
     any state but CLOSED --Error or Bye[either]--> CLOSED
 
-At most one Activations is outstanding: until the server answers it, only the answer, Error or
-Bye may pass. Inside a round every round_id must be the round's; an answer must carry the ids
+A U-shaped session (``Hello.top >= 0``: the device holds the last blocks, the task head and
+the labels) answers steps in more legs; its Activations carry no labels::
+
+    train: Activations[c] (Z) -> MiddleOutput[s] (H) -> TopGradients[c] (dL/dH) -> Gradients[s] (dL/dZ)
+    eval:  Activations[c] (Z) -> MiddleOutput[s] (H); the device scores its own top's predictions
+
+and Predictions never pass. A head/tail session (``Hello.top == -1``) never sees MiddleOutput
+or TopGradients, and its train Activations must carry labels.
+
+At most one Activations is outstanding: until the step's last leg, only the next leg
+(:attr:`Pending.awaits`), Error or Bye may pass. Inside a round every round_id must be the round's; an answer must carry the ids
 of the Activations it answers, and its tensor must match that batch's shape. Z and g travel in
 the encoding chosen in Welcome (one of those the client offered in Hello), and from Welcome on
 both sides hold frames to the smaller of their own limit and Welcome.max_frame_bytes.
@@ -60,9 +69,11 @@ from flexsfl.core.wire.messages import (
     Hello,
     Message,
     Metrics,
+    MiddleOutput,
     Predictions,
     RoundConfig,
     RoundEnd,
+    TopGradients,
     Upload,
     Welcome,
     parse,
@@ -88,12 +99,13 @@ class State(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class Pending:
-    """The Activations that awaits its answer."""
+    """The Activations whose step is not finished, and the leg it waits for."""
 
     round_id: int
     step_id: int
-    mode: str  # "train" -> Gradients, "eval" -> Predictions
-    shape: tuple[int, int, int]  # of z: [B, T, d]
+    mode: str  # "train" -> Gradients, "eval" -> Predictions (head/tail) or MiddleOutput (U-shaped)
+    shape: tuple[int, int, int]  # of z: [B, T, d] (H, dL/dH and dL/dZ have it too)
+    awaits: type[Message] = Gradients  # the step's next message (U-shaped train: MiddleOutput, TopGradients, Gradients)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +119,7 @@ class _Session:
     offered: tuple[str, ...] = ()  # Hello.encodings
     encoding: str | None = None  # Welcome.encoding
     session_id: str | None = None
+    top: int = -1  # Hello.top: >= 0 in a U-shaped session
 
 
 _SENDER: dict[type[Message], Role] = {
@@ -117,6 +130,8 @@ _SENDER: dict[type[Message], Role] = {
     Activations: Role.CLIENT,
     Gradients: Role.SERVER,
     Predictions: Role.SERVER,
+    MiddleOutput: Role.SERVER,
+    TopGradients: Role.CLIENT,
     Upload: Role.CLIENT,
     Metrics: Role.CLIENT,
     RoundEnd: Role.SERVER,
@@ -164,6 +179,15 @@ class Connection:
     def session_id(self) -> str | None:
         return self._s.session_id
 
+    @property
+    def top(self) -> int:
+        """Hello.top: the device's top blocks in a U-shaped session, -1 for head/tail."""
+        return self._s.top
+
+    @property
+    def u_shaped(self) -> bool:
+        return self._s.top >= 0
+
     def send(self, msg: Message) -> bytes:
         """Check that this side may send ``msg`` now, advance the state and return the frame.
 
@@ -210,9 +234,14 @@ class Connection:
             return dataclasses.replace(s, state=State.CLOSED, pending=None)
         if _SENDER[type(msg)] is not sender:
             raise OrderError(f"{name} is sent by the {_SENDER[type(msg)].value}, not the {sender.value}")
-        if s.pending is not None and not isinstance(msg, (Gradients, Predictions)):
+        if s.pending is not None and type(msg) is not s.pending.awaits:
             p = s.pending
-            raise OrderError(f"{name} while Activations round {p.round_id} step {p.step_id} awaits its answer; one request at a time")
+            raise OrderError(f"{name} while Activations round {p.round_id} step {p.step_id} awaits its answer "
+                             f"({p.awaits.__name__}); one request at a time")
+        if isinstance(msg, (MiddleOutput, TopGradients)) and s.top < 0:
+            raise OrderError(f"{name} is only for U-shaped sessions (Hello.top >= 0); this session is head/tail")
+        if isinstance(msg, Predictions) and s.top >= 0:
+            raise OrderError("Predictions in a U-shaped session; the device's top makes its own predictions")
         return _TRANSITIONS[type(msg)](s, msg)
 
 
@@ -234,7 +263,7 @@ def _on_hello(s: _Session, m: Hello) -> _Session:
             f"Hello.protocol_version is {m.protocol_version}; this side speaks {PROTOCOL_VERSION}, upgrade the older side",
             ErrorCode.BAD_VERSION,
         )
-    return dataclasses.replace(s, state=State.AWAIT_WELCOME, offered=m.encodings)
+    return dataclasses.replace(s, state=State.AWAIT_WELCOME, offered=m.encodings, top=m.top)
 
 
 def _on_welcome(s: _Session, m: Welcome) -> _Session:
@@ -267,14 +296,22 @@ def _on_activations(s: _Session, m: Activations) -> _Session:
         _same_round(s, m)
     if m.encoding != s.encoding:
         raise TensorError(f"Activations.z travels in {m.encoding}, but the connection negotiated {s.encoding}")
-    return dataclasses.replace(s, pending=Pending(m.round_id, m.step_id, m.mode, m.z.shape))
+    if s.top >= 0:
+        if m.labels is not None:
+            raise ProtocolError(f"Activations round {m.round_id} step {m.step_id} carries labels in a U-shaped session "
+                                "(Hello.top >= 0); labels stay on the device, send Z and the mask only", ErrorCode.BAD_TENSOR)
+        return dataclasses.replace(s, pending=Pending(m.round_id, m.step_id, m.mode, m.z.shape, MiddleOutput))
+    if m.mode == "train" and m.labels is None:
+        raise TensorError(f"Activations round {m.round_id} step {m.step_id}: a head/tail train step needs labels")
+    return dataclasses.replace(s, pending=Pending(m.round_id, m.step_id, m.mode, m.z.shape,
+                                                  Gradients if m.mode == "train" else Predictions))
 
 
-def _answer(s: _Session, m: Gradients | Predictions, mode: str) -> Pending:
+def _answer(s: _Session, m: Message, mode: str | None) -> Pending:
     name, p = type(m).__name__, s.pending
     if p is None:
         raise OrderError(f"{name} answers no Activations; none is outstanding")
-    if p.mode != mode:
+    if mode is not None and p.mode != mode:
         raise OrderError(f"{name} answers an Activations in mode {mode!r}, but the outstanding one is {p.mode!r}")
     if (m.round_id, m.step_id) != (p.round_id, p.step_id):
         raise OrderError(
@@ -285,11 +322,29 @@ def _answer(s: _Session, m: Gradients | Predictions, mode: str) -> Pending:
 
 def _on_gradients(s: _Session, m: Gradients) -> _Session:
     p = _answer(s, m, "train")
-    if m.g.shape != p.shape:
-        raise TensorError(f"Gradients.g has shape {list(m.g.shape)}, but z had {list(p.shape)}")
-    if m.encoding != s.encoding:
-        raise TensorError(f"Gradients.g travels in {m.encoding}, but the connection negotiated {s.encoding}")
+    _same_shape(s, p, "g", m.g, m)
     return dataclasses.replace(s, pending=None)
+
+
+def _same_shape(s: _Session, p: Pending, name: str, a: np.ndarray, m: Message) -> None:
+    if a.shape != p.shape:
+        raise TensorError(f"{type(m).__name__}.{name} has shape {list(a.shape)}, but z had {list(p.shape)}")
+    if m.encoding != s.encoding:
+        raise TensorError(f"{type(m).__name__}.{name} travels in {m.encoding}, but the connection negotiated {s.encoding}")
+
+
+def _on_middle_output(s: _Session, m: MiddleOutput) -> _Session:
+    p = _answer(s, m, None)
+    _same_shape(s, p, "h", m.h, m)
+    if p.mode == "eval":
+        return dataclasses.replace(s, pending=None)
+    return dataclasses.replace(s, pending=dataclasses.replace(p, awaits=TopGradients))
+
+
+def _on_top_gradients(s: _Session, m: TopGradients) -> _Session:
+    p = _answer(s, m, "train")
+    _same_shape(s, p, "grad_h", m.grad_h, m)
+    return dataclasses.replace(s, pending=dataclasses.replace(p, awaits=Gradients))
 
 
 def _on_predictions(s: _Session, m: Predictions) -> _Session:
@@ -327,6 +382,8 @@ _TRANSITIONS = {
     Activations: _on_activations,
     Gradients: _on_gradients,
     Predictions: _on_predictions,
+    MiddleOutput: _on_middle_output,
+    TopGradients: _on_top_gradients,
     Upload: _on_upload,
     Metrics: _on_metrics,
     RoundEnd: _on_round_end,
