@@ -5,7 +5,7 @@ the websocket transport (:mod:`.transport`) moves its arrays. One step::
 
     step = trainer.forward()              # Z = head(x; θ_k) for the next local batch
     ... send step.z, step.attention_mask, step.labels; receive g, loss ...
-    trainer.backward(g, loss)             # G = g + λ ∂L_align/∂Z; θ_k -= optimizer(∂(Σ Z·G)/∂θ)
+    trainer.backward(g, loss)             # G = g + λ‖g‖·∇align/‖∇align‖; θ_k -= optimizer(∂(Σ Z·G)/∂θ)
 
 Across rounds the trainer keeps θ_k (the personal head) unless the round's plan says otherwise
 (SplitFed starts every round from the global head), and its place in the local data. After every
@@ -25,7 +25,7 @@ from typing import Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from flexsfl.edge_runtime.alignment import alignment_loss_and_grad
+from flexsfl.edge_runtime.alignment import aligned_gradient
 from flexsfl.edge_runtime.backends import Backend
 from flexsfl.core.atomic import atomic_write_many
 from flexsfl.core.bundle import Bundle
@@ -72,6 +72,8 @@ class RoundStats:
     samples: int = 0
     loss_sum: float = 0.0
     align_loss_sum: float = 0.0
+    align_ratio_sum: float = 0.0  # ‖λ∇align‖/‖g‖ per step (alignment.aligned_gradient)
+    align_gap_sum: float = 0.0  # ‖Z - Z'‖/‖Z'‖ per step: how far the personal head's features are from φ's
     forward_s: float = 0.0  # head forward(s), including the alignment reference
     backward_s: float = 0.0  # head backward + optimizer step
 
@@ -82,6 +84,8 @@ class RoundStats:
             "samples": self.samples,
             "loss": self.loss_sum / n,
             "align_loss": self.align_loss_sum / n,
+            "align_ratio": self.align_ratio_sum / n,
+            "align_gap": self.align_gap_sum / n,
             "forward_ms": 1e3 * self.forward_s / n,
             "backward_ms": 1e3 * self.backward_s / n,
             "client_compute_ms": 1e3 * (self.forward_s + self.backward_s) / n,
@@ -231,9 +235,11 @@ class HeadTrainer:
         t0 = time.perf_counter()
         G = g
         if z_ref is not None:
-            align, dz = alignment_loss_and_grad(z, z_ref, mask)
-            G = g + np.float32(s.align_lambda) * dz
-            self.stats.align_loss_sum += align
+            term = aligned_gradient(g, z, z_ref, mask, s.align_lambda)  # λ·‖g‖ along the KL gradient
+            G = g + term.grad
+            self.stats.align_loss_sum += term.loss
+            self.stats.align_ratio_sum += term.ratio
+            self.stats.align_gap_sum += term.gap
         grads = self.backend.backward(G)
         self._optimizer.step(self.backend.params, grads)
         self.stats.backward_s += time.perf_counter() - t0

@@ -106,3 +106,24 @@ def test_nothing_to_align_adds_nothing():
                  aligned_gradient(g * 0, z, z_ref, mask, 0.1), aligned_gradient(g, z, z_ref, mask, 0.0)):
         assert term.ratio == 0.0 and not term.grad.any()
     assert aligned_gradient(g, z, z_ref, mask, 0.1).ratio > 0
+
+
+def test_the_head_trainer_applies_and_reports_the_normalized_term(tiny_bundles):
+    """On a real ORT head: the first step (θ_k = φ) has nothing to align; once θ_k has moved, the
+    applied term is λ·‖g‖ and the round's metrics say so (align_ratio, align_gap)."""
+    from flexsfl.core.bundle import load_bundle
+    from flexsfl.edge_runtime.backends import open_backend
+    from flexsfl.edge_runtime.data import Example
+    from flexsfl.edge_runtime.trainer import HeadTrainer, RoundSettings
+
+    bundle = load_bundle(tiny_bundles("gpt2", 1, "ort"))
+    train = [Example(f"example number {i} says {'yes' if i % 2 else 'no'}", i % 2) for i in range(12)]
+    t = HeadTrainer(bundle, open_backend("ort", bundle, threads=1), train)
+    t.begin_round(RoundSettings(0, 3, 4, 0.5, "sgd", 0.2), t.backend.get_params())
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        step = t.forward()
+        t.backward(rng.standard_normal(step.z.shape).astype(np.float32) * 0.05, 1.0)
+    m = t.stats.as_metrics()
+    assert m["align_ratio"] == pytest.approx(0.2 * 2 / 3, rel=1e-6), m  # steps 2 and 3 align, step 1 cannot
+    assert m["align_gap"] > 0 and m["align_loss"] > 0
