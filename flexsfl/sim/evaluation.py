@@ -7,7 +7,8 @@ nothing is copied into the live model), on token batches made with the bundle's 
 
 For a causal LM, :meth:`Evaluator.perplexity` is the LM's measure (lower is better): ``exp`` of
 the mean next-token negative log-likelihood over every predicted token of the texts (padding
-predicts nothing and is never predicted), with the bytes of UTF-8 text per token beside it.
+predicts nothing and is never predicted; an instruction example's prompt is never predicted,
+as in training), with the bytes of UTF-8 text per token beside it.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class Evaluator:
                 chunk = examples[i : i + self.batch_size]
                 enc = self.encoder.encode([e.text for e in chunk])
                 out.append((torch.from_numpy(enc.input_ids), torch.from_numpy(enc.attention_mask),
-                            np.array([e.label for e in chunk])))
+                            np.array([e.label for e in chunk]),
+                            torch.from_numpy(self.encoder.lm_labels(enc, [e.prompt for e in chunk]))))
             self._cache[key] = (examples, out)  # holding `examples` keeps its id from being reused
         return self._cache[key][1]
 
@@ -67,7 +69,7 @@ class Evaluator:
         model = self.host.loaded.model
         swap = {self._own[n]: torch.from_numpy(np.array(a, dtype=np.float32)) for n, a in (params or {}).items()}
         correct = total = 0
-        for ids, mask, labels in self._batches(examples):
+        for ids, mask, labels, _ in self._batches(examples):
             if swap:
                 logits = torch.func.functional_call(model, swap, (), {"input_ids": ids, "attention_mask": mask}).logits
             else:
@@ -88,13 +90,13 @@ class Evaluator:
         model = self.host.loaded.model
         swap = {self._own[n]: torch.from_numpy(np.array(a, dtype=np.float32)) for n, a in (params or {}).items()}
         nll, tokens = 0.0, 0
-        for ids, mask, _ in self._batches(examples):
+        for ids, mask, _, lm_labels in self._batches(examples):
             kw = {"input_ids": ids, "attention_mask": mask}
             logits = (torch.func.functional_call(model, swap, (), kw) if swap else model(**kw)).logits
-            labels = torch.where(mask == 1, ids, -100)[:, 1:]
+            labels = lm_labels[:, 1:]  # padding and instruction prompts are never predicted
             nll += float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                            labels.reshape(-1), ignore_index=-100, reduction="sum"))
             tokens += int((labels != -100).sum())
         text_bytes = sum(len(e.text.encode("utf-8")) for e in examples)
-        n_tok = sum(int(m.sum()) for _, m, _ in self._batches(examples))
+        n_tok = sum(int(m.sum()) for _, m, _, _ in self._batches(examples))
         return LMScore(float(np.exp(nll / max(tokens, 1))), tokens, text_bytes / max(n_tok, 1))

@@ -53,6 +53,7 @@ from flexsfl.server_backend.strategy import TrainConfig, make_strategy
 from flexsfl.server_backend.tail_host import OptimizerConfig, TailHost
 from flexsfl.sim.config import SimConfig
 from flexsfl.sim.data import cache_dir, prepare
+from flexsfl.sim.data.text_corpus import text_dataset
 from flexsfl.sim.eager_backend import full_model_trainer
 from flexsfl.sim.evaluation import Evaluator
 from flexsfl.sim.results import collect, plot
@@ -153,11 +154,14 @@ class _RoundEval:
 
 async def _run(cfg: SimConfig, out: pathlib.Path, progress) -> dict:
     t_start = time.perf_counter()
-    progress("partitioning the data")
-    partition = prepare(cfg.data, cfg.partition, cfg.clients, out / "data", cfg.seed, alpha=cfg.alpha,
-                        max_train=cfg.max_train, max_test=cfg.max_test, overwrite=True)
     progress(f"loading {cfg.model}")
     loaded = load_model(cfg.model, task=cfg.task, num_labels=cfg.num_labels, seed=cfg.seed, attn_implementation="sdpa")
+    progress("partitioning the data")
+    data = cfg.data
+    if cfg.task == "causal_lm" and os.path.isfile(str(data)):  # a user's own texts (instruction rows: chat template)
+        data = text_dataset(data, tokenizer=loaded.tokenizer)
+    partition = prepare(data, cfg.partition, cfg.clients, out / "data", cfg.seed, alpha=cfg.alpha,
+                        max_train=cfg.max_train, max_test=cfg.max_test, overwrite=True)
     splits, why = _choose_splits(cfg)
     if cfg.strategy == "splitfed" and len(set(splits)) > 1:
         splits = [min(splits)] * cfg.clients  # SplitFed has one split for everyone: the smallest that fits

@@ -84,3 +84,24 @@ def test_full_model_trainer_scores_next_tokens_for_a_causal_lm(tiny_model_dirs, 
             hits += int((pred == ids[0, 1:]).sum())
             n += ids.shape[1] - 1
     assert (correct, total) == (hits, n) and n > len(texts)
+
+
+def test_instruction_examples_are_scored_on_the_response_only(setup):
+    """An instruction example's prompt is never predicted: its perplexity is HF's loss with the
+    prompt's label positions at -100 (as the devices train), over the response's tokens only."""
+    host, encoder, _ = setup
+    pairs = [("the film was", "very good"), ("a story not quite", "funny and warm"), ("plot", "dull long ending")]
+    examples = [Example(f"{p} : {r}", 0, f"{p} :") for p, r in pairs]
+    score = Evaluator(host, encoder, batch_size=2).perplexity(examples)
+    nll = n = 0
+    with torch.no_grad():
+        for e in examples:
+            ids = torch.from_numpy(encoder.encode([e.text]).input_ids)
+            labels = torch.from_numpy(encoder.lm_labels(encoder.encode([e.text]), [e.prompt]))
+            n_prompt = int((labels == -100).sum())
+            assert n_prompt >= len(e.prompt.split())  # every prompt word is masked
+            loss = host.loaded.model(input_ids=ids, labels=labels).loss
+            nll += float(loss) * (ids.shape[1] - n_prompt)
+            n += ids.shape[1] - n_prompt
+    assert score.tokens == n
+    assert math.isclose(score.perplexity, math.exp(nll / n), rel_tol=1e-5)

@@ -62,3 +62,25 @@ def test_demo_task_flag_selects_the_lm_demo():
     add_config_args(p, SimConfig, base=DEMO_LM)
     cfg = config_from_args(SimConfig, p.parse_args(["--task", "causal-lm", "--rounds", "1"]), base=DEMO_LM)
     assert cfg.task == "causal_lm" and cfg.model == "smollm2" and cfg.rounds == 1
+
+
+def test_a_users_instruction_file_trains_on_the_responses(weighted_llama, tmp_path):
+    """`simulate --task causal_lm --data mine.jsonl` with prompt/response rows: the devices get each
+    rendered prompt (so they put no loss on it) and the run ends with every client's perplexities."""
+    import json
+
+    rows = [{"prompt": f"Tell me about the {w} film.", "response": f"The {w} film was {v} and {u}.", "group": g}
+            for g, words in (("a", "good warm funny"), ("b", "bad cold dull"))
+            for w in words.split() for v in ("long", "short") for u in ("sharp", "quiet")]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = SimConfig(strategy="flexpsfl", model=str(weighted_llama), task="causal_lm", data=str(data), partition="natural",
+                    clients=2, rounds=1, local_steps=2, batch_size=4, lr=1e-2, optimizer="adamw", splits=(1, 1),
+                    max_seq=24, eval_every=0, in_process=True, out=str(tmp_path / "run"),
+                    bundle_cache=str(tmp_path / "bundles"))
+    summary = simulate(cfg, show=False)
+    train = [json.loads(x) for x in (tmp_path / "run" / "data" / "client_0" / "train.jsonl").read_text().splitlines()]
+    assert train and all(r["prompt"] and r["text"].startswith(r["prompt"]) and "film was" in r["text"][len(r["prompt"]):]
+                         for r in train)
+    for c in summary["per_client"]:
+        assert c["personal_ppl"] > 1.0 and c["pretrained_ppl"] > 1.0, c

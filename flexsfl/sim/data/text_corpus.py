@@ -7,11 +7,13 @@ ignored: the devices' labels are the input tokens, padding masked). Sources:
   reviews, NYT editorials) as four clients' corpora, each split into train and held-out test
   texts; a text never sits in one client's train set and any client's test set.
 - :func:`read_text_corpus`: a ``.txt`` file (one text per non-empty line) or a ``.jsonl`` file
-  whose rows hold ``"text"``, or ``"prompt"`` and ``"response"`` (instruction format).
+  whose rows hold ``"text"``, or ``"prompt"`` and ``"response"`` (instruction format);
+  :func:`text_dataset`: the same file as a :class:`Dataset` for ``flexsfl simulate``.
 
 Instruction format: :func:`instruction_text` renders a (prompt, response) pair with the
-tokenizer's chat template and returns the rendered prompt too, so :func:`response_labels` can
-mask the prompt's tokens (loss on the response only). :func:`write_client_files` writes each
+tokenizer's chat template and returns the rendered prompt too; it travels as ``Example.prompt``
+to the devices, whose :meth:`TextEncoder.lm_labels` masks its tokens (loss on the response only;
+:func:`response_labels` is the same masking from token counts). :func:`write_client_files` writes each
 client's train/test JSONL for ``flexsfl edge run --data``.
 """
 
@@ -27,8 +29,9 @@ import numpy as np
 
 from flexsfl.core.errors import DataError
 from flexsfl.edge_runtime.data import Example, write_jsonl
+from flexsfl.sim.data.dataset import Dataset
 
-__all__ = ["ClientText", "vader_domains", "read_text_corpus", "split_corpus", "instruction_text", "response_labels",
+__all__ = ["ClientText", "vader_domains", "read_text_corpus", "text_dataset", "split_corpus", "instruction_text", "response_labels",
            "write_client_files"]
 
 
@@ -97,15 +100,35 @@ def read_text_corpus(path: str | os.PathLike, *, tokenizer: Any = None) -> list[
     Instruction rows are rendered with :func:`instruction_text`, which needs ``tokenizer``.
     Raises :class:`DataError` naming the file and line of the first bad row.
     """
+    return [e.text for e, _ in _read_rows(path, tokenizer)]
+
+
+def text_dataset(path: str | os.PathLike, *, tokenizer: Any = None) -> Dataset:
+    """A user's text file as a causal-LM data set for ``flexsfl simulate --task causal_lm --data FILE``.
+
+    Rows as in :func:`read_text_corpus`; an instruction row keeps its rendered prompt
+    (``Example.prompt``) so the devices and the evaluation put no loss on it. A ``.jsonl`` row's
+    optional ``"group"`` (a string, on every row or none) gives the groups for ``--partition natural``.
+    """
+    rows = _read_rows(path, tokenizer)
+    groups = [g for _, g in rows]
+    if any(g is None for g in groups) and not all(g is None for g in groups):
+        line = next(i for i, g in enumerate(groups, 1) if g is None)
+        raise DataError(f'{path}: text {line} has no "group" but others do; give every row a group or none at all')
+    return Dataset(name=pathlib.Path(path).stem, examples=tuple(e for e, _ in rows),
+                   groups=None if groups[0] is None else tuple(groups), label_names=("text",), source=str(path))
+
+
+def _read_rows(path: str | os.PathLike, tokenizer: Any) -> list[tuple[Example, str | None]]:
     p = pathlib.Path(path)
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read the text file ({e}); pass a UTF-8 .txt or .jsonl file") from None
+    rows: list[tuple[Example, str | None]] = []
     if p.suffix.lower() != ".jsonl":
-        texts = [line.strip() for line in lines if line.strip()]
+        rows = [(Example(line.strip(), 0), None) for line in lines if line.strip()]
     else:
-        texts = []
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -113,17 +136,25 @@ def read_text_corpus(path: str | os.PathLike, *, tokenizer: Any = None) -> list[
                 row = json.loads(line)
             except ValueError as e:
                 raise DataError(f"{path}:{n}: not JSON ({e}); each line must be one JSON object") from None
+            group = row.get("group") if isinstance(row, dict) else None
+            if group is not None and not (isinstance(group, str) and group.strip()):
+                raise DataError(f'{path}:{n}: "group" must be a non-empty string')
             if isinstance(row, dict) and isinstance(row.get("text"), str):
-                texts.append(row["text"])
+                if not row["text"].strip():
+                    raise DataError(f"{path}:{n}: the text is empty; remove the row or fill in its text")
+                rows.append((Example(row["text"], 0), group))
             elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
                 if tokenizer is None:
                     raise DataError(f"{path}:{n}: an instruction row needs the model's tokenizer (chat template)")
-                texts.append(instruction_text(tokenizer, row["prompt"], row["response"])[0])
+                if not row["response"].strip():
+                    raise DataError(f"{path}:{n}: the response is empty; an instruction row needs something to learn")
+                whole, head = instruction_text(tokenizer, row["prompt"], row["response"])
+                rows.append((Example(whole, 0, head), group))
             else:
                 raise DataError(f'{path}:{n}: a row needs "text", or "prompt" and "response" (strings)')
-    if not texts:
+    if not rows:
         raise DataError(f"{path}: holds no text; write one text per line (.txt) or JSON rows with \"text\" (.jsonl)")
-    return texts
+    return rows
 
 
 def instruction_text(tokenizer: Any, prompt: str, response: str) -> tuple[str, str]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flexsfl.core.errors import DataError
-from flexsfl.edge_runtime.data import read_examples
+from flexsfl.edge_runtime.data import Example, read_examples
 from flexsfl.sim.data.text_corpus import (
     instruction_text,
     read_text_corpus,
@@ -71,3 +71,28 @@ def test_instruction_format_masks_the_prompt_tokens(tiny_model_dirs):
     labels = response_labels(enc["input_ids"], enc["attention_mask"], [n_prompt, 0])
     assert (labels[0, :n_prompt] == -100).all() and (labels[0, n_prompt:] != -100).any()
     assert (labels[1] == np.where(enc["attention_mask"][1] == 1, enc["input_ids"][1], -100)).all()
+
+
+def test_text_dataset_keeps_instruction_prompts_and_groups(tmp_path, tiny_model_dirs):
+    import transformers
+
+    from flexsfl.sim.data.text_corpus import text_dataset
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(tiny_model_dirs["llama"]))
+    tok.chat_template = CHATML
+    jl = tmp_path / "mine.jsonl"
+    jl.write_text('{"prompt": "Capital of France?", "response": "Paris.", "group": "geo"}\n'
+                  '{"text": "just some text", "group": "misc"}\n')
+    ds = text_dataset(jl, tokenizer=tok)
+    assert ds.groups == ("geo", "misc") and ds.label_names == ("text",)
+    first, second = ds.examples
+    assert first.prompt and first.text.startswith(first.prompt) and "Paris." in first.text[len(first.prompt):]
+    assert second == Example("just some text", 0)
+    half = tmp_path / "half.jsonl"
+    half.write_text('{"text": "a", "group": "g"}\n{"text": "b"}\n')
+    with pytest.raises(DataError, match="text 2 has no \"group\" but others do"):
+        text_dataset(half)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"prompt": "Q?", "response": " "}\n')
+    with pytest.raises(DataError, match="empty.jsonl:1: the response is empty"):
+        text_dataset(empty, tokenizer=tok)
