@@ -52,6 +52,7 @@ __all__ = [
     "DEFAULT_SERVER_GFLOPS",
     "DEFAULT_CLIENTS",
     "TIE_RTOL",
+    "WIRE_DTYPES",
     "SplitEstimate",
     "SplitChoice",
     "step_time_s",
@@ -64,16 +65,16 @@ log = logging.getLogger("flexsfl.split")
 DEFAULT_SERVER_GFLOPS = 200.0
 DEFAULT_CLIENTS = 16
 TIE_RTOL = 1e-9  # relative difference below which two predicted step times are equal
-_WIRE_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8"}
+WIRE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8"}
 
 
 def _network_s(cost: ModelCost, profile: DeviceProfile, batch: int, seq: int, encoding: str) -> float | None:
     """Seconds on the wire per step; None when the profile does not know its bandwidth."""
-    if encoding not in _WIRE_DTYPE:
+    if encoding not in WIRE_DTYPES:
         raise ConfigError(f"unknown encoding {encoding!r}; choose one of: {', '.join(ENCODINGS)}")
     if profile.uplink_mbps is None or profile.downlink_mbps is None:
         return None
-    z = payload_nbytes(_WIRE_DTYPE[encoding], encoding, (batch, seq, cost.hidden_size))
+    z = payload_nbytes(WIRE_DTYPES[encoding], encoding, (batch, seq, cost.hidden_size))
     up = z + batch * seq  # Z and the attention mask (uint8 on the wire)
     return up * 8 / (profile.uplink_mbps * 1e6) + z * 8 / (profile.downlink_mbps * 1e6) + (profile.rtt_ms or 0.0) / 1e3
 

@@ -50,3 +50,19 @@ def test_plan_refuses_a_bad_profile_naming_the_field(tmp_path):
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: field 'head_gflops' must be a number > 0"):
         _plan(["--model", "minilm", "--profile", str(path)])
 
+
+
+def test_plan_topology_u_prints_the_pair_and_why(capsys):
+    assert _plan(["--model", "minilm", "--profile", "rpi5", "--topology", "u"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "U-shaped" in out and "split 1, top 2: fastest of the (split, top) pairs that fit 450 MB" in out
+    assert "head/tail would take split 3" in out and "keeps the labels on the device" in out
+
+
+def test_plan_pins_split_and_top_as_json(capsys):
+    assert _plan(["--model", "minilm", "--profile", "jetson-orin", "--split", "2", "--top", "2", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (got["topology"], got["split"], got["top"], got["pinned"]) == ("u", 2, 2, ["split", "top"])
+    assert len(got["estimates"]) == 15 and got["head_tail"]["split"] == 5
+    with pytest.raises(ConfigError, match="top 5 does not fit split 1 .* choose 0..4"):
+        _plan(["--model", "minilm", "--profile", "rpi5", "--top", "5"])
