@@ -7,8 +7,10 @@ A U-shaped step reaches the server twice, and labels never do::
 
 Between the two halves the host keeps, per ``(client, step)``, what the middle's backward needs,
 bounded in memory: at most ``max_pending`` entries (a forward beyond that is refused) and each
-for ``ttl_s`` seconds (:meth:`MiddleHost.expire`, called by every entry point, frees it; a late
-backward is refused). Two ways to keep it (``recompute``):
+for ``ttl_s`` seconds (:meth:`MiddleHost.expire` frees it; every entry point calls it, and the
+server also calls it on a timer so an idle server frees memory too; a late backward is refused
+as late, also after a timer freed it). :meth:`MiddleHost.forget` frees a client's entries when
+it disconnects. Two ways to keep it (``recompute``):
 
 - ``False`` (default): the autograd graph of the forward, activations included (fast; memory per
   client is the middle's training activations);
@@ -28,6 +30,7 @@ does with its summed objective. Not thread-safe: call it from the server's one c
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import time
@@ -107,6 +110,7 @@ class MiddleHost:
         self.host, self.ttl_s, self.max_pending, self.recompute, self.clock = host, ttl_s, max_pending, recompute, clock
         self._middles: dict[tuple[int, int], Middle] = {}
         self.pending: dict[Hashable, _Pending] = {}
+        self._expired: collections.OrderedDict[Hashable, None] = collections.OrderedDict()  # recent, to say "late"
         self.steps = 0
 
     def middle(self, split: int, top: int) -> Middle:
@@ -125,9 +129,20 @@ class MiddleHost:
         gone = [k for k, p in self.pending.items() if p.deadline <= now]
         for k in gone:
             self._release(self.pending.pop(k))
+            self._expired[k] = None
+        while len(self._expired) > 4 * self.max_pending:
+            self._expired.popitem(last=False)
         if gone:
             log.info("freed %d middle forward(s) whose backward did not arrive in %.0f s", len(gone), self.ttl_s)
         return gone
+
+    def forget(self, owner: Hashable) -> int:
+        """Free every entry whose key is a tuple starting with ``owner`` (a client that left);
+        returns how many."""
+        gone = [k for k in self.pending if isinstance(k, tuple) and k and k[0] == owner]
+        for k in gone:
+            self._release(self.pending.pop(k))
+        return len(gone)
 
     def _release(self, p: _Pending) -> None:
         p.batch.users -= 1
@@ -213,7 +228,7 @@ class MiddleHost:
         ``dL/dZ``) changes nothing and keeps its forward for a correct retry until the deadline;
         if any gradient comes out non-finite nothing is stepped for any of them.
         """
-        expired = set(self.expire())
+        self.expire()
         out: list[MiddleResult | None] = [None] * len(reqs)
         by_batch: dict[int, list[int]] = {}
         seen: set = set()
@@ -221,7 +236,7 @@ class MiddleHost:
             p = self.pending.get(r.key)
             g = np.asarray(r.grad_h)
             if p is None or r.key in seen:
-                late = r.key in expired
+                late = r.key in self._expired
                 out[i] = MiddleResult(None, f"step {r.key!r} " + ("arrived after the deadline; its forward was freed, "
                                       "redo the step" if late else "has no middle forward waiting (never sent, or "
                                       "already answered)"))

@@ -10,6 +10,9 @@ code; it is logged, nothing it sent reaches the model, and every other session c
 A message the server itself may not send (:class:`~flexsfl.core.errors.InvalidState`: the
 server's bug, not the client's) is logged as such and ends that session with ``SERVER_ERROR``
 and close code 1011.
+
+A client whose Hello says ``top >= 0`` is U-shaped (labels and output layers on the device): its
+steps go to the middle through :mod:`.u_round`, which never sees a label.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from flexsfl.core.wire import (
     RoundConfig,
     RoundEnd,
     RoundMode,
+    TopGradients,
     Upload,
     Welcome,
     check_activations,
@@ -66,9 +70,11 @@ from flexsfl.server_backend.guards import (
     reference_norms,
 )
 from flexsfl.server_backend.http import StatusEndpoints
+from flexsfl.server_backend.middle_host import MiddleHost
 from flexsfl.server_backend.state import ServerState
 from flexsfl.server_backend.strategy import Strategy
 from flexsfl.server_backend.tail_host import StepRequest, TailHost
+from flexsfl.server_backend.u_round import UShaped, check_top, client_specs
 
 __all__ = ["ServerConfig", "FlexServer", "frame_limit"]
 
@@ -96,6 +102,10 @@ class ServerConfig:
     step_timeout: float = STEP_TIMEOUT  # seconds a client in a round may stay silent before it is dropped
     upload_norm_factor: float = UPLOAD_NORM_FACTOR  # per-tensor upload norm <= this x the global adapter's; 0 = off
     refusal_log_per_s: float = 5.0  # refusals logged per second at most (the rest are counted)
+    # U-shaped clients: what the middle keeps between H and dL/dH (middle_host.py)
+    middle_ttl: float = 60.0  # seconds a middle forward waits for its dL/dH before it is freed (the step is then refused)
+    middle_max_pending: int = 256  # unfinished U-shaped steps held at most, over all clients
+    middle_recompute: bool = False  # keep only Z and redo the middle's forward at dL/dH (less memory, more compute)
 
     def __post_init__(self) -> None:
         bad = [e for e in self.encodings if e not in ENCODINGS]
@@ -108,6 +118,9 @@ class ServerConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.step_timeout > 0:
             raise ConfigError(f"--step-timeout must be > 0 seconds, got {self.step_timeout}")
+        if not self.middle_ttl > 0 or self.middle_max_pending < 1:
+            raise ConfigError(f"--middle-ttl must be > 0 and --middle-max-pending >= 1 (got {self.middle_ttl}, "
+                              f"{self.middle_max_pending})")
 
 
 def frame_limit(host: TailHost, max_batch: int, max_seq: int) -> int:
@@ -128,6 +141,7 @@ class Session:
     profile: dict
     conn: Connection
     ws: ServerConnection
+    top: int = -1  # Hello.top: >= 0 for a U-shaped client
     connected: float = dataclasses.field(default_factory=time.time)
     bytes_in: int = 0
     bytes_out: int = 0
@@ -152,16 +166,19 @@ class FlexServer:
     """Hosts the tail for every client and runs the rounds of a :class:`Strategy`."""
 
     def __init__(self, host: TailHost, strategy: Strategy, registry: ClientRegistry | None, state: ServerState,
-                 config: ServerConfig = ServerConfig(), *, compute_threads: int | None = None,
+                 config: ServerConfig = ServerConfig(), *, compute_threads: int | None = None, compute=None,
                  on_round_end: Callable[[int, dict[str, ClientUpdate]], dict] | None = None) -> None:
         self.host = host
         self.strategy = strategy
         self.registry = registry
         self.state = state
         self.config = config
-        self.worker = ComputeWorker(host, batching=config.batching, threads=compute_threads,
+        # compute: workers.make_compute's (a Ray WorkerPool for --workers N); by default one local thread
+        self.worker = compute or ComputeWorker(host, batching=config.batching, threads=compute_threads,
                                     on_batch=lambda tags, s: self.state.log("batch", steps=tags, ms=round(1e3 * s, 3)))
         self.limits = Limits(max_frame_bytes=frame_limit(host, config.max_batch, config.max_seq))
+        self.u = UShaped(MiddleHost(host, ttl_s=config.middle_ttl, max_pending=config.middle_max_pending,
+                                    recompute=config.middle_recompute), self.worker, state)
         self.sessions: dict[str, Session] = {}
         self._changed = asyncio.Event()
         self.port: int | None = None
@@ -193,6 +210,7 @@ class FlexServer:
             ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ssl_ctx.load_cert_chain(self.config.tls_cert, self.config.tls_key)
         self.worker.start()
+        expiry = asyncio.create_task(self.u.expire_loop())
         try:
             async with serve(
                 self._handle,
@@ -219,6 +237,7 @@ class FlexServer:
                 else:
                     await asyncio.Future()
         finally:
+            expiry.cancel()
             self.worker.stop()
 
     # -- connections ---------------------------------------------------------------------------
@@ -299,6 +318,8 @@ class FlexServer:
         finally:
             if session is not None:
                 self.status.closed(session)
+            if session is not None and session.top >= 0:
+                await self.u.forget(session.client_id)
             if session is not None and self.sessions.get(session.client_id) is session:
                 del self.sessions[session.client_id]
                 for fut in (session.upload, session.metrics):
@@ -312,6 +333,10 @@ class FlexServer:
             raise AuthError(f"client {hello.client_id!r} is unknown or its token is wrong; check --client-id and the token file")
         if not 1 <= hello.split < info.num_blocks:
             raise AuthError(f"split {hello.split} is outside 1..{info.num_blocks - 1} for {info.id}", ErrorCode.BUNDLE_MISMATCH)
+        check_top(info, hello.split, hello.top)
+        why = self.strategy.refuse(None if hello.top < 0 else hello.top)
+        if why is not None:
+            raise AuthError(why, ErrorCode.BUNDLE_MISMATCH)
         want = layout_fingerprint(info, self.host.loaded.lora, hello.split)
         if hello.layout_hash != want:
             raise AuthError(
@@ -328,8 +353,8 @@ class FlexServer:
         old = self.sessions.get(hello.client_id)
         if old is not None:
             await self._close(old, Bye(reason="replaced by a newer connection of the same client"), 1000)
-        session = Session(hello.client_id, hello.split, hello.backend, dict(hello.profile), conn, ws, bytes_in=nbytes,
-                          token_sha256=hash_token(hello.token))
+        session = Session(hello.client_id, hello.split, hello.backend, dict(hello.profile), conn, ws, top=hello.top,
+                          bytes_in=nbytes, token_sha256=hash_token(hello.token))
         ws.protocol.max_message_size = self.limits.max_frame_bytes  # welcomed: the full frame limit from now on
         self._unwelcomed.discard(ws)
         await session.send(Welcome(
@@ -341,9 +366,10 @@ class FlexServer:
         self.sessions[hello.client_id] = session
         self.status.opened(session)
         self.state.client_seen(hello.client_id, hello.split, hello.backend, hello.profile)
-        self.state.log("hello", client=hello.client_id, split=hello.split, backend=hello.backend, encoding=encoding,
-                       profile=dict(hello.profile))
-        log.info("%s connected (split %d, %s, %s)", hello.client_id, hello.split, hello.backend, encoding)
+        self.state.log("hello", client=hello.client_id, split=hello.split, top=hello.top, backend=hello.backend,
+                       encoding=encoding, profile=dict(hello.profile))
+        log.info("%s connected (split %d%s, %s, %s)", hello.client_id, hello.split,
+                 f", top {hello.top}" if hello.top >= 0 else "", hello.backend, encoding)
         self._changed.set()
         return session
 
@@ -356,6 +382,9 @@ class FlexServer:
                 if s.ledger is None or s.upload is None or s.upload.done():
                     raise OrderError(f"train step {msg.step_id}: {s.client_id} is not in a running round")
                 s.ledger.admit_step(msg.round_id, msg.step_id, int(msg.z.shape[0]))
+            if s.top >= 0:  # U-shaped: Z -> the middle -> H (no labels reach this branch: the Connection refuses them)
+                await self._u_step(s, self.u.activations(s, msg))
+            elif msg.mode == "train":
                 t0 = time.perf_counter()
                 s.in_step = True
                 try:
@@ -375,6 +404,9 @@ class FlexServer:
                 logits = await self.worker.call(self._predict, s.split, np.asarray(msg.z), np.asarray(msg.attention_mask),
                                                 None if msg.labels is None else np.asarray(msg.labels))
                 await s.send(Predictions(round_id=msg.round_id, step_id=msg.step_id, logits=logits, encoding="fp32"))
+        elif isinstance(msg, TopGradients):  # only in a U-shaped session (the Connection checks)
+            await self._u_step(s, self.u.top_gradients(s, msg))
+            s.steps += 1
         elif isinstance(msg, Upload):
             check_tensors(dict(msg.tensors), self._upload_specs(s), what="Upload")
             if msg.num_samples < 1:
@@ -404,6 +436,15 @@ class FlexServer:
             if s.metrics is not None and not s.metrics.done():
                 s.metrics.set_result(msg)
 
+    async def _u_step(self, s: Session, answer) -> None:
+        """Send what a U-shaped leg computes; the client is not silent while the server computes."""
+        s.in_step = True
+        try:
+            msg = await answer
+        finally:
+            s.in_step = False
+        await s.send(msg)
+
     def _predict(self, split: int, z: np.ndarray, mask: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
         logits = self.host.predict(split, z, mask)
         if self.host.info.task == "causal_lm":
@@ -414,6 +455,8 @@ class FlexServer:
     def _upload_specs(self, s: Session) -> dict[str, tuple[int, ...]]:
         if self.strategy.mode is RoundMode.FULL:
             return {n: tuple(p.shape) for n, p in self.host.params.items()}
+        if s.top >= 0:  # head and top blocks + task head (named as PEFT does)
+            return client_specs(self.host.params, self.host.blocks, self.host.info.num_blocks, s.split, s.top)
         return self.host.head_specs(s.split)
 
     async def _close(self, s: Session, msg, code: int) -> None:
@@ -447,7 +490,7 @@ class FlexServer:
         log.info("round %d: %s", r, ", ".join(f"{s.client_id}(s={s.split})" for s in chosen))
         started = []
         for s in chosen:
-            plan = await self.worker.call(self.strategy.plan, r, s.client_id, s.split, self.host)
+            plan = await self.worker.call(self.strategy.plan, r, s.client_id, s.split, self.host, _top(s))
             s.upload = asyncio.get_running_loop().create_future()
             s.ledger = RoundLedger(r, plan.local_steps, plan.batch_size, whole_model=plan.mode is RoundMode.FULL,
                                    ref_norms=reference_norms(plan.adapters) if plan.adapters is not None else None)
@@ -472,9 +515,10 @@ class FlexServer:
         dropped = sorted({s.client_id for s in started} - set(uploads))
         if dropped:
             log.warning("round %d: no upload from %s; left out of the aggregation", r, ", ".join(dropped))
-        updates = {cid: ClientUpdate(dict(u.tensors), u.num_samples, s.split) for cid, (s, u) in uploads.items()}
+        updates = {cid: ClientUpdate(dict(u.tensors), u.num_samples, s.split, _top(s)) for cid, (s, u) in uploads.items()}
         self.state.log("phase", round=r, phase="aggregating")
         t_agg = time.perf_counter()
+        await self.worker.end_round()  # a Ray pool averages its workers' tails into self.host first
         await self.worker.call(self.strategy.aggregate, r, self.host, updates)
         agg_s = time.perf_counter() - t_agg
         state = await self.worker.call(self.host.state)
@@ -546,6 +590,11 @@ class FlexServer:
         for cid, (_, u) in uploads.items():
             self.state.save_personal(cid, r, dict(u.tensors))
             self.state.client_trained(cid, u.num_samples)
+
+
+def _top(s: Session) -> int | None:
+    """A session's top as strategies and aggregation take it: u, or None for head/tail."""
+    return s.top if s.top >= 0 else None
 
 
 def _lm_summary(logits: np.ndarray, labels: np.ndarray | None) -> np.ndarray:

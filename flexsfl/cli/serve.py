@@ -93,6 +93,7 @@ def build_server(args: argparse.Namespace, loaded=None):
         exit_when_done=args.rounds > 0, admin_token_file=args.admin_token_file, linger=args.linger,
         max_connections=args.max_connections, max_unauthenticated=args.max_unauthenticated,
         step_timeout=args.step_timeout, upload_norm_factor=args.upload_norm_factor,
+        middle_ttl=args.middle_ttl, middle_max_pending=args.middle_max_pending, middle_recompute=args.middle_recompute,
     )
     return FlexServer(host, strategy, registry, state, config, compute_threads=args.threads)
 
@@ -138,6 +139,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="seconds a client in a round may stay silent before it is dropped (the round goes on without it)")
     p.add_argument("--upload-norm-factor", type=float, default=s_limits.UPLOAD_NORM_FACTOR,
                    help="refuse an upload whose tensor norm is over this x the global adapter's (0: no bound)")
+    p.add_argument("--middle-ttl", type=float, default=60.0,
+                   help="U-shaped clients: seconds the middle keeps a step's forward for its dL/dH (later ones are refused)")
+    p.add_argument("--middle-max-pending", type=int, default=256,
+                   help="U-shaped clients: unfinished steps the middle keeps at most, over all clients")
+    p.add_argument("--middle-recompute", action="store_true",
+                   help="U-shaped clients: keep only Z and recompute the middle's forward at dL/dH (less memory per client)")
     p.add_argument("--linger", type=float, default=0.0,
                    help="seconds to keep the status page and /metrics up after the last round (for a final scrape)")
     p.set_defaults(func=_run)
