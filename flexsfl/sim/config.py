@@ -12,9 +12,10 @@ from flexsfl.core.constants import OPTIMIZERS, TASKS, TRAIN_OPTIMIZER
 from flexsfl.core.errors import ConfigError
 from flexsfl.core.wire.tensors import ENCODINGS
 from flexsfl.server_backend.strategy import STRATEGIES as _STRATEGY_CLASSES
+from flexsfl.server_backend.strategy import TOPOLOGIES
 from flexsfl.sim.data.partition import SCHEMES
 
-__all__ = ["STRATEGIES", "SIM_BACKENDS", "SimConfig", "DEMO", "DEMO_LM"]
+__all__ = ["STRATEGIES", "TOPOLOGIES", "SIM_BACKENDS", "SimConfig", "DEMO", "DEMO_LM"]
 
 STRATEGIES = tuple(_STRATEGY_CLASSES)  # flexpsfl, splitfed, fedavg, local: the server's registry
 SIM_BACKENDS = ("ort", "executorch")  # the device runtimes a simulated client runs
@@ -45,6 +46,12 @@ class SimConfig:
     profiles: tuple[str, ...] | None = _f(
         None, "comma-separated device profile per client (rpi4, rpi5, jetson-orin, ...); the planner picks each split",
         metavar="NAME[,...]")
+    topology: str = _f("head-tail", "head-tail: the server holds the output layers and sees the labels; u: each device "
+                       "also keeps the last blocks + task head, personal, and its labels (strategy flexpsfl-u)",
+                       choices=TOPOLOGIES)
+    tops: tuple[int, ...] | None = _f(None, "U-shaped: comma-separated top blocks per client (or one for all); default: "
+                                      "from --profiles, or 0 with --splits", metavar="U[,...]")
+    align_top: bool = _f(False, "U-shaped: the alignment term also at the top's input H")
     backend: str = _f("ort", "device runtime of every client", choices=SIM_BACKENDS)
     encoding: str = _f("fp32", "transfer encoding of Z and g", choices=ENCODINGS)
     max_train: int | None = _f(400, "training examples per client")
@@ -63,6 +70,10 @@ class SimConfig:
     def __post_init__(self) -> None:
         if self.task == "causal-lm":
             object.__setattr__(self, "task", "causal_lm")  # the demo's spelling
+        # One name for one run: FlexP-SFL on U-shaped clients is strategy flexpsfl-u, topology u.
+        if self.strategy == "flexpsfl-u" or (self.strategy == "flexpsfl" and self.topology == "u"):
+            object.__setattr__(self, "strategy", "flexpsfl-u")
+            object.__setattr__(self, "topology", "u")
         for name, allowed in (("task", TASKS), ("strategy", STRATEGIES), ("partition", SCHEMES), ("optimizer", OPTIMIZERS),
                               ("backend", SIM_BACKENDS), ("encoding", ENCODINGS)):
             if getattr(self, name) not in allowed:
@@ -80,6 +91,17 @@ class SimConfig:
             raise ConfigError(f"splits needs 1 or {self.clients} values (one per client), got {len(self.splits)}")
         if self.profiles is not None and len(self.profiles) != self.clients:
             raise ConfigError(f"profiles needs {self.clients} names (one per client), got {len(self.profiles)}")
+        if self.topology not in TOPOLOGIES:
+            raise ConfigError(f"topology must be one of {', '.join(TOPOLOGIES)}, got {self.topology!r}")
+        if self.topology == "u" and self.strategy == "splitfed":
+            raise ConfigError("splitfed trains one shared model with the labels on the server; use --topology head-tail, "
+                              "or strategy flexpsfl-u")
+        if self.topology != "u" and (self.tops is not None or self.align_top):
+            raise ConfigError("--tops and --align-top are for U-shaped clients: add --topology u")
+        if self.tops is not None and (len(self.tops) not in (1, self.clients) or min(self.tops) < 0):
+            raise ConfigError(f"tops needs 1 or {self.clients} values >= 0 (one per client), got {list(self.tops)}")
+        if self.align_top and not self.align_lambda > 0:
+            raise ConfigError("--align-top applies the alignment term at the top's input: set --align-lambda > 0 too")
 
 
 # The README's main command: 4 VADER domains as 4 devices of different kinds, so splits differ.
