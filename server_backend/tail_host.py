@@ -8,6 +8,11 @@ Cross-client batching: :meth:`TailHost.train_batch` runs the requests that arriv
 forward/backward per split point. The objective is the *sum* of the clients' mean losses, so each
 client's ``g = ∂L_k/∂Z_k`` is exactly what it would get alone from the same weights; the tail then
 takes one optimizer step with the summed gradient instead of one step per request.
+
+Device: ``TailHost(loaded, device="cuda:0")`` moves the model there once; every batch's ``Z``,
+mask and labels go to the device when the batch runs and ``g`` comes back to host memory, so
+callers only ever see numpy arrays, whatever the device. :func:`resolve_device` turns the CLI's
+``--device`` into a :class:`torch.device`, or a one-line :class:`ConfigError` when it is not there.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from flexsfl.core.errors import ConfigError
 from flexsfl.model.loading import LoadedModel
 from flexsfl.model.partition import Head, Tail, block_of, build_head, build_tail, canonical_names, task_loss
 
-__all__ = ["OptimizerConfig", "StepRequest", "StepResult", "TailHost"]
+__all__ = ["OptimizerConfig", "StepRequest", "StepResult", "TailHost", "resolve_device"]
 
 log = logging.getLogger("flexsfl.server.tail")
 
@@ -68,10 +73,34 @@ class StepResult:
     error: str | None = None  # why the request was refused (nothing was changed by it)
 
 
-class TailHost:
-    """The global model. ``params`` maps canonical names to the live trainable tensors."""
+def resolve_device(name: str | None) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` as a :class:`torch.device`; ConfigError if CUDA (or GPU N) is missing."""
+    name = (name or "cpu").strip()
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ConfigError(f"--device {name!r} is not supported; use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu "
+                          "or install a CUDA build of torch on a GPU machine")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0.."
+                          f"cuda:{torch.cuda.device_count() - 1})")
+    return dev
 
-    def __init__(self, loaded: LoadedModel, optimizer: OptimizerConfig = OptimizerConfig()) -> None:
+
+class TailHost:
+    """The global model. ``params`` maps canonical names to the live trainable tensors (on ``device``)."""
+
+    def __init__(self, loaded: LoadedModel, optimizer: OptimizerConfig = OptimizerConfig(),
+                 device: str | torch.device | None = None) -> None:
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        if self.device.type != "cpu":
+            loaded.model.to(self.device)
         self.loaded = loaded
         self.info = loaded.info
         names = canonical_names(loaded.model)
@@ -107,11 +136,11 @@ class TailHost:
     # -- state ---------------------------------------------------------------------------------
     def head_params(self, split: int) -> dict[str, np.ndarray]:
         """A copy of ``φ^{0..split-1}``: the alignment reference and initial personal adapters."""
-        return {n: self.params[n].detach().numpy().copy() for n in self.head_names(split)}
+        return {n: _numpy(self.params[n]) for n in self.head_names(split)}
 
     def state(self) -> dict[str, np.ndarray]:
         """A copy of every trainable tensor (all adapters and the task head)."""
-        return {n: p.detach().numpy().copy() for n, p in self.params.items()}
+        return {n: _numpy(p) for n, p in self.params.items()}
 
     @torch.no_grad()
     def load_state(self, state: Mapping[str, np.ndarray]) -> None:
@@ -144,6 +173,8 @@ class TailHost:
         self.optimizer.zero_grad(set_to_none=True)
         for split, idx in groups.items():
             z, mask, labels, rows = _concat([reqs[i] for i in idx], self.info.task)
+            if self.device.type != "cpu":
+                z, mask, labels = (t.to(self.device, non_blocking=True) for t in (z, mask, labels))
             z.requires_grad_(True)
             logits = self.tail(split)(z, mask)
             for i, r in zip(idx, rows):
@@ -154,7 +185,7 @@ class TailHost:
                     results[i] = StepResult(None, math.nan, "the tail's loss is not finite for these activations")
         if live:
             torch.stack([loss for *_, loss in live]).sum().backward()
-            grads = {i: z.grad[r, :t].numpy().copy() for i, z, r, t, _ in live}
+            grads = {i: _numpy(z.grad[r, :t]) for i, z, r, t, _ in live}
             bad = {i for i, g in grads.items() if not np.isfinite(g).all()}
             if bad:
                 for i, *_ in live:
@@ -173,7 +204,8 @@ class TailHost:
     def predict(self, split: int, z: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Logits of the global tail for smashed data (no training)."""
         z, attention_mask = np.array(z, dtype=np.float32), np.array(attention_mask, dtype=np.int64)
-        return self.tail(split)(torch.from_numpy(z), torch.from_numpy(attention_mask)).numpy()
+        dev = self.device
+        return self.tail(split)(torch.from_numpy(z).to(dev), torch.from_numpy(attention_mask).to(dev)).cpu().numpy()
 
     @torch.no_grad()
     def predict_tokens(self, split: int, input_ids: np.ndarray, attention_mask: np.ndarray,
@@ -181,14 +213,20 @@ class TailHost:
         """Logits of the whole model for token ids, with optional personal head adapters swapped in
         (for evaluating a client's personal model where the server knows the test data)."""
         head = self.head(split)
-        ids, mask = torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
+        ids, mask = torch.from_numpy(input_ids).to(self.device), torch.from_numpy(attention_mask).to(self.device)
         if head_params:
             own = head.canonical()
-            swap = {n: torch.from_numpy(np.asarray(head_params[c], dtype=np.float32)) for n, c in own.items()}
+            swap = {n: torch.from_numpy(np.asarray(head_params[c], dtype=np.float32)).to(self.device) for n, c in own.items()}
             z = torch.func.functional_call(head, swap, (ids, mask))
         else:
             z = head(ids, mask)
-        return self.tail(split)(z, mask).numpy()
+        return self.tail(split)(z, mask).cpu().numpy()
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A host-memory numpy copy of ``t``, wherever it lives."""
+    t = t.detach()
+    return t.cpu().numpy() if t.device.type != "cpu" else t.numpy().copy()
 
 
 def _concat(reqs: Sequence[StepRequest], task: str):

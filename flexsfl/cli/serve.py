@@ -21,7 +21,8 @@ from flexsfl.server_backend import guards as s_limits  # numpy only: the default
 from flexsfl.server_backend.aggregation import AGGREGATIONS
 from flexsfl.server_backend.strategy import STRATEGIES, TrainConfig
 
-__all__ = ["add_parser", "build_server", "add_model_args", "add_train_args", "train_config", "load_server_model"]
+__all__ = ["add_parser", "build_server", "add_model_args", "add_train_args", "train_config", "load_server_model",
+           "model_loader", "add_compute_args"]
 
 log = logging.getLogger("flexsfl.server")
 
@@ -61,12 +62,37 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
 
 
-def load_server_model(args: argparse.Namespace, attn: str = "sdpa"):
+def model_loader(args: argparse.Namespace, attn: str = "sdpa"):
+    """A picklable no-argument callable that loads the server's model (Ray workers load their own copy)."""
+    import functools
+
     from flexsfl.model.loading import LoraSettings, load_model
 
     targets = tuple(args.lora_targets.split(",")) if args.lora_targets else None
-    return load_model(args.model, task=args.task, num_labels=args.num_labels, seed=args.seed, attn_implementation=attn,
-                      lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, target_modules=targets))
+    return functools.partial(load_model, args.model, task=args.task, num_labels=args.num_labels, seed=args.seed,
+                             attn_implementation=attn,
+                             lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, target_modules=targets))
+
+
+def load_server_model(args: argparse.Namespace, attn: str = "sdpa"):
+    return model_loader(args, attn)()
+
+
+def add_compute_args(p: argparse.ArgumentParser) -> None:
+    """Where and how the tail computes (README: "Serving many devices")."""
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the tail trains (Z/g move per batch)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per worker (default: every core, or OMP_NUM_THREADS; split among --workers)")
+    p.add_argument("--no-batching", action="store_true", help="run every step on its own (no cross-client batching)")
+    p.add_argument("--max-batch-tokens", type=int, default=0,
+                   help="cross-client batching: at most this many tokens (sum of B x T) per batch (0: no cap)")
+    p.add_argument("--max-wait-ms", type=float, default=0.0,
+                   help="cross-client batching: wait up to this long for more steps once one is waiting "
+                        "(0: never wait; a few ms pays on a GPU)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="host the tail on N Ray actors, one tail copy each, averaged per round (pip install 'flexsfl[scale]')")
+    p.add_argument("--ray-address", default=None,
+                   help="run the --workers on an existing Ray cluster (e.g. ray://head:10001 or auto) instead of a local one")
 
 
 def build_server(args: argparse.Namespace, loaded=None):
@@ -75,12 +101,17 @@ def build_server(args: argparse.Namespace, loaded=None):
     from flexsfl.server_backend.server import FlexServer, ServerConfig
     from flexsfl.server_backend.state import ServerState
     from flexsfl.server_backend.strategy import make_strategy
-    from flexsfl.server_backend.tail_host import OptimizerConfig, TailHost
+    from flexsfl.server_backend.tail_host import OptimizerConfig, TailHost, resolve_device
+    from flexsfl.server_backend.workers import HostSpec, make_compute
 
+    device = str(resolve_device(args.device))  # a one-line error before any loading when CUDA is missing
     cfg = train_config(args)
     strategy = make_strategy(args.strategy, cfg)
+    pool = args.workers > 1 or args.ray_address
+    # With Ray workers the front end's global model stays on the CPU: the workers train on --device.
     loaded = loaded or load_server_model(args)
-    host = TailHost(loaded, OptimizerConfig(args.server_optimizer or args.optimizer, args.server_lr or args.lr))
+    optimizer = OptimizerConfig(args.server_optimizer or args.optimizer, args.server_lr or args.lr)
+    host = TailHost(loaded, optimizer, device="cpu" if pool else device)
     layout = {
         "model": loaded.info.id, "revision": loaded.info.revision, "task": loaded.info.task,
         "num_labels": loaded.info.num_labels, "lora": loaded.lora.to_json(), "strategy": strategy.name,
@@ -95,7 +126,11 @@ def build_server(args: argparse.Namespace, loaded=None):
         step_timeout=args.step_timeout, upload_norm_factor=args.upload_norm_factor,
         middle_ttl=args.middle_ttl, middle_max_pending=args.middle_max_pending, middle_recompute=args.middle_recompute,
     )
-    return FlexServer(host, strategy, registry, state, config, compute_threads=args.threads)
+    compute = make_compute(host, HostSpec(model_loader(args), optimizer, device) if pool else None, workers=args.workers,
+                           ray_address=args.ray_address, batching=not args.no_batching, threads=args.threads,
+                           max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
+                           on_batch=lambda tags, s: state.log("batch", steps=tags, ms=round(1e3 * s, 3)))
+    return FlexServer(host, strategy, registry, state, config, compute=compute)
 
 
 async def _serve(server) -> None:
@@ -124,8 +159,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", required=True, help="where rounds, adapters and metrics are kept (resumes from it)")
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--max-seq", type=int, default=512)
-    p.add_argument("--no-batching", action="store_true", help="run every step on its own (no cross-client batching)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for the tail")
+    add_compute_args(p)
     p.add_argument("--tls-cert", default=None, help="PEM certificate: serve wss://")
     p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
     p.add_argument("--admin-token-file", default=None,
