@@ -24,10 +24,12 @@ import json
 import pathlib
 import time
 
+from flexsfl.core.constants import ALIGN_LAMBDA
+
 __all__ = ["RUNS", "add_arguments", "main", "run_accuracy"]
 
 RUNS: dict[str, dict] = {
-    "flexpsfl": {"strategy": "flexpsfl", "align_lambda": 0.1},
+    "flexpsfl": {"strategy": "flexpsfl", "align_lambda": ALIGN_LAMBDA},
     "flexpsfl-l0": {"strategy": "flexpsfl", "align_lambda": 0.0},
     "splitfed": {"strategy": "splitfed", "align_lambda": 0.0},
     "fedavg": {"strategy": "fedavg", "align_lambda": 0.0},

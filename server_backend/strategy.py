@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from flexsfl.core.constants import OPTIMIZERS
+from flexsfl.core.constants import ALIGN_LAMBDA, OPTIMIZERS
 from flexsfl.core.errors import ConfigError
 from flexsfl.core.wire import RoundMode
 
@@ -56,7 +56,7 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 1e-3  # client learning rate
     optimizer: str = "sgd"  # client optimizer: sgd | adamw
-    align_lambda: float = 0.0  # lambda of the alignment term
+    align_lambda: float = ALIGN_LAMBDA  # lambda of the alignment term (FlexP-SFL only; baselines send 0)
     round_timeout: float = 600.0  # seconds to wait for uploads; late clients are left out of the round
     aggregation: str = "mean"  # how uploads combine per tensor: mean (sample-weighted) | median | trimmed-mean
     align_top: bool = False  # U-shaped clients: the alignment term also at the top's input H (needs align_lambda > 0)

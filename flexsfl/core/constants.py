@@ -6,7 +6,7 @@ wire's ``RoundConfig`` accepts only these optimizer names.
 
 from __future__ import annotations
 
-__all__ = ["OPTIMIZERS", "TASKS", "TRAIN_OPTIMIZER"]
+__all__ = ["OPTIMIZERS", "TASKS", "TRAIN_OPTIMIZER", "ALIGN_LAMBDA"]
 
 OPTIMIZERS = ("sgd", "adamw")  # what the edge runtime and the server's tail host implement
 TASKS = ("seq_cls", "causal_lm")  # sequence classification, causal language modelling
@@ -15,3 +15,9 @@ TASKS = ("seq_cls", "causal_lm")  # sequence classification, causal language mod
 # ``simulate`` and ``demo``). A bundle's own default (``flexsfl export --optimizer``) is plain SGD,
 # the cheapest on a device; the server overrides it every round.
 TRAIN_OPTIMIZER = "adamw"
+
+# FlexP-SFL's alignment weight unless told otherwise, in every command that trains a federation
+# (``serve``, ``simulate``, ``demo``, ``bench accuracy``): the fraction of the task gradient's norm
+# spent pulling the personal head's features towards the global head's
+# (:func:`flexsfl.edge_runtime.alignment.aligned_gradient`). 0 is the ablation, asked for by name.
+ALIGN_LAMBDA = 0.1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from flexsfl.core.constants import OPTIMIZERS, TASKS, TRAIN_OPTIMIZER
+from flexsfl.core.constants import ALIGN_LAMBDA, OPTIMIZERS, TASKS, TRAIN_OPTIMIZER
 from flexsfl.core.errors import ConfigError
 from flexsfl.core.wire.tensors import ENCODINGS
 from flexsfl.server_backend.strategy import STRATEGIES as _STRATEGY_CLASSES
@@ -40,7 +40,7 @@ class SimConfig:
     batch_size: int = _f(16, "client batch size")
     lr: float = _f(5e-4, "client (and tail) learning rate")
     optimizer: str = _f(TRAIN_OPTIMIZER, "client (and tail) optimizer", choices=OPTIMIZERS)
-    align_lambda: float = _f(0.0, "weight of the alignment term (0: no alignment)")
+    align_lambda: float = _f(ALIGN_LAMBDA, "weight of the alignment term: its size relative to the task gradient (0: none)")
     splits: tuple[int, ...] | None = _f(None, "comma-separated split per client (or one for all); default: from --profiles",
                                         metavar="S[,...]")
     profiles: tuple[str, ...] | None = _f(
@@ -107,7 +107,7 @@ class SimConfig:
 # The README's main command: 4 VADER domains as 4 devices of different kinds, so splits differ.
 DEMO = SimConfig(
     strategy="flexpsfl", model="minilm", data="vader", partition="natural", clients=4, rounds=5, local_steps=15,
-    batch_size=8, lr=2e-3, optimizer="adamw", align_lambda=0.1, profiles=("rpi4", "rpi4", "rpi5", "jetson-orin"),
+    batch_size=8, lr=2e-3, optimizer="adamw", align_lambda=ALIGN_LAMBDA, profiles=("rpi4", "rpi4", "rpi5", "jetson-orin"),
     backend="ort", max_train=300, max_test=80, max_seq=48, eval_every=0, out="results/demo",
 )
 
