@@ -258,6 +258,7 @@ async def _train_round(link: _Link, trainer: Trainer, cfg: RoundConfig, adapters
 async def _evaluate(link: _Link, trainer: Trainer, round_id: int) -> dict[str, float]:
     """Personalized accuracy: θ_k's head + the global tail on the local test split."""
     correct = total = 0
+    sent, received = link.report.bytes_sent, link.report.bytes_received
     for i, step in enumerate(trainer.eval_batches()):
         await link.send(Activations(round_id=round_id, step_id=i, mode="eval", z=step.z,
                                     attention_mask=step.attention_mask, labels=step.labels, encoding=link.encoding))
@@ -266,4 +267,6 @@ async def _evaluate(link: _Link, trainer: Trainer, round_id: int) -> dict[str, f
             raise OrderError(f"expected Predictions, got {type(p).__name__}")
         c, n = HeadTrainer.score(trainer.task, np.asarray(p.logits), step.labels)
         correct, total = correct + c, total + n
-    return {"personal_acc": correct / max(total, 1), "eval_examples": total}
+    # Counted apart from training traffic, so strategies that score on the server pay no hidden bytes.
+    return {"personal_acc": correct / max(total, 1), "eval_examples": total,
+            "eval_bytes_sent": link.report.bytes_sent - sent, "eval_bytes_received": link.report.bytes_received - received}
