@@ -6,6 +6,13 @@ Prints, per encoding, the median and p90 of ``serialize()``, ``parse()`` and bot
 ``--repeat`` runs after ``--warmup`` runs, the frame size and the largest absolute error of the
 decoded Z, plus one line naming the machine, library versions and commit. Threads are pinned to
 one (numpy's BLAS plays no part, but the measurement should not depend on it either).
+
+A second table times the tensor codec alone, before (the kernels of commit e3d2e88, which
+allocated every temporary afresh: :mod:`.wire_codec_before`) and after (buffers reused,
+:mod:`flexsfl.core.wire.codec`) side by side: encode and decode medians, measured round-robin
+so that load on the machine falls on both alike, and the minor page faults per encode and per
+decode (``getrusage``), each over ``--repeat`` calls. Inputs are Z-like (N(0,1)) and g-like
+(N(0, 1e-6), mostly fp16 subnormals).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy loads its thread p
 import argparse
 import json
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -24,7 +32,8 @@ import time
 
 import numpy as np
 
-from flexsfl.core.wire import ENCODINGS, Activations, parse
+from flexsfl.benchmarks import wire_codec_before as before
+from flexsfl.core.wire import ENCODINGS, Activations, decode, encode, parse
 
 
 def _environment() -> dict:
@@ -88,6 +97,67 @@ def bench(shape: tuple[int, int, int], repeat: int, warmup: int) -> list[dict]:
     return rows
 
 
+def _faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _codec_pair(x: np.ndarray, enc: str) -> dict[str, dict]:
+    """(encode, decode) callables for the codec before and after, on the same input."""
+    header, parts = encode("z", x, enc)
+    frame = b"".join(parts)
+    old_parts = before.encode(x, enc)
+    old_frames = tuple(np.frombuffer(p.tobytes(), p.dtype).reshape(p.shape) for p in old_parts)
+    return {
+        "before": {"encode": lambda: before.encode(x, enc), "decode": lambda: before.decode(old_frames, enc, x.shape)},
+        "after": {"encode": lambda: encode("z", x, enc), "decode": lambda: decode(header, frame)},
+    }
+
+
+def bench_codec(shape: tuple[int, int, int], repeat: int, warmup: int) -> list[dict]:
+    """One row per (input, encoding, before/after): encode/decode median ms and page faults per call."""
+    rng = np.random.default_rng(1)
+    inputs = {"Z N(0,1)": rng.standard_normal(shape, dtype=np.float32), "g N(0,1e-6)": rng.standard_normal(shape, dtype=np.float32) * np.float32(1e-6)}
+    cases = [(name, enc, impl, fns) for name, x in inputs.items() for enc in ENCODINGS for impl, fns in _codec_pair(x, enc).items()]
+    times: dict[tuple, dict[str, list[float]]] = {c[:3]: {"encode": [], "decode": []} for c in cases}
+    faults: dict[tuple, dict[str, float]] = {c[:3]: {} for c in cases}
+    for *key, fns in cases:  # warm-up, then page faults per call over `repeat` calls
+        for op in ("encode", "decode"):
+            for _ in range(warmup):
+                fns[op]()
+            f0 = _faults()
+            for _ in range(repeat):
+                fns[op]()
+            faults[tuple(key)][op] = (_faults() - f0) / repeat
+    for _ in range(repeat):  # round-robin: every case once per round
+        for *key, fns in cases:
+            for op in ("encode", "decode"):
+                t = time.perf_counter()
+                fns[op]()
+                times[tuple(key)][op].append(time.perf_counter() - t)
+    return [
+        {
+            "input": k[0], "encoding": k[1], "impl": k[2],
+            "encode_ms": 1e3 * statistics.median(times[k]["encode"]), "decode_ms": 1e3 * statistics.median(times[k]["decode"]),
+            "encode_faults": faults[k]["encode"], "decode_faults": faults[k]["decode"],
+        }
+        for k in times
+    ]
+
+
+def _print_codec(rows: list[dict]) -> None:
+    print("tensor codec alone, before (fresh temporaries) vs after (reused buffers); median ms, minor page faults per call")
+    print(f"{'input':12} {'encoding':8} {'impl':7} {'encode ms':>10} {'decode ms':>10} {'both ms':>8} {'flt/enc':>8} {'flt/dec':>8}")
+    for r in rows:
+        print(
+            f"{r['input']:12} {r['encoding']:8} {r['impl']:7} {r['encode_ms']:10.3f} {r['decode_ms']:10.3f} "
+            f"{r['encode_ms'] + r['decode_ms']:8.3f} {r['encode_faults']:8.1f} {r['decode_faults']:8.1f}"
+        )
+    both = {(r["input"], r["encoding"], r["impl"]): r["encode_ms"] + r["decode_ms"] for r in rows}
+    for inp in dict.fromkeys(r["input"] for r in rows):
+        for impl in ("before", "after"):
+            print(f"fp16 / bf16 codec time, {inp}, {impl}: {both[inp, 'fp16', impl] / both[inp, 'bf16', impl]:.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", type=int, nargs=3, default=(8, 128, 384), metavar=("B", "T", "D"), help="shape of Z (default: 8 128 384)")
@@ -106,9 +176,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['encoding']:8} {r['frame_bytes'] / 1e6:9.3f} {_cell(r['serialize']):>15} {_cell(r['parse']):>15} "
             f"{_cell(r['round_trip']):>15} {r['max_abs_err']:10.2e}"
         )
+    codec_rows = bench_codec(tuple(args.shape), args.repeat, args.warmup)
+    _print_codec(codec_rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "rows": rows}, f, indent=2, sort_keys=True)
+            json.dump({"environment": env, "rows": rows, "codec": codec_rows}, f, indent=2, sort_keys=True)
     return 0
 
 

@@ -18,6 +18,7 @@ and ``accuracy_vs_time.png``. The run is configured by :class:`~flexsfl.sim.conf
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -154,14 +155,22 @@ class _RoundEval:
 
 async def _run(cfg: SimConfig, out: pathlib.Path, progress) -> dict:
     t_start = time.perf_counter()
-    progress(f"loading {cfg.model}")
-    loaded = load_model(cfg.model, task=cfg.task, num_labels=cfg.num_labels, seed=cfg.seed, attn_implementation="sdpa")
+    lm = cfg.task == "causal_lm"
+    loaded = None
+    if lm:  # a causal LM's own texts need its tokenizer (instruction rows: chat template)
+        progress(f"loading {cfg.model}")
+        loaded = load_model(cfg.model, task=cfg.task, seed=cfg.seed, attn_implementation="sdpa")
     progress("partitioning the data")
     data = cfg.data
-    if cfg.task == "causal_lm" and os.path.isfile(str(data)):  # a user's own texts (instruction rows: chat template)
+    if lm and os.path.isfile(str(data)):
         data = text_dataset(data, tokenizer=loaded.tokenizer)
     partition = prepare(data, cfg.partition, cfg.clients, out / "data", cfg.seed, alpha=cfg.alpha,
-                        max_train=cfg.max_train, max_test=cfg.max_test, overwrite=True)
+                        max_train=cfg.max_train, max_test=cfg.max_test, overwrite=True, num_labels=None if lm else cfg.num_labels)
+    # A classifier has --num-labels classes, else as many as the data name (a label outside was refused above).
+    cfg = dataclasses.replace(cfg, num_labels=cfg.num_labels or len(partition.label_names))
+    if not lm:
+        progress(f"loading {cfg.model} ({cfg.num_labels} classes)")
+        loaded = load_model(cfg.model, task=cfg.task, num_labels=cfg.num_labels, seed=cfg.seed, attn_implementation="sdpa")
     splits, why = _choose_splits(cfg)
     if cfg.strategy == "splitfed" and len(set(splits)) > 1:
         splits = [min(splits)] * cfg.clients  # SplitFed has one split for everyone: the smallest that fits
@@ -244,7 +253,16 @@ async def _run(cfg: SimConfig, out: pathlib.Path, progress) -> dict:
 
 def bundle_for(cfg: SimConfig, split: int) -> pathlib.Path:
     """The bundle a run of ``cfg`` exports (or reused) for ``split``: what its clients at that split ran."""
+    cfg = _with_run_labels(cfg)
     return _bundle_for(cfg, split, pathlib.Path(cfg.bundle_cache) if cfg.bundle_cache else _default_cache())
+
+
+def _with_run_labels(cfg: SimConfig) -> SimConfig:
+    """``cfg`` with the class count its finished run inferred (from its summary.json), if it left it out."""
+    if cfg.task != "seq_cls" or cfg.num_labels is not None:
+        return cfg
+    summary = json.loads((pathlib.Path(cfg.out) / "summary.json").read_text())
+    return dataclasses.replace(cfg, num_labels=summary["config"]["num_labels"])
 
 
 def _default_cache() -> pathlib.Path:

@@ -26,7 +26,10 @@ bfloat16 has no numpy dtype; it travels as uint16 bit patterns.
 Every float tensor is checked for NaN/Inf when it is encoded and again when it is decoded
 (:class:`~flexsfl.core.errors.TensorError` with code ``NON_FINITE``, naming the tensor).
 Decoding is zero-copy where the payload already is the result (``raw``, ``fp32``): the array is a
-read-only view of the frame's bytes. All decoded arrays are read-only; copy one to write to it.
+read-only view of the frame's bytes. The other encodings decode into buffers reused across calls
+(:mod:`.codec`): one is written again only once nothing refers to the array decoded into it, so
+a decoded array keeps its values however many decodes follow. All decoded arrays are read-only;
+copy one to write to it.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from typing import Any
 import numpy as np
 
 from flexsfl.core.errors import ConfigError, ErrorCode, FrameError, TensorError
+from flexsfl.core.wire import codec
+from flexsfl.core.wire.codec import POOL
 
 __all__ = [
     "DTYPES",
@@ -80,11 +85,6 @@ _HEADER_KEYS = frozenset({"name", "dtype", "shape", "encoding", "nbytes"})
 # Exponent bits of the 16-bit formats; all set means Inf or NaN.
 _FP16_EXP = 0x7C00
 _BF16_EXP = 0x7F80
-# Adding then subtracting 1.5 * 2**23 rounds a float32 of magnitude < 2**22 to the nearest
-# integer, ties to even (the sum has no fraction bits left): np.rint's result at a tenth of its cost.
-_ROUNDER = np.float32(1.5 * 2**23)
-# Largest int8 scale whose product with any code (-128..127) stays finite in float32.
-_INT8_MAX_SCALE = np.nextafter(np.float32(np.finfo(np.float32).max / 128), np.float32(0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,17 +201,11 @@ def _is_text(v: Any) -> bool:
 def _bits_finite(bits: np.ndarray, exponent: int) -> bool:
     """Whether no 16-bit float pattern has all ``exponent`` bits set (numpy's isfinite on
     float16 is ten times slower than this integer check)."""
-    return not bits.size or int(np.max(bits & 0x7FFF)) < exponent
-
-
-def _non_finite(name: str, a: np.ndarray, what: str) -> TensorError:
-    bad = np.flatnonzero(~np.isfinite(a))
-    first = np.unravel_index(bad[0], a.shape) if a.ndim else ()
-    return TensorError(
-        f"tensor {name!r:.80} {what} {bad.size} NaN/Inf value(s), first at index {tuple(int(i) for i in first)}; "
-        f"the values diverged (lower the learning rate) or overflowed",
-        ErrorCode.NON_FINITE,
-    )
+    if not bits.size:
+        return True
+    t = POOL.take("dec.bits", bits.size, np.uint16)
+    np.bitwise_and(bits.reshape(-1), np.uint16(0x7FFF), out=t)
+    return int(t.max()) < exponent
 
 
 def encode(name: str, array: np.ndarray, encoding: str) -> tuple[TensorHeader, tuple[memoryview, ...]]:
@@ -221,6 +215,8 @@ def encode(name: str, array: np.ndarray, encoding: str) -> tuple[TensorHeader, t
     for float arrays (float16/32/64 input; the values are taken as float32 first). Returns the
     table entry and the payload as buffers whose concatenation is exactly ``header.nbytes`` bytes;
     where the array already is the payload (``raw``, contiguous ``fp32``) they view it, no copy.
+    Otherwise they view buffers reused across calls (:mod:`.codec`), which stay untouched for as
+    long as a returned memoryview is alive.
     Raises TensorError if the dtype does not fit the encoding or a float value is NaN/Inf or
     would overflow the encoding.
     """
@@ -234,108 +230,24 @@ def encode(name: str, array: np.ndarray, encoding: str) -> tuple[TensorHeader, t
     elif encoding in ENCODINGS:
         if a.dtype.kind != "f":
             raise TensorError(f"tensor {name!r:.80}: encoding {encoding} is for float tensors, not {a.dtype.name}")
-        x = np.ascontiguousarray(a, dtype=_F32)
-        if encoding == "int8":
-            dtype, parts = "int8", _quantize(name, x)
+        if a.dtype == _F32 and a.flags.c_contiguous:
+            x = a
         else:
-            if not np.isfinite(x).all():
-                raise _non_finite(name, x, "has")
-            if encoding == "fp32":
-                dtype, parts = "float32", (x,)
-            elif encoding == "fp16":
-                dtype, parts = "float16", (_to_fp16(name, x),)
-            else:
-                dtype, parts = "bfloat16", (_to_bf16(name, x),)
+            x = POOL.take("enc.in", a.size, _F32).reshape(a.shape)
+            np.copyto(x, a, casting="same_kind")
+        if encoding == "int8":
+            dtype, parts = "int8", codec.quantize_int8(name, x.reshape(_vectors(x.shape)))
+        elif encoding == "fp32":
+            codec.check_finite(name, x, "has")
+            dtype, parts = "float32", (x,)
+        elif encoding == "fp16":
+            dtype, parts = "float16", (codec.to_fp16(name, x),)
+        else:
+            dtype, parts = "bfloat16", (codec.to_bf16(name, x),)
     else:
         raise TensorError(f"tensor {name!r:.80}: unknown encoding {encoding!r:.40} (known: raw, {', '.join(ENCODINGS)})")
     header = TensorHeader(name, dtype, tuple(int(d) for d in a.shape), encoding, sum(p.nbytes for p in parts))
     return header, tuple(memoryview(p.reshape(-1).view(np.uint8)) for p in parts)
-
-
-# float32 -> float16 on the bit patterns (round to nearest even), after F. Giesen's
-# float_to_half_fast3_rtne: bit-identical to numpy's astype(float16) for finite input, but numpy
-# takes a slow scalar path for every result in fp16's subnormal range (|x| < 2^-14), where nearly
-# all of the tail's gradients g fall: 4-6x faster on g, and no slower on Z.
-_FP16_OVERFLOW_BITS = 0x477FF000  # float32 bits of 65520: rounds to Inf in float16
-_FP16_MIN_NORMAL_BITS = np.uint32(113 << 23)  # float32 bits of 2^-14
-_FP16_REBIAS = np.uint32((((15 - 127) << 23) + 0xFFF) % 2**32)  # exponent rebias + rounding bias, mod 2^32
-_FP16_SUB_MAGIC = np.uint32(((127 - 15) + (23 - 10) + 1) << 23)  # 0.5: aligns the half's subnormal ulp
-_FP16_SUB_MAGIC_F = np.array(_FP16_SUB_MAGIC).view(np.float32)[()]
-
-
-def _to_fp16(name: str, x: np.ndarray) -> np.ndarray:
-    u = x.reshape(-1).view(np.uint32)
-    a = u & np.uint32(0x7FFFFFFF)
-    if a.size and int(a.max()) >= _FP16_OVERFLOW_BITS:
-        raise TensorError(f"tensor {name!r:.80} has values of magnitude >= 65520, which overflow float16; use encoding bf16 or fp32")
-    h = a >> np.uint32(13)
-    h &= np.uint32(1)  # the lowest kept mantissa bit: ties go to even
-    h += a
-    h += _FP16_REBIAS  # wraps for subnormal results, which are replaced below
-    h >>= np.uint32(13)
-    small = a < _FP16_MIN_NORMAL_BITS
-    if small.any():
-        # Adding 0.5 lines the half's subnormal ulp (2^-24) up with float32's last mantissa bit,
-        # so the FPU's own round-to-nearest-even does the rounding.
-        s = a.view(np.float32) + _FP16_SUB_MAGIC_F
-        sb = s.view(np.uint32)
-        sb -= _FP16_SUB_MAGIC
-        np.copyto(h, sb, where=small)
-    sign = u >> np.uint32(16)
-    sign &= np.uint32(0x8000)
-    h |= sign
-    return h.astype("<u2").view("<f2").reshape(x.shape)
-
-
-def _from_fp16(bits: np.ndarray) -> np.ndarray:
-    """Finite float16 bit patterns -> float32, exactly (numpy's astype is slow on subnormals too)."""
-    w = bits.astype(np.uint32)
-    sign = w & np.uint32(0x8000)
-    sign <<= np.uint32(16)
-    w &= np.uint32(0x7FFF)
-    small = w < np.uint32(0x400)
-    w <<= np.uint32(13)
-    w += np.uint32(112 << 23)  # rebias the exponent: 15 -> 127
-    if small.any():  # zero and subnormals: mantissa * 2^-24, exact in float32
-        sub = (bits & np.uint16(0x3FF)).astype(np.float32)
-        sub *= np.float32(2.0**-24)
-        np.copyto(w, sub.view(np.uint32), where=small)
-    w |= sign
-    return w.view(_F32)
-
-
-def _to_bf16(name: str, x: np.ndarray) -> np.ndarray:
-    # Round to nearest even on the bit pattern: add 0x7FFF plus the lowest kept bit, then drop
-    # the low 16 bits. Only valid for finite x, which the caller has checked.
-    u = x.view(np.uint32)
-    r = u >> 16
-    r &= 1
-    r += 0x7FFF
-    r += u
-    r >>= 16
-    b = r.astype("<u2")
-    if not _bits_finite(b, _BF16_EXP):
-        raise TensorError(f"tensor {name!r:.80} has values of magnitude >= 3.3962e38, which overflow bfloat16; use encoding fp32")
-    return b
-
-
-def _quantize(name: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    nvec, veclen = _vectors(x.shape)
-    v = x.reshape(nvec, veclen)
-    absmax = np.max(np.abs(v), axis=1, initial=0.0)  # NaN propagates, so this also checks finiteness
-    if not np.isfinite(absmax).all():
-        raise _non_finite(name, x, "has")
-    scales = (absmax / np.float32(127.0)).astype(_F32)
-    if scales.size and scales.max() > _INT8_MAX_SCALE:
-        raise TensorError(f"tensor {name!r:.80} has values of magnitude > 3.37e38, which overflow the int8 encoding; use encoding fp32")
-    # Codes are computed against the scale as stored, so decoding is consistent even where a
-    # tiny scale rounds to a float32 subnormal (and may round down: hence the clip). A scale of
-    # 0 (an all-zero vector, or one so tiny that absmax/127 underflows) divides by 1: codes 0.
-    q = v / np.where(scales > 0, scales, np.float32(1.0))[:, None]
-    np.clip(q, -127, 127, out=q)
-    q += _ROUNDER
-    q -= _ROUNDER
-    return q.astype(np.int8), scales
 
 
 def decode(header: TensorHeader, buffer: bytes | memoryview) -> np.ndarray:
@@ -352,11 +264,11 @@ def decode(header: TensorHeader, buffer: bytes | memoryview) -> np.ndarray:
         nvec, veclen = _vectors(shape)
         q = np.frombuffer(buffer, np.int8, count=nvec * veclen).reshape(nvec, veclen)
         scales = np.frombuffer(buffer, _F32, offset=nvec * veclen)
-        if not ((scales >= 0) & (scales <= _INT8_MAX_SCALE)).all():  # NaN fails both
+        if not ((scales >= 0) & (scales <= codec.INT8_MAX_SCALE)).all():  # NaN fails both
             raise TensorError(
-                f"tensor {name!r:.80}: int8 scales must be in [0, {_INT8_MAX_SCALE:.4g}] (larger ones overflow)", ErrorCode.NON_FINITE
+                f"tensor {name!r:.80}: int8 scales must be in [0, {codec.INT8_MAX_SCALE:.4g}] (larger ones overflow)", ErrorCode.NON_FINITE
             )
-        out = (q * scales[:, None]).reshape(shape)
+        out = codec.dequantize_int8(q, scales).reshape(shape)
     else:
         raw = np.frombuffer(buffer, DTYPES[header.dtype]).reshape(shape)
         if enc == "raw":
@@ -364,19 +276,16 @@ def decode(header: TensorHeader, buffer: bytes | memoryview) -> np.ndarray:
                 raise TensorError(f"tensor {name!r:.80}: bool payload holds bytes other than 0 and 1")
             out = raw
         elif enc == "fp32":
-            if not np.isfinite(raw).all():
-                raise _non_finite(name, raw, "holds")
+            codec.check_finite(name, raw, "holds")
             out = raw
         elif enc == "fp16":
             if not _bits_finite(raw.view(np.uint16), _FP16_EXP):
-                raise _non_finite(name, raw, "holds")
-            out = _from_fp16(raw.view(np.uint16))
+                raise codec.non_finite(name, raw.astype(_F32), "holds")
+            out = codec.from_fp16(raw.view(np.uint16))
         else:  # bf16
-            wide = raw.astype(np.uint32)
-            wide <<= 16
-            out = wide.view(_F32)
             if not _bits_finite(raw, _BF16_EXP):
-                raise _non_finite(name, out, "holds")
+                raise codec.non_finite(name, (raw.astype(np.uint32) << 16).view(_F32), "holds")
+            out = codec.from_bf16(raw)
     if not out.flags.aligned:  # a payload after an odd-sized one; numpy copes, other consumers may not
         out = out.copy()
     out.flags.writeable = False

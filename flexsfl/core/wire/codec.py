@@ -1,0 +1,248 @@
+"""The float codec's kernels (float32 <-> fp16 / bf16 / int8) and the buffers they reuse.
+
+Every kernel writes into buffers taken from :data:`POOL` (in-place ufuncs with ``out=``), so a
+step's encode and decode allocate nothing new once the first step has sized the buffers: no fresh
+megabyte temporaries, hence no page faults on the critical path. The buffers are per thread.
+
+Contract on what a kernel returns: the array lives in a pooled buffer, and :class:`BufferPool`
+hands a buffer out again only once no array, view or memoryview refers to it any more (CPython's
+reference count says so). So a decoded array never changes under its holder however many decodes
+follow, and an encoded payload stays valid for as long as its memoryview is alive; callers need
+no care beyond not keeping arrays they do not need (a kept array just means the next call
+allocates). Buffers under :attr:`BufferPool.min_bytes` are plain allocations (the allocator's
+arena serves them without faults).
+
+The fp16 encode is a branch-free float trick, bit-identical to IEEE round-to-nearest-even for
+finite input: adding ``c = 2^(max(e, -14) + 13)`` to ``|x|`` (``e`` its exponent) leaves the sum
+with exactly fp16's quantum at ``x`` as its last place, so the FPU rounds ``|x|`` to fp16's grid
+(ties to even, subnormals included); ``bits(sum) - bits(c)`` is then the rounded value in quanta,
+and adding the exponent field of ``c`` gives the half's bit pattern. Decode is one gather from
+a 65536-entry table.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import numpy as np
+
+from flexsfl.core.errors import ErrorCode, TensorError
+
+__all__ = [
+    "BufferPool",
+    "POOL",
+    "non_finite",
+    "check_finite",
+    "to_fp16",
+    "from_fp16",
+    "to_bf16",
+    "from_bf16",
+    "quantize_int8",
+    "dequantize_int8",
+]
+
+_F32 = np.dtype("<f4")
+_U32 = np.dtype("<u4")
+_U16 = np.dtype("<u2")
+
+
+class BufferPool:
+    """Per-thread reusable 1-D buffers, keyed by role; a buffer is reused only when unreferenced.
+
+    :meth:`take` returns an array of ``n`` elements of ``dtype`` viewing a pooled buffer that no
+    live array refers to (or a fresh one: below ``min_bytes``, when ``per_key`` buffers of that
+    role are all in use, or when the thread's pool already holds ``max_bytes``). Contents are
+    arbitrary. Buffers grow to the largest request seen and are kept until the thread ends.
+    """
+
+    def __init__(self, min_bytes: int = 64 << 10, per_key: int = 4, max_bytes: int = 256 << 20) -> None:
+        self.min_bytes, self.per_key, self.max_bytes = min_bytes, per_key, max_bytes
+        self._local = threading.local()
+
+    def _slots(self) -> dict[str, list[np.ndarray]]:
+        slots = getattr(self._local, "slots", None)
+        if slots is None:
+            slots = self._local.slots = {}
+        return slots
+
+    def held_bytes(self) -> int:
+        """Bytes this thread's pool holds."""
+        return sum(b.nbytes for bufs in self._slots().values() for b in bufs)
+
+    def take(self, key: str, n: int, dtype: np.dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        nbytes = n * dtype.itemsize
+        if nbytes < self.min_bytes:
+            return np.empty(n, dtype)
+        bufs = self._slots().setdefault(key, [])
+        for i in range(len(bufs)):
+            # References to a free buffer: the list's and getrefcount's argument. A returned
+            # array (and any view or memoryview of it) holds one more through its .base.
+            if sys.getrefcount(bufs[i]) == 2:
+                if bufs[i].nbytes < nbytes:
+                    if self.held_bytes() - bufs[i].nbytes + nbytes > self.max_bytes:
+                        continue
+                    bufs[i] = np.empty(nbytes, np.uint8)
+                return bufs[i][:nbytes].view(dtype)
+        if len(bufs) >= self.per_key or self.held_bytes() + nbytes > self.max_bytes:
+            return np.empty(n, dtype)
+        bufs.append(np.empty(nbytes, np.uint8))
+        return bufs[-1][:nbytes].view(dtype)
+
+
+POOL = BufferPool()
+
+
+def non_finite(name: str, a: np.ndarray, what: str) -> TensorError:
+    """The one-line error for a tensor holding NaN/Inf (slow path: only when raising)."""
+    bad = np.flatnonzero(~np.isfinite(a))
+    first = np.unravel_index(bad[0], a.shape) if a.ndim else ()
+    return TensorError(
+        f"tensor {name!r:.80} {what} {bad.size} NaN/Inf value(s), first at index {tuple(int(i) for i in first)}; "
+        f"the values diverged (lower the learning rate) or overflowed",
+        ErrorCode.NON_FINITE,
+    )
+
+
+def check_finite(name: str, x: np.ndarray, what: str) -> None:
+    """Raise :func:`non_finite` unless every value of float32 ``x`` is finite."""
+    if x.size and not np.isfinite(x, out=POOL.take("finite", x.size, np.bool_).reshape(x.shape)).all():
+        raise non_finite(name, x, what)
+
+
+def _abs_bits(name: str, x: np.ndarray, key: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(bits of x, bits of |x| in a pooled buffer, their max); raises for NaN/Inf."""
+    u = x.reshape(-1).view(_U32)
+    a = POOL.take(key, u.size, _U32)
+    np.bitwise_and(u, np.uint32(0x7FFFFFFF), out=a)
+    top = int(a.max()) if a.size else 0
+    if top >= 0x7F800000:
+        raise non_finite(name, x, "has")
+    return u, a, top
+
+
+# --- fp16 ------------------------------------------------------------------------------------
+
+_FP16_OVERFLOW_BITS = 0x477FF000  # float32 bits of 65520: rounds to Inf in float16
+_MIN_NORMAL16_F = np.float32(2.0**-14)  # fp16's smallest normal
+_EXP_MASK = np.uint32(0x7F800000)
+_QUANTUM_SHIFT = np.uint32(13 << 23)  # 2^e -> 2^(e+13), whose ulp is 2^(e-10)
+_UNBIAS16 = np.uint16((-(126 << 10)) % (1 << 16))
+
+
+def to_fp16(name: str, x: np.ndarray) -> np.ndarray:
+    """float32 ``x`` (C-contiguous) -> float16 payload (pooled), round to nearest even.
+    Raises TensorError for NaN/Inf or ``|x| >= 65520``."""
+    u, a, top = _abs_bits(name, x, "enc.a")
+    if top >= _FP16_OVERFLOW_BITS:
+        raise TensorError(f"tensor {name!r:.80} has values of magnitude >= 65520, which overflow float16; use encoding bf16 or fp32")
+    n = u.size
+    c = POOL.take("enc.c", n, _U32)
+    np.maximum(a.view(_F32), _MIN_NORMAL16_F, out=c.view(_F32))
+    c &= _EXP_MASK  # 2^max(e, -14)
+    c += _QUANTUM_SHIFT  # c = 2^(max(e, -14) + 13), whose last place is fp16's quantum at x
+    af = a.view(_F32)
+    af += c.view(_F32)  # s = |x| + c: the FPU rounds |x| to fp16's grid (ties to even)
+    # bits(s) = bits(c) + |x|/quantum (rounded), and bits(c) has no bit below 23 set, so the low
+    # 16 bits of bits(s) are the rounded |x| in quanta; bits(s) >> 13 is c's exponent field
+    # (<< 10), which exceeds the half's exponent field by 126 << 10: modulo 2^16, + 2048.
+    np.right_shift(a, np.uint32(13), out=c)
+    a += c
+    out = POOL.take("enc.out16", n, _U16)
+    np.copyto(out, a, casting="unsafe")  # keep the low 16 bits
+    out += _UNBIAS16  # wraps
+    neg = POOL.take("enc.neg", n, np.bool_)
+    np.signbit(x.reshape(-1), out=neg)
+    sign = POOL.take("enc.sign16", n, _U16)
+    np.left_shift(neg.view(np.uint8), np.uint16(15), out=sign)
+    out |= sign
+    return out.view("<f2").reshape(x.shape)
+
+
+_FP16_TABLE: list[np.ndarray] = []  # float32 value of every float16 bit pattern (256 KiB), built on first use
+
+
+def from_fp16(bits: np.ndarray) -> np.ndarray:
+    """Finite float16 bit patterns (uint16) -> float32 (pooled), exactly: one gather from a
+    table of all 65536 values (numpy's own cast takes a scalar path, 20x slower on subnormals)."""
+    if not _FP16_TABLE:
+        _FP16_TABLE.append(np.arange(1 << 16, dtype=np.uint32).astype(_U16).view(np.float16).astype(_F32))
+    y = POOL.take("dec.out", bits.size, _F32)
+    np.take(_FP16_TABLE[0], bits.reshape(-1), out=y, mode="clip")  # clip: no bounds check, u16 is always in range
+    return y.reshape(bits.shape)
+
+
+# --- bf16 ------------------------------------------------------------------------------------
+
+_BF16_OVERFLOW = np.array(0x7F7F8000, _U32).view(_F32)[()]  # 3.3962e38: rounds to Inf in bfloat16
+
+
+def to_bf16(name: str, x: np.ndarray) -> np.ndarray:
+    """float32 ``x`` (C-contiguous) -> bfloat16 bit patterns (uint16, pooled), round to nearest
+    even. Raises TensorError for NaN/Inf or ``|x| >= 3.3962e38``."""
+    u = x.reshape(-1).view(_U32)
+    hi, lo = (float(x.max()), float(x.min())) if x.size else (0.0, 0.0)
+    if not (np.isfinite(hi) and np.isfinite(lo)):
+        raise non_finite(name, x, "has")
+    if max(hi, -lo) >= _BF16_OVERFLOW:
+        raise TensorError(f"tensor {name!r:.80} has values of magnitude >= 3.3962e38, which overflow bfloat16; use encoding fp32")
+    r = POOL.take("enc.c", u.size, _U32)
+    np.right_shift(u, np.uint32(16), out=r)
+    r &= np.uint32(1)  # the lowest kept bit: ties go to even
+    r += np.uint32(0x7FFF)
+    r += u
+    r >>= np.uint32(16)
+    out = POOL.take("enc.out16", u.size, _U16)
+    np.copyto(out, r, casting="unsafe")
+    return out.reshape(x.shape)
+
+
+def from_bf16(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32 (pooled), exactly."""
+    w = POOL.take("dec.out", bits.size, _U32)
+    np.copyto(w, bits.reshape(-1), casting="safe")
+    w <<= np.uint32(16)
+    return w.view(_F32).reshape(bits.shape)
+
+
+# --- int8 ------------------------------------------------------------------------------------
+
+# Adding then subtracting 1.5 * 2**23 rounds a float32 of magnitude < 2**22 to the nearest
+# integer, ties to even (the sum has no fraction bits left): np.rint's result at a tenth of its cost.
+_ROUNDER = np.float32(1.5 * 2**23)
+# Largest int8 scale whose product with any code (-128..127) stays finite in float32.
+INT8_MAX_SCALE = np.nextafter(np.float32(np.finfo(np.float32).max / 128), np.float32(0))
+
+
+def quantize_int8(name: str, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 vectors ``v`` [nvec, veclen] -> (int8 codes [nvec, veclen], float32 scales [nvec]),
+    both pooled. Raises TensorError for NaN/Inf or values beyond 3.37e38."""
+    nvec, veclen = v.shape
+    q = POOL.take("enc.q", v.size, _F32).reshape(nvec, veclen)
+    np.abs(v, out=q)
+    absmax = np.max(q, axis=1, initial=0.0)  # NaN propagates, so this also checks finiteness
+    if not np.isfinite(absmax).all():
+        raise non_finite(name, v, "has")
+    scales = POOL.take("enc.scales", nvec, _F32)
+    np.divide(absmax, np.float32(127.0), out=scales)
+    if scales.size and scales.max() > INT8_MAX_SCALE:
+        raise TensorError(f"tensor {name!r:.80} has values of magnitude > 3.37e38, which overflow the int8 encoding; use encoding fp32")
+    # Codes are computed against the scale as stored, so decoding is consistent even where a
+    # tiny scale rounds to a float32 subnormal (and may round down: hence the clip). A scale of
+    # 0 (an all-zero vector, or one so tiny that absmax/127 underflows) divides by 1: codes 0.
+    absmax[...] = np.where(scales > 0, scales, np.float32(1.0))
+    np.divide(v, absmax[:, None], out=q)
+    np.clip(q, -127, 127, out=q)
+    q += _ROUNDER
+    q -= _ROUNDER
+    codes = POOL.take("enc.codes", v.size, np.int8).reshape(nvec, veclen)
+    np.copyto(codes, q, casting="unsafe")
+    return codes, scales
+
+
+def dequantize_int8(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """int8 codes [nvec, veclen] times their float32 scales -> float32 (pooled)."""
+    out = POOL.take("dec.out", q.size, _F32).reshape(q.shape)
+    np.multiply(q, scales[:, None], out=out)
+    return out
