@@ -1,0 +1,143 @@
+"""The tail on Ray workers (server_backend/workers.py), against a real local Ray cluster.
+
+The cluster (2 CPUs) is started once for this module and stopped after it. The server is the
+real FlexServer on a loopback port; the clients are benchmarks/synthetic.py's (the real protocol
+over real websockets, seeded Z), all in this test's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+
+import numpy as np
+import pytest
+
+import ray  # noqa: E402 - flexsfl[scale], part of make install ('.[all]'): no skip, these are must-pass
+
+from flexsfl.benchmarks.synthetic import SyntheticSpec, run_clients, synthetic_batch  # noqa: E402
+from flexsfl.core.bundle import layout_fingerprint  # noqa: E402
+from flexsfl.model.loading import load_model  # noqa: E402
+from flexsfl.server_backend.aggregation import ClientUpdate  # noqa: E402
+from flexsfl.server_backend.server import FlexServer, ServerConfig, frame_limit  # noqa: E402
+from flexsfl.server_backend.state import ServerState  # noqa: E402
+from flexsfl.server_backend.strategy import TrainConfig, make_strategy  # noqa: E402
+from flexsfl.server_backend.tail_host import OptimizerConfig, StepRequest, TailHost  # noqa: E402
+from flexsfl.server_backend.workers import HostSpec, WorkerPool, make_compute  # noqa: E402
+
+SPLIT, B, T = 2, 2, 8
+OPT = OptimizerConfig("sgd", 0.05)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 << 20, log_to_driver=False,
+             configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def loader(tiny_model_dirs):
+    return functools.partial(load_model, str(tiny_model_dirs["gpt2"]), task="seq_cls", num_labels=2, seed=0,
+                             attn_implementation="sdpa")
+
+
+async def _serve(loader, tmp_path, n: int, steps: int, workers: int, hook=None):
+    """One FlexP-SFL round with ``n`` synthetic clients; returns (global state, client results, pool, summary).
+    ``hook(pool, tags, seconds)`` runs after each acknowledged batch."""
+    loaded = loader()
+    host = TailHost(loaded, OPT)
+    strategy = make_strategy("flexpsfl", TrainConfig(rounds=1, min_clients=n, local_steps=steps, batch_size=B, lr=0.05,
+                                                     round_timeout=300))
+    state = ServerState(tmp_path / f"state-{workers}-{n}", {"model": loaded.info.id})
+    pool = make_compute(host, HostSpec(loader, OPT), workers=workers)
+    if hook is not None:
+        pool.on_batch = functools.partial(hook, pool)
+    server = FlexServer(host, strategy, None, state, ServerConfig(port=0, max_batch=B, max_seq=T, hello_timeout=120,
+                                                                  step_timeout=120), compute=pool)
+    serving = asyncio.create_task(server.serve())
+    try:
+        await asyncio.wait_for(server.ready.wait(), 120)
+        spec = SyntheticSpec(url=f"ws://127.0.0.1:{server.port}", layout_hash=layout_fingerprint(loaded.info, loaded.lora, SPLIT),
+                             split=SPLIT, hidden=loaded.info.hidden_size, batch=B, seq=T, fresh_z=True,
+                             max_frame_bytes=frame_limit(host, B, T))
+        results = await asyncio.wait_for(run_clients(spec, n), 300)
+        await asyncio.wait_for(serving, 60)
+    finally:
+        serving.cancel()
+        state.close()
+    rounds = [e for e in _events(state.dir) if e.get("event") == "round"]
+    return host.state(), results, pool, rounds[-1]
+
+
+def _events(d):
+    import json
+
+    return [json.loads(line) for f in sorted(d.glob("*.jsonl")) for line in f.read_text().splitlines() if line.strip()]
+
+
+def _reference(loader, n: int, steps: int) -> dict[str, np.ndarray]:
+    """SplitFed-V1 by hand, in this process: a tail copy per client trained on its steps in order,
+    the copies averaged by samples (float64), then FlexP-SFL's layer-wise aggregation of the uploads
+    (each client uploads the adapters it was sent)."""
+    base_host = TailHost(loader(), OPT)
+    base = base_host.state()
+    strategy = make_strategy("flexpsfl", TrainConfig(rounds=1, min_clients=n, local_steps=steps, batch_size=B, lr=0.05))
+    updates = {}
+    acc = {k: v.astype(np.float64) for k, v in base.items()}
+    for k in range(n):
+        h = TailHost(loader(), OPT)
+        for step in range(steps):
+            z, mask, labels = synthetic_batch(k, 0, step, B, T, h.info.hidden_size)
+            (res,) = h.train_batch([StepRequest(SPLIT, z, mask, labels)])
+            assert res.g is not None
+        for name, a in h.state().items():
+            acc[name] += (a.astype(np.float64) - base[name]) / n  # equal samples: weight 1/n
+        plan = strategy.plan(0, f"synthetic{k}", SPLIT, base_host)
+        updates[f"synthetic{k}"] = ClientUpdate(dict(plan.adapters), B * steps, SPLIT)
+    base_host.load_state({name: a.astype(np.float32) for name, a in acc.items()})
+    strategy.aggregate(0, base_host, updates)
+    return base_host.state()
+
+
+def _assert_state_equal(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_two_workers_serve_eight_clients_through_a_round(cluster, loader, tmp_path):
+    state, results, pool, summary = asyncio.run(_serve(loader, tmp_path, n=8, steps=2, workers=2))
+    assert isinstance(pool, WorkerPool)
+    assert summary["steps"] == 16 and summary["clients"] == [f"synthetic{k}" for k in range(8)]
+    assert all(len(r["steps"]) == 2 for r in results)
+    loads = [sum(1 for i in pool.assignment.values() if i == w) for w in range(2)]
+    assert loads == [4, 4], pool.assignment  # stable, balanced assignment
+    assert {i for i in pool.assignment.values()} == {0, 1}
+    assert pool.restarts == 0
+    initial = TailHost(loader(), OPT).state()
+    assert any(not np.array_equal(state[n], initial[n]) for n in state), "the round changed nothing"
+
+
+def test_one_client_per_worker_equals_the_single_process_result(cluster, loader, tmp_path):
+    state, _, pool, _ = asyncio.run(_serve(loader, tmp_path, n=2, steps=3, workers=2))
+    assert sorted(pool.assignment.values()) == [0, 1]  # each worker held one client's steps
+    _assert_state_equal(state, _reference(loader, 2, 3))
+
+
+def test_killing_a_worker_mid_round_loses_no_acknowledged_step(cluster, loader, tmp_path):
+    killed = []
+
+    def kill_after_two(pool, tags, _seconds):
+        # After each acknowledged batch: once worker 0 has acknowledged two, kill its actor (its next step fails).
+        slot = pool.slots[0]
+        if not killed and len(slot.log) == 2:
+            killed.append(ray.get(slot.actor.pid.remote()))
+            ray.kill(slot.actor, no_restart=True)
+
+    state, results, pool, summary = asyncio.run(_serve(loader, tmp_path, n=2, steps=4, workers=2, hook=kill_after_two))
+    assert killed and pool.restarts == 1
+    assert summary["steps"] == 8 and all(len(r["steps"]) == 4 for r in results)
+    assert pool.slots[0].restarts == 1 and pool.slots[1].restarts == 0  # a new actor took over worker 0's clients
+    _assert_state_equal(state, _reference(loader, 2, 4))  # as if nothing had happened
