@@ -11,6 +11,8 @@ Strategies (``name: what``):
 
 - ``flexpsfl``: personal heads, split per device profile, layer-wise aggregation, alignment λ=0.1
 - ``flexpsfl-l0``: the same with λ=0 (ablation of the alignment term)
+- ``flexpsfl-u``: FlexP-SFL-U, the label-private U-shaped topology: each device also keeps the last
+  blocks + task head (personal); (split, top) per device profile; alignment as ``flexpsfl``
 - ``splitfed``: SplitFed/SplitLoRA: one fixed split for all, no personalization
 - ``fedavg``: FedAvg-LoRA, the whole model on every device
 - ``local``: every device fine-tunes the whole model alone
@@ -31,6 +33,7 @@ __all__ = ["RUNS", "add_arguments", "main", "run_accuracy"]
 RUNS: dict[str, dict] = {
     "flexpsfl": {"strategy": "flexpsfl", "align_lambda": ALIGN_LAMBDA},
     "flexpsfl-l0": {"strategy": "flexpsfl", "align_lambda": 0.0},
+    "flexpsfl-u": {"strategy": "flexpsfl-u", "align_lambda": ALIGN_LAMBDA},
     "splitfed": {"strategy": "splitfed", "align_lambda": 0.0},
     "fedavg": {"strategy": "fedavg", "align_lambda": 0.0},
     "local": {"strategy": "local", "align_lambda": 0.0},
@@ -42,12 +45,18 @@ def _row(name: str, summary: dict) -> dict:
     return {
         "run": name, "strategy": summary["config"]["strategy"], "align_lambda": summary["config"]["align_lambda"],
         "splits": ("whole model" if summary["config"]["strategy"] in ("fedavg", "local")
-                   else ",".join(str(c["split"]) for c in summary["per_client"])),
+                   else ",".join(_layout(c) for c in summary["per_client"])),
         "personal_acc": f["personal_acc"], "generalization_acc": f["generalization_acc"], "global_acc": f["global_acc"],
         "train_s": f["elapsed_s"], "total_s": summary["total_s"], "mb": (f["bytes"] or 0) / 1e6,
         "target_acc": t["target_acc"], "time_to_target_s": t["elapsed_s"],
         "mb_to_target": None if t["bytes"] is None else t["bytes"] / 1e6, "round_to_target": t["round"],
     }
+
+
+def _layout(client: dict) -> str:
+    """A client's split, and ``+top`` for a U-shaped one (``3+1``: 3 head blocks, 1 top block + task head)."""
+    top = (client.get("choice") or {}).get("top")
+    return f"{client['split']}" + ("" if top is None else f"+{top}")
 
 
 def _markdown(rows: list[dict]) -> str:
