@@ -20,6 +20,16 @@ others. Over the later rounds::
     cpu_ms_per_step the server process's CPU time per step: what a step costs the server,
                     whatever share of a shared machine it got (steps/s is not robust to that)
 
+With ``--workers 1,2`` each configuration also runs with the tail on that many Ray actors
+(:mod:`~flexsfl.server_backend.workers`); then the server's CPU includes the actors' processes and
+two more columns appear::
+
+    rss_mb_per_client  the front end's RSS growth per connected client (MB)
+    worker_rss_mb      the Ray workers' RSS, summed (MB)
+
+The clients are :mod:`~flexsfl.benchmarks.synthetic`'s, ``--clients-per-process`` of them in each
+client process (one process per client with 1).
+
 ``speedup`` (batched steps/s over per-request steps/s at the same client count) is the number the
 issue asks for; the target is >= 2x at 16 clients. ``--profile`` samples the server process with
 py-spy during the headline configuration and writes the hottest functions (see the README).
@@ -67,7 +77,9 @@ class ServerBenchConfig:
     local_steps: int = 4  # τ per round
     rounds: int = 2  # the first is a warm-up, not measured
     repeats: int = 3  # runs per configuration, interleaved; rows give the median run
-    threads: int = 1  # torch threads of the server's compute worker
+    threads: int = 1  # torch threads of the server's compute worker (of each Ray worker)
+    workers: tuple[int, ...] = (1,)  # Ray workers hosting the tail (1: the one local compute thread)
+    clients_per_process: int = 16  # synthetic clients per client process
     encoding: str = "fp32"
     profile: bool = False  # py-spy the server during the largest configuration of each mode
     out: str = "results/bench"
@@ -80,76 +92,23 @@ class ServerBenchConfig:
             raise ConfigError(f"--modes {bad or '(none)'}: choose batched and/or per-request")
         if self.rounds < 2:
             raise ConfigError(f"--rounds must be >= 2 (the first is a warm-up), got {self.rounds}")
-        for name in ("split", "batch", "seq", "local_steps", "threads", "repeats"):
+        if not self.workers or min(self.workers) < 1:
+            raise ConfigError(f"--workers must be positive counts, got {list(self.workers)}")
+        for name in ("split", "batch", "seq", "local_steps", "threads", "repeats", "clients_per_process"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.encoding not in ENCODINGS:
             raise ConfigError(f"--encoding must be one of {', '.join(ENCODINGS)}, got {self.encoding!r}")
 
 
-# --- the synthetic client (one process each) ------------------------------------------------------
-
-
-def _expect(msg, kind):
-    """``msg`` if it is a ``kind``, else OrderError: the synthetic client follows the script exactly."""
-    if not isinstance(msg, kind):
-        raise OrderError(f"synthetic client expected {kind.__name__}, got {type(msg).__name__}")
-    return msg
-
-
-async def _client(spec: dict[str, Any]) -> dict[str, Any]:
-    from websockets.asyncio.client import connect
-
-    from flexsfl.core.wire import (
-        Activations, Adapters, Bye, Connection, Gradients, Hello, Limits, Metrics, Role, RoundConfig, RoundEnd, Upload, Welcome,
-    )
-
-    rng = np.random.default_rng(spec["seed"])
-    b, t, d = spec["batch"], spec["seq"], spec["hidden"]
-    z = rng.standard_normal((b, t, d), dtype=np.float32)
-    mask = np.ones((b, t), np.int64)
-    labels = rng.integers(0, 2, b).astype(np.int64)
-    limits = Limits(max_frame_bytes=spec["max_frame_bytes"])
-    conn = Connection(Role.CLIENT, limits)
-    steps: list[tuple[int, float, float]] = []  # (round, Z sent, g received)
-    g_abs: list[np.ndarray] = []
-
-    async with connect(spec["url"], compression=None, max_size=limits.max_frame_bytes, open_timeout=120,
-                       ping_interval=None) as ws:
-        async def recv():
-            return conn.receive(await ws.recv())
-
-        await ws.send(conn.send(Hello(client_id=spec["client_id"], token="", layout_hash=spec["layout_hash"], split=spec["split"],
-                                      backend="synthetic", encodings=(spec["encoding"],))))
-        welcome = _expect(await recv(), Welcome)
-        while True:
-            msg = await recv()
-            if isinstance(msg, Bye):
-                break
-            msg = _expect(msg, RoundConfig)
-            adapters = dict(_expect(await recv(), Adapters).tensors) if msg.adapters else {}
-            for step in range(msg.local_steps):
-                t0 = time.perf_counter()
-                await ws.send(conn.send(Activations(round_id=msg.round_id, step_id=step, mode="train", z=z, attention_mask=mask,
-                                                    labels=labels, encoding=welcome.encoding)))
-                g = _expect(await recv(), Gradients)
-                steps.append((msg.round_id, t0, time.perf_counter()))
-                if len(g_abs) < 2:
-                    g_abs.append(np.abs(np.asarray(g.g)).ravel())
-            await ws.send(conn.send(Upload(round_id=msg.round_id, num_samples=b * msg.local_steps, tensors=adapters)))
-            _expect(await recv(), RoundEnd)
-            await ws.send(conn.send(Metrics(round_id=msg.round_id, metrics={"steps": msg.local_steps})))
-    a = np.concatenate(g_abs) if g_abs else np.zeros(1, np.float32)
-    return {"steps": steps, "g_abs_median": float(np.median(a)),
-            "g_frac_below_fp16_normal": float(np.mean((a > 0) & (a < _FP16_MIN_NORMAL)))}
+# --- the synthetic clients: benchmarks/synthetic.py, many per process -------------------------------
 
 
 def client_worker(chan) -> None:
-    """Worker: one spec -> ``{"ready"}``; runs the client to the server's Bye -> its step times."""
-    spec = chan.recv()
-    chan.send({"ready": True})
-    chan.send(asyncio.run(_client(spec)))
-    chan.recv()  # stop
+    """Worker: one client (kept for callers of the one-process-per-client form)."""
+    from flexsfl.benchmarks.synthetic import clients_worker
+
+    clients_worker(chan)
 
 
 # --- one configuration --------------------------------------------------------------------------
@@ -203,8 +162,26 @@ def hot_functions(raw: pathlib.Path, top: int = 12) -> dict[str, Any]:
     return out
 
 
-async def _serve_one(loaded, cfg: ServerBenchConfig, mode: str, n: int, logs: pathlib.Path, profile: bool) -> dict[str, Any]:
+def _rss_cpu(pids: list[int]) -> tuple[float, float]:
+    """Summed RSS (bytes) and CPU seconds (user + system) of these processes."""
+    import psutil
+
+    rss = cpu = 0.0
+    for pid in pids:
+        p = psutil.Process(pid)
+        t = p.cpu_times()
+        rss += p.memory_info().rss
+        cpu += t.user + t.system
+    return rss, cpu
+
+
+async def _serve_one(loaded, cfg: ServerBenchConfig, mode: str, n: int, logs: pathlib.Path, profile: bool,
+                     workers: int = 1) -> dict[str, Any]:
+    import functools
+
     from flexsfl.core.bundle import layout_fingerprint
+    from flexsfl.model.loading import load_model
+    from flexsfl.server_backend.workers import HostSpec, make_compute
     from flexsfl.server_backend.server import FlexServer, ServerConfig, frame_limit
     from flexsfl.server_backend.state import ServerState
     from flexsfl.server_backend.strategy import TrainConfig, make_strategy
@@ -213,7 +190,8 @@ async def _serve_one(loaded, cfg: ServerBenchConfig, mode: str, n: int, logs: pa
     from flexsfl.benchmarks.worker import Worker
 
     info = loaded.info
-    host = TailHost(loaded, OptimizerConfig("sgd", 1e-4))
+    opt = OptimizerConfig("sgd", 1e-4)
+    host = TailHost(loaded, opt)
     strategy = make_strategy("flexpsfl", TrainConfig(rounds=cfg.rounds, min_clients=n, local_steps=cfg.local_steps,
                                                      batch_size=cfg.batch, lr=1e-4, round_timeout=3600))
     state_dir = pathlib.Path(tempfile.mkdtemp(prefix="bench-server-"))
@@ -221,42 +199,50 @@ async def _serve_one(loaded, cfg: ServerBenchConfig, mode: str, n: int, logs: pa
     server = FlexServer(host, strategy, None, state,
                         ServerConfig(port=0, batching=mode == "batched", max_batch=cfg.batch, max_seq=cfg.seq,
                                      encodings=(cfg.encoding,), hello_timeout=300),
-                        compute_threads=cfg.threads)
+                        compute=make_compute(host, HostSpec(functools.partial(load_model, cfg.model, attn_implementation="sdpa"),
+                                                            opt) if workers > 1 else None,
+                                             workers=workers, batching=mode == "batched", threads=cfg.threads))
     serving = asyncio.create_task(server.serve())
-    workers: list[Worker] = []
+    procs: list[Worker] = []
     spy = None
     try:
         await server.ready.wait()
+        pids = [os.getpid()] + (await server.worker.worker_pids() if workers > 1 else [])
+        rss0, _ = _rss_cpu([os.getpid()])
         spec = {
             "url": f"ws://127.0.0.1:{server.port}", "layout_hash": layout_fingerprint(info, loaded.lora, cfg.split),
             "split": cfg.split, "hidden": info.hidden_size, "batch": cfg.batch, "seq": cfg.seq, "encoding": cfg.encoding,
-            "max_frame_bytes": frame_limit(host, cfg.batch, cfg.seq),
+            "max_frame_bytes": frame_limit(host, cfg.batch, cfg.seq), "prefix": "bench",
         }
-        for k in range(n):
-            w = Worker("flexsfl.benchmarks.server:client_worker", threads=1, name=f"client{k}", log_dir=logs)
-            workers.append(w)
-            w.send({**spec, "client_id": f"bench{k}", "seed": k})
-        for w in workers:
+        for first in range(0, n, cfg.clients_per_process):
+            k = min(cfg.clients_per_process, n - first)
+            w = Worker("flexsfl.benchmarks.synthetic:clients_worker", threads=1, name=f"clients{first}", log_dir=logs)
+            procs.append(w)
+            w.send({**spec, "clients": k, "first": first})
+        for w in procs:
             await asyncio.to_thread(w.recv, 300)
         # The warm-up round ends when the server moves on to round 1: the timed counters start there.
         while server.round_id < 1 and not serving.done():
             await asyncio.sleep(0.005)
         w = server.worker
-        start = (w.busy_seconds, w.steps, w.batches, time.process_time())
+        # every client is connected (the warm-up round is over): memory now, CPU from now
+        front_rss, worker_rss = _rss_cpu([os.getpid()])[0], _rss_cpu(pids[1:])[0]
+        cpu0 = _rss_cpu(pids)[1]
+        start = (w.busy_seconds, w.steps, w.batches, cpu0)
         if profile:
             spy = _PySpy(logs / f"server-{mode}-{n}.pyspy.txt")
         await serving
         busy, steps, batches = w.busy_seconds - start[0], w.steps - start[1], w.batches - start[2]
-        cpu = time.process_time() - start[3]
+        cpu = _rss_cpu(pids)[1] - start[3]
         hot = spy.stop() if spy else None
         spy = None
-        results = [await asyncio.to_thread(w.recv, 300) for w in workers]
+        results = [c for w in procs for c in (await asyncio.to_thread(w.recv, 300))["clients"]]
     finally:
         if spy is not None:
             spy.stop()
         if not serving.done():
             serving.cancel()
-        for w in workers:
+        for w in procs:
             w.close()
         state.close()
         shutil.rmtree(state_dir, ignore_errors=True)
@@ -270,6 +256,7 @@ async def _serve_one(loaded, cfg: ServerBenchConfig, mode: str, n: int, logs: pa
         # CPU seconds of this process (the server: event loop + compute thread) per step: unlike
         # steps/s, it does not depend on how much of the shared machine the server got
         "cpu_ms_per_step": 1e3 * cpu / max(steps, 1),
+        "rss_mb_per_client": (front_rss - rss0) / 2**20 / n, "worker_rss_mb": worker_rss / 2**20,
         "g_abs_median": float(np.median([r["g_abs_median"] for r in results])),
         "g_frac_below_fp16_normal": float(np.mean([r["g_frac_below_fp16_normal"] for r in results])),
     }
@@ -278,12 +265,12 @@ async def _serve_one(loaded, cfg: ServerBenchConfig, mode: str, n: int, logs: pa
     return run
 
 
-def _row(cfg: ServerBenchConfig, model_id: str, mode: str, n: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+def _row(cfg: ServerBenchConfig, model_id: str, mode: str, n: int, runs: list[dict[str, Any]], workers: int = 1) -> dict[str, Any]:
     """One configuration's repeats -> its row: the median run's steps/s (min and max beside it),
     latency percentiles over every timed step of every repeat."""
     rates = sorted(r["steps"] / r["window_s"] for r in runs)
     row = {
-        "mode": mode, "clients": n, "model": model_id, "split": cfg.split, "batch": cfg.batch, "seq": cfg.seq,
+        "mode": mode, "workers": workers, "clients": n, "model": model_id, "split": cfg.split, "batch": cfg.batch, "seq": cfg.seq,
         "threads": cfg.threads, "encoding": cfg.encoding, "local_steps": cfg.local_steps, "rounds": cfg.rounds,
         "repeats": len(runs), "steps_timed": sum(r["steps"] for r in runs),
         "steps_per_s": round(float(np.median(rates)), 3), "steps_per_s_min": round(rates[0], 3),
@@ -295,6 +282,8 @@ def _row(cfg: ServerBenchConfig, model_id: str, mode: str, n: int, runs: list[di
         "g_abs_median": float(np.median([r["g_abs_median"] for r in runs])),
         "g_frac_below_fp16_normal": float(np.mean([r["g_frac_below_fp16_normal"] for r in runs])),
         "load_avg": round(float(np.mean([r["load_avg"] for r in runs])), 2),
+        "rss_mb_per_client": round(float(np.median([r["rss_mb_per_client"] for r in runs])), 3),
+        "worker_rss_mb": round(float(np.median([r["worker_rss_mb"] for r in runs])), 1),
     }
     profiles = [r["profile"] for r in runs if "profile" in r]
     if profiles:
@@ -305,15 +294,19 @@ def _row(cfg: ServerBenchConfig, model_id: str, mode: str, n: int, runs: list[di
 def _plot(rows: list[dict[str, Any]], path: pathlib.Path, cfg: ServerBenchConfig, machine: dict) -> pathlib.Path:
     series = {}
     for mode in cfg.modes:
-        pts = sorted((r["clients"], r["steps_per_s"], 1e3 / r["cpu_ms_per_step"]) for r in rows if r["mode"] == mode)
-        series[f"{mode}: steps per wall second"] = ([p[0] for p in pts], [p[1] for p in pts])
-        series[f"{mode}: steps per server CPU second"] = ([p[0] for p in pts], [p[2] for p in pts])
+        for w in cfg.workers:
+            pts = sorted((r["clients"], r["steps_per_s"], 1e3 / r["cpu_ms_per_step"]) for r in rows
+                         if r["mode"] == mode and r["workers"] == w)
+            name = mode if len(cfg.workers) == 1 else f"{mode}, {w} worker(s)"
+            series[f"{name}: steps per wall second"] = ([p[0] for p in pts], [p[1] for p in pts])
+            series[f"{name}: steps per server CPU second"] = ([p[0] for p in pts], [p[2] for p in pts])
     return line_plot(path, series, xlabel="concurrent clients", ylabel="steps / s (server)",
                      title=f"server throughput: {cfg.model} split {cfg.split}, B={cfg.batch}, T={cfg.seq}",
                      subtitle=f"{machine['cpu']}, {cfg.threads} torch thread(s), commit {machine['commit']}")
 
 
 _COLUMNS: list[Column] = [
+    ("workers", "workers", "d"),
     ("clients", "clients", "d"),
     ("mode", "mode", "s"),
     ("steps_per_s", "steps/s", ".2f"),
@@ -326,6 +319,8 @@ _COLUMNS: list[Column] = [
     ("latency_ms_p90", "latency p90 ms", ".0f"),
     ("batch_mean", "steps per batch", ".1f"),
     ("busy_frac", "compute busy", ".0%"),
+    ("rss_mb_per_client", "front-end RSS MB/client", ".2f"),
+    ("worker_rss_mb", "Ray workers RSS MB", ".0f"),
     ("load_avg", "load avg", ".1f"),
 ]
 
@@ -345,21 +340,37 @@ def run_server_bench(cfg: ServerBenchConfig) -> tuple[list[dict[str, Any]], str]
     if not 1 <= cfg.split < loaded.info.num_blocks:
         raise ConfigError(f"--split {cfg.split} is outside 1..{loaded.info.num_blocks - 1} for {cfg.model}")
     top = max(cfg.clients)
-    runs: dict[tuple[str, int], list[dict[str, Any]]] = {(m, n): [] for n in cfg.clients for m in cfg.modes}
+    keys = [(m, w, n) for n in sorted(cfg.clients) for w in cfg.workers for m in cfg.modes]
+    runs: dict[tuple[str, int, int], list[dict[str, Any]]] = {k: [] for k in keys}
+    ray = None
+    if max(cfg.workers) > 1:  # one local Ray cluster for the whole sweep
+        from flexsfl.server_backend.workers import import_ray
+
+        ray = import_ray()
+        if ray.is_initialized():
+            ray = None  # the caller's cluster: theirs to stop
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
     # Interleave: every repeat visits every configuration, the modes side by side at each client
     # count (in alternating order), so all of them see the same drift in machine load.
-    for rep in range(cfg.repeats):
-        for n in sorted(cfg.clients):
-            for mode in cfg.modes if rep % 2 == 0 else tuple(reversed(cfg.modes)):
-                log.info("server bench: %s, %d client(s), repeat %d/%d", mode, n, rep + 1, cfg.repeats)
-                load = machine_info()["load_avg"]
-                profile = cfg.profile and n == top and rep == cfg.repeats - 1
-                runs[(mode, n)].append({**asyncio.run(_serve_one(loaded, cfg, mode, n, logs, profile)), "load_avg": load})
-    rows = [_row(cfg, loaded.info.id, mode, n, runs[(mode, n)]) for n in sorted(cfg.clients) for mode in cfg.modes]
-    per_req = {r["clients"]: r for r in rows if r["mode"] == "per-request"}
+    try:
+        for rep in range(cfg.repeats):
+            for n in sorted(cfg.clients):
+                for w in cfg.workers:
+                    for mode in cfg.modes if rep % 2 == 0 else tuple(reversed(cfg.modes)):
+                        log.info("server bench: %s, %d worker(s), %d client(s), repeat %d/%d", mode, w, n, rep + 1, cfg.repeats)
+                        load = machine_info()["load_avg"]
+                        profile = cfg.profile and n == top and rep == cfg.repeats - 1
+                        runs[(mode, w, n)].append({**asyncio.run(_serve_one(loaded, cfg, mode, n, logs, profile, w)),
+                                                   "load_avg": load})
+    finally:
+        if ray is not None:
+            ray.shutdown()
+    rows = [_row(cfg, loaded.info.id, m, n, runs[(m, w, n)], w) for m, w, n in keys]
+    per_req = {(r["workers"], r["clients"]): r for r in rows if r["mode"] == "per-request"}
     for r in rows:
-        if r["mode"] == "batched" and r["clients"] in per_req:
-            other = per_req[r["clients"]]
+        if r["mode"] == "batched" and (r["workers"], r["clients"]) in per_req:
+            other = per_req[(r["workers"], r["clients"])]
             r["speedup"] = round(r["steps_per_s"] / other["steps_per_s"], 3)
             r["speedup_cpu"] = round(other["cpu_ms_per_step"] / r["cpu_ms_per_step"], 3)
     machine = machine_info()
@@ -396,7 +407,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-steps", type=int, default=d.local_steps, help=f"τ, steps per client per round (default {d.local_steps})")
     p.add_argument("--rounds", type=int, default=d.rounds, help=f"rounds per configuration, the first untimed (default {d.rounds})")
     p.add_argument("--repeats", type=int, default=d.repeats, help=f"runs per configuration, interleaved (default {d.repeats})")
-    p.add_argument("--threads", type=int, default=d.threads, help=f"torch threads of the server (default {d.threads})")
+    p.add_argument("--threads", type=int, default=d.threads, help=f"torch threads of the server, or of each Ray worker (default {d.threads})")
+    p.add_argument("--workers", default="1", help="Ray worker counts to sweep, e.g. 1,2 (default 1: the one local compute thread)")
+    p.add_argument("--clients-per-process", type=int, default=d.clients_per_process,
+                   help=f"synthetic clients per client process (default {d.clients_per_process})")
     p.add_argument("--encoding", default=d.encoding, choices=ENCODINGS, help="transfer encoding of Z and g")
     p.add_argument("--profile", action="store_true", help="sample the server with py-spy at the largest client count")
     p.add_argument("--out", default=d.out, help=f"results directory (default {d.out})")
@@ -405,8 +419,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> ServerBenchConfig:
     try:
         clients = tuple(int(c) for c in args.clients.split(","))
+        workers = tuple(int(c) for c in args.workers.split(","))
     except ValueError:
-        raise ConfigError(f"--clients must be comma-separated integers, got {args.clients!r}") from None
+        raise ConfigError(f"--clients and --workers must be comma-separated integers, got {args.clients!r}, {args.workers!r}") from None
     return ServerBenchConfig(model=args.model, split=args.split, batch=args.batch, seq=args.seq, clients=clients,
                              modes=tuple(args.modes.split(",")), local_steps=args.local_steps, rounds=args.rounds,
-                             repeats=args.repeats, threads=args.threads, encoding=args.encoding, profile=args.profile, out=args.out)
+                             repeats=args.repeats, threads=args.threads, encoding=args.encoding, profile=args.profile, out=args.out,
+                             workers=workers, clients_per_process=args.clients_per_process)

@@ -204,6 +204,10 @@ class WorkerPool:
         if self._own_ray:
             self._ray.shutdown()
 
+    async def worker_pids(self) -> list[int]:
+        """The workers' process ids (for CPU and memory reports; on another machine they are that machine's)."""
+        return list(await asyncio.gather(*(s.actor.pid.remote() for s in self.slots)))
+
     def queue_depth(self) -> int:
         return sum(s.queue.qsize() for s in self.slots if s.queue is not None)
 

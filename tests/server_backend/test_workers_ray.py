@@ -141,3 +141,17 @@ def test_killing_a_worker_mid_round_loses_no_acknowledged_step(cluster, loader, 
     assert summary["steps"] == 8 and all(len(r["steps"]) == 4 for r in results)
     assert pool.slots[0].restarts == 1 and pool.slots[1].restarts == 0  # a new actor took over worker 0's clients
     _assert_state_equal(state, _reference(loader, 2, 4))  # as if nothing had happened
+
+
+def test_bench_server_rows_for_one_and_two_workers(cluster, tiny_model_dirs, tmp_path):
+    from flexsfl.benchmarks.server import ServerBenchConfig, run_server_bench
+
+    cfg = ServerBenchConfig(model=str(tiny_model_dirs["gpt2"]), split=1, batch=2, seq=8, clients=(4,), modes=("batched",),
+                            local_steps=2, rounds=2, repeats=1, workers=(1, 2), clients_per_process=4, out=str(tmp_path))
+    rows, summary = run_server_bench(cfg)
+    assert [(r["workers"], r["clients"]) for r in rows] == [(1, 4), (2, 4)]
+    for r in rows:
+        assert r["steps_timed"] == 4 * 2 and r["steps_per_s"] > 0 and r["latency_ms_p90"] >= r["latency_ms_p50"] > 0
+        assert r["cpu_ms_per_step"] > 0 and r["rss_mb_per_client"] > -50
+    assert rows[0]["worker_rss_mb"] == 0 and rows[1]["worker_rss_mb"] > 50  # two actor processes with a model each
+    assert ray.is_initialized()  # the bench used this module's cluster and left it running
