@@ -4,8 +4,18 @@
 the websocket transport (:mod:`.transport`) moves its arrays. One step::
 
     step = trainer.forward()              # Z = head(x; θ_k) for the next local batch
-    ... send step.z, step.attention_mask, step.labels; receive g, loss ...
+    ... send step.z, step.attention_mask, step.labels; then, while the server works:
+    trainer.align_reference()             # Z' = head(x; φ) when λ > 0 (in a worker thread)
+    ... receive g, loss ...
     trainer.backward(g, loss)             # G = g + λ‖g‖·∇align/‖∇align‖; θ_k -= optimizer(∂(Σ Z·G)/∂θ)
+
+The alignment reference Z' needs only x and φ, not g, so it is off the critical path: the
+transport computes it after Z is on the wire, while the device would wait for the server anyway.
+The backend sees the same calls in the same order as when Z' is computed right after Z
+(``overlap_alignment=False``, or a caller that skips :meth:`HeadTrainer.align_reference`:
+:meth:`HeadTrainer.backward` then computes it first), so the numbers are identical.
+``align_every = k`` computes Z' (and applies the alignment term) on every k-th step of a round
+only, saving the other steps' forward through φ.
 
 Across rounds the trainer keeps θ_k (the personal head) unless the round's plan says otherwise
 (SplitFed starts every round from the global head), and its place in the local data. After every
@@ -74,21 +84,27 @@ class RoundStats:
     align_loss_sum: float = 0.0
     align_ratio_sum: float = 0.0  # ‖λ∇align‖/‖g‖ per step (alignment.aligned_gradient)
     align_gap_sum: float = 0.0  # ‖Z - Z'‖/‖Z'‖ per step: how far the personal head's features are from φ's
-    forward_s: float = 0.0  # head forward(s), including the alignment reference
+    forward_s: float = 0.0  # head forward of Z
+    align_s: float = 0.0  # head forward of Z' through φ (off the critical path when overlapped)
     backward_s: float = 0.0  # head backward + optimizer step
+    step_s: float = 0.0  # device wall time per step: forward() start to backward() end, the wait included
+    aligned_steps: int = 0  # steps that computed Z' and applied the alignment term
 
     def as_metrics(self) -> dict[str, float | int]:
-        n = max(self.steps, 1)
+        n, na = max(self.steps, 1), max(self.aligned_steps, 1)
         return {
             "steps": self.steps,
             "samples": self.samples,
             "loss": self.loss_sum / n,
-            "align_loss": self.align_loss_sum / n,
-            "align_ratio": self.align_ratio_sum / n,
-            "align_gap": self.align_gap_sum / n,
+            "align_loss": self.align_loss_sum / na,
+            "align_ratio": self.align_ratio_sum / na,
+            "align_gap": self.align_gap_sum / na,
             "forward_ms": 1e3 * self.forward_s / n,
+            "align_ms": 1e3 * self.align_s / n,
             "backward_ms": 1e3 * self.backward_s / n,
-            "client_compute_ms": 1e3 * (self.forward_s + self.backward_s) / n,
+            "client_compute_ms": 1e3 * (self.forward_s + self.align_s + self.backward_s) / n,
+            "step_ms": 1e3 * self.step_s / n,
+            "aligned_steps": self.aligned_steps,
         }
 
 
@@ -151,8 +167,13 @@ class HeadTrainer:
     whole_model = False
 
     def __init__(self, bundle: Bundle, backend: Backend, train: Sequence[Example], test: Sequence[Example] = (),
-                 *, seed: int = 0, state_dir: str | os.PathLike | None = None, eval_batch_size: int | None = None) -> None:
+                 *, seed: int = 0, state_dir: str | os.PathLike | None = None, eval_batch_size: int | None = None,
+                 align_every: int = 1, overlap_alignment: bool = True) -> None:
         m = bundle.manifest
+        if not isinstance(align_every, int) or align_every < 1:
+            raise ConfigError(f"--align-every must be a whole number >= 1 (1: every step), got {align_every!r}")
+        self.align_every = align_every
+        self.overlap_alignment = overlap_alignment  # False: Z' right after Z in forward() (the serial order)
         if not train:
             raise ConfigError("no training examples: give --data a non-empty CSV/JSONL file")
         for where, exs in (("train", train), ("test", test)):
@@ -174,7 +195,10 @@ class HeadTrainer:
         self.cursor = BatchCursor(self.train_set, seed)
         self._optimizer = None
         self._opt_key: tuple | None = None
-        self._pending: tuple[np.ndarray, np.ndarray | None, np.ndarray] | None = None  # (z, z_ref, mask)
+        self._pending: tuple[np.ndarray, None, np.ndarray] | None = None  # (z, unused, mask)
+        self._ref_inputs: tuple[np.ndarray, np.ndarray] | None = None  # (ids, mask) whose Z' is still to compute
+        self._z_ref: np.ndarray | None = None  # Z' of the pending step, once computed
+        self._t_step = 0.0
         self.stats = RoundStats()
         self.last_round = -1
         if self.state_dir is not None:
@@ -206,31 +230,56 @@ class HeadTrainer:
         self.stats = RoundStats()
 
     def forward(self) -> Step:
-        """Next local batch -> Z (kept for :meth:`backward`); also Z' from φ when λ > 0."""
+        """Next local batch -> Z (kept for :meth:`backward`). Z' from φ, when this step aligns,
+        is left to :meth:`align_reference` (or computed here if ``overlap_alignment`` is off)."""
         s = self._require_round()
+        self._t_step = time.perf_counter()
         batch = self.cursor.next(s.batch_size)
         enc = self.encoder.encode([e.text for e in batch])
         labels = self._labels(batch, enc.input_ids, enc.attention_mask)
         t0 = time.perf_counter()
         z = self.backend.forward(enc.input_ids, enc.attention_mask, keep=True)
-        z_ref = None
-        if s.align_lambda > 0 and self.phi is not None:
-            z_ref = self.backend.forward(enc.input_ids, enc.attention_mask, params=self.phi, keep=False)
         self.stats.forward_s += time.perf_counter() - t0
-        self._pending = (z, z_ref, enc.attention_mask)
+        self._pending = (z, None, enc.attention_mask)
+        self._z_ref = None
+        aligns = s.align_lambda > 0 and self.phi is not None and self.stats.steps % self.align_every == 0
+        self._ref_inputs = (enc.input_ids, enc.attention_mask) if aligns else None
+        if not self.overlap_alignment:
+            self.align_reference()
         self.stats.samples += len(batch)
         return Step(z, enc.attention_mask, labels)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the pending step still has a Z' to compute (:meth:`align_reference`)."""
+        return self._ref_inputs is not None
+
+    def align_reference(self) -> None:
+        """Compute Z' = head(x; φ) for the step :meth:`forward` just took, if it aligns; else nothing.
+
+        Meant to run in a worker thread between sending Z and receiving g: nothing else may use
+        the backend until it returns (the transport awaits it before :meth:`backward`).
+        """
+        if self._ref_inputs is None:
+            return
+        ids, mask = self._ref_inputs
+        self._ref_inputs = None
+        t0 = time.perf_counter()
+        self._z_ref = self.backend.forward(ids, mask, params=self.phi, keep=False)
+        self.stats.align_s += time.perf_counter() - t0
 
     def backward(self, g: np.ndarray, loss: float) -> None:
         """Apply the server's ``g = ∂L/∂Z`` (plus the alignment gradient) to θ_k."""
         s = self._require_round()
         if self._pending is None:
             raise ConfigError("backward() without a forward(): one gradient per step")
-        z, z_ref, mask = self._pending
+        z, _, mask = self._pending
         if g.shape != z.shape:
             raise TensorError(f"the server's gradient has shape {list(g.shape)}, Z was {list(z.shape)}")
         if not np.isfinite(g).all():
             raise TensorError("the server's gradient has non-finite values")
+        self.align_reference()  # no-op unless the caller left Z' to compute: same call order either way
+        z_ref, self._z_ref = self._z_ref, None
         self._pending = None
         t0 = time.perf_counter()
         G = g
@@ -240,9 +289,12 @@ class HeadTrainer:
             self.stats.align_loss_sum += term.loss
             self.stats.align_ratio_sum += term.ratio
             self.stats.align_gap_sum += term.gap
+            self.stats.aligned_steps += 1
         grads = self.backend.backward(G)
         self._optimizer.step(self.backend.params, grads)
-        self.stats.backward_s += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.stats.backward_s += t1 - t0
+        self.stats.step_s += t1 - self._t_step
         self.stats.steps += 1
         self.stats.loss_sum += float(loss)
 
