@@ -1,4 +1,4 @@
-"""``flexsfl bench latency|server|wire|accuracy|status``: the benchmarks, with JSON, CSV and PNG under ``--out``.
+"""``flexsfl bench latency|server|wire|accuracy|status|top``: the benchmarks, with JSON, CSV and PNG under ``--out``.
 
 Each command prints a markdown summary when it ends (the tables in ``benchmarks/README.md`` are
 pasted from it), then the machine it ran on. The benchmark modules import nothing heavy at their
@@ -12,7 +12,7 @@ import functools
 from types import ModuleType
 from typing import Any, Callable
 
-from flexsfl.benchmarks import accuracy, latency, server, status_load, wire
+from flexsfl.benchmarks import accuracy, latency, server, status_load, top, wire
 from flexsfl.benchmarks.machine import machine_info
 
 __all__ = ["add_parser", "BENCHMARKS"]
@@ -27,6 +27,8 @@ BENCHMARKS: dict[str, tuple[ModuleType, Callable[[Any], tuple[Any, str]], str]] 
                  "accuracy vs time and bytes: FlexP-SFL against its baselines on the demo's setting"),
     "status": (status_load, status_load.run_status_load,
                "client step time with and without a bounded flood of status-page and /metrics requests"),
+    "top": (top, top.run_top, "U-shaped topology: the top program's step time and memory; bytes and step time per "
+                              "step U vs head/tail under the planner's model"),
 }
 
 

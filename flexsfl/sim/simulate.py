@@ -42,6 +42,7 @@ from flexsfl.core.errors import ConfigError, FlexSFLError
 from flexsfl.core.model_config import read_model_config
 from flexsfl.core.planner import choose_split
 from flexsfl.core.profiles import EXAMPLE_PROFILES
+from flexsfl.core.u_planner import choose_u_split
 from flexsfl.edge_runtime.client import run_edge
 from flexsfl.edge_runtime.text import TextEncoder
 from flexsfl.export.config import ExportConfig
@@ -64,35 +65,55 @@ __all__ = ["simulate", "bundle_for"]
 log = logging.getLogger("flexsfl.simulate")
 
 
-def _choose_splits(cfg: SimConfig) -> tuple[list[int], list[dict]]:
-    """Per-client split points, and the profile + prediction behind each (logged)."""
+def _per_client(values: tuple[int, ...] | None, k: int) -> list[int | None]:
+    """One value per client from a pinned list (one for all, or one each), or None each."""
+    if values is None:
+        return [None] * k
+    return list(values) * (k if len(values) == 1 else 1)
+
+
+def _choose_splits(cfg: SimConfig) -> tuple[list[int], list[int] | None, list[dict]]:
+    """Per-client split points, top blocks (U-shaped; None for head/tail), and the profile +
+    prediction behind each (logged). ``--splits`` pins the splits (a U-shaped client's top is then
+    ``--tops``, else 0); otherwise the planner chooses from ``--profiles``, keeping ``--tops`` if given."""
+    u = cfg.topology == "u"
+    top_pins = _per_client(cfg.tops, cfg.clients)
     if cfg.splits is not None:
-        splits = list(cfg.splits) * (cfg.clients if len(cfg.splits) == 1 else 1)
-        return splits, [{"pinned": s} for s in splits]
+        pins = _per_client(cfg.splits, cfg.clients)
+        tops = [t or 0 for t in top_pins] if u else None
+        return pins, tops, [{"pinned": s, **({"top": t} if u else {})} for s, t in zip(pins, tops or pins)]
     if cfg.profiles is None:
         raise ConfigError("give --splits (one per client) or --profiles (device profile names) to choose split points")
-    cost = ModelCost.from_config(read_model_config(cfg.model), task=cfg.task, num_labels=cfg.num_labels)
-    splits, why = [], []
-    for name in cfg.profiles:
+    # num_labels not known yet (inferred from the data): 2; the classifier's width barely moves the costs
+    cost = ModelCost.from_config(read_model_config(cfg.model), task=cfg.task, num_labels=cfg.num_labels or 2)
+    splits, tops, why = [], [], []
+    kw = dict(batch=cfg.batch_size, seq=cfg.max_seq, optimizer=cfg.optimizer, runtime=cfg.backend, encoding=cfg.encoding,
+              align=cfg.align_lambda > 0)
+    for name, pin_top in zip(cfg.profiles, top_pins):
         if name not in EXAMPLE_PROFILES:
             raise ConfigError(f"unknown device profile {name!r}; choose from {', '.join(EXAMPLE_PROFILES)}")
-        choice = choose_split(cost, EXAMPLE_PROFILES[name], batch=cfg.batch_size, seq=cfg.max_seq, optimizer=cfg.optimizer,
-                              runtime=cfg.backend, encoding=cfg.encoding, align=cfg.align_lambda > 0)
-        log.info("%s: split %d (%s)", name, choice.split, choice.reason)
+        if u:
+            choice = choose_u_split(cost, EXAMPLE_PROFILES[name], pin_top=pin_top, **kw)
+            log.info("%s: split %d, top %d (%s)", name, choice.split, choice.top, choice.reason)
+            tops.append(choice.top)
+        else:
+            choice = choose_split(cost, EXAMPLE_PROFILES[name], **kw)
+            log.info("%s: split %d (%s)", name, choice.split, choice.reason)
         splits.append(choice.split)
-        why.append({"profile": name, "split": choice.split, "reason": choice.reason,
+        why.append({"profile": name, "split": choice.split, **({"top": choice.top} if u else {}), "reason": choice.reason,
                     "predicted": choice.chosen.to_json()})
-    return splits, why
+    return splits, tops if u else None, why
 
 
-def _bundle_for(cfg: SimConfig, split: int, cache: pathlib.Path) -> pathlib.Path:
-    """Export (or reuse) the bundle for one split point."""
+def _bundle_for(cfg: SimConfig, split: int, cache: pathlib.Path, top: int | None = None) -> pathlib.Path:
+    """Export (or reuse) the bundle for one split point (and, U-shaped, its top blocks)."""
     key = json.dumps([cfg.model, split, cfg.backend, cfg.num_labels, cfg.max_seq, cfg.seed, _code_version()]
-                     + ([cfg.task] if cfg.task != "seq_cls" else []))
-    path = cache / f"{pathlib.Path(cfg.model).name}-s{split}-{cfg.backend}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+                     + ([cfg.task] if cfg.task != "seq_cls" else []) + ([top] if top is not None else []))
+    name = f"{pathlib.Path(cfg.model).name}-s{split}" + (f"-u{top}" if top is not None else "")
+    path = cache / f"{name}-{cfg.backend}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
     if (path / "manifest.json").exists():
         return path
-    export_bundle(ExportConfig(model=cfg.model, split=split, out=str(path), backend=cfg.backend, task=cfg.task,
+    export_bundle(ExportConfig(model=cfg.model, split=split, top=top, out=str(path), backend=cfg.backend, task=cfg.task,
                                num_labels=cfg.num_labels,
                                max_batch=max(32, cfg.batch_size), max_seq=cfg.max_seq, seed=cfg.seed,
                                optimizer=cfg.optimizer, lr=cfg.lr, ort_training_artifacts=False), progress=False)
@@ -171,15 +192,16 @@ async def _run(cfg: SimConfig, out: pathlib.Path, progress) -> dict:
     if not lm:
         progress(f"loading {cfg.model} ({cfg.num_labels} classes)")
         loaded = load_model(cfg.model, task=cfg.task, num_labels=cfg.num_labels, seed=cfg.seed, attn_implementation="sdpa")
-    splits, why = _choose_splits(cfg)
+    splits, tops, why = _choose_splits(cfg)
     if cfg.strategy == "splitfed" and len(set(splits)) > 1:
         splits = [min(splits)] * cfg.clients  # SplitFed has one split for everyone: the smallest that fits
+    layouts = list(zip(splits, tops or [None] * cfg.clients))  # (split, top) per client; top None: head/tail
     cache = pathlib.Path(cfg.bundle_cache) if cfg.bundle_cache else _default_cache()
     bundles = {}
-    for s in sorted(set(splits)):
-        progress(f"exporting the {cfg.backend} bundle for split {s}")
-        bundles[s] = _bundle_for(cfg, s, cache)
-    encoder = TextEncoder.from_bundle(load_bundle(bundles[splits[0]]))
+    for s, u in sorted(set(layouts), key=lambda su: (su[0], -1 if su[1] is None else su[1])):
+        progress(f"exporting the {cfg.backend} bundle for split {s}" + (f", top {u}" if u is not None else ""))
+        bundles[s, u] = _bundle_for(cfg, s, cache, u)
+    encoder = TextEncoder.from_bundle(load_bundle(bundles[layouts[0]]))
 
     clients_file = out / "clients.json"
     clients_file.unlink(missing_ok=True)
@@ -192,7 +214,8 @@ async def _run(cfg: SimConfig, out: pathlib.Path, progress) -> dict:
 
     torch.set_num_threads(cfg.threads)
     train = TrainConfig(rounds=cfg.rounds, min_clients=cfg.clients, local_steps=cfg.local_steps, batch_size=cfg.batch_size,
-                        lr=cfg.lr, optimizer=cfg.optimizer, align_lambda=cfg.align_lambda, seed=cfg.seed, round_timeout=1800)
+                        lr=cfg.lr, optimizer=cfg.optimizer, align_lambda=cfg.align_lambda, seed=cfg.seed, round_timeout=1800,
+                        align_top=cfg.align_top)
     strategy = make_strategy(cfg.strategy, train)
     host = TailHost(loaded, OptimizerConfig(cfg.optimizer, cfg.lr))
     state_dir = out / "server"
@@ -214,7 +237,7 @@ async def _run(cfg: SimConfig, out: pathlib.Path, progress) -> dict:
     try:
         for k, cid in enumerate(ids):
             args = {
-                "bundle": str(bundles[splits[k]]), "server": url, "data": str(out / "data" / f"client_{k}" / "train.jsonl"),
+                "bundle": str(bundles[layouts[k]]), "server": url, "data": str(out / "data" / f"client_{k}" / "train.jsonl"),
                 "test_data": str(out / "data" / f"client_{k}" / "test.jsonl"), "client_id": cid,
                 "token_file": str(out / "tokens" / cid), "backend": cfg.backend, "threads": cfg.threads,
                 "state_dir": str(out / "clients" / cid), "encodings": cfg.encoding, "max_retries": 5, "seed": cfg.seed + k,
@@ -251,10 +274,10 @@ async def _run(cfg: SimConfig, out: pathlib.Path, progress) -> dict:
     return collect(cfg, out, partition, splits, why, time.perf_counter() - t_start)
 
 
-def bundle_for(cfg: SimConfig, split: int) -> pathlib.Path:
-    """The bundle a run of ``cfg`` exports (or reused) for ``split``: what its clients at that split ran."""
+def bundle_for(cfg: SimConfig, split: int, top: int | None = None) -> pathlib.Path:
+    """The bundle a run of ``cfg`` exports (or reused) for ``split`` (and ``top``): what its clients there ran."""
     cfg = _with_run_labels(cfg)
-    return _bundle_for(cfg, split, pathlib.Path(cfg.bundle_cache) if cfg.bundle_cache else _default_cache())
+    return _bundle_for(cfg, split, pathlib.Path(cfg.bundle_cache) if cfg.bundle_cache else _default_cache(), top)
 
 
 def _with_run_labels(cfg: SimConfig) -> SimConfig:
