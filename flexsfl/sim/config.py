@@ -51,7 +51,6 @@ class SimConfig:
                        choices=TOPOLOGIES)
     tops: tuple[int, ...] | None = _f(None, "U-shaped: comma-separated top blocks per client (or one for all); default: "
                                       "from --profiles, or 0 with --splits", metavar="U[,...]")
-    align_top: bool = _f(False, "U-shaped: the alignment term also at the top's input H")
     backend: str = _f("ort", "device runtime of every client", choices=SIM_BACKENDS)
     encoding: str = _f("fp32", "transfer encoding of Z and g", choices=ENCODINGS)
     max_train: int | None = _f(400, "training examples per client")
@@ -96,12 +95,10 @@ class SimConfig:
         if self.topology == "u" and self.strategy == "splitfed":
             raise ConfigError("splitfed trains one shared model with the labels on the server; use --topology head-tail, "
                               "or strategy flexpsfl-u")
-        if self.topology != "u" and (self.tops is not None or self.align_top):
-            raise ConfigError("--tops and --align-top are for U-shaped clients: add --topology u")
+        if self.topology != "u" and self.tops is not None:
+            raise ConfigError("--tops is for U-shaped clients: add --topology u")
         if self.tops is not None and (len(self.tops) not in (1, self.clients) or min(self.tops) < 0):
             raise ConfigError(f"tops needs 1 or {self.clients} values >= 0 (one per client), got {list(self.tops)}")
-        if self.align_top and not self.align_lambda > 0:
-            raise ConfigError("--align-top applies the alignment term at the top's input: set --align-lambda > 0 too")
 
 
 # The README's main command: 4 VADER domains as 4 devices of different kinds, so splits differ.

@@ -21,10 +21,8 @@ def test_topology_u_is_strategy_flexpsfl_u_and_refuses_what_does_not_fit():
     assert SimConfig().topology == "head-tail" and DEMO.topology == "head-tail"  # the default demo is unchanged
     with pytest.raises(ConfigError, match="splitfed trains one shared model .* --topology head-tail"):
         SimConfig(strategy="splitfed", topology="u")
-    with pytest.raises(ConfigError, match="--tops and --align-top are for U-shaped clients: add --topology u"):
+    with pytest.raises(ConfigError, match="--tops is for U-shaped clients: add --topology u"):
         SimConfig(tops=(1,))
-    with pytest.raises(ConfigError, match="--align-top .* set --align-lambda > 0 too"):
-        SimConfig(topology="u", align_top=True, align_lambda=0.0)
     with pytest.raises(ConfigError, match=r"tops needs 1 or 4 values >= 0"):
         SimConfig(topology="u", tops=(1, 2))
 
