@@ -1,7 +1,9 @@
 """``flexsfl demo``: the README's demo, 4 devices of different kinds on 4 VADER domains, MiniLM, FlexP-SFL.
 
 The same flags as ``flexsfl simulate`` (:class:`~flexsfl.sim.config.SimConfig`'s fields); a flag
-not given keeps :data:`~flexsfl.sim.config.DEMO`'s value. ``--task causal-lm`` is the second
+not given keeps :data:`~flexsfl.sim.config.DEMO`'s value. ``--topology u`` runs the demo's
+devices U-shaped (FlexP-SFL-U: labels and output layers stay on each device; the planner picks
+each device's split and top). ``--task causal-lm`` is the second
 demo (:data:`~flexsfl.sim.config.DEMO_LM`): SmolLM2 fine-tuned on each device's own VADER domain
 as raw text, a perplexity table, then each client's personalized model merged into one PEFT
 adapter (``OUT/personal/cID``) and one text sampled from it.
@@ -54,7 +56,8 @@ def _samples(cfg: SimConfig, summary: dict) -> None:
         personal = out / "clients" / cid
         if not personal.is_dir():
             personal = out / "server" / "personal" / f"{cid}.safetensors"
-        model = merge_personal(bundle_for(cfg, c["split"]), personal, out / "server", out / "personal" / cid, force=True)
+        bundle = bundle_for(cfg, c["split"], (c.get("choice") or {}).get("top"))  # a U-shaped client's has its top
+        model = merge_personal(bundle, personal, out / "server", out / "personal" / cid, force=True)
         text = read_examples(out / "data" / f"client_{k}" / "test.jsonl")[0].text
         prompt = " ".join(text.split()[:6])
         print(f"{cid} ({c['groups'][0]}, adapter {model}): {prompt!r} -> {generate(str(model), prompt, max_new_tokens=24)!r}")
