@@ -29,7 +29,7 @@ __all__ = ["CONFIG_KEYS", "TrainerFactory", "edge_settings", "run_edge"]
 log = logging.getLogger("flexsfl.edge")
 
 CONFIG_KEYS = {"server", "client_id", "token_file", "token", "bundle", "data", "test_data", "backend", "threads",
-                "state_dir", "encodings", "max_retries", "seed", "full_model", "profile", "ca_file"}
+                "state_dir", "encodings", "max_retries", "seed", "full_model", "profile", "ca_file", "align_every"}
 
 
 def edge_settings(args: argparse.Namespace) -> dict:
@@ -96,7 +96,8 @@ def run_edge(cfg: dict, *, make_trainer: TrainerFactory | None = None) -> int:
     else:
         backend = open_backend(backend_name, bundle, threads=cfg.get("threads"))
         state_dir = cfg.get("state_dir") or str(pathlib.Path(cfg["bundle"]).resolve().parent / f"state-{cfg['client_id']}")
-        trainer = HeadTrainer(bundle, backend, train, test, seed=seed, state_dir=state_dir)
+        trainer = HeadTrainer(bundle, backend, train, test, seed=seed, state_dir=state_dir,
+                              align_every=int(cfg.get("align_every") or 1))
     encodings = cfg.get("encodings")
     if isinstance(encodings, str):
         encodings = tuple(e.strip() for e in encodings.split(",") if e.strip())

@@ -106,6 +106,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--encodings", help="preferred transfer encodings for Z and g, e.g. fp16,fp32")
     r.add_argument("--max-retries", dest="max_retries", type=int, help="reconnect attempts before giving up (0 = forever)")
     r.add_argument("--seed", type=int, help="data order seed")
+    r.add_argument("--align-every", dest="align_every", type=int,
+                   help="compute the alignment reference Z' (and apply the alignment term) every N-th step only (default: 1)")
     r.add_argument("--full-model", dest="full_model", action="store_const", const=True,
                    help="train the whole model here with torch (the FedAvg / local-only baselines)")
     r.add_argument("--profile", help="device profile JSON (from `flexsfl edge probe --json`) to report to the server")

@@ -41,6 +41,7 @@ class SimConfig:
     lr: float = _f(5e-4, "client (and tail) learning rate")
     optimizer: str = _f(TRAIN_OPTIMIZER, "client (and tail) optimizer", choices=OPTIMIZERS)
     align_lambda: float = _f(ALIGN_LAMBDA, "weight of the alignment term: its size relative to the task gradient (0: none)")
+    align_every: int = _f(1, "devices compute the alignment reference Z' (and apply the term) every N-th local step only")
     splits: tuple[int, ...] | None = _f(None, "comma-separated split per client (or one for all); default: from --profiles",
                                         metavar="S[,...]")
     profiles: tuple[str, ...] | None = _f(
@@ -77,7 +78,7 @@ class SimConfig:
                               ("backend", SIM_BACKENDS), ("encoding", ENCODINGS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("clients", "rounds", "local_steps", "batch_size", "threads", "num_labels"):
+        for name in ("clients", "rounds", "local_steps", "batch_size", "threads", "num_labels", "align_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_seq < 2:

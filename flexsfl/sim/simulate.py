@@ -53,6 +53,7 @@ from flexsfl.server_backend.server import FlexServer, ServerConfig
 from flexsfl.server_backend.state import ServerState
 from flexsfl.server_backend.strategy import TrainConfig, make_strategy
 from flexsfl.server_backend.tail_host import OptimizerConfig, TailHost
+from flexsfl.sim.bundles import export_missing
 from flexsfl.sim.config import SimConfig
 from flexsfl.sim.data import cache_dir, prepare
 from flexsfl.sim.data.text_corpus import text_dataset
@@ -105,18 +106,25 @@ def _choose_splits(cfg: SimConfig) -> tuple[list[int], list[int] | None, list[di
     return splits, tops if u else None, why
 
 
-def _bundle_for(cfg: SimConfig, split: int, cache: pathlib.Path, top: int | None = None) -> pathlib.Path:
-    """Export (or reuse) the bundle for one split point (and, U-shaped, its top blocks)."""
+def _bundle_for(cfg: SimConfig, split: int, cache: pathlib.Path, top: int | None = None, *,
+                jobs: list | None = None) -> pathlib.Path:
+    """Export (or reuse) the bundle for one split point (and, U-shaped, its top blocks). With
+    ``jobs``, a missing bundle is appended to it as ``(path, ExportConfig)`` instead, for
+    :func:`~flexsfl.sim.bundles.export_missing` to export all at once in parallel."""
     key = json.dumps([cfg.model, split, cfg.backend, cfg.num_labels, cfg.max_seq, cfg.seed, _code_version()]
                      + ([cfg.task] if cfg.task != "seq_cls" else []) + ([top] if top is not None else []))
     name = f"{pathlib.Path(cfg.model).name}-s{split}" + (f"-u{top}" if top is not None else "")
     path = cache / f"{name}-{cfg.backend}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
     if (path / "manifest.json").exists():
         return path
-    export_bundle(ExportConfig(model=cfg.model, split=split, top=top, out=str(path), backend=cfg.backend, task=cfg.task,
-                               num_labels=cfg.num_labels,
-                               max_batch=max(32, cfg.batch_size), max_seq=cfg.max_seq, seed=cfg.seed,
-                               optimizer=cfg.optimizer, lr=cfg.lr, ort_training_artifacts=False), progress=False)
+    config = ExportConfig(model=cfg.model, split=split, top=top, out=str(path), backend=cfg.backend, task=cfg.task,
+                          num_labels=cfg.num_labels,
+                          max_batch=max(32, cfg.batch_size), max_seq=cfg.max_seq, seed=cfg.seed,
+                          optimizer=cfg.optimizer, lr=cfg.lr, ort_training_artifacts=False)
+    if jobs is not None:
+        jobs.append((path, config))
+    else:
+        export_bundle(config, progress=False)
     return path
 
 
@@ -197,10 +205,12 @@ async def _run(cfg: SimConfig, out: pathlib.Path, progress) -> dict:
         splits = [min(splits)] * cfg.clients  # SplitFed has one split for everyone: the smallest that fits
     layouts = list(zip(splits, tops or [None] * cfg.clients))  # (split, top) per client; top None: head/tail
     cache = pathlib.Path(cfg.bundle_cache) if cfg.bundle_cache else _default_cache()
-    bundles = {}
+    bundles, jobs = {}, []
     for s, u in sorted(set(layouts), key=lambda su: (su[0], -1 if su[1] is None else su[1])):
-        progress(f"exporting the {cfg.backend} bundle for split {s}" + (f", top {u}" if u is not None else ""))
-        bundles[s, u] = _bundle_for(cfg, s, cache, u)
+        bundles[s, u] = _bundle_for(cfg, s, cache, u, jobs=jobs)
+    # One process (one thread) per missing bundle, side by side; cached ones are reused.
+    export_missing(jobs, on_start=lambda paths: progress(f"exporting {len(paths)} {cfg.backend} bundle(s) in parallel: "
+                                                          + ", ".join(p.name.rsplit("-", 2)[0] for p in paths)))
     encoder = TextEncoder.from_bundle(load_bundle(bundles[layouts[0]]))
 
     clients_file = out / "clients.json"
@@ -240,6 +250,7 @@ async def _run(cfg: SimConfig, out: pathlib.Path, progress) -> dict:
                 "test_data": str(out / "data" / f"client_{k}" / "test.jsonl"), "client_id": cid,
                 "token_file": str(out / "tokens" / cid), "backend": cfg.backend, "threads": cfg.threads,
                 "state_dir": str(out / "clients" / cid), "encodings": cfg.encoding, "max_retries": 5, "seed": cfg.seed + k,
+                "align_every": cfg.align_every,
                 "full_model": full or None,
             }
             if cfg.in_process:
