@@ -236,13 +236,19 @@ async def _train_round(link: _Link, trainer: Trainer, cfg: RoundConfig, adapters
         await asyncio.to_thread(trainer.train_local)
     for step_id in range(0 if trainer.whole_model else cfg.local_steps):
         step = trainer.forward()
-        t0 = time.perf_counter()
-        await link.send(Activations(round_id=cfg.round_id, step_id=step_id, mode="train", z=step.z,
-                                    attention_mask=step.attention_mask, labels=step.labels, encoding=link.encoding))
-        g = await link.recv()
-        if not isinstance(g, Gradients):
-            raise OrderError(f"expected Gradients, got {type(g).__name__}")
-        wait += time.perf_counter() - t0
+        # Z' (alignment) in a thread that starts once Z is encoded and written: off the critical path.
+        ref = asyncio.ensure_future(asyncio.to_thread(trainer.align_reference)) if getattr(trainer, "needs_reference", False) else None
+        try:
+            t0 = time.perf_counter()
+            await link.send(Activations(round_id=cfg.round_id, step_id=step_id, mode="train", z=step.z,
+                                        attention_mask=step.attention_mask, labels=step.labels, encoding=link.encoding))
+            g = await link.recv()
+            if not isinstance(g, Gradients):
+                raise OrderError(f"expected Gradients, got {type(g).__name__}")
+            wait += time.perf_counter() - t0
+        finally:
+            if ref is not None:
+                await ref
         trainer.backward(np.asarray(g.g, dtype=np.float32), g.loss)
     params, n = trainer.upload()
     await link.send(Upload(round_id=cfg.round_id, num_samples=n, tensors=params))
