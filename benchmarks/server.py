@@ -25,6 +25,7 @@ With ``--workers 1,2`` each configuration also runs with the tail on that many R
 two more columns appear::
 
     rss_mb_per_client  the front end's RSS growth per connected client (MB)
+    front_cpu_ms_per_step  this process's CPU per step (with Ray workers: the front end alone)
     worker_rss_mb      the Ray workers' RSS, summed (MB)
 
 The clients are :mod:`~flexsfl.benchmarks.synthetic`'s, ``--clients-per-process`` of them in each
@@ -227,13 +228,14 @@ async def _serve_one(loaded, cfg: ServerBenchConfig, mode: str, n: int, logs: pa
         w = server.worker
         # every client is connected (the warm-up round is over): memory now, CPU from now
         front_rss, worker_rss = _rss_cpu([os.getpid()])[0], _rss_cpu(pids[1:])[0]
-        cpu0 = _rss_cpu(pids)[1]
+        cpu0, front0 = _rss_cpu(pids)[1], _rss_cpu(pids[:1])[1]
         start = (w.busy_seconds, w.steps, w.batches, cpu0)
         if profile:
             spy = _PySpy(logs / f"server-{mode}-{n}.pyspy.txt")
         await serving
         busy, steps, batches = w.busy_seconds - start[0], w.steps - start[1], w.batches - start[2]
         cpu = _rss_cpu(pids)[1] - start[3]
+        front_cpu = _rss_cpu(pids[:1])[1] - front0
         hot = spy.stop() if spy else None
         spy = None
         results = [c for w in procs for c in (await asyncio.to_thread(w.recv, 300))["clients"]]
@@ -257,6 +259,8 @@ async def _serve_one(loaded, cfg: ServerBenchConfig, mode: str, n: int, logs: pa
         # steps/s, it does not depend on how much of the shared machine the server got
         "cpu_ms_per_step": 1e3 * cpu / max(steps, 1),
         "rss_mb_per_client": (front_rss - rss0) / 2**20 / n, "worker_rss_mb": worker_rss / 2**20,
+        # this process alone: with Ray workers, the front end's own cost per step (websockets, codec, routing)
+        "front_cpu_ms_per_step": 1e3 * front_cpu / max(steps, 1),
         "g_abs_median": float(np.median([r["g_abs_median"] for r in results])),
         "g_frac_below_fp16_normal": float(np.mean([r["g_frac_below_fp16_normal"] for r in results])),
     }
@@ -284,6 +288,7 @@ def _row(cfg: ServerBenchConfig, model_id: str, mode: str, n: int, runs: list[di
         "load_avg": round(float(np.mean([r["load_avg"] for r in runs])), 2),
         "rss_mb_per_client": round(float(np.median([r["rss_mb_per_client"] for r in runs])), 3),
         "worker_rss_mb": round(float(np.median([r["worker_rss_mb"] for r in runs])), 1),
+        "front_cpu_ms_per_step": round(float(np.median([r["front_cpu_ms_per_step"] for r in runs])), 2),
     }
     profiles = [r["profile"] for r in runs if "profile" in r]
     if profiles:
@@ -319,6 +324,7 @@ _COLUMNS: list[Column] = [
     ("latency_ms_p90", "latency p90 ms", ".0f"),
     ("batch_mean", "steps per batch", ".1f"),
     ("busy_frac", "compute busy", ".0%"),
+    ("front_cpu_ms_per_step", "front-end CPU ms/step", ".1f"),
     ("rss_mb_per_client", "front-end RSS MB/client", ".2f"),
     ("worker_rss_mb", "Ray workers RSS MB", ".0f"),
     ("load_avg", "load avg", ".1f"),

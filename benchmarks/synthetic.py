@@ -45,6 +45,7 @@ class SyntheticSpec:
     num_labels: int = 2
     fresh_z: bool = False  # a new Z every step (seeded by client, round, step); else one Z per client
     prefix: str = "synthetic"  # client ids are f"{prefix}{k}"
+    tokens: tuple[str, ...] = ()  # client k's token is tokens[k] (a server with a clients file); "" without
 
 
 def synthetic_batch(seed: int, round_id: int | None, step: int | None, b: int, t: int, d: int, num_labels: int = 2):
@@ -86,7 +87,8 @@ async def run_client(spec: SyntheticSpec, k: int, connected: asyncio.Event | Non
         async def recv():
             return conn.receive(await ws.recv())
 
-        await ws.send(conn.send(Hello(client_id=f"{spec.prefix}{k}", token="", layout_hash=spec.layout_hash, split=spec.split,
+        token = spec.tokens[k] if k < len(spec.tokens) else ""
+        await ws.send(conn.send(Hello(client_id=f"{spec.prefix}{k}", token=token, layout_hash=spec.layout_hash, split=spec.split,
                                       backend="synthetic", encodings=(spec.encoding,))))
         welcome = _expect(await recv(), Welcome)
         if connected is not None:

@@ -23,11 +23,13 @@ How the pool trains (SplitFed-V1's server side, then FlexP-SFL's layer-wise aggr
   other calls did to it) to every worker. Plans and predictions made while steps run see the
   global model of the last round end; a call that trains it then (a U-shaped middle) keeps its
   change, the workers' deltas are added on top.
-- **Failure**: each worker's acknowledged batches since the round began are kept (their inputs,
-  in order). When an actor dies, the pool starts a new one from the round's starting state and
-  optimizer moments, replays those batches in order, then retries the batch in flight: no
-  acknowledged step is lost, and a client whose step was in flight just waits longer. The replay
-  log holds each round's ``Z`` for one worker (``steps x B x T x d x 4`` bytes at most).
+- **Failure**: each worker's acknowledged batches since the round began (or since its last
+  checkpoint) are kept, inputs in order. When an actor dies, the pool starts a new one from the
+  round's starting state (or the checkpoint) and optimizer moments, replays those batches in
+  order, then retries the batch in flight: no acknowledged step is lost, and a client whose step
+  was in flight just waits longer. When a worker's log passes ``replay_bytes`` (256 MB), the pool
+  checkpoints that worker (its tensors and moments, one round trip) and empties the log, so the
+  front end's memory per worker stays bounded whatever the clients and τ.
 
 Ray is imported lazily (``pip install flexsfl[scale]``); the core install never needs it.
 """
@@ -53,6 +55,7 @@ __all__ = ["HostSpec", "TailWorker", "WorkerPool", "make_compute", "average_stat
 log = logging.getLogger("flexsfl.server.workers")
 
 RESTARTS_PER_BATCH = 3  # a batch that kills this many fresh workers in a row is refused, not retried forever
+REPLAY_BYTES = 256 << 20  # a worker's replay log past this is replaced by a checkpoint of the worker
 
 
 def import_ray():
@@ -107,6 +110,10 @@ class TailWorker:
     def state(self) -> dict[str, np.ndarray]:
         return self.host.state()
 
+    def checkpoint(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Its tensors and optimizer moments: what a replacement starts from."""
+        return self.host.state(), self.host.optimizer.state_dict()
+
     def pid(self) -> int:
         return os.getpid()
 
@@ -138,8 +145,11 @@ class _Slot:
     actor: Any
     queue: asyncio.Queue | None = None
     task: asyncio.Task | None = None
-    optimizer_state: dict | None = None  # its moments when the round began (for a restart)
-    log: list[list[StepRequest]] = dataclasses.field(default_factory=list)  # acknowledged batches, in order
+    optimizer_state: dict | None = None  # its moments when the round began or at its checkpoint (for a restart)
+    checkpoint: dict[str, np.ndarray] | None = None  # its tensors at its last checkpoint this round; None: the round's base
+    log: list[list[StepRequest]] = dataclasses.field(default_factory=list)  # acknowledged batches since then, in order
+    log_bytes: int = 0
+    clients: set[str] = dataclasses.field(default_factory=set)  # whose steps it trained this round
     served: int = 0  # samples trained this round
     held: tuple | None = None  # taken from the queue over the token cap: the next batch's first
     restarts: int = 0
@@ -169,6 +179,7 @@ class WorkerPool:
         self.batches = 0
         self.busy_seconds = 0.0  # summed over workers
         self.restarts = 0
+        self.replay_bytes = REPLAY_BYTES
         self._stale = False  # the global model moved on (round end): push it before the next step
         self._lock: asyncio.Lock | None = None
         self._idle: asyncio.Condition | None = None
@@ -267,7 +278,7 @@ class WorkerPool:
         self.base = await self.master.call(self.host.state)
         moments = await asyncio.gather(*(self._with_restart(s, lambda a: a.begin.remote(self.base)) for s in self.slots))
         for s, m in zip(self.slots, moments):
-            s.optimizer_state, s.log, s.served = m, [], 0
+            s.optimizer_state, s.checkpoint, s.log, s.log_bytes, s.served, s.clients = m, None, [], 0, 0, set()
         self._stale = False
 
     def _route(self, client: str) -> int:
@@ -280,7 +291,7 @@ class WorkerPool:
 
     def _rebalance(self) -> None:
         """Keep the clients that trained this round; move the excess of a worker with > 1 more than another."""
-        active = {c for s in self.slots for b in s.log for c in map(_client_of, b)}
+        active = {c for s in self.slots for c in s.clients}
         groups: list[list[str]] = [[] for _ in range(self.workers)]
         for c in sorted(active):
             groups[self.assignment.get(c, 0)].append(c)
@@ -314,6 +325,8 @@ class WorkerPool:
                         fut.set_exception(e)
                 continue
             slot.log.append(reqs)
+            slot.log_bytes += sum(r.z.nbytes + r.attention_mask.nbytes + r.labels.nbytes for r in reqs)
+            slot.clients.update(map(_client_of, reqs))
             slot.served += sum(int(r.z.shape[0]) for r, res in zip(reqs, results) if res.g is not None)
             self.steps += len(reqs)
             self.batches += 1
@@ -323,6 +336,17 @@ class WorkerPool:
             for (_, fut), res in zip(batch, results):
                 if not fut.done():
                     fut.set_result(res)
+            if slot.log_bytes > self.replay_bytes:
+                await self._checkpoint(slot)
+
+    async def _checkpoint(self, slot: _Slot) -> None:
+        """Replace the slot's replay log by its worker's tensors and moments now."""
+        try:
+            state, moments = await self._with_restart(slot, lambda a: a.checkpoint.remote())
+        except Exception:  # noqa: BLE001 - keep the log; the next batch tries again
+            log.exception("could not checkpoint Ray worker %d", slot.index)
+            return
+        slot.checkpoint, slot.optimizer_state, slot.log, slot.log_bytes = state, moments, [], 0
 
     async def _with_restart(self, slot: _Slot, submit: Callable[[Any], Any]) -> Any:
         """``await submit(actor)``; if the actor died, restart it (state + replay) and try again."""
@@ -330,8 +354,9 @@ class WorkerPool:
         for attempt in range(RESTARTS_PER_BATCH + 1):
             try:
                 if attempt:
-                    slot.actor = self._new_actor(self.base, slot.optimizer_state)
-                    for reqs in slot.log:  # the acknowledged batches since the round began, in order
+                    start = slot.checkpoint if slot.checkpoint is not None else self.base
+                    slot.actor = self._new_actor(start, slot.optimizer_state)
+                    for reqs in slot.log:  # the acknowledged batches since then, in order
                         await slot.actor.train_batch.remote(reqs)
                 return await submit(slot.actor)
             except died as e:

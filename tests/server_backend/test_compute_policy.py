@@ -14,7 +14,7 @@ from flexsfl.core.errors import ConfigError
 from flexsfl.model.loading import load_model
 from flexsfl.server_backend.compute import ComputeWorker, default_threads
 from flexsfl.server_backend.tail_host import OptimizerConfig, StepRequest, TailHost, resolve_device
-from flexsfl.server_backend.workers import WorkerPool, average_states, make_compute
+from flexsfl.server_backend.workers import WorkerPool, _Slot, average_states, make_compute
 
 B, T = 2, 8
 
@@ -115,11 +115,9 @@ def test_routing_is_stable_and_rebalanced_at_round_end():
     assert [pool._route(f"c{k}") for k in range(7)] == [0, 1, 2, 0, 1, 2, 0]
     assert pool._route("c4") == 1  # stable
     # Round end: only c0, c3, c6 (all on worker 0) and c1 trained; the others left.
-    pool.slots = [type("S", (), {"log": []})() for _ in range(3)]
-    pool.slots[0].log = [[StepRequest(1, np.zeros((1, 1, 1), np.float32), np.ones((1, 1), np.int64), np.zeros(1, np.int64),
-                                      tag=f"{c}:0:0")] for c in ("c0", "c3", "c6")]
-    pool.slots[1].log = [[StepRequest(1, np.zeros((1, 1, 1), np.float32), np.ones((1, 1), np.int64), np.zeros(1, np.int64),
-                                      tag="c1:0:0")]]
+    pool.slots = [_Slot(i, actor=None) for i in range(3)]
+    pool.slots[0].clients = {"c0", "c3", "c6"}
+    pool.slots[1].clients = {"c1"}
     pool._rebalance()
     loads = sorted(list(pool.assignment.values()).count(i) for i in range(3))
     assert loads == [1, 1, 2] and set(pool.assignment) == {"c0", "c1", "c3", "c6"}

@@ -43,7 +43,7 @@ def loader(tiny_model_dirs):
                              attn_implementation="sdpa")
 
 
-async def _serve(loader, tmp_path, n: int, steps: int, workers: int, hook=None):
+async def _serve(loader, tmp_path, n: int, steps: int, workers: int, hook=None, replay_bytes=None):
     """One FlexP-SFL round with ``n`` synthetic clients; returns (global state, client results, pool, summary).
     ``hook(pool, tags, seconds)`` runs after each acknowledged batch."""
     loaded = loader()
@@ -54,6 +54,8 @@ async def _serve(loader, tmp_path, n: int, steps: int, workers: int, hook=None):
     pool = make_compute(host, HostSpec(loader, OPT), workers=workers)
     if hook is not None:
         pool.on_batch = functools.partial(hook, pool)
+    if replay_bytes is not None:
+        pool.replay_bytes = replay_bytes
     server = FlexServer(host, strategy, None, state, ServerConfig(port=0, max_batch=B, max_seq=T, hello_timeout=120,
                                                                   step_timeout=120), compute=pool)
     serving = asyncio.create_task(server.serve())
@@ -69,6 +71,10 @@ async def _serve(loader, tmp_path, n: int, steps: int, workers: int, hook=None):
         state.close()
     rounds = [e for e in _events(state.dir) if e.get("event") == "round"]
     return host.state(), results, pool, rounds[-1]
+
+
+def _client_of_tag(tag: str) -> str:
+    return tag.rsplit(":", 2)[0]
 
 
 def _events(d):
@@ -127,17 +133,24 @@ def test_one_client_per_worker_equals_the_single_process_result(cluster, loader,
 
 
 def test_killing_a_worker_mid_round_loses_no_acknowledged_step(cluster, loader, tmp_path):
-    killed = []
+    killed, acked = [], []
+    one_step = B * T * 64 * 4 + B * T * 8 + B * 8  # Z + mask + labels of one step (hidden size 64)
 
-    def kill_after_two(pool, tags, _seconds):
-        # After each acknowledged batch: once worker 0 has acknowledged two, kill its actor (its next step fails).
+    def kill_after_three(pool, tags, _seconds):
+        # After each acknowledged batch: once worker 0 has acknowledged three steps, kill its actor (its next
+        # step fails). With the replay cap at 1.5 steps it checkpointed after its second: the new actor starts
+        # from that checkpoint and replays the third.
         slot = pool.slots[0]
-        if not killed and len(slot.log) == 2:
+        if pool.assignment.get(_client_of_tag(tags[0])) == 0:
+            acked.append(len(slot.log))  # its replay log's length, this batch included
+        if not killed and len(acked) == 3:
             killed.append(ray.get(slot.actor.pid.remote()))
             ray.kill(slot.actor, no_restart=True)
 
-    state, results, pool, summary = asyncio.run(_serve(loader, tmp_path, n=2, steps=4, workers=2, hook=kill_after_two))
+    state, results, pool, summary = asyncio.run(_serve(loader, tmp_path, n=2, steps=4, workers=2, hook=kill_after_three,
+                                                       replay_bytes=int(1.5 * one_step)))
     assert killed and pool.restarts == 1
+    assert acked[:3] == [1, 2, 1]  # the checkpoint after its second step emptied the log: one batch was replayed
     assert summary["steps"] == 8 and all(len(r["steps"]) == 4 for r in results)
     assert pool.slots[0].restarts == 1 and pool.slots[1].restarts == 0  # a new actor took over worker 0's clients
     _assert_state_equal(state, _reference(loader, 2, 4))  # as if nothing had happened
@@ -152,6 +165,35 @@ def test_bench_server_rows_for_one_and_two_workers(cluster, tiny_model_dirs, tmp
     assert [(r["workers"], r["clients"]) for r in rows] == [(1, 4), (2, 4)]
     for r in rows:
         assert r["steps_timed"] == 4 * 2 and r["steps_per_s"] > 0 and r["latency_ms_p90"] >= r["latency_ms_p50"] > 0
-        assert r["cpu_ms_per_step"] > 0 and r["rss_mb_per_client"] > -50
+        assert r["cpu_ms_per_step"] > 0 and 0 < r["front_cpu_ms_per_step"] and r["rss_mb_per_client"] > -50
     assert rows[0]["worker_rss_mb"] == 0 and rows[1]["worker_rss_mb"] > 50  # two actor processes with a model each
+    assert rows[1]["front_cpu_ms_per_step"] < rows[1]["cpu_ms_per_step"]  # the actors' CPU counts too
     assert ray.is_initialized()  # the bench used this module's cluster and left it running
+
+
+@pytest.mark.slow
+def test_flexsfl_serve_on_an_existing_ray_cluster(cluster, loader, tiny_model_dirs, tmp_path):
+    """The CLI form: `flexsfl serve --workers 2 --ray-address ADDR` (this module's cluster), registered clients."""
+    from flexsfl.server_backend.clients import add_client
+    from tests.integration.harness import events, finish, flexsfl, free_port, wait_listening
+
+    clients = tmp_path / "clients.json"
+    tokens = tuple(add_client(clients, f"synthetic{k}") for k in range(4))
+    port, log, state_dir = free_port(), tmp_path / "serve.log", tmp_path / "state"
+    address = ray.get_runtime_context().gcs_address
+    proc = flexsfl("serve", "--model", str(tiny_model_dirs["gpt2"]), "--num-labels", "2", "--clients", str(clients),
+                   "--state-dir", str(state_dir), "--port", str(port), "--rounds", "1", "--min-clients", "4",
+                   "--local-steps", "2", "--batch-size", str(B), "--max-batch", str(B), "--max-seq", str(T),
+                   "--workers", "2", "--ray-address", address, log=log)
+    try:
+        wait_listening(port, proc, log, timeout=240)
+        loaded = loader()
+        spec = SyntheticSpec(url=f"ws://127.0.0.1:{port}", layout_hash=layout_fingerprint(loaded.info, loaded.lora, SPLIT),
+                             split=SPLIT, hidden=loaded.info.hidden_size, batch=B, seq=T, tokens=tokens)
+        results = asyncio.run(asyncio.wait_for(run_clients(spec, 4), 300))
+    finally:
+        finish({"serve": (proc, log)}, timeout=120)
+    assert all(len(r["steps"]) == 2 for r in results)
+    (rnd,) = events(state_dir, "round")
+    assert rnd["steps"] == 8 and len(rnd["clients"]) == 4
+    assert "tail on 2 Ray worker(s)" in log.read_text() and "averaged 2 worker tail(s)" in log.read_text()
