@@ -196,6 +196,12 @@ class WorkerPool:
             ray.init(**kw, include_dashboard=False, log_to_driver=False, configure_logging=False)
             self._own_ray = True
         cuda = self.spec.device != "cpu"
+        need = {"CPU": self.workers * (1 if cuda else self.spec.threads), "GPU": self.workers if cuda else 0}
+        have = ray.cluster_resources()
+        short = [f"{need[k]:g} {k}s (the cluster has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0)]
+        if short:
+            raise ConfigError(f"--workers {self.workers} need {' and '.join(short)}: lower --workers or --threads, "
+                              "or add machines to the Ray cluster")
         self._actor_cls = ray.remote(num_cpus=1 if cuda else self.spec.threads, num_gpus=1 if cuda else 0,
                                      max_restarts=0)(TailWorker)
         self.master.start()
@@ -276,9 +282,11 @@ class WorkerPool:
     async def _push(self) -> None:
         """Every worker starts the round from the global model (keeping its optimizer moments)."""
         self.base = await self.master.call(self.host.state)
+        for s in self.slots:  # last round's log is spent (a restart now starts from the new base)
+            s.checkpoint, s.log, s.log_bytes, s.served, s.clients = None, [], 0, 0, set()
         moments = await asyncio.gather(*(self._with_restart(s, lambda a: a.begin.remote(self.base)) for s in self.slots))
         for s, m in zip(self.slots, moments):
-            s.optimizer_state, s.checkpoint, s.log, s.log_bytes, s.served, s.clients = m, None, [], 0, 0, set()
+            s.optimizer_state = m
         self._stale = False
 
     def _route(self, client: str) -> int:
@@ -393,7 +401,10 @@ def make_compute(host: TailHost, spec: HostSpec | None = None, *, workers: int =
                           "start the server with flexsfl serve")
     if max_wait_ms:
         log.warning("--max-wait-ms applies to one local worker; a Ray pool batches what is waiting, without waiting")
+    import_ray()  # a one-line error now, before anything starts, when Ray is not installed
     per_worker = threads or max(1, default_threads() // workers)
-    spec = dataclasses.replace(spec, threads=per_worker)
+    # Ray gives each GPU worker one GPU of its own (CUDA_VISIBLE_DEVICES): inside it, that GPU is "cuda".
+    device = "cuda" if spec.device.startswith("cuda") else spec.device
+    spec = dataclasses.replace(spec, threads=per_worker, device=device)
     return WorkerPool(host, spec, workers, address=ray_address, batching=batching, max_batch_tokens=max_batch_tokens,
                       threads=1, on_batch=on_batch)

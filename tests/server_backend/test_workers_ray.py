@@ -17,6 +17,7 @@ import ray  # noqa: E402 - flexsfl[scale], part of make install ('.[all]'): no s
 
 from flexsfl.benchmarks.synthetic import SyntheticSpec, run_clients, synthetic_batch  # noqa: E402
 from flexsfl.core.bundle import layout_fingerprint  # noqa: E402
+from flexsfl.core.errors import ConfigError  # noqa: E402
 from flexsfl.model.loading import load_model  # noqa: E402
 from flexsfl.server_backend.aggregation import ClientUpdate  # noqa: E402
 from flexsfl.server_backend.server import FlexServer, ServerConfig, frame_limit  # noqa: E402
@@ -124,6 +125,12 @@ def test_two_workers_serve_eight_clients_through_a_round(cluster, loader, tmp_pa
     assert pool.restarts == 0
     initial = TailHost(loader(), OPT).state()
     assert any(not np.array_equal(state[n], initial[n]) for n in state), "the round changed nothing"
+
+
+def test_more_workers_than_the_cluster_holds_is_one_line(cluster, loader):
+    pool = make_compute(TailHost(loader(), OPT), HostSpec(loader, OPT), workers=3)  # 3 x 1 CPU on a 2-CPU cluster
+    with pytest.raises(ConfigError, match=r"--workers 3 need 3 CPUs \(the cluster has 2\): lower --workers"):
+        pool.start()
 
 
 def test_one_client_per_worker_equals_the_single_process_result(cluster, loader, tmp_path):
