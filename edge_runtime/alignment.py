@@ -32,7 +32,8 @@ import dataclasses
 
 import numpy as np
 
-__all__ = ["ALIGNMENTS", "AlignTerm", "softmax", "alignment_loss_and_grad", "sequence_kl", "aligned_gradient"]
+__all__ = ["ALIGNMENTS", "AlignTerm", "AlignReference", "softmax", "alignment_loss_and_grad", "sequence_kl", "align_reference",
+           "apply_alignment", "aligned_gradient"]
 
 ALIGNMENTS = ("feature_kl", "logit_kl")  # KL between softmaxes of the features Z, or of the logits
 _FP32_GAP = 1e-6  # relative differences below this are float32 rounding, not a personal head that drifted
@@ -87,6 +88,38 @@ def sequence_kl(z: np.ndarray, z_ref: np.ndarray, mask: np.ndarray | None = None
     return float((kl * w).sum()), grad.reshape(z.shape)
 
 
+@dataclasses.dataclass(frozen=True)
+class AlignReference:
+    """Everything of one step's alignment term that does not need ``g``: computed while the
+    device waits for the server (:func:`align_reference`), applied when ``g`` arrives
+    (:func:`apply_alignment`)."""
+
+    loss: float  # the per-sequence mean KL
+    a: np.ndarray  # float64 ∂L/∂z of sequence_kl
+    norm_a: float  # ‖a‖
+    gap: float  # ‖z - z_ref‖ / ‖z_ref‖ over real positions
+
+
+def align_reference(z: np.ndarray, z_ref: np.ndarray, mask: np.ndarray | None) -> AlignReference:
+    """The ``g``-independent part of :func:`aligned_gradient`, for ``z``, ``z_ref`` and ``mask``."""
+    loss, a = sequence_kl(z, z_ref, mask)
+    m = 1.0 if mask is None else mask.astype(np.float64)[..., None]
+    diff, ref = (z.astype(np.float64) - z_ref) * m, z_ref.astype(np.float64) * m
+    gap = float(np.linalg.norm(diff) / max(float(np.linalg.norm(ref)), 1e-300))
+    return AlignReference(loss, a, float(np.linalg.norm(a)), gap)
+
+
+def apply_alignment(g: np.ndarray, ref: AlignReference, lam: float) -> AlignTerm:
+    """The term to add to ``g`` from a prepared :class:`AlignReference`: ``λ·‖g‖·a/‖a‖`` (see
+    :func:`aligned_gradient`, which is this after :func:`align_reference`: the same numbers)."""
+    loss, a, na, gap = ref.loss, ref.a, ref.norm_a, ref.gap
+    ng = float(np.linalg.norm(g.astype(np.float64)))
+    if lam <= 0 or gap < _FP32_GAP or na <= 1e-300 or ng == 0.0:
+        return AlignTerm(loss, np.zeros(g.shape, np.float32), 0.0, gap)
+    grad = (lam * ng / na) * a
+    return AlignTerm(loss, grad.astype(np.float32), float(np.linalg.norm(grad)) / ng, gap)
+
+
 def aligned_gradient(g: np.ndarray, z: np.ndarray, z_ref: np.ndarray, mask: np.ndarray | None,
                      lam: float) -> AlignTerm:
     """The alignment term to add to the task gradient ``g`` (same shape as ``z``): ``λ·‖g‖·a/‖a‖``.
@@ -96,12 +129,4 @@ def aligned_gradient(g: np.ndarray, z: np.ndarray, z_ref: np.ndarray, mask: np.n
     size means the same on another. Zero when ``λ = 0``, ``g = 0``, or the outputs agree to float32
     rounding (``gap`` under 1e-6: ``a`` would be rounding noise, which the normalization would blow up).
     """
-    loss, a = sequence_kl(z, z_ref, mask)
-    m = 1.0 if mask is None else mask.astype(np.float64)[..., None]
-    diff, ref = (z.astype(np.float64) - z_ref) * m, z_ref.astype(np.float64) * m
-    gap = float(np.linalg.norm(diff) / max(float(np.linalg.norm(ref)), 1e-300))
-    na, ng = float(np.linalg.norm(a)), float(np.linalg.norm(g.astype(np.float64)))
-    if lam <= 0 or gap < _FP32_GAP or na <= 1e-300 or ng == 0.0:
-        return AlignTerm(loss, np.zeros(g.shape, np.float32), 0.0, gap)
-    grad = (lam * ng / na) * a
-    return AlignTerm(loss, grad.astype(np.float32), float(np.linalg.norm(grad)) / ng, gap)
+    return apply_alignment(g, align_reference(z, z_ref, mask), lam)

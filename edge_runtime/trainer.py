@@ -35,7 +35,7 @@ from typing import Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from flexsfl.edge_runtime.alignment import aligned_gradient
+from flexsfl.edge_runtime.alignment import AlignReference, align_reference, apply_alignment
 from flexsfl.edge_runtime.backends import Backend
 from flexsfl.core.atomic import atomic_write_many
 from flexsfl.core.bundle import Bundle
@@ -197,7 +197,7 @@ class HeadTrainer:
         self._opt_key: tuple | None = None
         self._pending: tuple[np.ndarray, None, np.ndarray] | None = None  # (z, unused, mask)
         self._ref_inputs: tuple[np.ndarray, np.ndarray] | None = None  # (ids, mask) whose Z' is still to compute
-        self._z_ref: np.ndarray | None = None  # Z' of the pending step, once computed
+        self._ref: AlignReference | None = None  # the pending step's g-independent alignment, once computed
         self._t_step = 0.0
         self.stats = RoundStats()
         self.last_round = -1
@@ -241,7 +241,7 @@ class HeadTrainer:
         z = self.backend.forward(enc.input_ids, enc.attention_mask, keep=True)
         self.stats.forward_s += time.perf_counter() - t0
         self._pending = (z, None, enc.attention_mask)
-        self._z_ref = None
+        self._ref = None
         aligns = s.align_lambda > 0 and self.phi is not None and self.stats.steps % self.align_every == 0
         self._ref_inputs = (enc.input_ids, enc.attention_mask) if aligns else None
         if not self.overlap_alignment:
@@ -255,7 +255,8 @@ class HeadTrainer:
         return self._ref_inputs is not None
 
     def align_reference(self) -> None:
-        """Compute Z' = head(x; φ) for the step :meth:`forward` just took, if it aligns; else nothing.
+        """Compute Z' = head(x; φ) for the step :meth:`forward` just took, if it aligns, and the
+        part of the alignment term that does not need g (the KL gradient, its norm); else nothing.
 
         Meant to run in a worker thread between sending Z and receiving g: nothing else may use
         the backend until it returns (the transport awaits it before :meth:`backward`).
@@ -265,7 +266,8 @@ class HeadTrainer:
         ids, mask = self._ref_inputs
         self._ref_inputs = None
         t0 = time.perf_counter()
-        self._z_ref = self.backend.forward(ids, mask, params=self.phi, keep=False)
+        z_ref = self.backend.forward(ids, mask, params=self.phi, keep=False)
+        self._ref = align_reference(self._pending[0], z_ref, mask)
         self.stats.align_s += time.perf_counter() - t0
 
     def backward(self, g: np.ndarray, loss: float) -> None:
@@ -273,18 +275,18 @@ class HeadTrainer:
         s = self._require_round()
         if self._pending is None:
             raise ConfigError("backward() without a forward(): one gradient per step")
-        z, _, mask = self._pending
+        z = self._pending[0]
         if g.shape != z.shape:
             raise TensorError(f"the server's gradient has shape {list(g.shape)}, Z was {list(z.shape)}")
         if not np.isfinite(g).all():
             raise TensorError("the server's gradient has non-finite values")
         self.align_reference()  # no-op unless the caller left Z' to compute: same call order either way
-        z_ref, self._z_ref = self._z_ref, None
+        ref, self._ref = self._ref, None
         self._pending = None
         t0 = time.perf_counter()
         G = g
-        if z_ref is not None:
-            term = aligned_gradient(g, z, z_ref, mask, s.align_lambda)  # λ·‖g‖ along the KL gradient
+        if ref is not None:
+            term = apply_alignment(g, ref, s.align_lambda)  # λ·‖g‖ along the KL gradient
             G = g + term.grad
             self.stats.align_loss_sum += term.loss
             self.stats.align_ratio_sum += term.ratio
