@@ -21,7 +21,9 @@ from flexsfl.core.errors import ConfigError
 from flexsfl.core.profile import read_profile
 from flexsfl.edge_runtime.backends import open_backend
 from flexsfl.edge_runtime.data import read_examples
+from flexsfl.edge_runtime.top import has_top, open_top
 from flexsfl.edge_runtime.trainer import HeadTrainer, Trainer
+from flexsfl.edge_runtime.u_trainer import UTrainer
 from flexsfl.edge_runtime.transport import ClientOptions, run_client
 
 __all__ = ["CONFIG_KEYS", "TrainerFactory", "edge_settings", "run_edge"]
@@ -96,8 +98,12 @@ def run_edge(cfg: dict, *, make_trainer: TrainerFactory | None = None) -> int:
     else:
         backend = open_backend(backend_name, bundle, threads=cfg.get("threads"))
         state_dir = cfg.get("state_dir") or str(pathlib.Path(cfg["bundle"]).resolve().parent / f"state-{cfg['client_id']}")
-        trainer = HeadTrainer(bundle, backend, train, test, seed=seed, state_dir=state_dir,
-                              align_every=int(cfg.get("align_every") or 1))
+        if has_top(bundle):  # U-shaped (exported with --top): the top and the labels stay on this device
+            top = open_top(bundle, backend_name, threads=cfg.get("threads"))
+            trainer = UTrainer(bundle, backend, top, train, test, seed=seed, state_dir=state_dir)
+        else:
+            trainer = HeadTrainer(bundle, backend, train, test, seed=seed, state_dir=state_dir,
+                                  align_every=int(cfg.get("align_every") or 1))
     encodings = cfg.get("encodings")
     if isinstance(encodings, str):
         encodings = tuple(e.strip() for e in encodings.split(",") if e.strip())

@@ -1,7 +1,8 @@
 """The device side's only I/O: a websocket client that drives a trainer through the protocol.
 
 :func:`run_client` connects, says Hello, and then does what the server asks: for each round, the
-local steps (Z out, g back), the upload of θ_k, an evaluation of the personal model on the local
+local steps (Z out, g back; for a U-shaped trainer Z out, H back, dL/dH out, g back, and no
+labels on the wire), the upload of θ_k, an evaluation of the personal model on the local
 test split, and the round's metrics. If the server goes away it reconnects with exponential
 backoff (with jitter) and carries on with the personal head it kept; a refusal that retrying
 cannot fix (unknown client, wrong token, a bundle for another model) ends it with that error.
@@ -24,7 +25,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from flexsfl.core.errors import AuthError, ConfigError, ErrorCode, FlexSFLError, OrderError, ProtocolError
-from flexsfl.edge_runtime.trainer import HeadTrainer, RoundSettings, Trainer
+from flexsfl.edge_runtime.trainer import HeadTrainer, RoundSettings, Step, Trainer
+from flexsfl.edge_runtime.u_trainer import UTrainer
 from flexsfl.core.wire import (
     CLIENT_ID_RE,
     ENCODINGS,
@@ -37,11 +39,13 @@ from flexsfl.core.wire import (
     Hello,
     Limits,
     Metrics,
+    MiddleOutput,
     Predictions,
     Role,
     RoundConfig,
     RoundEnd,
     RoundMode,
+    TopGradients,
     Upload,
     Welcome,
 )
@@ -123,6 +127,7 @@ async def run_client(trainer: Trainer, opts: ClientOptions, *, stop: asyncio.Eve
     # Build Hello before connecting: a field the wire refuses is this device's own configuration
     # error, fatal here, never a network failure to retry.
     hello = Hello(client_id=opts.client_id, token=opts.token, layout_hash=m.layout_hash, split=m.split,
+                  top=trainer.top_blocks if isinstance(trainer, UTrainer) else -1,
                   backend=trainer.backend_name, encodings=opts.encodings, profile=opts.profile)
     failures = 0
     while True:
@@ -236,19 +241,14 @@ async def _train_round(link: _Link, trainer: Trainer, cfg: RoundConfig, adapters
         await asyncio.to_thread(trainer.train_local)
     for step_id in range(0 if trainer.whole_model else cfg.local_steps):
         step = trainer.forward()
-        # Z' (alignment) in a thread that starts once Z is encoded and written: off the critical path.
+        # Z' (alignment) in a thread that starts once _exchange has encoded and written Z: off the critical path.
         ref = asyncio.ensure_future(asyncio.to_thread(trainer.align_reference)) if getattr(trainer, "needs_reference", False) else None
         try:
-            t0 = time.perf_counter()
-            await link.send(Activations(round_id=cfg.round_id, step_id=step_id, mode="train", z=step.z,
-                                        attention_mask=step.attention_mask, labels=step.labels, encoding=link.encoding))
-            g = await link.recv()
-            if not isinstance(g, Gradients):
-                raise OrderError(f"expected Gradients, got {type(g).__name__}")
-            wait += time.perf_counter() - t0
+            g, waited = await _exchange(link, trainer, cfg.round_id, step_id, step)
         finally:
             if ref is not None:
                 await ref
+        wait += waited
         trainer.backward(np.asarray(g.g, dtype=np.float32), g.loss)
     params, n = trainer.upload()
     await link.send(Upload(round_id=cfg.round_id, num_samples=n, tensors=params))
@@ -261,17 +261,43 @@ async def _train_round(link: _Link, trainer: Trainer, cfg: RoundConfig, adapters
     return metrics
 
 
+async def _exchange(link: _Link, trainer: Trainer, round_id: int, step_id: int, step: Step) -> tuple[Gradients, float]:
+    """One train step's legs on the wire: the server's Gradients, and the seconds spent waiting for
+    the server (a U-shaped step's top runs here in between and is not counted)."""
+    t0 = time.perf_counter()
+    await link.send(Activations(round_id=round_id, step_id=step_id, mode="train", z=step.z,
+                                attention_mask=step.attention_mask, labels=step.labels, encoding=link.encoding))
+    top_s = 0.0
+    if isinstance(trainer, UTrainer):  # step.labels is None: Z up, H down, dL/dH (+ loss) up
+        h = await _expect(link, MiddleOutput)
+        t_top = time.perf_counter()
+        grad_h, loss = trainer.top_step(np.asarray(h.h, dtype=np.float32))
+        top_s = time.perf_counter() - t_top
+        await link.send(TopGradients(round_id=round_id, step_id=step_id, loss=loss, grad_h=grad_h, encoding=link.encoding))
+    g = await _expect(link, Gradients)
+    return g, time.perf_counter() - t0 - top_s
+
+
+async def _expect(link: _Link, kind: type):
+    msg = await link.recv()
+    if not isinstance(msg, kind):
+        raise OrderError(f"expected {kind.__name__}, got {type(msg).__name__}")
+    return msg
+
+
 async def _evaluate(link: _Link, trainer: Trainer, round_id: int) -> dict[str, float]:
-    """Personalized accuracy: θ_k's head + the global tail on the local test split."""
+    """Personalized accuracy: θ_k's head + the global tail (U-shaped: the global middle and this
+    device's own top, scored here; no labels go out) on the local test split."""
     correct = total = 0
     sent, received = link.report.bytes_sent, link.report.bytes_received
+    u = isinstance(trainer, UTrainer)
     for i, step in enumerate(trainer.eval_batches()):
-        await link.send(Activations(round_id=round_id, step_id=i, mode="eval", z=step.z,
-                                    attention_mask=step.attention_mask, labels=step.labels, encoding=link.encoding))
-        p = await link.recv()
-        if not isinstance(p, Predictions):
-            raise OrderError(f"expected Predictions, got {type(p).__name__}")
-        c, n = HeadTrainer.score(trainer.task, np.asarray(p.logits), step.labels)
+        await link.send(Activations(round_id=round_id, step_id=i, mode="eval", z=step.z, attention_mask=step.attention_mask,
+                                    labels=None if u else step.labels, encoding=link.encoding))
+        if u:
+            c, n = trainer.score_top(np.asarray((await _expect(link, MiddleOutput)).h), step)
+        else:
+            c, n = HeadTrainer.score(trainer.task, np.asarray((await _expect(link, Predictions)).logits), step.labels)
         correct, total = correct + c, total + n
     # Counted apart from training traffic, so strategies that score on the server pay no hidden bytes.
     return {"personal_acc": correct / max(total, 1), "eval_examples": total,

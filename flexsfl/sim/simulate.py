@@ -292,7 +292,7 @@ def bundle_for(cfg: SimConfig, split: int, top: int | None = None) -> pathlib.Pa
 
 def _with_run_labels(cfg: SimConfig) -> SimConfig:
     """``cfg`` with the class count its finished run inferred (from its summary.json), if it left it out."""
-    if cfg.task != "seq_cls" or cfg.num_labels is not None:
+    if cfg.num_labels is not None:
         return cfg
     summary = json.loads((pathlib.Path(cfg.out) / "summary.json").read_text())
     return dataclasses.replace(cfg, num_labels=summary["config"]["num_labels"])
