@@ -177,6 +177,8 @@ class FlexServer:
         self.worker = compute or ComputeWorker(host, batching=config.batching, threads=compute_threads,
                                     on_batch=lambda tags, s: self.state.log("batch", steps=tags, ms=round(1e3 * s, 3)))
         self.limits = Limits(max_frame_bytes=frame_limit(host, config.max_batch, config.max_seq))
+        if strategy.cfg.align_top:
+            raise ConfigError("--align-top is not carried to devices over the wire yet (flexsfl simulate has it); drop it")
         self.u = UShaped(MiddleHost(host, ttl_s=config.middle_ttl, max_pending=config.middle_max_pending,
                                     recompute=config.middle_recompute), self.worker, state)
         self.sessions: dict[str, Session] = {}

@@ -52,6 +52,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-lr", type=float, default=None, help="tail learning rate (default: --lr)")
     p.add_argument("--server-optimizer", choices=OPTIMIZERS, default=None, help="default: --optimizer")
     p.add_argument("--align-lambda", type=float, default=d.align_lambda, help="weight of the alignment term")
+    p.add_argument("--align-top", action="store_true",
+                   help="U-shaped clients: the alignment term also at the top's input H (simulation only so far)")
     p.add_argument("--round-timeout", type=float, default=d.round_timeout)
     p.add_argument("--aggregation", choices=AGGREGATIONS, default=d.aggregation,
                    help="how uploads combine, tensor by tensor, keeping the layer-wise rule (median/trimmed-mean: robust "
