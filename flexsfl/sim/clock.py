@@ -33,7 +33,7 @@ from flexsfl.core.planner import DEFAULT_SERVER_GFLOPS, WIRE_DTYPES
 from flexsfl.core.profile import DeviceProfile
 from flexsfl.core.wire.tensors import payload_nbytes
 
-__all__ = ["ClientStep", "RoundTime", "DeviceClock", "round_time", "split_client", "whole_model_client"]
+__all__ = ["ClientStep", "RoundTime", "DeviceClock", "round_time", "split_client", "whole_model_client", "run_clients"]
 
 _F32 = 4  # bytes per adapter value on the wire (adapters travel in fp32)
 
@@ -156,3 +156,27 @@ def whole_model_client(client: str, cost: ModelCost, profile: DeviceProfile, *, 
     tensors = _F32 * (cost.num_blocks * cost.lora_params_per_block + cost.final_params)
     return ClientStep(client=client, profile=profile.name, compute_s=flops / _rate(profile),
                       round_s=_transfer_s(profile, tensors, tensors), memory_mb=m, fits=m <= profile.memory_budget_mb)
+
+
+def run_clients(cfg, splits: list[int]) -> dict[str, ClientStep] | None:
+    """Each client's :class:`ClientStep` for a simulated run (a :class:`~flexsfl.sim.config.SimConfig`
+    and the splits it ran), from its device profile; None when the run named no profiles (pinned
+    splits alone say nothing about the devices). A U-shaped client's top is not counted (yet)."""
+    from flexsfl.core.model_config import read_model_config
+    from flexsfl.core.profiles import EXAMPLE_PROFILES
+    from flexsfl.core.wire import RoundMode
+    from flexsfl.server_backend.strategy import STRATEGIES
+
+    if not cfg.profiles:
+        return None
+    cost = ModelCost.from_config(read_model_config(cfg.model), task=cfg.task,
+                                 **({"num_labels": cfg.num_labels} if cfg.task == "seq_cls" and cfg.num_labels else {}))
+    whole = STRATEGIES[cfg.strategy].mode is RoundMode.FULL
+    align = cfg.align_lambda > 0 and cfg.strategy.startswith("flexpsfl")
+    out = {}
+    for k, (name, s) in enumerate(zip(cfg.profiles, splits)):
+        p, cid = EXAMPLE_PROFILES[name], f"c{k}"
+        out[cid] = (whole_model_client(cid, cost, p, batch=cfg.batch_size, seq=cfg.max_seq, optimizer=cfg.optimizer) if whole
+                    else split_client(cid, cost, p, s, batch=cfg.batch_size, seq=cfg.max_seq, encoding=cfg.encoding,
+                                      align=align, optimizer=cfg.optimizer))
+    return out

@@ -64,7 +64,8 @@ class SimConfig:
     threads: int = _f(1, "threads per client process and for the server's tail")
     batching: bool = _f(True, "run every server step on its own (no cross-client batching)", flag="--no-batching")
     target_acc: float = _f(0.75, "personalized accuracy for 'time/bytes to reach' in the summary")
-    num_labels: int = _f(2, "classes", cli=False)
+    num_labels: int | None = _f(None, "classes of the classifier (default: as many as the data's labels; a label "
+                                "outside 0..N-1 is refused before anything is exported)")
     bundle_cache: str | None = _f(None, "reuse exported bundles across runs (default: <cache>/bundles)", cli=False)
 
     def __post_init__(self) -> None:
@@ -79,7 +80,7 @@ class SimConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("clients", "rounds", "local_steps", "batch_size", "threads", "num_labels", "align_every"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_seq < 2:
             raise ConfigError(f"max_seq must be >= 2, got {self.max_seq}")

@@ -1,5 +1,19 @@
 """A simulated federation's results: the server's events joined into one row per round
-(``rounds.jsonl``), a summary (``summary.json``), the accuracy-vs-time plot and the end-of-run table."""
+(``rounds.jsonl``), a summary (``summary.json``), the accuracy-vs-time plot and the end-of-run table.
+
+Accounting (issue 18), the same for every strategy:
+
+- ``bytes``: training traffic only (Z, g, adapters, control), cumulative over rounds;
+  ``eval_bytes`` apart: what a split client sends and receives to score its own test split on
+  the server's tail (a whole-model client scores on the device and sends nothing).
+- Accuracies are named for the model they measure (:data:`OWN_MODEL`): ``global_acc`` is the
+  global model on the union test set; ``personal_acc`` is the model each client ends its round
+  with, on its own test split — a *personal* model for FlexP-SFL and local-only, but *the global
+  model after the round's local fine-tune* for SplitFed and FedAvg. ``accuracy_of`` in every row
+  and the summary says which.
+- ``device_s``: the round ends on the device clock (:mod:`flexsfl.sim.clock`) when the run
+  named device profiles, beside ``elapsed_s``, the wall time on this machine.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +28,20 @@ from rich.console import Console
 from rich.table import Table
 
 from flexsfl.core.atomic import atomic_path, atomic_write_text
+from flexsfl.sim.clock import DeviceClock, run_clients
 from flexsfl.sim.config import SimConfig
 
-__all__ = ["collect", "plot", "table", "lm_table"]
+__all__ = ["OWN_MODEL", "accuracy_of", "collect", "plot", "table", "lm_table"]
+
+# What ``personal_acc`` measures, per strategy (anything not named here keeps a personal model).
+OWN_MODEL = {"splitfed": "global + local fine-tune", "fedavg": "global + local fine-tune", "local": "local only"}
+
+
+def accuracy_of(strategy: str) -> dict[str, str]:
+    """What each accuracy of a run of ``strategy`` measures, in words (stored beside the numbers)."""
+    own = OWN_MODEL.get(strategy, "personal")
+    return {"global_acc": "global model, union test set", "personal_acc": f"{own} model, the client's own test split",
+            "generalization_acc": f"{own} model, union test set"}
 
 
 def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why: list[dict], total_s: float) -> dict:
@@ -41,17 +66,29 @@ def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why
                 m["wire_ms"] = max(m.get("roundtrip_ms", 0.0) - m["server_ms"], 0.0)
             rounds.setdefault(r, {}).setdefault("clients", {})[e["client"]] = m
     rows, elapsed = [], 0.0
+    costs = run_clients(cfg, splits)
+    clock = DeviceClock() if costs else None
+    eval_total: dict[str, int] = {}  # client -> cumulative evaluation bytes
     for r in sorted(rounds):
         row = rounds[r]
         elapsed += row.get("round_s", 0.0)
         clients = row.get("clients", {})
+        for cid, c in clients.items():
+            eval_total[cid] = eval_total.get(cid, 0) + c.get("eval_bytes_sent", 0) + c.get("eval_bytes_received", 0)
+            c["train_bytes"] = c.get("bytes_sent", 0) + c.get("bytes_received", 0) - eval_total[cid]  # cumulative
         personal = [c["personal_acc"] for c in clients.values() if "personal_acc" in c]
+        device = clock.advance([(costs[cid], c.get("steps", cfg.local_steps)) for cid, c in sorted(clients.items())
+                                if cid in costs]) if clock and clients else None
         rows.append({
             "round": r, "strategy": cfg.strategy, "elapsed_s": round(elapsed, 3),
+            "device_s": round(clock.now, 3) if clock else None,
+            **({"device_round_s": round(device.seconds, 3), "straggler": device.straggler} if device else {}),
             "global_acc": row.get("global_acc"),
             "personal_acc": float(np.mean(personal)) if personal else None,
             "generalization_acc": float(np.mean(list(row["generalization"].values()))) if "generalization" in row else None,
-            "bytes": int(sum(c.get("bytes_sent", 0) + c.get("bytes_received", 0) for c in clients.values())),
+            "bytes": int(sum(c["train_bytes"] for c in clients.values())),
+            "eval_bytes": int(sum(eval_total.get(cid, 0) for cid in clients)),
+            "accuracy_of": accuracy_of(cfg.strategy),
             **{k: row[k] for k in ("generalization", "personal_server", "lm") if k in row},
             "clients": clients,
         })
@@ -68,44 +105,56 @@ def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why
             # the split selection's prediction for the device profile (not this machine)
             "predicted_step_ms": 1e3 * why[k]["predicted"]["time_s"] if "predicted" in why[k] else None,
             "client_compute_ms": c.get("client_compute_ms"), "wire_ms": c.get("wire_ms"), "server_ms": c.get("server_ms"),
-            "bytes": c.get("bytes_sent", 0) + c.get("bytes_received", 0),
+            "bytes": c.get("train_bytes", 0), "eval_bytes": eval_total.get(cid, 0),
+            **({"device_round_s": round(clock.rounds[-1].per_client[cid], 3) if cid in clock.rounds[-1].per_client else None,
+                "fits": costs[cid].fits, "predicted_memory_mb": round(costs[cid].memory_mb or 0.0, 1)}
+               if clock and clock.rounds and cid in costs else {}),
             **last.get("lm", {}).get(cid, {}),  # causal LM: perplexities (personal, global, pretrained, generalization)
         })
     target = _time_to(rows, cfg.target_acc)
     summary = {
         "config": dataclasses.asdict(cfg), "total_s": round(total_s, 1), "rounds": len(rows),
-        "final": {k: last.get(k) for k in ("global_acc", "personal_acc", "generalization_acc", "elapsed_s", "bytes")},
-        "target": target, "per_client": per_client,
+        "final": {k: last.get(k) for k in ("global_acc", "personal_acc", "generalization_acc", "elapsed_s", "device_s",
+                                           "bytes", "eval_bytes")},
+        "accuracy_of": accuracy_of(cfg.strategy), "target": target, "per_client": per_client,
+        # clients whose training would not fit their profile's memory: the run shows what such devices could not do
+        "unfit": sorted(f"{cid} ({c.profile}: {c.memory_mb:.0f} MB)" for cid, c in (costs or {}).items() if not c.fits),
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
 
 
 def _time_to(rows: list[dict], target: float) -> dict:
-    """Wall time and bytes until the mean personalized accuracy first reaches ``target``."""
-    total_bytes = 0
-    for row in rows:
-        total_bytes = row["bytes"]  # client counters are cumulative
+    """Wall time, device time and training bytes until the mean ``personal_acc`` first reaches ``target``."""
+    for row in rows:  # client counters are cumulative
         if row.get("personal_acc") is not None and row["personal_acc"] >= target:
-            return {"target_acc": target, "round": row["round"], "elapsed_s": row["elapsed_s"], "bytes": total_bytes}
-    return {"target_acc": target, "round": None, "elapsed_s": None, "bytes": None}
+            return {"target_acc": target, "round": row["round"], "elapsed_s": row["elapsed_s"],
+                    "device_s": row.get("device_s"), "bytes": row["bytes"]}
+    return {"target_acc": target, "round": None, "elapsed_s": None, "device_s": None, "bytes": None}
 
 
 def plot(summaries: Sequence[tuple[str, pathlib.Path]], path: pathlib.Path) -> pathlib.Path:
-    """Accuracy vs wall time, one line per run (rounds.jsonl of each)."""
+    """Accuracy vs wall time here, one line per run (rounds.jsonl of each); and vs device time
+    (:mod:`flexsfl.sim.clock`) in a third panel when the runs named device profiles."""
     import matplotlib  # the bench extra: only a finished run draws, so only it needs matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for label, out in summaries:
-        rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines() if line]
+    runs = [(label, [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines() if line])
+            for label, out in summaries]
+    device = any(r.get("device_s") is not None for _, rows in runs for r in rows)
+    fig, axes = plt.subplots(1, 3 if device else 2, figsize=(16 if device else 11, 4))
+    for label, rows in runs:
         t = [r["elapsed_s"] for r in rows]
         axes[0].plot(t, [r["personal_acc"] for r in rows], marker="o", label=label)
         axes[1].plot(t, [r["global_acc"] for r in rows], marker="o", label=label)
-    for ax, title in zip(axes, ("personalized accuracy (own test split)", "global model accuracy (union test)")):
-        ax.set_xlabel("training wall time (s)")
+        if device and rows and rows[0].get("device_s") is not None:
+            axes[2].plot([r["device_s"] for r in rows], [r["personal_acc"] for r in rows], marker="o", label=label)
+    titles = ("accuracy of each client's own model (own test split)", "global model accuracy (union test)",
+              "own model's accuracy vs predicted device time")
+    for i, (ax, title) in enumerate(zip(axes, titles)):
+        ax.set_xlabel("device time for the profiles (s)" if i == 2 else "training wall time here (s)")
         ax.set_ylabel("accuracy")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -126,7 +175,7 @@ def lm_table(summary: dict) -> str:
         t.add_column(col, justify="left" if col in ("client", "data") else "right")
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for c in summary["per_client"]:
-        t.add_row(c["client"], c["groups"][0], str(c["split"]), fmt(c.get("personal_ppl")), fmt(c.get("global_ppl")),
+        t.add_row(c["client"], _groups(c), str(c["split"]), fmt(c.get("personal_ppl")), fmt(c.get("global_ppl")),
                   fmt(c.get("pretrained_ppl")), fmt(c.get("generalization_ppl")), fmt(c.get("bytes_per_token")),
                   f"{c['step_ms']:.0f}")
     console = Console(record=True, width=150, file=io.StringIO())
@@ -136,27 +185,43 @@ def lm_table(summary: dict) -> str:
     return console.export_text()
 
 
+def _groups(c: dict) -> str:
+    """A client's data groups for a table cell ("-" for data without a group column)."""
+    g = c.get("groups") or []
+    return (g[0] + (f" +{len(g) - 1}" if len(g) > 1 else "")) if g else "-"
+
+
 def table(summary: dict) -> str:
     """The per-client table printed at the end of a run."""
     if summary["config"].get("task") == "causal_lm":
         return lm_table(summary)
-    t = Table(title=f"{summary['config']['strategy']} on {summary['config']['data']} "
+    strategy = summary["config"]["strategy"]
+    own = OWN_MODEL.get(strategy, "personal")
+    t = Table(title=f"{strategy} on {summary['config']['data']} "
                     f"({summary['rounds']} rounds, {summary['final']['elapsed_s']:.0f} s of training)")
-    for col in ("client", "data", "profile", "split", "personal acc", "generalization acc", "step ms",
-                "of which wire ms", "predicted ms", "MB"):
+    device = any(c.get("device_round_s") is not None for c in summary["per_client"])
+    for col in ("client", "data", "profile", "split", f"{own} acc", "generalization acc", "step ms",
+                "of which wire ms", "predicted ms", *(("device s/round",) if device else ()), "MB", "eval MB"):
         t.add_column(col, justify="right" if col not in ("client", "data", "profile") else "left")
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for c in summary["per_client"]:
-        groups = c["groups"][0] + (f" +{len(c['groups']) - 1}" if len(c["groups"]) > 1 else "")
         pred = c.get("predicted_step_ms")
-        t.add_row(c["client"], groups, c["choice"].get("profile", "pinned"), str(c["split"]), fmt(c["personal_acc"]),
+        dev = c.get("device_round_s")
+        t.add_row(c["client"], _groups(c), c["choice"].get("profile", "pinned"), str(c["split"]), fmt(c["personal_acc"]),
                   fmt(c["generalization_acc"]), f"{c['step_ms']:.0f}", "-" if c["wire_ms"] is None else f"{c['wire_ms']:.1f}",
-                  "-" if pred is None else f"{pred:.0f}", f"{c['bytes'] / 1e6:.1f}")
+                  "-" if pred is None else f"{pred:.0f}",
+                  *((("-" if dev is None else f"{dev:.1f}") + ("" if c.get("fits", True) else " (does not fit)"),) if device else ()),
+                  f"{c['bytes'] / 1e6:.1f}", f"{c.get('eval_bytes', 0) / 1e6:.1f}")
     f = summary["final"]
-    console = Console(record=True, width=150, file=io.StringIO())
+    console = Console(record=True, width=170, file=io.StringIO())
     console.print(t)
-    console.print(f"global model accuracy {fmt(f['global_acc'])}; mean personalized {fmt(f['personal_acc'])}; "
-                  f"mean generalization {fmt(f['generalization_acc'])}")
+    console.print(f"global model accuracy {fmt(f['global_acc'])}; mean {own} {fmt(f['personal_acc'])} (own test split); "
+                  f"mean generalization {fmt(f['generalization_acc'])} (union test)")
+    if f.get("device_s") is not None:
+        console.print(f"device time {f['device_s']:.1f} s for the profiles (slowest client per round), "
+                      f"wall time here {f['elapsed_s']:.1f} s"
+                      + (f"; does not fit its device's memory: {', '.join(summary['unfit'])}" if summary.get("unfit") else ""))
+    console.print("MB: training traffic; eval MB: scoring each client's own test split on the server's tail, counted apart")
     if any(c.get("predicted_step_ms") for c in summary["per_client"]):
         console.print("step ms: measured here (client compute + round trip); predicted ms: the split selection's "
                       "estimate for the device profile, which this machine only plays")
