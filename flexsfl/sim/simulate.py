@@ -58,7 +58,7 @@ from flexsfl.sim.config import SimConfig
 from flexsfl.sim.data import cache_dir, prepare
 from flexsfl.sim.data.text_corpus import text_dataset
 from flexsfl.sim.eager_backend import full_model_trainer
-from flexsfl.sim.evaluation import Evaluator
+from flexsfl.sim.evaluation import Evaluator, label_prior_accuracies
 from flexsfl.sim.results import collect, plot
 
 __all__ = ["simulate", "bundle_for"]
@@ -143,6 +143,7 @@ class _RoundEval:
         self.ev = Evaluator(host, encoder)
         self.union = partition.test
         self.own = {f"c{c.client}": c.test for c in partition.clients}
+        self.clients = partition.clients
         self.cfg = cfg
         self.personal: dict[str, dict] = {}
         self.lm = cfg.task == "causal_lm"
@@ -179,6 +180,7 @@ class _RoundEval:
                 own[cid] = self.ev.accuracy(self.own[cid], params)
             out["generalization"] = gen
             out["personal_server"] = own
+            out["label_prior"] = label_prior_accuracies(self.ev, self.clients, cfg.num_labels)  # the floor
         return out
 
 
