@@ -10,9 +10,9 @@ from tests.tiny_models import make_tiny_model_dir  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory):
-    """{"gpt2": dir, "llama": dir}: small random decoders with a real tokenizer."""
+    """{"bert": dir, "gpt2": dir, "llama": dir}: small random models with a real tokenizer."""
     root = tmp_path_factory.mktemp("tiny-models")
-    return {f: make_tiny_model_dir(f, root / f) for f in ("gpt2", "llama")}
+    return {f: make_tiny_model_dir(f, root / f) for f in ("bert", "gpt2", "llama")}
 
 
 @pytest.fixture(scope="session")

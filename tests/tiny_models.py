@@ -1,4 +1,4 @@
-"""Small randomly initialised GPT-2 and Llama model directories for fast tests.
+"""Small randomly initialised BERT, GPT-2 and Llama model directories for fast tests.
 
 They borrow MiniLM's real WordPiece tokenizer (vocab 30522, pad id 0) so bundles built from them
 carry a working tokenizer; only the transformer body is random (seeded).
@@ -14,6 +14,11 @@ TINY = {
     "gpt2": {
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 30522, "n_positions": 256,
         "n_embd": 64, "n_layer": 4, "n_head": 4, "pad_token_id": 0, "eos_token_id": 102, "bos_token_id": 101,
+    },
+    "bert": {
+        "model_type": "bert", "architectures": ["BertModel"], "vocab_size": 30522, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "max_position_embeddings": 256,
+        "type_vocab_size": 2, "pad_token_id": 0,
     },
     "llama": {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 30522, "hidden_size": 64,

@@ -1,0 +1,83 @@
+"""U-shaped clients that send a bad dL/dH, run as one process by ``test_u_bad_input.py``.
+
+``python -m tests.integration.bad_u_client PORT BUNDLE TOKEN_DIR TTL OUT.json``
+
+Four registered clients (``x-shape``, ``x-nan``, ``x-unknown``, ``x-late``) each join round 0
+with the bundle's layout, send a valid train Activations (step 0, no labels), receive the
+middle's H, and then answer with a bad TopGradients, written as raw frames past the client's
+own Connection (which would refuse them): dL/dH of the wrong shape, with a NaN, for a step that
+was never sent, or a valid one after the middle's deadline (TTL seconds, +2.5). Each client
+records the server's Error (code, message) and the close code in OUT.json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import struct
+import sys
+
+import numpy as np
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from flexsfl.core.bundle import load_bundle
+from flexsfl.core.wire import Activations, Adapters, Connection, Error, Hello, MiddleOutput, Role, RoundConfig, TopGradients, parse
+
+CASES = ("shape", "nan", "unknown", "late")
+
+
+async def one(case: str, port: int, bundle, token: str, ttl: float) -> dict:
+    m = bundle.manifest
+    top = int(m.extra["top"]["blocks"])
+    out: dict = {}
+    async with connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None) as ws:
+        conn = Connection(Role.CLIENT)
+        await ws.send(conn.send(Hello(client_id=f"x-{case}", token=token, layout_hash=m.layout_hash, split=m.split, top=top,
+                                      backend="bad", encodings=("fp32",))))
+        conn.receive(await ws.recv())  # Welcome
+        while not isinstance(cfg := conn.receive(await ws.recv()), RoundConfig):
+            pass
+        if cfg.adapters:
+            assert isinstance(conn.receive(await ws.recv()), Adapters)
+        z = np.random.default_rng(1).standard_normal((2, 6, m.model.hidden_size)).astype(np.float32)
+        await ws.send(conn.send(Activations(round_id=cfg.round_id, step_id=0, mode="train", z=z,
+                                            attention_mask=np.ones((2, 6), np.int64), encoding="fp32")))
+        h = conn.receive(await ws.recv())
+        assert isinstance(h, MiddleOutput), h
+        good = TopGradients(round_id=cfg.round_id, step_id=0, loss=0.7, grad_h=np.full(z.shape, 1e-3, np.float32))
+        if case == "shape":
+            frame = TopGradients(round_id=cfg.round_id, step_id=0, loss=0.7, grad_h=np.zeros((2, 5, z.shape[2]), np.float32)).serialize()
+        elif case == "nan":
+            frame = bytearray(good.serialize())
+            frame[-z.nbytes:-z.nbytes + 4] = struct.pack("<f", math.nan)
+            frame = bytes(frame)
+        elif case == "unknown":
+            frame = TopGradients(round_id=cfg.round_id, step_id=5, loss=0.7, grad_h=good.grad_h).serialize()
+        else:
+            await asyncio.sleep(ttl + 2.5)
+            frame = good.serialize()
+        await ws.send(frame)
+        try:
+            while True:
+                msg = parse(await asyncio.wait_for(ws.recv(), 60))
+                if isinstance(msg, Error):
+                    out.update(code=msg.code.name, message=msg.message)
+                else:
+                    out.setdefault("other", []).append(type(msg).__name__)
+        except ConnectionClosed as e:
+            out["close"] = e.rcvd.code if e.rcvd else None
+    return out
+
+
+async def main(port: int, bundle_path: str, token_dir: str, ttl: float, out_path: str) -> None:
+    bundle = load_bundle(bundle_path)
+    tokens = {c: open(f"{token_dir}/x-{c}.token").read().strip() for c in CASES}
+    results = await asyncio.gather(*(one(c, port, bundle, tokens[c], ttl) for c in CASES), return_exceptions=True)
+    with open(out_path, "w") as f:
+        json.dump({c: (r if isinstance(r, dict) else {"exception": repr(r)}) for c, r in zip(CASES, results)}, f, indent=1)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(int(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5]))
