@@ -1,5 +1,10 @@
 """What ``flexsfl export`` builds: :class:`ExportConfig`, each field with its help (the flags are made from it).
 
+``max_batch`` is the largest batch the programs accept and what ExecuTorch plans its memory for
+(its arena holds every activation at that batch, whatever batch a step uses), so it defaults to
+``batch_size``, the batch the device trains with; the manifest records both (``max_batch`` and
+``runtime.executorch.planned_batch``).
+
 Torch-free, so the CLI can build its parser without loading the export stack.
 """
 
@@ -38,7 +43,9 @@ class ExportConfig:
     optimizer: str = _f(OPTIMIZERS[0], "default on-device optimizer (the server may override it per round)",
                         choices=OPTIMIZERS)
     lr: float = _f(1e-3, "default on-device learning rate")
-    max_batch: int = _f(32, "programs accept 1 <= B <= max batch")
+    batch_size: int = _f(8, "the batch the device trains with (the server's --batch-size); --max-batch defaults to it")
+    max_batch: int | None = _f(None, "programs accept 1 <= B <= max batch; ExecuTorch plans its memory for this batch "
+                                     "(default: --batch-size)")
     max_seq: int = _f(128, "and 2 <= T <= max seq")
     seed: int = _f(0, "seed for new weights (task head, LoRA A)")
     tar: bool = _f(False, "also write OUT.tar.gz")
@@ -59,6 +66,12 @@ class ExportConfig:
             raise ConfigError(f"split must be an int >= 1 (blocks on the device), got {self.split!r}")
         if self.top is not None and (isinstance(self.top, bool) or not isinstance(self.top, int) or self.top < 0):
             raise ConfigError(f"top must be an int >= 0 (blocks the device keeps at the output end), got {self.top!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        if self.max_batch is None:
+            # ExecuTorch plans its memory for the largest batch the programs accept: by default,
+            # the one the device trains with, not a bigger one it would never use.
+            object.__setattr__(self, "max_batch", self.batch_size)
         if self.max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_seq < 2:

@@ -29,7 +29,8 @@ from flexsfl.core.errors import ExportError
 
 from flexsfl.export.programs import HeadPrograms, export_programs
 
-__all__ = ["FORWARD_NAME", "BACKWARD_NAME", "WEIGHTS_NAME", "lower_onnx", "write_onnx_program", "share_weights",
+__all__ = ["FORWARD_NAME", "BACKWARD_NAME", "WEIGHTS_NAME", "WEIGHTS_INDEX_NAME", "lower_onnx", "write_onnx_program",
+           "share_weights", "weights_index",
            "min_onnxruntime", "runtime_requirements"]
 
 log = logging.getLogger("flexsfl.export.onnx")
@@ -37,6 +38,7 @@ log = logging.getLogger("flexsfl.export.onnx")
 FORWARD_NAME = "forward.onnx"
 BACKWARD_NAME = "backward.onnx"
 WEIGHTS_NAME = "weights.bin"
+WEIGHTS_INDEX_NAME = "weights.json"  # where each program's initializers lie in weights.bin
 _SHARED_MIN_BYTES = 1024  # smaller initializers stay inside the graphs
 _ALIGN = 4096  # page-aligned offsets, so ONNX Runtime can map the weights instead of reading them
 OPSET = 18
@@ -105,57 +107,137 @@ def runtime_requirements(paths: list[pathlib.Path]) -> dict:
 
 def share_weights(paths: list[pathlib.Path], weights: pathlib.Path) -> pathlib.Path:
     """Move every initializer of >= 1 KiB of the models at ``paths`` into ``weights`` as ONNX
-    external data, each distinct tensor once, and rewrite the models to point at it.
+    external data, each distinct tensor once, rewrite the models to point at it, and write the
+    index the edge runtime shares them by (:data:`WEIGHTS_INDEX_NAME`, :func:`weights_index`).
 
     The models must sit in ``weights``' directory. One already pointing at ``weights`` is read
     back in first, so programs added later (the U-shaped topology's top) join the same file.
 
-    The exporter constant-folds the backward's ``Wᵀ`` into initializers of their own; such a
-    matrix is stored as a reference to the forward's ``W`` plus a ``Transpose`` node, which ONNX
-    Runtime folds back when it loads the session (the same memory as before, half the disk).
+    A matrix that one program uses as ``W`` and another as ``Wᵀ`` (the forward's ``x·Wᵀ`` and the
+    backward's ``g·W``) is stored once, and the program that reads it the other way round gets a
+    transposed GEMM instead of a matrix of its own (:func:`_read_transposed`): a ``Gemm`` flips
+    ``transA``/``transB``, a ``MatMul`` becomes ``Reshape → Gemm(transB=1) → Reshape``. Only an
+    operator that has no transposed form gets a ``Transpose`` node, which ONNX Runtime would fold
+    into a copy when it loads the session (no program of the supported models has one).
     """
     import hashlib
+    import json
 
     import numpy as np
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
     from onnx.external_data_helper import set_external_data
 
-    def key(raw: bytes, data_type: int, dims) -> bytes:
-        return hashlib.sha256(raw + bytes(f"{data_type}:{list(dims)}", "ascii")).digest()
+    def key(a: np.ndarray) -> bytes:
+        return hashlib.sha256(np.ascontiguousarray(a).tobytes() + f"{a.dtype}:{list(a.shape)}".encode()).digest()
 
     models = [onnx.load(p) for p in paths]  # any external data they already had is loaded in
+    big = [(m, t) for m in models for t in m.graph.initializer if len(t.raw_data) >= _SHARED_MIN_BYTES]
+    arrays = {id(t): numpy_helper.to_array(t) for _, t in big}
+    keys = {id(t): (key(a), key(a.T) if a.ndim == 2 else None) for t, a in ((t, arrays[id(t)]) for _, t in big)}
+    # Orientations some program must read as they are (no transposed form of its consumers):
+    # the other orientation of such a matrix is the one that flips.
+    rigid = {keys[id(t)][0] for m, t in big if not _transposable(m.graph, t.name, gemm_only=True)}
     where: dict[bytes, tuple[int, int]] = {}
+    index: dict[str, dict[str, list]] = {}
     with open(weights, "wb") as f:
-        for model in models:
-            transposes = []
-            for t in model.graph.initializer:
-                if len(t.raw_data) < _SHARED_MIN_BYTES:
-                    continue
-                k = key(t.raw_data, t.data_type, t.dims)
-                if k not in where and len(t.dims) == 2:
-                    a = numpy_helper.to_array(t)
-                    kt = key(np.ascontiguousarray(a.T).tobytes(), t.data_type, a.T.shape)
-                    if kt in where:  # this is the transpose of a stored matrix
-                        source = f"{t.name}__transposed"
-                        transposes.append(helper.make_node("Transpose", [source], [t.name], perm=[1, 0],
-                                                           name=f"{t.name}__shared"))
-                        t.name, t.dims[:] = source, list(a.T.shape)
+        for model, path in zip(models, paths):
+            entries = index.setdefault(path.name, {})
+            for t in [t for m, t in big if m is model]:
+                k, kt = keys[id(t)]
+                if k not in where and kt is not None and _transposable(model.graph, t.name, gemm_only=False):
+                    # Read the stored matrix transposed, or store this one the way another program must read it.
+                    if kt in where or (kt in rigid and k not in rigid):
+                        _read_transposed(model.graph, t.name, arrays[id(t)].shape)
+                        a = np.ascontiguousarray(arrays[id(t)].T)
+                        t.raw_data, t.dims[:] = a.tobytes(), list(a.shape)
                         k = kt
+                elif k not in where and kt is not None and kt in where:
+                    _transpose_node(model.graph, t, arrays[id(t)])  # ONNX Runtime folds it into a copy: the rare fallback
+                    k = kt
                 if k not in where:
                     f.write(b"\0" * (-f.tell() % _ALIGN))
                     where[k] = (f.tell(), len(t.raw_data))
                     f.write(t.raw_data)
                 offset, length = where[k]
+                entries[t.name] = [offset, length, arrays[id(t)].dtype.name,
+                                   list(t.dims)]
                 set_external_data(t, location=weights.name, offset=offset, length=length)
                 t.ClearField("raw_data")
-            for i, node in enumerate(transposes):
-                model.graph.node.insert(i, node)
     for model, path in zip(models, paths):
         for stale in path.parent.glob(path.name + ".data"):  # what onx.save externalized, now in ``weights``
             stale.unlink()
         onnx.save(model, path)
+    (weights.parent / WEIGHTS_INDEX_NAME).write_text(
+        json.dumps({"format": 1, "file": weights.name, "programs": index}, sort_keys=True))
     return weights
+
+
+def weights_index(weights: pathlib.Path) -> dict:
+    """The index :func:`share_weights` wrote beside ``weights``: ``{"file", "programs": {program
+    file name: {initializer: [offset, length, numpy dtype, shape]}}}``."""
+    import json
+
+    return json.loads((weights.parent / WEIGHTS_INDEX_NAME).read_text())
+
+
+def _consumers(graph, name: str) -> list[tuple[object, int]]:
+    return [(n, i) for n in graph.node for i, x in enumerate(n.input) if x == name]
+
+
+def _transposable(graph, name: str, *, gemm_only: bool) -> bool:
+    """Every use of initializer ``name`` has a transposed form: a Gemm's A or B, or (unless
+    ``gemm_only``) a MatMul's B. Not a graph output, not read by a subgraph."""
+    uses = _consumers(graph, name)
+    if not uses or any(o.name == name for o in graph.output):
+        return False
+    if any(a.type in (5, 10) for n in graph.node for a in n.attribute):  # GRAPH/GRAPHS: subgraphs may read it
+        return False
+    return all((n.op_type == "Gemm" and i in (0, 1)) or (not gemm_only and n.op_type == "MatMul" and i == 1)
+               for n, i in uses)
+
+
+def _read_transposed(graph, name: str, shape: tuple[int, int]) -> None:
+    """Rewrite every use of ``name`` (a [K, N] matrix) to read the [N, K] tensor the initializer
+    will hold instead: Gemm flips transA/transB; ``MatMul(X, W)`` becomes
+    ``Reshape(Gemm(Reshape(X, [-1, K]), Wᵀ, transB=1), Shape(X)[:-1] + [N])``."""
+    from onnx import helper, numpy_helper
+
+    k, n_out = shape
+    for node, i in _consumers(graph, name):
+        if node.op_type == "Gemm":
+            attr = "transA" if i == 0 else "transB"
+            old = next((a for a in node.attribute if a.name == attr), None)
+            if old is None:
+                node.attribute.append(helper.make_attribute(attr, 1))
+            else:
+                old.i = 1 - old.i
+            continue
+        x, (y,) = node.input[0], node.output
+        p = f"{y}__tgemm"
+        graph.initializer.extend([numpy_helper.from_array(np.array([-1, k], np.int64), f"{p}_2d"),
+                                  numpy_helper.from_array(np.array([n_out], np.int64), f"{p}_n")])
+        nodes = [
+            helper.make_node("Reshape", [x, f"{p}_2d"], [f"{p}_x2d"], name=f"{p}_reshape_in"),
+            helper.make_node("Gemm", [f"{p}_x2d", name], [f"{p}_y2d"], name=f"{p}_gemm", transB=1),
+            helper.make_node("Shape", [x], [f"{p}_lead"], name=f"{p}_shape", end=-1),
+            helper.make_node("Concat", [f"{p}_lead", f"{p}_n"], [f"{p}_shape_out"], name=f"{p}_concat", axis=0),
+            helper.make_node("Reshape", [f"{p}_y2d", f"{p}_shape_out"], [y], name=f"{p}_reshape_out"),
+        ]
+        at = list(graph.node).index(node)
+        graph.node.remove(node)
+        for j, new in enumerate(nodes):
+            graph.node.insert(at + j, new)
+
+
+def _transpose_node(graph, t, a: np.ndarray) -> None:
+    """Make initializer ``t`` (holding ``a``) a Transpose of ``aᵀ``, the matrix already stored."""
+    from onnx import helper
+
+    source = f"{t.name}__transposed"
+    graph.node.insert(0, helper.make_node("Transpose", [source], [t.name], perm=[1, 0], name=f"{t.name}__shared"))
+    at = np.ascontiguousarray(a.T)
+    t.name, t.raw_data, t.dims[:] = source, at.tobytes(), list(at.shape)
 
 
 def _check_standard_ops(model, which: str) -> None:

@@ -137,17 +137,21 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, 
                 if top is not None:
                     top_bundle.verify_top_executorch(top.programs, pte)
             artifacts["executorch.program"] = pte.relative_to(stage).as_posix()
+            # its memory is planned for the largest batch: by default the one the device trains with
+            runtime["executorch"] = {"planned_batch": cfg.max_batch, "planned_seq": cfg.max_seq,
+                                     "train_batch": cfg.batch_size}
             specs["executorch.forward"] = (programs.forward_spec.inputs, programs.forward_spec.outputs)
             specs["executorch.backward"] = (programs.backward_spec.inputs, programs.backward_spec.outputs)
             specs.update(top.specs("executorch") if top else {})
         if "ort" in cfg.backends:
-            from flexsfl.export.lower_onnx import lower_onnx, runtime_requirements
+            from flexsfl.export.lower_onnx import WEIGHTS_INDEX_NAME, lower_onnx, runtime_requirements
 
             with steps.step("lower to ONNX (forward.onnx, backward.onnx)"):
                 fwd, bwd, weights = lower_onnx(programs, stage / "ort")
             artifacts["ort.forward"] = fwd.relative_to(stage).as_posix()
             artifacts["ort.backward"] = bwd.relative_to(stage).as_posix()
             artifacts["ort.weights"] = weights.relative_to(stage).as_posix()
+            artifacts["ort.weights_index"] = (weights.parent / WEIGHTS_INDEX_NAME).relative_to(stage).as_posix()
             onnx_files = [fwd, bwd]
             if top is not None:
                 with steps.step("lower the top to ONNX (top_train.onnx, top_eval.onnx; one weights.bin)"):

@@ -5,6 +5,11 @@ lazily, and nowhere else in the edge runtime. numpy and torch share memory both 
 (``torch.from_numpy`` / ``Tensor.numpy``); the saved activations stay torch tensors from the
 forward's outputs to the backward's inputs. All ExecuTorch API use of the edge runtime is in
 this module.
+
+ExecuTorch plans the program's memory when it is exported, for the bundle's largest batch
+(``runtime.executorch.planned_batch`` in the manifest, by default the training batch): its
+arena is that size whatever the batch, and a larger batch is refused with one line (the
+bundle's ``max_batch``, which is the planned batch, :func:`~flexsfl.edge_runtime.backends.check_batch`).
 """
 
 from __future__ import annotations

@@ -304,3 +304,53 @@ def test_ort_backend_trains_where_torch_cannot_be_imported(bundle):
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["z"] == [2, 9, bundle.manifest.model.hidden_size] and res["changed"] and not res["torch"]
     assert "flexsfl[edge-executorch]" in res["et"]
+
+
+@pytest.mark.parametrize("bundle", [("gpt2", 1), ("llama", 1)], indirect=True, ids=bundle_id)
+def test_ort_sessions_share_one_copy_of_the_weights_and_match_separate_ones_bit_for_bit(bundle):
+    # GPT-2's Conv1D reads its weight as it is in the forward (Gemm) and transposed in the
+    # backward; Llama reads both ways with MatMul: both must share one stored matrix.
+    from flexsfl.edge_runtime.backends.ort import OrtBackend
+
+    shared = OrtBackend(bundle, threads=1)
+    separate = OrtBackend(bundle, threads=1, share_weights=False)
+    values = {role: len(v) for role, v in shared._initializers.items()}
+    assert values["ort.forward"] > 0 and values["ort.backward"] > 0 and not any(separate._initializers.values())
+    index = json.loads(bundle.path("ort.weights_index").read_text())["programs"]
+    fwd, bwd = (index[bundle.path(f"ort.{m}").name] for m in ("forward", "backward"))
+    # every matrix the backward reads is one the forward reads, at the same place in weights.bin
+    assert {e[0] for e in bwd.values()} <= {e[0] for e in fwd.values()}
+    for b, t, seed in [(1, 2, 0), (3, 17, 1)]:
+        ids, mask = batch(bundle, b, t, seed)
+        z1, z2 = shared.forward(ids, mask), separate.forward(ids, mask)
+        g = np.random.default_rng(seed).standard_normal(z1.shape).astype(np.float32)
+        g1, g2 = shared.backward(g), separate.backward(g)
+        assert np.array_equal(z1, z2)
+        assert all(np.array_equal(g1[n], g2[n]) for n in g1)
+
+
+@pytest.mark.parametrize("bundle", [("gpt2", 1), ("llama", 1)], indirect=True, ids=bundle_id)
+def test_no_onnx_program_transposes_a_stored_weight(bundle):
+    # ONNX Runtime folds Transpose(initializer) into a second matrix at load: a weight read
+    # transposed must be a transposed GEMM instead.
+    import onnx
+
+    for m in ("forward", "backward"):
+        graph = onnx.load(bundle.path(f"ort.{m}"), load_external_data=False).graph
+        stored = {t.name for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+        assert stored
+        assert not [n.name for n in graph.node if n.op_type == "Transpose" and n.input[0] in stored]
+
+
+@pytest.mark.parametrize("bundle", FAST, indirect=True, ids=bundle_id)
+def test_executorch_refuses_a_batch_larger_than_its_memory_plan_in_one_line(bundle):
+    m = bundle.manifest
+    planned = m.runtime["executorch"]["planned_batch"]
+    assert planned == m.max_batch
+    be = open_backend("executorch", bundle, threads=1)
+    ids, mask = batch(bundle, planned, 8, 0)
+    assert be.forward(ids, mask).shape[0] == planned
+    ids, mask = batch(bundle, planned + 1, 8, 0)
+    with pytest.raises(ConfigError) as e:
+        be.forward(ids, mask)
+    assert "\n" not in str(e.value) and f"outside this bundle's limits (1..{planned} x" in str(e.value)

@@ -19,7 +19,7 @@ def exported(tmp_path_factory, tiny_model_dirs):
     root = tmp_path_factory.mktemp("bundle")
     out = root / "llama-s2"
     rc = main(["export", "--model", str(tiny_model_dirs["llama"]), "--split", "2", "--backend", "all", "--target", "rpi5",
-               "--num-labels", "3", "--out", str(out), "--tar", "--max-batch", "4", "--max-seq", "32", "--quiet"])
+               "--num-labels", "3", "--out", str(out), "--tar", "--batch-size", "4", "--max-seq", "32", "--quiet"])
     assert rc == 0
     return out
 
@@ -40,6 +40,19 @@ def test_manifest_describes_every_program(exported):
     assert m.step == {"ort": "split", "executorch": "split"}
     assert set(m.files) == {p.relative_to(exported).as_posix() for p in exported.rglob("*") if p.is_file()} - {MANIFEST_NAME}
     assert any("aarch64" in n for n in m.extra["target_notes"])  # rpi5 + ort: says what the device needs
+    # --max-batch defaults to the training batch, and the manifest says what ExecuTorch planned for
+    assert m.max_batch == 4 and m.runtime["executorch"] == {"planned_batch": 4, "planned_seq": 32, "train_batch": 4}
+
+
+def test_max_batch_defaults_to_the_training_batch():
+    from flexsfl.core.errors import ConfigError
+    from flexsfl.export.config import ExportConfig
+
+    assert ExportConfig(model="m", split=1, out="o").max_batch == ExportConfig.batch_size == 8
+    assert ExportConfig(model="m", split=1, out="o", batch_size=16).max_batch == 16
+    assert ExportConfig(model="m", split=1, out="o", batch_size=8, max_batch=32).max_batch == 32
+    with pytest.raises(ConfigError, match="batch_size must be an int >= 1"):
+        ExportConfig(model="m", split=1, out="o", batch_size=0)
 
 
 def test_adapter_loads_with_peft(exported, tiny_model_dirs):
