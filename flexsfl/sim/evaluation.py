@@ -23,7 +23,7 @@ from flexsfl.edge_runtime.text import TextEncoder
 
 from flexsfl.server_backend.tail_host import TailHost
 
-__all__ = ["Evaluator", "LMScore"]
+__all__ = ["Evaluator", "LMScore", "label_prior_bias", "label_prior_accuracies"]
 
 
 class LMScore(NamedTuple):
@@ -64,8 +64,10 @@ class Evaluator:
         return self._cache[key][1]
 
     @torch.no_grad()
-    def accuracy(self, examples: Sequence[Example], params: Mapping[str, np.ndarray] | None = None) -> float:
-        """Accuracy of the global model, or of it with ``params`` (canonical names) swapped in."""
+    def accuracy(self, examples: Sequence[Example], params: Mapping[str, np.ndarray] | None = None,
+                 logit_bias: np.ndarray | None = None) -> float:
+        """Accuracy of the global model, or of it with ``params`` (canonical names) swapped in;
+        ``logit_bias`` [C] is added to every example's logits before the argmax."""
         model = self.host.loaded.model
         swap = {self._own[n]: torch.from_numpy(np.array(a, dtype=np.float32)) for n, a in (params or {}).items()}
         correct = total = 0
@@ -74,7 +76,8 @@ class Evaluator:
                 logits = torch.func.functional_call(model, swap, (), {"input_ids": ids, "attention_mask": mask}).logits
             else:
                 logits = model(input_ids=ids, attention_mask=mask).logits
-            correct += int((logits.argmax(-1).numpy() == labels).sum())
+            scores = logits.numpy() + (0.0 if logit_bias is None else logit_bias)
+            correct += int((scores.argmax(-1) == labels).sum())
             total += len(labels)
         return correct / max(total, 1)
 
@@ -100,3 +103,23 @@ class Evaluator:
         text_bytes = sum(len(e.text.encode("utf-8")) for e in examples)
         n_tok = sum(int(m.sum()) for _, m, _, _ in self._batches(examples))
         return LMScore(float(np.exp(nll / max(tokens, 1))), tokens, text_bytes / max(n_tok, 1))
+
+
+def label_prior_bias(own: np.ndarray, overall: np.ndarray) -> np.ndarray:
+    """``log π_k − log π`` [C]: the logit shift that turns a model of the overall label mix ``π``
+    into one of a client's mix ``π_k`` (Bayes' rule under label shift: ``p_k(y|x) ∝ p(y|x)·π_k(y)/π(y)``).
+
+    ``own``, ``overall``: label counts [C] (the client's training labels, everyone's); add-one
+    smoothing keeps an unseen class possible.
+    """
+    own, overall = np.asarray(own, np.float64) + 1.0, np.asarray(overall, np.float64) + 1.0
+    return np.log(own / own.sum()) - np.log(overall / overall.sum())
+
+
+def label_prior_accuracies(ev: Evaluator, clients: Sequence, num_labels: int) -> dict[str, float]:
+    """The floor any personalization must beat: per client (``ClientSplit``: ``client``, ``train``,
+    ``test``), the *global* model with the client's training label prior (:func:`label_prior_bias`)
+    on the client's own test split. Ten numbers per client, no training."""
+    counts = {c.client: np.bincount([e.label for e in c.train], minlength=num_labels)[:num_labels] for c in clients}
+    overall = sum(counts.values())
+    return {f"c{c.client}": ev.accuracy(c.test, logit_bias=label_prior_bias(counts[c.client], overall)) for c in clients}

@@ -11,6 +11,8 @@ Accounting (issue 18), the same for every strategy:
   with, on its own test split — a *personal* model for FlexP-SFL and local-only, but *the global
   model after the round's local fine-tune* for SplitFed and FedAvg. ``accuracy_of`` in every row
   and the summary says which.
+- ``label_prior_acc``: the floor any personalization must beat: the global model with each
+  client's training label prior (:func:`flexsfl.sim.evaluation.label_prior_accuracies`).
 - ``device_s``: the round ends on the device clock (:mod:`flexsfl.sim.clock`) when the run
   named device profiles, beside ``elapsed_s``, the wall time on this machine.
 """
@@ -41,7 +43,8 @@ def accuracy_of(strategy: str) -> dict[str, str]:
     """What each accuracy of a run of ``strategy`` measures, in words (stored beside the numbers)."""
     own = OWN_MODEL.get(strategy, "personal")
     return {"global_acc": "global model, union test set", "personal_acc": f"{own} model, the client's own test split",
-            "generalization_acc": f"{own} model, union test set"}
+            "generalization_acc": f"{own} model, union test set",
+            "label_prior_acc": "global model + the client's training label prior (no training), own test split"}
 
 
 def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why: list[dict], total_s: float) -> dict:
@@ -86,10 +89,11 @@ def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why
             "global_acc": row.get("global_acc"),
             "personal_acc": float(np.mean(personal)) if personal else None,
             "generalization_acc": float(np.mean(list(row["generalization"].values()))) if "generalization" in row else None,
+            "label_prior_acc": float(np.mean(list(row["label_prior"].values()))) if row.get("label_prior") else None,
             "bytes": int(sum(c["train_bytes"] for c in clients.values())),
             "eval_bytes": int(sum(eval_total.get(cid, 0) for cid in clients)),
             "accuracy_of": accuracy_of(cfg.strategy),
-            **{k: row[k] for k in ("generalization", "personal_server", "lm") if k in row},
+            **{k: row[k] for k in ("generalization", "personal_server", "label_prior", "lm") if k in row},
             "clients": clients,
         })
     atomic_write_text(out / "rounds.jsonl", "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
@@ -101,6 +105,7 @@ def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why
         per_client.append({
             "client": cid, "groups": list(partition.clients[k].groups), "split": s, "choice": why[k],
             "personal_acc": c.get("personal_acc"), "generalization_acc": last.get("generalization", {}).get(cid),
+            "label_prior_acc": last.get("label_prior", {}).get(cid),
             "step_ms": c.get("client_compute_ms", 0.0) + c.get("roundtrip_ms", 0.0),
             # the split selection's prediction for the device profile (not this machine)
             "predicted_step_ms": 1e3 * why[k]["predicted"]["time_s"] if "predicted" in why[k] else None,
@@ -114,7 +119,8 @@ def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why
     target = _time_to(rows, cfg.target_acc)
     summary = {
         "config": dataclasses.asdict(cfg), "total_s": round(total_s, 1), "rounds": len(rows),
-        "final": {k: last.get(k) for k in ("global_acc", "personal_acc", "generalization_acc", "elapsed_s", "device_s",
+        "final": {k: last.get(k) for k in ("global_acc", "personal_acc", "generalization_acc", "label_prior_acc",
+                                           "elapsed_s", "device_s",
                                            "bytes", "eval_bytes")},
         "accuracy_of": accuracy_of(cfg.strategy), "target": target, "per_client": per_client,
         # clients whose training would not fit their profile's memory: the run shows what such devices could not do
@@ -200,7 +206,7 @@ def table(summary: dict) -> str:
     t = Table(title=f"{strategy} on {summary['config']['data']} "
                     f"({summary['rounds']} rounds, {summary['final']['elapsed_s']:.0f} s of training)")
     device = any(c.get("device_round_s") is not None for c in summary["per_client"])
-    for col in ("client", "data", "profile", "split", f"{own} acc", "generalization acc", "step ms",
+    for col in ("client", "data", "profile", "split", f"{own} acc", "global+prior acc", "generalization acc", "step ms",
                 "of which wire ms", "predicted ms", *(("device s/round",) if device else ()), "MB", "eval MB"):
         t.add_column(col, justify="right" if col not in ("client", "data", "profile") else "left")
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
@@ -208,14 +214,16 @@ def table(summary: dict) -> str:
         pred = c.get("predicted_step_ms")
         dev = c.get("device_round_s")
         t.add_row(c["client"], _groups(c), c["choice"].get("profile", "pinned"), str(c["split"]), fmt(c["personal_acc"]),
-                  fmt(c["generalization_acc"]), f"{c['step_ms']:.0f}", "-" if c["wire_ms"] is None else f"{c['wire_ms']:.1f}",
+                  fmt(c.get("label_prior_acc")), fmt(c["generalization_acc"]), f"{c['step_ms']:.0f}",
+                  "-" if c["wire_ms"] is None else f"{c['wire_ms']:.1f}",
                   "-" if pred is None else f"{pred:.0f}",
                   *((("-" if dev is None else f"{dev:.1f}") + ("" if c.get("fits", True) else " (does not fit)"),) if device else ()),
                   f"{c['bytes'] / 1e6:.1f}", f"{c.get('eval_bytes', 0) / 1e6:.1f}")
     f = summary["final"]
     console = Console(record=True, width=170, file=io.StringIO())
     console.print(t)
-    console.print(f"global model accuracy {fmt(f['global_acc'])}; mean {own} {fmt(f['personal_acc'])} (own test split); "
+    console.print(f"global model accuracy {fmt(f['global_acc'])}; mean {own} {fmt(f['personal_acc'])} (own test split) "
+                  f"against the floor, global + label prior, {fmt(f.get('label_prior_acc'))}; "
                   f"mean generalization {fmt(f['generalization_acc'])} (union test)")
     if f.get("device_s") is not None:
         console.print(f"device time {f['device_s']:.1f} s for the profiles (slowest client per round), "

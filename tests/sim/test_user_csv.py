@@ -50,6 +50,7 @@ def test_ten_class_csv_without_groups_end_to_end(tiny_model_dirs, tmp_path, caps
     assert all(r["straggler"] == "c0" for r in rows)
     assert rows[1]["device_s"] == pytest.approx(rows[0]["device_round_s"] + rows[1]["device_round_s"], abs=2e-3)
     assert summary["accuracy_of"]["personal_acc"].startswith("personal")
+    assert 0.0 <= summary["final"]["label_prior_acc"] <= 1.0 and "global+prior acc" in out  # the floor, reported
 
 
 def test_labels_outside_num_labels_are_refused_before_any_export(tiny_model_dirs, tmp_path, capsys, monkeypatch):
