@@ -257,6 +257,9 @@ class LocalOnly(Strategy):
 
 STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (FlexPSFL, FlexPSFLU, SplitFed, FedAvg, LocalOnly)}
 
+# The personalized-FL baselines subclass Strategy above: imported last, they add themselves here.
+import flexsfl.server_backend.baselines  # noqa: E402,F401
+
 
 def make_strategy(name: str, cfg: TrainConfig) -> Strategy:
     try:

@@ -36,7 +36,8 @@ from flexsfl.sim.config import SimConfig
 __all__ = ["OWN_MODEL", "accuracy_of", "collect", "plot", "table", "lm_table"]
 
 # What ``personal_acc`` measures, per strategy (anything not named here keeps a personal model).
-OWN_MODEL = {"splitfed": "global + local fine-tune", "fedavg": "global + local fine-tune", "local": "local only"}
+OWN_MODEL = {"splitfed": "global + local fine-tune", "fedavg": "global + local fine-tune", "local": "local only",
+             "fedper": "personal head on the global body + local fine-tune"}
 
 
 def accuracy_of(strategy: str) -> dict[str, str]:
