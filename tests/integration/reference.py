@@ -57,7 +57,7 @@ def federate(work, tmp_path, clients: list[tuple[str, int, str]], *, min_clients
     log = tmp_path / "server.log"
     server = flexsfl("serve", "--model", str(work["model"]), "--num-labels", str(LABELS), "--port", str(port),
                      "--clients", str(reg), "--state-dir", str(state), "--rounds", "1", "--local-steps", str(STEPS),
-                     "--batch-size", str(BATCH), "--lr", str(LR), "--optimizer", "sgd", "--no-batching", "--threads", "1",
+                     "--batch-size", str(BATCH), "--lr", str(LR), "--optimizer", "sgd", "--align-lambda", "0", "--no-batching", "--threads", "1",
                      "--min-clients", str(min_clients or len(clients)), log=log)
     procs["server"] = (server, log)
     wait_listening(port, server, log)
