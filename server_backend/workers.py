@@ -200,6 +200,8 @@ class WorkerPool:
         have = ray.cluster_resources()
         short = [f"{need[k]:g} {k}s (the cluster has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0)]
         if short:
+            if self._own_ray:
+                ray.shutdown()
             raise ConfigError(f"--workers {self.workers} need {' and '.join(short)}: lower --workers or --threads, "
                               "or add machines to the Ray cluster")
         self._actor_cls = ray.remote(num_cpus=1 if cuda else self.spec.threads, num_gpus=1 if cuda else 0,
