@@ -1,0 +1,136 @@
+"""Where an ORT head step's time goes, by operator type: GEMMs against everything else.
+
+    python -m flexsfl.benchmarks.op_profile --bundle DIR [--batch 8] [--seq 128] [--reps 10] [--json out.json]
+
+Runs ``--reps`` train steps (forward, then backward with a fixed G) of the bundle's ORT programs
+on one thread with ONNX Runtime's own profiler on, after two warm-up steps, and sums each node's
+kernel time by operator type. Prints per program the share of MatMul/Gemm against the rest
+(LayerNormalization, Softmax, Erf/GELU pieces, elementwise, transposes and copies), the step's
+achieved GFLOP/s over the GEMMs alone (FLOPs from the nodes' shapes) and against the
+single-thread fp32 GEMM peak measured in the same run (:mod:`.machine`): the ceiling a fused
+LayerNorm/GELU/attention could lift the step to is ``GEMM time / step time`` of the peak ratio
+the GEMMs themselves reach.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import argparse
+import collections
+import glob
+import json
+import pathlib
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+__all__ = ["profile_step", "main"]
+
+GEMM_OPS = {"MatMul", "Gemm", "FusedMatMul", "FusedGemm"}
+
+
+def _aggregate(trace: pathlib.Path) -> tuple[dict[str, float], float]:
+    """(µs per op type, GEMM FLOPs) summed over a profile's kernel events."""
+    per_op: dict[str, float] = collections.defaultdict(float)
+    gemm_flops = 0.0
+    for e in json.loads(trace.read_text()):
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        args = e.get("args", {})
+        op = args.get("op_name", "?")
+        per_op[op] += float(e.get("dur", 0))
+        if op in GEMM_OPS:
+            shapes = [list(s.values())[0] for s in args.get("input_type_shape", [])]
+            out = [list(s.values())[0] for s in args.get("output_type_shape", [])]
+            if len(shapes) >= 2 and out:
+                k = shapes[0][-1] if op != "Gemm" or not args.get("transA") else shapes[0][0]
+                gemm_flops += 2.0 * float(np.prod(out[0])) * k
+    return dict(per_op), gemm_flops
+
+
+def profile_step(bundle_dir: str, batch: int, seq: int, reps: int) -> dict:
+    import onnxruntime as ort
+
+    from flexsfl.core.bundle import load_bundle
+    from flexsfl.edge_runtime.backends import open_backend
+
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="op_profile-"))
+    real = ort.SessionOptions
+
+    def profiled() -> ort.SessionOptions:  # every session the backend opens writes a profile
+        opts = real()
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(tmp / f"s{len(list(tmp.iterdir()))}")
+        return opts
+
+    ort.SessionOptions = profiled
+    try:
+        backend = open_backend("ort", load_bundle(bundle_dir), threads=1)
+    finally:
+        ort.SessionOptions = real
+    rng = np.random.default_rng(0)
+    vocab = 1000
+    ids = rng.integers(0, vocab, (batch, seq), dtype=np.int64)
+    mask = np.ones((batch, seq), np.int64)
+    wall = []
+    for i in range(reps + 2):
+        t = time.perf_counter()
+        z = backend.forward(ids, mask, keep=True)
+        backend.backward(np.tanh(z) * np.float32(1e-3))
+        if i >= 2:
+            wall.append(time.perf_counter() - t)
+    sessions = backend._sessions  # noqa: SLF001 - the profiler is ended per session
+    out: dict = {"batch": batch, "seq": seq, "reps": reps, "step_ms_p50": 1e3 * float(np.median(wall)), "programs": {}}
+    for name, sess in sessions.items():
+        per_op, flops = _aggregate(pathlib.Path(sess.end_profiling()))
+        total = sum(per_op.values())
+        gemm = sum(v for k, v in per_op.items() if k in GEMM_OPS)
+        out["programs"][name] = {
+            "kernel_ms_per_step": total / 1e3 / (reps + 2), "gemm_ms_per_step": gemm / 1e3 / (reps + 2),
+            "gemm_share": gemm / total if total else 0.0, "gemm_gflop_per_step": flops / (reps + 2) / 1e9,
+            "top_ops_ms_per_step": {k: round(v / 1e3 / (reps + 2), 3) for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])[:10]},
+        }
+    for f in glob.glob(str(tmp / "*")):
+        os.unlink(f)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", required=True, help="an ORT bundle directory")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--json", metavar="PATH")
+    args = ap.parse_args(argv)
+    from flexsfl.benchmarks.machine import measure_gemm_peak
+
+    peak_before = measure_gemm_peak(1)["peak_gflops"]
+    res = profile_step(args.bundle, args.batch, args.seq, args.reps)
+    peak = max(peak_before, measure_gemm_peak(1)["peak_gflops"])
+    res["peak_gflops"] = peak
+    flops = sum(p["gemm_gflop_per_step"] for p in res["programs"].values())
+    gemm_ms = sum(p["gemm_ms_per_step"] for p in res["programs"].values())
+    kern_ms = sum(p["kernel_ms_per_step"] for p in res["programs"].values())
+    res["gemm_frac_of_peak"] = flops / (gemm_ms / 1e3) / peak if gemm_ms else 0.0
+    res["step_gemm_flops_frac_of_peak"] = flops / (res["step_ms_p50"] / 1e3) / peak
+    res["ceiling_if_non_gemm_were_free"] = res["gemm_frac_of_peak"]
+    print(f"B{args.batch} T{args.seq}: step p50 {res['step_ms_p50']:.1f} ms (kernels {kern_ms:.1f} ms, GEMMs {gemm_ms:.1f} ms, "
+          f"{flops:.2f} GFLOP in GEMMs); single-thread GEMM peak {peak:.1f} GFLOP/s")
+    print(f"GEMM FLOPs / step time = {res['step_gemm_flops_frac_of_peak']:.0%} of peak; the GEMMs alone run at "
+          f"{res['gemm_frac_of_peak']:.0%} of peak (the ceiling with every other op free)")
+    for name, p in res["programs"].items():
+        print(f"  {name}: kernels {p['kernel_ms_per_step']:.1f} ms, GEMM share {p['gemm_share']:.0%}; top: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in p["top_ops_ms_per_step"].items()))
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(res, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
