@@ -37,7 +37,7 @@ __all__ = ["OWN_MODEL", "accuracy_of", "collect", "plot", "table", "lm_table"]
 
 # What ``personal_acc`` measures, per strategy (anything not named here keeps a personal model).
 OWN_MODEL = {"splitfed": "global + local fine-tune", "fedavg": "global + local fine-tune", "local": "local only",
-             "fedper": "personal head on the global body + local fine-tune"}
+             "fedper": "personal head + global body"}
 
 
 def accuracy_of(strategy: str) -> dict[str, str]:
