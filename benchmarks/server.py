@@ -225,6 +225,9 @@ async def _serve_one(loaded, cfg: ServerBenchConfig, mode: str, n: int, logs: pa
         # The warm-up round ends when the server moves on to round 1: the timed counters start there.
         while server.round_id < 1 and not serving.done():
             await asyncio.sleep(0.005)
+            dead = [w.name for w in procs if w.proc.poll() not in (None, 0)]
+            if dead:
+                raise OrderError(f"client process(es) {', '.join(dead)} failed during the warm-up; see {logs}")
         w = server.worker
         # every client is connected (the warm-up round is over): memory now, CPU from now
         front_rss, worker_rss = _rss_cpu([os.getpid()])[0], _rss_cpu(pids[1:])[0]

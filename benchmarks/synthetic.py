@@ -30,6 +30,7 @@ from flexsfl.core.errors import OrderError
 __all__ = ["SyntheticSpec", "synthetic_batch", "run_client", "run_clients", "clients_worker"]
 
 _FP16_MIN_NORMAL = 2.0**-14
+CONNECT_TRIES = 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +69,29 @@ async def run_client(spec: SyntheticSpec, k: int, connected: asyncio.Event | Non
     """Client ``k`` (id ``prefix + k``, seed ``k``) until the server's Bye.
 
     Returns its step times ``[(round, Z sent, g received)]`` (perf_counter seconds), the losses it
-    was answered, and a sample of ``|g|`` statistics."""
+    was answered, and a sample of ``|g|`` statistics. Like a device, it retries (up to
+    ``CONNECT_TRIES`` times, with jittered back-off) when the server closes it with 1013 before
+    Welcome: too many connections at once (``--max-unauthenticated``), try again later."""
+    from websockets.exceptions import ConnectionClosed
+
+    rng = np.random.default_rng([k, 1013])
+    for attempt in range(CONNECT_TRIES):
+        try:
+            return await _run_client(spec, k, connected)
+        except _Busy:
+            await asyncio.sleep(min(5.0, 0.1 * 2 ** min(attempt, 5)) * (0.5 + rng.random()))
+        except ConnectionClosed:
+            raise
+    raise OrderError(f"synthetic client {k}: the server said 'busy' (1013) {CONNECT_TRIES} times; raise --max-unauthenticated")
+
+
+class _Busy(Exception):
+    """Closed with 1013 before Welcome."""
+
+
+async def _run_client(spec: SyntheticSpec, k: int, connected: asyncio.Event | None) -> dict[str, Any]:
     from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
 
     from flexsfl.core.wire import (
         Activations, Adapters, Bye, Connection, Gradients, Hello, Limits, Metrics, Role, RoundConfig, RoundEnd, Upload, Welcome,
@@ -88,9 +110,14 @@ async def run_client(spec: SyntheticSpec, k: int, connected: asyncio.Event | Non
             return conn.receive(await ws.recv())
 
         token = spec.tokens[k] if k < len(spec.tokens) else ""
-        await ws.send(conn.send(Hello(client_id=f"{spec.prefix}{k}", token=token, layout_hash=spec.layout_hash, split=spec.split,
-                                      backend="synthetic", encodings=(spec.encoding,))))
-        welcome = _expect(await recv(), Welcome)
+        try:
+            await ws.send(conn.send(Hello(client_id=f"{spec.prefix}{k}", token=token, layout_hash=spec.layout_hash,
+                                          split=spec.split, backend="synthetic", encodings=(spec.encoding,))))
+            welcome = _expect(await recv(), Welcome)
+        except ConnectionClosed as e:
+            if e.rcvd is not None and e.rcvd.code == 1013:
+                raise _Busy() from None
+            raise
         if connected is not None:
             connected.set()
         while True:
