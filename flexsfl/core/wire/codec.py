@@ -111,17 +111,6 @@ def check_finite(name: str, x: np.ndarray, what: str) -> None:
         raise non_finite(name, x, what)
 
 
-def _abs_bits(name: str, x: np.ndarray, key: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """(bits of x, bits of |x| in a pooled buffer, their max); raises for NaN/Inf."""
-    u = x.reshape(-1).view(_U32)
-    a = POOL.take(key, u.size, _U32)
-    np.bitwise_and(u, np.uint32(0x7FFFFFFF), out=a)
-    top = int(a.max()) if a.size else 0
-    if top >= 0x7F800000:
-        raise non_finite(name, x, "has")
-    return u, a, top
-
-
 # --- fp16 ------------------------------------------------------------------------------------
 
 _FP16_OVERFLOW_BITS = 0x477FF000  # float32 bits of 65520: rounds to Inf in float16
@@ -131,32 +120,49 @@ _QUANTUM_SHIFT = np.uint32(13 << 23)  # 2^e -> 2^(e+13), whose ulp is 2^(e-10)
 _UNBIAS16 = np.uint16((-(126 << 10)) % (1 << 16))
 
 
+_BLOCK = 32768  # elements per fp16 block: its five temporaries (~0.5 MiB) stay in L2 between passes
+
+
 def to_fp16(name: str, x: np.ndarray) -> np.ndarray:
     """float32 ``x`` (C-contiguous) -> float16 payload (pooled), round to nearest even.
-    Raises TensorError for NaN/Inf or ``|x| >= 65520``."""
-    u, a, top = _abs_bits(name, x, "enc.a")
+    Raises TensorError for NaN/Inf or ``|x| >= 65520``.
+
+    Works block by block (:data:`_BLOCK` elements): a dozen passes over cache-resident blocks
+    instead of over megabyte arrays that each pass would fetch from memory again."""
+    u = x.reshape(-1).view(_U32)
+    n = u.size
+    top = 0  # largest |x| bit pattern seen: NaN/Inf (>= 0x7F800000) and overflow stop the loop
+    out = POOL.take("enc.out16", n, _U16)
+    k = min(n, _BLOCK)
+    A, B = POOL.take("enc.a", k, _U32), POOL.take("enc.c", k, _U32)
+    NEG, SIGN = POOL.take("enc.neg", k, np.bool_), POOL.take("enc.sign16", k, _U16)
+    for i in range(0, n, _BLOCK):
+        j = min(n, i + _BLOCK)
+        m = j - i
+        ub, a, c, o, neg, sign = u[i:j], A[:m], B[:m], out[i:j], NEG[:m], SIGN[:m]
+        np.bitwise_and(ub, np.uint32(0x7FFFFFFF), out=a)
+        top = max(top, int(a.max()))
+        if top >= _FP16_OVERFLOW_BITS:
+            break
+        np.maximum(a.view(_F32), _MIN_NORMAL16_F, out=c.view(_F32))
+        c &= _EXP_MASK  # 2^max(e, -14)
+        c += _QUANTUM_SHIFT  # c = 2^(max(e, -14) + 13), whose last place is fp16's quantum at x
+        af = a.view(_F32)
+        af += c.view(_F32)  # s = |x| + c: the FPU rounds |x| to fp16's grid (ties to even)
+        # bits(s) = bits(c) + |x|/quantum (rounded), and bits(c) has no bit below 23 set, so the
+        # low 16 bits of bits(s) are the rounded |x| in quanta; bits(s) >> 13 is c's exponent
+        # field (<< 10), which exceeds the half's exponent field by 126 << 10: modulo 2^16, + 2048.
+        np.right_shift(a, np.uint32(13), out=c)
+        a += c
+        np.copyto(o, a, casting="unsafe")  # keep the low 16 bits
+        o += _UNBIAS16  # wraps
+        np.signbit(ub.view(_F32), out=neg)
+        np.left_shift(neg.view(np.uint8), np.uint16(15), out=sign)
+        o |= sign
+    if top >= 0x7F800000:
+        raise non_finite(name, x, "has")
     if top >= _FP16_OVERFLOW_BITS:
         raise TensorError(f"tensor {name!r:.80} has values of magnitude >= 65520, which overflow float16; use encoding bf16 or fp32")
-    n = u.size
-    c = POOL.take("enc.c", n, _U32)
-    np.maximum(a.view(_F32), _MIN_NORMAL16_F, out=c.view(_F32))
-    c &= _EXP_MASK  # 2^max(e, -14)
-    c += _QUANTUM_SHIFT  # c = 2^(max(e, -14) + 13), whose last place is fp16's quantum at x
-    af = a.view(_F32)
-    af += c.view(_F32)  # s = |x| + c: the FPU rounds |x| to fp16's grid (ties to even)
-    # bits(s) = bits(c) + |x|/quantum (rounded), and bits(c) has no bit below 23 set, so the low
-    # 16 bits of bits(s) are the rounded |x| in quanta; bits(s) >> 13 is c's exponent field
-    # (<< 10), which exceeds the half's exponent field by 126 << 10: modulo 2^16, + 2048.
-    np.right_shift(a, np.uint32(13), out=c)
-    a += c
-    out = POOL.take("enc.out16", n, _U16)
-    np.copyto(out, a, casting="unsafe")  # keep the low 16 bits
-    out += _UNBIAS16  # wraps
-    neg = POOL.take("enc.neg", n, np.bool_)
-    np.signbit(x.reshape(-1), out=neg)
-    sign = POOL.take("enc.sign16", n, _U16)
-    np.left_shift(neg.view(np.uint8), np.uint16(15), out=sign)
-    out |= sign
     return out.view("<f2").reshape(x.shape)
 
 
