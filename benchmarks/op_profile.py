@@ -53,11 +53,11 @@ def _aggregate(trace: pathlib.Path) -> tuple[dict[str, float], float]:
     return dict(per_op), gemm_flops
 
 
-def profile_step(bundle_dir: str, batch: int, seq: int, reps: int) -> dict:
+def profile_step(bundle_dir: str, batch: int, seq: int, reps: int, *, share_weights: bool = True) -> dict:
     import onnxruntime as ort
 
     from flexsfl.core.bundle import load_bundle
-    from flexsfl.edge_runtime.backends import open_backend
+    from flexsfl.edge_runtime.backends.ort import OrtBackend
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="op_profile-"))
     real = ort.SessionOptions
@@ -70,7 +70,7 @@ def profile_step(bundle_dir: str, batch: int, seq: int, reps: int) -> dict:
 
     ort.SessionOptions = profiled
     try:
-        backend = open_backend("ort", load_bundle(bundle_dir), threads=1)
+        backend = OrtBackend(load_bundle(bundle_dir), threads=1, share_weights=share_weights)
     finally:
         ort.SessionOptions = real
     rng = np.random.default_rng(0)
@@ -107,11 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--no-share", action="store_true", help="each session loads its own weights (no add_initializer)")
     args = ap.parse_args(argv)
     from flexsfl.benchmarks.machine import measure_gemm_peak
 
     peak_before = measure_gemm_peak(1)["peak_gflops"]
-    res = profile_step(args.bundle, args.batch, args.seq, args.reps)
+    res = profile_step(args.bundle, args.batch, args.seq, args.reps, share_weights=not args.no_share)
     peak = max(peak_before, measure_gemm_peak(1)["peak_gflops"])
     res["peak_gflops"] = peak
     flops = sum(p["gemm_gflop_per_step"] for p in res["programs"].values())
