@@ -214,11 +214,12 @@ def table(summary: dict) -> str:
     for c in summary["per_client"]:
         pred = c.get("predicted_step_ms")
         dev = c.get("device_round_s")
+        dev_cell = ("-" if dev is None else f"{dev:.1f}") + ("" if c.get("fits", True) else " (does not fit)")
         t.add_row(c["client"], _groups(c), c["choice"].get("profile", "pinned"), str(c["split"]), fmt(c["personal_acc"]),
                   fmt(c.get("label_prior_acc")), fmt(c["generalization_acc"]), f"{c['step_ms']:.0f}",
                   "-" if c["wire_ms"] is None else f"{c['wire_ms']:.1f}",
                   "-" if pred is None else f"{pred:.0f}",
-                  *((("-" if dev is None else f"{dev:.1f}") + ("" if c.get("fits", True) else " (does not fit)"),) if device else ()),
+                  *((dev_cell,) if device else ()),
                   f"{c['bytes'] / 1e6:.1f}", f"{c.get('eval_bytes', 0) / 1e6:.1f}")
     f = summary["final"]
     console = Console(record=True, width=170, file=io.StringIO())
@@ -229,7 +230,8 @@ def table(summary: dict) -> str:
     if f.get("device_s") is not None:
         console.print(f"device time {f['device_s']:.1f} s for the profiles (slowest client per round), "
                       f"wall time here {f['elapsed_s']:.1f} s"
-                      + (f"; does not fit its device's memory: {', '.join(summary['unfit'])}" if summary.get("unfit") else ""))
+                      + (f"; does not fit its device's memory: {', '.join(summary['unfit'])}"
+                         if summary.get("unfit") else ""))
     console.print("MB: training traffic; eval MB: scoring each client's own test split on the server's tail, counted apart")
     if any(c.get("predicted_step_ms") for c in summary["per_client"]):
         console.print("step ms: measured here (client compute + round trip); predicted ms: the split selection's "

@@ -31,8 +31,9 @@ def test_prior_adjusted_accuracy_is_the_hand_count(tiny_model_dirs):
     host.load_state({n: rng.standard_normal(a.shape).astype(np.float32) for n, a in host.state().items()})
     encoder = TextEncoder.from_file(tiny_model_dirs["llama"] / "tokenizer.json", max_seq=24, pad_id=0)
     ex = lambda y: Example(" ".join(rng.choice(WORDS, size=int(rng.integers(2, 12)))), y)  # noqa: E731
-    clients = (ClientSplit(0, tuple(ex(0) for _ in range(9)) + (ex(1),), tuple(ex(int(rng.integers(0, 3))) for _ in range(15)), ()),
-               ClientSplit(1, tuple(ex(2) for _ in range(6)) + (ex(1), ex(1)), tuple(ex(int(rng.integers(0, 3))) for _ in range(15)), ()))
+    test = lambda: tuple(ex(int(rng.integers(0, 3))) for _ in range(15))  # noqa: E731
+    clients = (ClientSplit(0, tuple(ex(0) for _ in range(9)) + (ex(1),), test(), ()),  # train labels 9×0, 1×1
+               ClientSplit(1, tuple(ex(2) for _ in range(6)) + (ex(1), ex(1)), test(), ()))  # 2×1, 6×2
     got = label_prior_accuracies(Evaluator(host, encoder), clients, 3)
 
     overall = np.array([9, 3, 6])
