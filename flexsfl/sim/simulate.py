@@ -177,9 +177,11 @@ class _RoundEval:
             gen, own = {}, {}
             for cid, params in sorted(self.personal.items()):
                 gen[cid] = self.ev.accuracy(self.union, params)
-                own[cid] = self.ev.accuracy(self.own[cid], params)
+                if cfg.eval_every:  # the clients report their own-split accuracy; no table or plot needs this copy
+                    own[cid] = self.ev.accuracy(self.own[cid], params)
             out["generalization"] = gen
-            out["personal_server"] = own
+            if own:
+                out["personal_server"] = own
             out["label_prior"] = label_prior_accuracies(self.ev, self.clients, cfg.num_labels)  # the floor
         return out
 
