@@ -15,9 +15,10 @@ arena serves them without faults).
 The fp16 encode is a branch-free float trick, bit-identical to IEEE round-to-nearest-even for
 finite input: adding ``c = 2^(max(e, -14) + 13)`` to ``|x|`` (``e`` its exponent) leaves the sum
 with exactly fp16's quantum at ``x`` as its last place, so the FPU rounds ``|x|`` to fp16's grid
-(ties to even, subnormals included); ``bits(sum) - bits(c)`` is then the rounded value in quanta,
-and adding the exponent field of ``c`` gives the half's bit pattern. Decode is one gather from
-a 65536-entry table.
+(ties to even, subnormals included); the low 16 bits of ``bits(sum)`` are then the rounded value
+in quanta and ``bits(sum) >> 13`` holds ``c``'s exponent field, which is the half's plus a constant:
+their sum modulo 2^16 is the half's bit pattern. It runs in cache-sized blocks. Decode is one
+gather from a 65536-entry table.
 """
 
 from __future__ import annotations
