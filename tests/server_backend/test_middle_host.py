@@ -169,3 +169,18 @@ def test_recompute_holds_less_than_the_graph_and_both_free_everything(tiny_llama
         host.backward_batch([MiddleBackward("a", np.ones_like(z))])
         assert host.held_bytes() == 0
     assert held[True] < held[False] / 3  # Z + mask + adapters vs. every saved activation of 2 blocks
+
+
+def test_a_timer_frees_late_forwards_which_stay_late_and_a_leaving_client_frees_its_own(tiny_llama):
+    lm = load_model(tiny_llama, num_labels=3)
+    now = [0.0]
+    host = MiddleHost(TailHost(lm, OptimizerConfig("sgd", 0.1)), ttl_s=10, clock=lambda: now[0])
+    ids, mask, _ = _batches(1)[0]
+    z, m = build_head(lm, 1)(ids, mask).detach().numpy(), mask.numpy()
+    host.forward_batch([MiddleRequest(k, 1, 1, z, m) for k in (("a", 0, 0), ("b", 0, 0), ("b", 0, 1))])
+    now[0] = 11.0
+    assert host.expire() == [("a", 0, 0), ("b", 0, 0), ("b", 0, 1)] and host.held_bytes() == 0  # as the server's timer does
+    (late,) = host.backward_batch([MiddleBackward(("a", 0, 0), np.ones_like(z))])
+    assert "after the deadline" in late.error  # freed earlier by the timer, still told it was late
+    host.forward_batch([MiddleRequest(k, 1, 1, z, m) for k in (("a", 0, 1), ("b", 0, 2))])
+    assert host.forget("b") == 1 and set(host.pending) == {("a", 0, 1)}
