@@ -486,7 +486,7 @@ class FlexServer:
     async def _run_round(self, r: int) -> None:
         chosen = [self.sessions[c] for c in self.strategy.select(r, list(self.sessions))]
         t0 = time.perf_counter()
-        steps0 = self.worker.steps
+        steps0 = self.worker.steps + self.u.middle.steps  # tail steps and U-shaped middle steps
         await asyncio.to_thread(self.state.start_round, r, [s.client_id for s in chosen])
         self.state.log("phase", round=r, phase="training", clients=[s.client_id for s in chosen])
         log.info("round %d: %s", r, ", ".join(f"{s.client_id}(s={s.split})" for s in chosen))
@@ -526,7 +526,7 @@ class FlexServer:
         state = await self.worker.call(self.host.state)
         await asyncio.to_thread(self._persist, r, state, uploads)
         summary = {
-            "clients": sorted(uploads), "dropped": dropped, "steps": self.worker.steps - steps0,
+            "clients": sorted(uploads), "dropped": dropped, "steps": self.worker.steps + self.u.middle.steps - steps0,
             "seconds": round(time.perf_counter() - t0, 3), "aggregate_seconds": round(agg_s, 4),
             "samples": sum(u.num_samples for _, u in uploads.values()),
         }
