@@ -1,4 +1,4 @@
-"""``flexsfl bench latency|server|wire|accuracy|status|top``: the benchmarks, with JSON, CSV and PNG under ``--out``.
+"""``flexsfl bench latency|memory|server|wire|accuracy|status|top``: the benchmarks, with JSON, CSV and PNG under ``--out``.
 
 Each command prints a markdown summary when it ends (the tables in ``benchmarks/README.md`` are
 pasted from it), then the machine it ran on. The benchmark modules import nothing heavy at their
@@ -12,7 +12,7 @@ import functools
 from types import ModuleType
 from typing import Any, Callable
 
-from flexsfl.benchmarks import accuracy, latency, server, status_load, top, wire
+from flexsfl.benchmarks import accuracy, latency, memory, server, status_load, top, wire
 from flexsfl.benchmarks.machine import machine_info
 
 __all__ = ["add_parser", "BENCHMARKS"]
@@ -20,6 +20,8 @@ __all__ = ["add_parser", "BENCHMARKS"]
 # name -> (module, its run function, one line of help)
 BENCHMARKS: dict[str, tuple[ModuleType, Callable[[Any], tuple[Any, str]], str]] = {
     "latency": (latency, latency.run_latency, "client training step per backend (and split point, batch, sequence)"),
+    "memory": (memory, memory.run_memory, "client step peak RSS per runtime (fresh process each) vs its lower bound "
+                                          "and the planner's prediction"),
     "server": (server, server.run_server_bench,
                "server steps/s with N concurrent client processes, with and without cross-client batching"),
     "wire": (wire, wire.run_wire, "bytes and round-trip time of Z and g per transfer encoding over a loopback websocket"),

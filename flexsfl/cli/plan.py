@@ -12,7 +12,7 @@ from rich.table import Table
 
 from flexsfl.core.constants import TASKS
 from flexsfl.core.cost import ModelCost
-from flexsfl.core.memory import OPTIMIZER_STATES, RUNTIMES
+from flexsfl.core.memory import OPTIMIZER_STATES, RUNTIMES, largest_split
 from flexsfl.core.model_config import read_model_config
 from flexsfl.core.planner import DEFAULT_CLIENTS, DEFAULT_SERVER_GFLOPS, choose_split
 from flexsfl.core.profile import DeviceProfile, read_profile
@@ -44,11 +44,12 @@ def run(args: argparse.Namespace) -> int:
         cost, profile, batch=args.batch, seq=args.seq, pin=args.pin, optimizer=args.optimizer, runtime=args.runtime,
         server_gflops=args.server_gflops, clients=args.clients, encoding=args.encoding, align=args.align,
     )
+    runtime = args.runtime or profile.backend or "ort"
+    fits = _largest_heads(cost, args, runtime)
     if args.json:
         print(json.dumps({"model": args.model, "profile": profile.to_json(), "batch": args.batch, "seq": args.seq,
-                          **choice.to_json()}, indent=2, sort_keys=True))
+                          **choice.to_json(), "largest_split_by_gb": fits}, indent=2, sort_keys=True))
         return 0
-    runtime = args.runtime or profile.backend or "ort"
     table = Table(title=f"{args.model} ({cost.family}, {cost.num_blocks} blocks) on {profile.name}: batch {args.batch}, "
                         f"seq {args.seq}, {runtime}, budget {profile.memory_budget_mb} MB")
     for col in ("split", "memory MB", "fits", "device s", "network s", "server s", "step s", ""):
@@ -65,7 +66,15 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"split {choice.split}: {choice.reason}", highlight=False)
     for note in choice.notes:
         console.print(f"note: {note}", highlight=False)
+    console.print(f"largest head that trains in 1 / 2 / 4 GB ({runtime}, batch {args.batch}, seq {args.seq}): "
+                  + " / ".join("none" if s is None else f"split {s}" for s in fits.values()), highlight=False)
     return 0
+
+
+def _largest_heads(cost: ModelCost, args: argparse.Namespace, runtime: str) -> dict[str, int | None]:
+    """``{"1": split, "2": ..., "4": ...}``: the largest head within 1, 2 and 4 GB (1 GB = 1000 MB) of device memory."""
+    return {str(gb): largest_split(cost, 1000.0 * gb, batch=args.batch, seq=args.seq, optimizer=args.optimizer,
+                                   runtime=runtime, align=args.align) for gb in (1, 2, 4)}
 
 
 def _run_u(args: argparse.Namespace, cost: ModelCost, profile: DeviceProfile) -> int:

@@ -38,7 +38,7 @@ from typing import Any
 from flexsfl.core.cost import ModelCost, check_shape, check_split
 from flexsfl.core.errors import ConfigError
 
-__all__ = ["OPTIMIZER_STATES", "PYTHON_MB", "Runtime", "RUNTIMES", "memory_breakdown_mb", "memory_mb"]
+__all__ = ["OPTIMIZER_STATES", "PYTHON_MB", "Runtime", "RUNTIMES", "memory_breakdown_mb", "memory_mb", "largest_split"]
 
 OPTIMIZER_STATES = {"sgd": 0, "sgd-momentum": 1, "adamw": 2}  # fp32 tensors per trainable tensor
 PYTHON_MB = 35.0  # interpreter + numpy, tokenizers, websockets, safetensors (34 MB measured)
@@ -54,20 +54,23 @@ class Runtime:
     workspace_blocks: float  # transient buffers, in units of one block's saved activations
 
 
-# Fitted to the peak RSS of MiniLM's head at splits 1, 3 and 5 (batch 8, seq 128, one thread);
-# the model is within 9 % of every measurement (see the module docstring).
+# Fitted to the peak RSS of MiniLM's head at splits 1, 3 and 5 and SmolLM2's at split 2 (batch 8,
+# seq 128, one thread, ``flexsfl bench memory``); within 10 % of every measurement (module docstring).
 RUNTIMES = {
-    # forward.onnx and backward.onnx share one weights.bin on disk, but each session holds the
-    # blocks' weights in memory (the backward transposed, for input gradients); the forward's outputs are copied out of its arena into numpy, and the
-    # arena grows in steps.
-    "ort": Runtime(fixed_mb=45.0, block_weight_copies=2, activation_copies=2.6, workspace_blocks=3.0),
-    # The .pte holds the block weights twice too (XNNPACK packs its own). The forward's planned
-    # arena, the outputs copied to Python and the backward's planned inputs each hold the saved
-    # activations; memory is planned for the bundle's max batch x max seq, whatever the batch.
-    "executorch": Runtime(fixed_mb=330.0, block_weight_copies=2, activation_copies=3.0, workspace_blocks=4.5),
-    # Autograd keeps a few extra views. The reference backend loads transformers, peft and the
-    # whole model.
-    "torch": Runtime(fixed_mb=385.0, block_weight_copies=1, activation_copies=1.6, workspace_blocks=2.0),
+    # One copy of the frozen weights, shared by the forward and backward sessions; the saved
+    # activations once (OrtValues from the forward's outputs to the backward's inputs) plus what
+    # the shared arena keeps of the forward's temporaries; about one block's worth of backward
+    # temporaries.
+    "ort": Runtime(fixed_mb=43.0, block_weight_copies=1, activation_copies=1.4, workspace_blocks=1.0),
+    # The .pte's weights plus XNNPACK's packed copies; the forward's planned arena, the outputs
+    # handed to Python and the backward's planned inputs each hold the saved activations; memory
+    # is planned for the bundle's max batch, which export sets to the training batch by default
+    # (plan with the batch the bundle was exported for). 420 MB fixed: the Python bindings import
+    # torch and link libtorch (372 MB of RSS before a program is opened).
+    "executorch": Runtime(fixed_mb=420.0, block_weight_copies=2, activation_copies=2.4, workspace_blocks=0.0),
+    # Autograd keeps the activations about twice (views and the graph's own copies); torch,
+    # transformers and peft are most of the fixed part.
+    "torch": Runtime(fixed_mb=447.0, block_weight_copies=1, activation_copies=1.95, workspace_blocks=0.0),
 }
 _MB = 1e6
 _F32 = 4  # bytes
@@ -107,3 +110,10 @@ def memory_breakdown_mb(
 def memory_mb(cost: ModelCost, s: int, **kwargs: Any) -> float:
     """Total of :func:`memory_breakdown_mb` (same arguments)."""
     return sum(memory_breakdown_mb(cost, s, **kwargs).values())
+
+
+def largest_split(cost: ModelCost, budget_mb: float, **kwargs: Any) -> int | None:
+    """The most blocks a head may have and still train within ``budget_mb`` (None: not even one);
+    ``kwargs`` as for :func:`memory_breakdown_mb`. Memory grows with the split, so it is the last that fits."""
+    fits = [s for s in range(1, cost.num_blocks) if memory_mb(cost, s, **kwargs) <= budget_mb]
+    return fits[-1] if fits else None

@@ -23,7 +23,7 @@ EXAMPLE_PROFILES: dict[str, DeviceProfile] = {
             cpu_model="ARM Cortex-A72", backend="ort",
         ),
         DeviceProfile(
-            name="rpi5", arch="aarch64", cores=4, memory_mb=8192, memory_budget_mb=450, head_gflops=20.0,
+            name="rpi5", arch="aarch64", cores=4, memory_mb=8192, memory_budget_mb=280, head_gflops=20.0,
             uplink_mbps=100.0, downlink_mbps=100.0, rtt_ms=5.0, device_model="Raspberry Pi 5 (example)",
             cpu_model="ARM Cortex-A76", backend="ort",
         ),

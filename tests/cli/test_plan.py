@@ -31,7 +31,8 @@ def test_plan_cli_help_renders(capsys):
 def test_plan_prints_a_table_and_the_choice(capsys):
     assert _plan(["--model", "minilm", "--profile", "rpi5"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"^split 3: fastest of the splits that fit 450 MB", out, re.M)
+    budget = EXAMPLE_PROFILES["rpi5"].memory_budget_mb
+    assert re.search(rf"^split 3: fastest of the splits that fit {budget} MB", out, re.M)
     assert re.search(r"3 .*yes.*chosen", out) and re.search(r"4 .*no", out)
 
 
@@ -55,7 +56,8 @@ def test_plan_refuses_a_bad_profile_naming_the_field(tmp_path):
 def test_plan_topology_u_prints_the_pair_and_why(capsys):
     assert _plan(["--model", "minilm", "--profile", "rpi5", "--topology", "u"]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "U-shaped" in out and "split 1, top 2: fastest of the (split, top) pairs that fit 450 MB" in out
+    budget = EXAMPLE_PROFILES["rpi5"].memory_budget_mb
+    assert "U-shaped" in out and f"split 1, top 2: fastest of the (split, top) pairs that fit {budget} MB" in out
     assert "head/tail would take split 3" in out and "keeps the labels on the device" in out
 
 
@@ -66,3 +68,20 @@ def test_plan_pins_split_and_top_as_json(capsys):
     assert len(got["estimates"]) == 15 and got["head_tail"]["split"] == 5
     with pytest.raises(ConfigError, match="top 5 does not fit split 1 .* choose 0..4"):
         _plan(["--model", "minilm", "--profile", "rpi5", "--top", "5"])
+
+
+def test_plan_says_the_largest_head_that_fits_1_2_and_4_gb(capsys):
+    from flexsfl.core.cost import ModelCost
+    from flexsfl.core.memory import memory_mb
+    from flexsfl.core.model_config import read_model_config
+
+    assert _plan(["--model", "smollm2", "--profile", "jetson-orin", "--json"]) == 0
+    fits = json.loads(capsys.readouterr().out)["largest_split_by_gb"]
+    cost = ModelCost.from_config(read_model_config("smollm2"))
+    for gb, s in fits.items():
+        assert memory_mb(cost, s, batch=8, seq=128) <= 1000 * int(gb)
+        assert s + 1 == cost.num_blocks or memory_mb(cost, s + 1, batch=8, seq=128) > 1000 * int(gb)
+    assert fits["1"] < fits["2"] <= fits["4"]
+    assert _plan(["--model", "smollm2", "--profile", "jetson-orin"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"largest head that trains in 1 / 2 / 4 GB (ort, batch 8, seq 128): split {fits['1']} / split {fits['2']}" in out

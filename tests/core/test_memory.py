@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from flexsfl.core.memory import OPTIMIZER_STATES, PYTHON_MB, RUNTIMES, memory_breakdown_mb, memory_mb
+from flexsfl.core.memory import OPTIMIZER_STATES, PYTHON_MB, RUNTIMES, largest_split, memory_breakdown_mb, memory_mb
 
 
 @pytest.mark.parametrize("runtime", list(RUNTIMES))
@@ -28,3 +28,12 @@ def test_memory_parts_follow_their_definitions(minilm_cost, runtime):
     assert c.saved_floats(256) - c.saved_floats(128) == 12 * 128  # attention probabilities grow with seq²
 
 
+@pytest.mark.parametrize("runtime", list(RUNTIMES))
+def test_largest_split_is_the_last_that_fits(minilm_cost, runtime):
+    kw = dict(batch=8, seq=128, runtime=runtime)
+    mems = [memory_mb(minilm_cost, s, **kw) for s in range(1, minilm_cost.num_blocks)]
+    assert mems == sorted(mems)
+    for s, m in enumerate(mems, start=1):
+        assert largest_split(minilm_cost, m, **kw) == s
+        assert largest_split(minilm_cost, m - 0.01, **kw) == (s - 1 or None)
+    assert largest_split(minilm_cost, 1e9, **kw) == minilm_cost.num_blocks - 1
