@@ -44,12 +44,12 @@ def loader(tiny_model_dirs):
                              attn_implementation="sdpa")
 
 
-async def _serve(loader, tmp_path, n: int, steps: int, workers: int, hook=None, replay_bytes=None):
+async def _serve(loader, tmp_path, n: int, steps: int, workers: int, hook=None, replay_bytes=None, rounds: int = 1):
     """One FlexP-SFL round with ``n`` synthetic clients; returns (global state, client results, pool, summary).
     ``hook(pool, tags, seconds)`` runs after each acknowledged batch."""
     loaded = loader()
     host = TailHost(loaded, OPT)
-    strategy = make_strategy("flexpsfl", TrainConfig(rounds=1, min_clients=n, local_steps=steps, batch_size=B, lr=0.05,
+    strategy = make_strategy("flexpsfl", TrainConfig(rounds=rounds, min_clients=n, local_steps=steps, batch_size=B, lr=0.05,
                                                      round_timeout=300))
     state = ServerState(tmp_path / f"state-{workers}-{n}", {"model": loaded.info.id})
     pool = make_compute(host, HostSpec(loader, OPT), workers=workers)
@@ -84,28 +84,30 @@ def _events(d):
     return [json.loads(line) for f in sorted(d.glob("*.jsonl")) for line in f.read_text().splitlines() if line.strip()]
 
 
-def _reference(loader, n: int, steps: int) -> dict[str, np.ndarray]:
-    """SplitFed-V1 by hand, in this process: a tail copy per client trained on its steps in order,
-    the copies averaged by samples (float64), then FlexP-SFL's layer-wise aggregation of the uploads
-    (each client uploads the adapters it was sent)."""
-    base_host = TailHost(loader(), OPT)
-    base = base_host.state()
-    strategy = make_strategy("flexpsfl", TrainConfig(rounds=1, min_clients=n, local_steps=steps, batch_size=B, lr=0.05))
-    updates = {}
-    acc = {k: v.astype(np.float64) for k, v in base.items()}
-    for k in range(n):
-        h = TailHost(loader(), OPT)
-        for step in range(steps):
-            z, mask, labels = synthetic_batch(k, 0, step, B, T, h.info.hidden_size)
-            (res,) = h.train_batch([StepRequest(SPLIT, z, mask, labels)])
-            assert res.g is not None
-        for name, a in h.state().items():
-            acc[name] += (a.astype(np.float64) - base[name]) / n  # equal samples: weight 1/n
-        plan = strategy.plan(0, f"synthetic{k}", SPLIT, base_host)
-        updates[f"synthetic{k}"] = ClientUpdate(dict(plan.adapters), B * steps, SPLIT)
-    base_host.load_state({name: a.astype(np.float32) for name, a in acc.items()})
-    strategy.aggregate(0, base_host, updates)
-    return base_host.state()
+def _reference(loader, n: int, steps: int, rounds: int = 1) -> dict[str, np.ndarray]:
+    """SplitFed-V1 by hand, in this process, round after round: from the global model, a tail copy
+    per client trained on its steps in order, the copies averaged by samples (float64), then
+    FlexP-SFL's layer-wise aggregation of the uploads (each client uploads the adapters it was sent)."""
+    glob = TailHost(loader(), OPT)
+    strategy = make_strategy("flexpsfl", TrainConfig(rounds=rounds, min_clients=n, local_steps=steps, batch_size=B, lr=0.05))
+    copies = [TailHost(loader(), OPT) for _ in range(n)]
+    for r in range(rounds):
+        base = glob.state()
+        updates = {}
+        acc = {k: v.astype(np.float64) for k, v in base.items()}
+        for k, h in enumerate(copies):
+            h.load_state(base)
+            for step in range(steps):
+                z, mask, labels = synthetic_batch(k, r, step, B, T, h.info.hidden_size)
+                (res,) = h.train_batch([StepRequest(SPLIT, z, mask, labels)])
+                assert res.g is not None
+            for name, a in h.state().items():
+                acc[name] += (a.astype(np.float64) - base[name]) / n  # equal samples: weight 1/n
+            plan = strategy.plan(r, f"synthetic{k}", SPLIT, glob)
+            updates[f"synthetic{k}"] = ClientUpdate(dict(plan.adapters), B * steps, SPLIT)
+        glob.load_state({name: a.astype(np.float32) for name, a in acc.items()})
+        strategy.aggregate(r, glob, updates)
+    return glob.state()
 
 
 def _assert_state_equal(got: dict, want: dict) -> None:
@@ -134,9 +136,10 @@ def test_more_workers_than_the_cluster_holds_is_one_line(cluster, loader):
 
 
 def test_one_client_per_worker_equals_the_single_process_result(cluster, loader, tmp_path):
-    state, _, pool, _ = asyncio.run(_serve(loader, tmp_path, n=2, steps=3, workers=2))
+    # Two rounds: the second starts from the first's averaged + aggregated model, pushed to both workers.
+    state, _, pool, _ = asyncio.run(_serve(loader, tmp_path, n=2, steps=3, workers=2, rounds=2))
     assert sorted(pool.assignment.values()) == [0, 1]  # each worker held one client's steps
-    _assert_state_equal(state, _reference(loader, 2, 3))
+    _assert_state_equal(state, _reference(loader, 2, 3, rounds=2))
 
 
 def test_killing_a_worker_mid_round_loses_no_acknowledged_step(cluster, loader, tmp_path):
