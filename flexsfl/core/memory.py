@@ -10,24 +10,28 @@
 with ``saved(T)`` from :meth:`flexsfl.core.cost.ModelCost.saved_floats` and the block weights'
 copies ``w``, ``copies``, ``workspace`` and the fixed part per runtime (:data:`RUNTIMES`).
 
-**Runtimes** (:data:`RUNTIMES`). The constants are fitted to the peak resident set of MiniLM's
-head at splits 1, 3 and 5 (batch 8, seq 128, one thread, x86-64, Python 3.11); the model is
-within 9 % of each of the nine measurements::
+**Runtimes** (:data:`RUNTIMES`). The constants are fitted to the peak resident set of a fresh
+process training MiniLM's head at splits 1 and 3 and SmolLM2's at split 2 (batch 8, seq 128, one
+thread, x86-64, Python 3.11, ``flexsfl bench memory``); split 5 was held out. Peak MB (10^6 bytes)::
 
-    runtime                               fixed    measured peak MB (s = 1, 3, 5)   model
-    ort (onnxruntime 1.32, no torch)       45 MB   246, 448, 537                    265, 408, 552
-    executorch 1.5.1 (XNNPACK delegate)   330 MB   576, 737, 925                    591, 752, 914
-    torch 2.13 eager (reference)          385 MB   555, 643, 746                    555, 640, 725
+    runtime                               fixed   measured (MiniLM s = 1, 3, 5; SmolLM2 s = 2)   model
+    ort (onnxruntime 1.19, no torch)      43 MB   187, 264, 333; 351                              187, 263, 339; 350
+    executorch 1.5.1 (XNNPACK delegate)  420 MB   570, 704, 836; 786                              569, 704, 839; 785
+    torch 2.13 eager (reference)         447 MB   581, 695, 768; 740                              580, 681, 781; 755
 
-The edge process itself (Python, numpy, tokenizers, websockets, safetensors) is 34 MB
-(:data:`PYTHON_MB`). ONNX Runtime and ExecuTorch both load each block's weights twice (the
-backward program needs them too). ONNX Runtime holds the saved activations about 2.6 times (its
-arena grows in steps); ExecuTorch three times (the forward's planned arena, the outputs copied
-to Python, the backward's planned inputs), and it plans memory for the bundle's
-``max_batch × max_seq`` whatever the batch, so plan with those. ExecuTorch's Python bindings link
-libtorch: 325 MB on import. (On x86, the ``onnxruntime-training`` 1.19.2 wheel imports torch
-when torch is installed, 255 MB more; a device runs the plain ``onnxruntime`` wheel, as
-measured here.)
+The edge process itself (Python, numpy, tokenizers, websockets, safetensors) is 35 MB
+(:data:`PYTHON_MB`); importing onnxruntime and the edge runtime brings it to 70 MB. The ONNX
+Runtime backend holds the frozen weights once (both sessions read one mapping of
+``weights.bin``) and the saved activations about 1.4 times (the OrtValues handed from the forward
+to the backward, plus what the arena both sessions share keeps of the forward's temporaries).
+ExecuTorch holds its weights twice (the program's and XNNPACK's packed copies) and the
+activations 2.4 times (the forward's planned arena, the outputs handed to Python, the backward's
+planned inputs); it plans memory for the bundle's ``max_batch``, which ``flexsfl export`` sets
+to the training batch unless told otherwise, so predict with the batch the bundle was exported
+for. Its Python bindings import torch and link libtorch: 372 MB of RSS before a program is
+opened, most of its fixed part. (On x86, the ``onnxruntime-training`` 1.19.2 wheel imports torch
+when torch is installed, ~200 MB more; a device runs the plain ``onnxruntime`` wheel, as measured
+here.)
 """
 
 from __future__ import annotations
