@@ -111,15 +111,18 @@ def _bundle_for(cfg: SimConfig, split: int, cache: pathlib.Path, top: int | None
     """Export (or reuse) the bundle for one split point (and, U-shaped, its top blocks). With
     ``jobs``, a missing bundle is appended to it as ``(path, ExportConfig)`` instead, for
     :func:`~flexsfl.sim.bundles.export_missing` to export all at once in parallel."""
+    # ExecuTorch plans its memory for the bundle's max batch: the training batch (export/config.py)
+    max_batch = cfg.batch_size if cfg.backend == "executorch" else max(32, cfg.batch_size)
     key = json.dumps([cfg.model, split, cfg.backend, cfg.num_labels, cfg.max_seq, cfg.seed, _code_version()]
-                     + ([cfg.task] if cfg.task != "seq_cls" else []) + ([top] if top is not None else []))
+                     + ([cfg.task] if cfg.task != "seq_cls" else []) + ([top] if top is not None else [])
+                     + ([max_batch] if cfg.backend == "executorch" else []))
     name = f"{pathlib.Path(cfg.model).name}-s{split}" + (f"-u{top}" if top is not None else "")
     path = cache / f"{name}-{cfg.backend}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
     if (path / "manifest.json").exists():
         return path
     config = ExportConfig(model=cfg.model, split=split, top=top, out=str(path), backend=cfg.backend, task=cfg.task,
                           num_labels=cfg.num_labels,
-                          max_batch=max(32, cfg.batch_size), max_seq=cfg.max_seq, seed=cfg.seed,
+                          batch_size=cfg.batch_size, max_batch=max_batch, max_seq=cfg.max_seq, seed=cfg.seed,
                           optimizer=cfg.optimizer, lr=cfg.lr, ort_training_artifacts=False)
     if jobs is not None:
         jobs.append((path, config))
