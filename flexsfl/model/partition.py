@@ -204,9 +204,11 @@ class Tail(_Part):
         logits = self.out(self.norm(h))
         if self.task == "causal_lm":
             return logits
-        # The last position whose mask is 1 (works for right and left padding alike).
+        # The last position whose mask is 1 (works for right and left padding alike). ArgMax over
+        # float: ONNX Runtime has no int64 ArgMax (a decoder's exported top needs this), and
+        # positions are exact in float32.
         pos = torch.arange(h.shape[1], device=h.device)
-        last = (pos[None, :] * attention_mask).argmax(-1)
+        last = (pos[None, :] * attention_mask).float().argmax(-1)
         return logits[torch.arange(h.shape[0], device=h.device), last]
 
 
