@@ -7,8 +7,9 @@ layer-wise aggregation over head and top blocks) and every client's personal upl
 + task head) equal an eager PyTorch reference that trains the same full Hugging Face model on
 the same batches in the server's order (rel err <= 1e-4 on every tensor).
 
-Fast: tiny BERT on ONNX Runtime with torch blocked in the clients. Slow: ExecuTorch, and a tiny
-decoder (Llama on ONNX Runtime, GPT-2 on ExecuTorch).
+Fast: tiny BERT on ONNX Runtime with torch blocked in the clients. Slow: BERT on ExecuTorch, and a
+tiny decoder (Llama on ONNX Runtime, GPT-2 on ExecuTorch: a Llama top is refused by ExecuTorch's
+static shapes at export).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def test_u_llama_ort_equals_centralized(tmp_path, u_models, u_bundles, u_data):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_u_decoder_executorch_equals_centralized(family, tmp_path, u_models, u_bundles, u_data):
-    _run(family, "executorch", tmp_path, u_models, u_bundles, u_data, block_torch=False)
+def test_u_gpt2_executorch_equals_centralized(tmp_path, u_models, u_bundles, u_data):
+    # GPT-2, not Llama: the Llama top's ExecuTorch methods come out static-shaped (rotary tables),
+    # and export refuses such a top in one line (export/top_bundle.py: "export the top with --backend ort").
+    _run("gpt2", "executorch", tmp_path, u_models, u_bundles, u_data, block_torch=False)
