@@ -1,11 +1,15 @@
 """Accuracy vs time: FlexP-SFL against its baselines, on the same engine, data and seeds.
 
     flexsfl bench accuracy [--rounds 5] [--out results/accuracy] [--strategies flexpsfl,...]
+    flexsfl bench accuracy --task causal-lm [--strategies flexpsfl,local]     # SmolLM2, perplexity
 
 Runs ``flexsfl simulate`` once per strategy (clients are separate processes on loopback) on the
 VADER domains with MiniLM — the demo's setting — and writes, under ``--out``: one directory per
 run, ``accuracy.json`` (one row per strategy), ``accuracy.md`` (the table for
-``benchmarks/README.md``) and ``accuracy_vs_time.png``.
+``benchmarks/README.md``) and ``accuracy_vs_time.png``. With ``--task causal-lm`` the runs are the
+LM demo's (SmolLM2 on one VADER domain per device) and every accuracy becomes a perplexity (lower is
+better): per round, the mean over clients of the personal, global, pretrained and generalization
+perplexity, in the table, the JSON and the plot.
 
 Strategies (``name: what``):
 
@@ -27,6 +31,7 @@ import pathlib
 import time
 
 from flexsfl.core.constants import ALIGN_LAMBDA
+from flexsfl.sim.results import PPL_KEYS
 
 __all__ = ["RUNS", "add_arguments", "main", "run_accuracy"]
 
@@ -44,11 +49,13 @@ def _row(name: str, summary: dict) -> dict:
     f, t = summary["final"], summary["target"]
     return {
         "run": name, "strategy": summary["config"]["strategy"], "align_lambda": summary["config"]["align_lambda"],
-        "splits": ("whole model" if summary["config"]["strategy"] in ("fedavg", "local")
+        "task": summary["config"].get("task", "seq_cls"),
+        "splits": ("whole model" if summary["config"]["strategy"] in ("fedavg", "local", "fedper")
                    else ",".join(_layout(c) for c in summary["per_client"])),
         "personal_acc": f["personal_acc"], "generalization_acc": f["generalization_acc"], "global_acc": f["global_acc"],
+        **{k: f.get(k) for k in PPL_KEYS},  # causal LM: mean perplexities over clients (lower is better)
         "train_s": f["elapsed_s"], "total_s": summary["total_s"], "mb": (f["bytes"] or 0) / 1e6,
-        "target_acc": t["target_acc"], "time_to_target_s": t["elapsed_s"],
+        "target_acc": t.get("target_acc"), "target_ppl": t.get("target_ppl"), "time_to_target_s": t["elapsed_s"],
         "mb_to_target": None if t["bytes"] is None else t["bytes"] / 1e6, "round_to_target": t["round"],
     }
 
@@ -61,6 +68,16 @@ def _layout(client: dict) -> str:
 
 def _markdown(rows: list[dict]) -> str:
     fmt = lambda v, p=3: "—" if v is None else f"{v:.{p}f}"  # noqa: E731
+    if rows and rows[0].get("task") == "causal_lm":
+        target = rows[0].get("target_ppl")
+        head = ("| run | splits | personal ppl | generalization ppl | global ppl | pretrained ppl | "
+                f"rounds to ppl {'—' if target is None else f'{target:.1f}'} | time to it (s) | MB to it | "
+                "training time (s) | MB total |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+        return head + "\n".join(
+            f"| {r['run']} | {r['splits']} | {fmt(r['personal_ppl'], 2)} | {fmt(r['generalization_ppl'], 2)} | "
+            f"{fmt(r['global_ppl'], 2)} | {fmt(r['pretrained_ppl'], 2)} | "
+            f"{'—' if r['round_to_target'] is None else r['round_to_target'] + 1} | {fmt(r['time_to_target_s'], 0)} | "
+            f"{fmt(r['mb_to_target'], 1)} | {fmt(r['train_s'], 0)} | {fmt(r['mb'], 1)} |" for r in rows) + "\n"
     head = (f"| run | splits | personalized acc | generalization acc | global acc | rounds to {rows[0]['target_acc']:.2f} | "
             "time to it (s) | MB to it | training time (s) | MB total |\n|---|---|---|---|---|---|---|---|---|---|\n")
     lines = [
@@ -75,16 +92,24 @@ def _markdown(rows: list[dict]) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategies", default=",".join(RUNS), help=f"comma-separated, from {', '.join(RUNS)}")
-    p.add_argument("--rounds", type=int, default=5, help="rounds per run (default: the demo's 5)")
-    p.add_argument("--local-steps", type=int, default=15, help="local steps per round (default: the demo's 15)")
+    p.add_argument("--task", choices=("seq_cls", "causal-lm"), default="seq_cls",
+                   help="seq_cls: the demo (MiniLM, accuracy); causal-lm: the LM demo (SmolLM2, perplexity, lower is "
+                        "better)")
+    p.add_argument("--model", default=None, help="model of every run (default: the chosen demo's)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per run (default: the chosen demo's)")
+    p.add_argument("--local-steps", type=int, default=None, help="local steps per round (default: the chosen demo's)")
     p.add_argument("--target-acc", type=float, default=0.75, help="accuracy whose time and bytes to reach are reported")
+    p.add_argument("--target-ppl", type=float, default=None,
+                   help="causal-lm: mean personal perplexity whose time and bytes to reach are reported")
     p.add_argument("--out", default="results/accuracy")
 
 
-def run_accuracy(args: argparse.Namespace) -> tuple[list[dict], str]:
-    """Run every strategy in ``args.strategies``; write JSON, markdown and the PNG; return (rows, markdown)."""
+def run_accuracy(args: argparse.Namespace, **overrides) -> tuple[list[dict], str]:
+    """Run every strategy in ``args.strategies``; write JSON, markdown and the PNG; return (rows, markdown).
+
+    ``overrides``: further :class:`SimConfig` fields for every run (tests: a tiny model in-process)."""
     from flexsfl.core.errors import ConfigError
-    from flexsfl.sim.config import DEMO
+    from flexsfl.sim.config import DEMO, DEMO_LM
     from flexsfl.sim.results import plot
     from flexsfl.sim.simulate import simulate
 
@@ -95,8 +120,11 @@ def run_accuracy(args: argparse.Namespace) -> tuple[list[dict], str]:
                           f"{', '.join(RUNS)}")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = dataclasses.replace(DEMO, rounds=args.rounds, local_steps=args.local_steps, target_acc=args.target_acc,
-                               eval_every=1)
+    demo = DEMO_LM if getattr(args, "task", "seq_cls") == "causal-lm" else DEMO
+    given = {"model": getattr(args, "model", None), "rounds": args.rounds, "local_steps": args.local_steps,
+             "target_ppl": getattr(args, "target_ppl", None)}
+    base = dataclasses.replace(demo, target_acc=args.target_acc, eval_every=1,
+                               **{k: v for k, v in given.items() if v is not None}, **overrides)
     rows, runs = [], []
     for name in names:
         cfg = dataclasses.replace(base, out=str(out / name), **RUNS[name])

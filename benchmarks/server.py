@@ -426,12 +426,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerBenchConfig:
-    try:
-        clients = tuple(int(c) for c in args.clients.split(","))
-        workers = tuple(int(c) for c in args.workers.split(","))
-    except ValueError:
-        raise ConfigError(f"--clients and --workers must be comma-separated integers, got {args.clients!r}, {args.workers!r}") from None
+    clients, workers = _ints("--clients", args.clients), _ints("--workers", args.workers)
     return ServerBenchConfig(model=args.model, split=args.split, batch=args.batch, seq=args.seq, clients=clients,
                              modes=tuple(args.modes.split(",")), local_steps=args.local_steps, rounds=args.rounds,
                              repeats=args.repeats, threads=args.threads, encoding=args.encoding, profile=args.profile, out=args.out,
                              workers=workers, clients_per_process=args.clients_per_process)
+
+
+def _ints(flag: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{flag} must be comma-separated integers, got {text!r}") from None

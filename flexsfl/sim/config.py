@@ -64,6 +64,7 @@ class SimConfig:
     threads: int = _f(1, "threads per client process and for the server's tail")
     batching: bool = _f(True, "run every server step on its own (no cross-client batching)", flag="--no-batching")
     target_acc: float = _f(0.75, "personalized accuracy for 'time/bytes to reach' in the summary")
+    target_ppl: float | None = _f(None, "causal LM: personal perplexity (mean over clients) for 'time/bytes to reach'")
     num_labels: int | None = _f(None, "classes of the classifier (default: as many as the data's labels; a label "
                                 "outside 0..N-1 is refused before anything is exported)")
     bundle_cache: str | None = _f(None, "reuse exported bundles across runs (default: <cache>/bundles)", cli=False)

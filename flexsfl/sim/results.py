@@ -35,7 +35,9 @@ from flexsfl.core.errors import FlexSFLError
 from flexsfl.sim.clock import DeviceClock, run_clients
 from flexsfl.sim.config import SimConfig
 
-__all__ = ["OWN_MODEL", "accuracy_of", "collect", "plot", "table", "lm_table"]
+PPL_KEYS = ("personal_ppl", "global_ppl", "pretrained_ppl", "generalization_ppl")  # causal LM, mean over clients
+
+__all__ = ["PPL_KEYS", "OWN_MODEL", "accuracy_of", "collect", "plot", "table", "lm_table"]
 
 log = logging.getLogger("flexsfl.results")
 
@@ -99,6 +101,7 @@ def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why
             "personal_acc": float(np.mean(personal)) if personal else None,
             "generalization_acc": float(np.mean(list(row["generalization"].values()))) if "generalization" in row else None,
             "label_prior_acc": float(np.mean(list(row["label_prior"].values()))) if row.get("label_prior") else None,
+            **_mean_ppl(row.get("lm")),
             "bytes": int(sum(c["train_bytes"] for c in clients.values())),
             "eval_bytes": int(sum(eval_total.get(cid, 0) for cid in clients)),
             "accuracy_of": accuracy_of(cfg.strategy),
@@ -125,12 +128,12 @@ def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why
                if clock and clock.rounds and cid in costs else {}),
             **last.get("lm", {}).get(cid, {}),  # causal LM: perplexities (personal, global, pretrained, generalization)
         })
-    target = _time_to(rows, cfg.target_acc)
+    target = _time_to(rows, cfg.target_acc, lower=False) if cfg.task != "causal_lm" else _time_to(
+        rows, cfg.target_ppl, key="personal_ppl", lower=True)
     summary = {
         "config": dataclasses.asdict(cfg), "total_s": round(total_s, 1), "rounds": len(rows),
         "final": {k: last.get(k) for k in ("global_acc", "personal_acc", "generalization_acc", "label_prior_acc",
-                                           "elapsed_s", "device_s",
-                                           "bytes", "eval_bytes")},
+                                           *PPL_KEYS, "elapsed_s", "device_s", "bytes", "eval_bytes")},
         "accuracy_of": accuracy_of(cfg.strategy), "target": target, "per_client": per_client,
         # clients whose training would not fit their profile's memory: the run shows what such devices could not do
         "unfit": sorted(f"{cid} ({c.profile}: {c.memory_mb:.0f} MB)" for cid, c in (costs or {}).items() if not c.fits),
@@ -139,13 +142,28 @@ def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why
     return summary
 
 
-def _time_to(rows: list[dict], target: float) -> dict:
-    """Wall time, device time and training bytes until the mean ``personal_acc`` first reaches ``target``."""
-    for row in rows:  # client counters are cumulative
-        if row.get("personal_acc") is not None and row["personal_acc"] >= target:
-            return {"target_acc": target, "round": row["round"], "elapsed_s": row["elapsed_s"],
+def _mean_ppl(lm: dict | None) -> dict:
+    """A causal-LM round's perplexities averaged over clients (lower is better); {} for a classifier."""
+    if not lm:
+        return {}
+    out = {}
+    for key in PPL_KEYS:
+        vals = [c[key] for c in lm.values() if c.get(key) is not None]
+        out[key] = float(np.mean(vals)) if vals else None
+    return out
+
+
+def _time_to(rows: list[dict], target: float | None, *, key: str = "personal_acc", lower: bool = False) -> dict:
+    """Wall time, device time and training bytes until the mean ``key`` first reaches ``target``
+    (at least it; at most it when ``lower`` is better, as for perplexity). ``target_acc`` (or
+    ``target_ppl``) echoes the target; None: no target, nothing reached."""
+    name = "target_ppl" if key.endswith("_ppl") else "target_acc"
+    for row in rows if target is not None else ():  # client counters are cumulative
+        v = row.get(key)
+        if v is not None and (v <= target if lower else v >= target):
+            return {name: target, "round": row["round"], "elapsed_s": row["elapsed_s"],
                     "device_s": row.get("device_s"), "bytes": row["bytes"]}
-    return {"target_acc": target, "round": None, "elapsed_s": None, "device_s": None, "bytes": None}
+    return {name: target, "round": None, "elapsed_s": None, "device_s": None, "bytes": None}
 
 
 def plot(summaries: Sequence[tuple[str, pathlib.Path]], path: pathlib.Path) -> pathlib.Path:
@@ -158,19 +176,26 @@ def plot(summaries: Sequence[tuple[str, pathlib.Path]], path: pathlib.Path) -> p
 
     runs = [(label, [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines() if line])
             for label, out in summaries]
+    # A causal LM is scored by perplexity (lower is better) where a classifier has accuracy.
+    lm = any(r.get("personal_ppl") is not None for _, rows in runs for r in rows)
+    own, glob = ("personal_ppl", "global_ppl") if lm else ("personal_acc", "global_acc")
+    measure = "perplexity (lower is better)" if lm else "accuracy"
     device = any(r.get("device_s") is not None for _, rows in runs for r in rows)
     fig, axes = plt.subplots(1, 3 if device else 2, figsize=(16 if device else 11, 4))
     for label, rows in runs:
+        rows = [r for r in rows if r.get(own) is not None]  # an LM is scored on its eval rounds only
         t = [r["elapsed_s"] for r in rows]
-        axes[0].plot(t, [r["personal_acc"] for r in rows], marker="o", label=label)
-        axes[1].plot(t, [r["global_acc"] for r in rows], marker="o", label=label)
+        axes[0].plot(t, [r[own] for r in rows], marker="o", label=label)
+        axes[1].plot(t, [r[glob] for r in rows], marker="o", label=label)
         if device and rows and rows[0].get("device_s") is not None:
-            axes[2].plot([r["device_s"] for r in rows], [r["personal_acc"] for r in rows], marker="o", label=label)
-    titles = ("accuracy of each client's own model (own test split)", "global model accuracy (union test)",
-              "own model's accuracy vs predicted device time")
+            axes[2].plot([r["device_s"] for r in rows], [r[own] for r in rows], marker="o", label=label)
+    word = "perplexity" if lm else "accuracy"
+    titles = (f"{word} of each client's own model (own test split)",
+              f"global model {word} ({'each client' + chr(39) + 's own text' if lm else 'union test'})",
+              f"own model's {word} vs predicted device time")
     for i, (ax, title) in enumerate(zip(axes, titles)):
         ax.set_xlabel("device time for the profiles (s)" if i == 2 else "training wall time here (s)")
-        ax.set_ylabel("accuracy")
+        ax.set_ylabel(measure)
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()

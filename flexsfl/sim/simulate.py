@@ -171,7 +171,8 @@ class _RoundEval:
         if self.lm:
             for cid, u in uploads.items():
                 self.personal[cid] = u.params
-            return {"lm": self._lm()} if r == cfg.rounds - 1 else {}
+            due = (cfg.eval_every and r % cfg.eval_every == cfg.eval_every - 1) or r == cfg.rounds - 1
+            return {"lm": self._lm()} if due else {}
         for cid, u in uploads.items():
             self.personal[cid] = u.params
         out: dict[str, Any] = {"global_acc": self.ev.accuracy(self.union)}

@@ -84,3 +84,28 @@ def test_a_users_instruction_file_trains_on_the_responses(weighted_llama, tmp_pa
                          for r in train)
     for c in summary["per_client"]:
         assert c["personal_ppl"] > 1.0 and c["pretrained_ppl"] > 1.0, c
+
+
+def test_bench_accuracy_scores_a_causal_lm_by_perplexity(weighted_llama, tmp_path):
+    """`flexsfl bench accuracy --task causal-lm`: each run's rows carry per-round mean perplexities,
+    the table is in perplexity, time-to-target counts a perplexity at or *below* the target, and the
+    plot draws perplexity (lower is better)."""
+    import json
+
+    from flexsfl.benchmarks import accuracy
+
+    p = argparse.ArgumentParser()
+    accuracy.add_arguments(p)
+    args = p.parse_args(["--task", "causal-lm", "--model", str(weighted_llama), "--strategies", "flexpsfl,local",
+                         "--rounds", "2", "--local-steps", "3", "--target-ppl", "1e9", "--out", str(tmp_path / "acc")])
+    rows, md = accuracy.run_accuracy(args, clients=2, splits=(1, 2), max_train=16, max_test=4, max_seq=16,
+                                     batch_size=4, in_process=True, bundle_cache=str(tmp_path / "bundles"))
+    assert [r["run"] for r in rows] == ["flexpsfl", "local"]
+    for r in rows:
+        assert r["task"] == "causal_lm"
+        assert 1.0 < r["personal_ppl"] and 1.0 < r["pretrained_ppl"] and 1.0 < r["generalization_ppl"]
+        assert r["round_to_target"] == 0 and r["target_ppl"] == 1e9  # any perplexity is below 1e9: reached at once
+    assert "personal ppl" in md and "pretrained ppl" in md and f"{rows[0]['personal_ppl']:.2f}" in md
+    per_round = [json.loads(x) for x in (tmp_path / "acc" / "flexpsfl" / "rounds.jsonl").read_text().splitlines()]
+    assert len(per_round) == 2 and all(r["personal_ppl"] > 1.0 and r["global_ppl"] > 1.0 for r in per_round)
+    assert (tmp_path / "acc" / "accuracy_vs_time.png").stat().st_size > 10_000
