@@ -31,7 +31,7 @@ import pathlib
 import time
 
 from flexsfl.core.constants import ALIGN_LAMBDA
-from flexsfl.sim.results import PPL_KEYS
+from flexsfl.sim.results import PPL_KEYS, layout
 
 __all__ = ["RUNS", "add_arguments", "main", "run_accuracy"]
 
@@ -51,7 +51,7 @@ def _row(name: str, summary: dict) -> dict:
         "run": name, "strategy": summary["config"]["strategy"], "align_lambda": summary["config"]["align_lambda"],
         "task": summary["config"].get("task", "seq_cls"),
         "splits": ("whole model" if summary["config"]["strategy"] in ("fedavg", "local", "fedper")
-                   else ",".join(_layout(c) for c in summary["per_client"])),
+                   else ",".join(layout(c) for c in summary["per_client"])),
         "personal_acc": f["personal_acc"], "generalization_acc": f["generalization_acc"], "global_acc": f["global_acc"],
         **{k: f.get(k) for k in PPL_KEYS},  # causal LM: mean perplexities over clients (lower is better)
         "train_s": f["elapsed_s"], "total_s": summary["total_s"], "mb": (f["bytes"] or 0) / 1e6,
@@ -59,11 +59,6 @@ def _row(name: str, summary: dict) -> dict:
         "mb_to_target": None if t["bytes"] is None else t["bytes"] / 1e6, "round_to_target": t["round"],
     }
 
-
-def _layout(client: dict) -> str:
-    """A client's split, and ``+top`` for a U-shaped one (``3+1``: 3 head blocks, 1 top block + task head)."""
-    top = (client.get("choice") or {}).get("top")
-    return f"{client['split']}" + ("" if top is None else f"+{top}")
 
 
 def _markdown(rows: list[dict]) -> str:

@@ -89,7 +89,7 @@ class UTrainer(HeadTrainer):
             if top and set(top) != names:
                 raise ConfigError(f"the server sent {len(top)} of the top's {len(names)} tensors; "
                                   "server and bundle disagree on the top's layout")
-            if first and not top:
+            if first and names and not top:  # a causal LM's top of 0 blocks trains nothing (the LM head is frozen)
                 raise ConfigError("the server sent no top adapters for this U-shaped client's first round; "
                                   "run the server with a strategy that plans U-shaped clients (flexpsfl, flexpsfl-u)")
         super().begin_round(settings, head)

@@ -37,7 +37,7 @@ from flexsfl.sim.config import SimConfig
 
 PPL_KEYS = ("personal_ppl", "global_ppl", "pretrained_ppl", "generalization_ppl")  # causal LM, mean over clients
 
-__all__ = ["PPL_KEYS", "OWN_MODEL", "accuracy_of", "collect", "plot", "table", "lm_table"]
+__all__ = ["PPL_KEYS", "layout", "OWN_MODEL", "accuracy_of", "collect", "plot", "table", "lm_table"]
 
 log = logging.getLogger("flexsfl.results")
 
@@ -215,14 +215,21 @@ def lm_table(summary: dict) -> str:
         t.add_column(col, justify="left" if col in ("client", "data") else "right")
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for c in summary["per_client"]:
-        t.add_row(c["client"], _groups(c), str(c["split"]), fmt(c.get("personal_ppl")), fmt(c.get("global_ppl")),
+        t.add_row(c["client"], _groups(c), layout(c), fmt(c.get("personal_ppl")), fmt(c.get("global_ppl")),
                   fmt(c.get("pretrained_ppl")), fmt(c.get("generalization_ppl")), fmt(c.get("bytes_per_token")),
                   f"{c['step_ms']:.0f}")
     console = Console(record=True, width=150, file=io.StringIO())
     console.print(t)
-    console.print("personal: the client's head + global tail; global: the global model; pretrained: before training; "
+    console.print("personal: the client's own layers (head; and top in U mode) + the global rest; global: the global "
+                  "model; pretrained: before training; "
                   "all on the client's own held-out text; generalization: personal model on the other clients' texts")
     return console.export_text()
+
+
+def layout(c: dict) -> str:
+    """A client's split, and ``+top`` for a U-shaped one (``3+1``: 3 head blocks, 1 top block + task head)."""
+    top = (c.get("choice") or {}).get("top")
+    return f"{c['split']}" + ("" if top is None else f"+{top}")
 
 
 def _groups(c: dict) -> str:
@@ -248,7 +255,7 @@ def table(summary: dict) -> str:
         pred = c.get("predicted_step_ms")
         dev = c.get("device_round_s")
         dev_cell = ("-" if dev is None else f"{dev:.1f}") + ("" if c.get("fits", True) else " (does not fit)")
-        t.add_row(c["client"], _groups(c), c["choice"].get("profile", "pinned"), str(c["split"]), fmt(c["personal_acc"]),
+        t.add_row(c["client"], _groups(c), c["choice"].get("profile", "pinned"), layout(c), fmt(c["personal_acc"]),
                   fmt(c.get("label_prior_acc")), fmt(c["generalization_acc"]), f"{c['step_ms']:.0f}",
                   "-" if c["wire_ms"] is None else f"{c['wire_ms']:.1f}",
                   "-" if pred is None else f"{pred:.0f}",

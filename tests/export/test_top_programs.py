@@ -112,3 +112,30 @@ def test_export_refuses_a_layout_that_leaves_the_server_no_block(tiny_model_dirs
     assert "\n" not in str(e.value) and not (tmp_path / "b").exists()
     with pytest.raises(ConfigError, match="top must be an int >= 0"):
         ExportConfig(model="x", split=1, out="o", top=-1)
+
+
+def test_a_tied_lm_head_is_stored_once_in_the_ort_bundle(tiny_model_dirs, tmp_path):
+    """A causal LM whose output matrix is its embedding (SmolLM2): the head's embedding and the top's
+    LM head are one [V, d] tensor in ``ort/weights.bin``, read by the forward, backward and both top
+    programs."""
+    import json
+    import shutil
+
+    from flexsfl.export.pipeline import ExportConfig, export_bundle
+
+    src = tiny_model_dirs["gpt2"]
+    tied = tmp_path / "tied-gpt2"
+    shutil.copytree(src, tied)
+    cfg = json.loads((tied / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (tied / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "b"
+    export_bundle(ExportConfig(model=str(tied), task="causal_lm", split=1, top=1, backend="ort", out=str(out)), progress=False)
+    index = json.loads((out / "ort" / "weights.json").read_text())
+    vocab, d = cfg["vocab_size"], cfg["n_embd"]
+    big = {tuple(e[:2]) for prog in index["programs"].values() for e in prog.values()
+           if sorted(e[3]) == sorted([vocab, d])}  # (offset, bytes) of every [V, d] (or [d, V]) use
+    users = [p for p, entries in index["programs"].items() if any(sorted(e[3]) == sorted([vocab, d]) for e in entries.values())]
+    assert len(big) == 1, big  # one stored matrix ...
+    assert {"forward.onnx", "top_train.onnx", "top_eval.onnx"} <= set(users)  # ... that the head and the top both read
+    assert (out / "ort" / "weights.bin").stat().st_size < 1.5 * vocab * d * 4

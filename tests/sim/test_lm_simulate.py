@@ -109,3 +109,21 @@ def test_bench_accuracy_scores_a_causal_lm_by_perplexity(weighted_llama, tmp_pat
     per_round = [json.loads(x) for x in (tmp_path / "acc" / "flexpsfl" / "rounds.jsonl").read_text().splitlines()]
     assert len(per_round) == 2 and all(r["personal_ppl"] > 1.0 and r["global_ppl"] > 1.0 for r in per_round)
     assert (tmp_path / "acc" / "accuracy_vs_time.png").stat().st_size > 10_000
+
+
+def test_u_shaped_causal_lm_keeps_the_lm_head_and_loss_on_the_devices(weighted_llama, tmp_path):
+    """`simulate --task causal_lm --topology u`: each device holds its head and its top (the last
+    block(s), final norm and LM head; u = 0 holds only those two), computes the next-token loss
+    itself, and the run ends with every client's perplexities and its (split, top) in the table."""
+    cfg = SimConfig(strategy="flexpsfl", topology="u", model=str(weighted_llama), task="causal_lm", data="vader",
+                    partition="natural", clients=2, rounds=1, local_steps=3, batch_size=4, lr=1e-2, optimizer="adamw",
+                    splits=(1, 1), tops=(1, 0), max_train=16, max_test=4, max_seq=16, eval_every=0, in_process=True,
+                    out=str(tmp_path / "run"), bundle_cache=str(tmp_path / "bundles"))
+    summary = simulate(cfg, show=False)
+    assert summary["config"]["strategy"] == "flexpsfl-u"
+    rows = summary["per_client"]
+    assert [(c["split"], c["choice"]["top"]) for c in rows] == [(1, 1), (1, 0)]
+    for c in rows:
+        assert c["personal_ppl"] > 1.0 and c["pretrained_ppl"] > 1.0, c
+    text = table(summary)
+    assert " 1+1 " in text and " 1+0 " in text
