@@ -80,6 +80,7 @@ class RoundStats:
 
     steps: int = 0
     samples: int = 0
+    tokens: int = 0  # real (unpadded) tokens trained on
     loss_sum: float = 0.0
     align_loss_sum: float = 0.0
     align_ratio_sum: float = 0.0  # ‖λ∇align‖/‖g‖ per step (alignment.aligned_gradient)
@@ -105,7 +106,13 @@ class RoundStats:
             "client_compute_ms": 1e3 * (self.forward_s + self.align_s + self.backward_s) / n,
             "step_ms": 1e3 * self.step_s / n,
             "aligned_steps": self.aligned_steps,
+            # tokens per second of the device's own compute (head, alignment, and top in U mode)
+            "tokens_per_s": self.tokens / max(self.compute_s(), 1e-9) if self.tokens else 0.0,
         }
+
+    def compute_s(self) -> float:
+        """Seconds of the device's own compute this round (no waiting)."""
+        return self.forward_s + self.align_s + self.backward_s
 
 
 class BatchCursor:
@@ -247,6 +254,7 @@ class HeadTrainer:
         if not self.overlap_alignment:
             self.align_reference()
         self.stats.samples += len(batch)
+        self.stats.tokens += int(enc.attention_mask.sum())
         return Step(z, enc.attention_mask, labels)
 
     @property

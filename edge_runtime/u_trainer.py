@@ -51,6 +51,9 @@ class URoundStats(RoundStats):
 
     top_s: float = 0.0
 
+    def compute_s(self) -> float:
+        return super().compute_s() + self.top_s
+
     def as_metrics(self) -> dict[str, float | int]:
         out = super().as_metrics()
         n = max(self.steps, 1)

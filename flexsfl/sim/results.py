@@ -119,6 +119,7 @@ def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why
             "personal_acc": c.get("personal_acc"), "generalization_acc": last.get("generalization", {}).get(cid),
             "label_prior_acc": last.get("label_prior", {}).get(cid),
             "step_ms": c.get("client_compute_ms", 0.0) + c.get("roundtrip_ms", 0.0),
+            "tokens_per_s": c.get("tokens_per_s"),  # the device's own compute
             # the split selection's prediction for the device profile (not this machine)
             "predicted_step_ms": 1e3 * why[k]["predicted"]["time_s"] if "predicted" in why[k] else None,
             "client_compute_ms": c.get("client_compute_ms"), "wire_ms": c.get("wire_ms"), "server_ms": c.get("server_ms"),
@@ -211,18 +212,20 @@ def lm_table(summary: dict) -> str:
     """The per-client table of a causal-LM run: perplexity (lower is better) on own and others' held-out text."""
     t = Table(title=f"{summary['config']['strategy']} causal LM on {summary['config']['data']} "
                     f"({summary['rounds']} rounds, {summary['final']['elapsed_s']:.0f} s of training); perplexity")
-    for col in ("client", "data", "split", "personal", "global", "pretrained", "generalization", "bytes/token", "step ms"):
+    for col in ("client", "data", "split", "personal", "global", "pretrained", "generalization", "bytes/token", "step ms",
+                "tokens/s"):
         t.add_column(col, justify="left" if col in ("client", "data") else "right")
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for c in summary["per_client"]:
         t.add_row(c["client"], _groups(c), layout(c), fmt(c.get("personal_ppl")), fmt(c.get("global_ppl")),
                   fmt(c.get("pretrained_ppl")), fmt(c.get("generalization_ppl")), fmt(c.get("bytes_per_token")),
-                  f"{c['step_ms']:.0f}")
+                  f"{c['step_ms']:.0f}", "-" if not c.get("tokens_per_s") else f"{c['tokens_per_s']:.0f}")
     console = Console(record=True, width=150, file=io.StringIO())
     console.print(t)
     console.print("personal: the client's own layers (head; and top in U mode) + the global rest; global: the global "
                   "model; pretrained: before training; "
-                  "all on the client's own held-out text; generalization: personal model on the other clients' texts")
+                  "all on the client's own held-out text; generalization: personal model on the other clients' texts; "
+                  "tokens/s: trained tokens per second of the device's own compute")
     return console.export_text()
 
 

@@ -52,7 +52,7 @@ def _federate(model: str, bundles: dict, data: dict, tmp_path) -> "pathlib.Path"
     port, state, log = free_port(), tmp_path / "state", tmp_path / "server.log"
     server = flexsfl("serve", "--model", model, "--task", "causal_lm", "--port", str(port), "--clients", str(reg),
                      "--state-dir", str(state), "--rounds", "1", "--local-steps", str(STEPS), "--batch-size", str(BATCH),
-                     "--lr", str(LR), "--optimizer", "sgd", "--no-batching", "--threads", "1",
+                     "--lr", str(LR), "--optimizer", "sgd", "--align-lambda", "0", "--no-batching", "--threads", "1",
                      "--min-clients", str(len(bundles)), log=log)
     procs = {"server": (server, log)}
     wait_listening(port, server, log, timeout=300)

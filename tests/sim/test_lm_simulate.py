@@ -46,6 +46,7 @@ def test_causal_lm_federation_lowers_personal_perplexity_and_samples(weighted_ll
         # 8 AdamW steps of LoRA on its own domain: the random model gets better at its own text (measured: -12 %)
         assert c["personal_ppl"] < 0.95 * c["pretrained_ppl"], c
         assert 1.0 < c["bytes_per_token"] < 20
+        assert c["tokens_per_s"] > 0  # the device's trained tokens per second of its own compute
     text = table(summary)
     assert "pretrained" in text and "generalization" in text and "c1" in text
     _samples(cfg, summary)
@@ -124,6 +125,6 @@ def test_u_shaped_causal_lm_keeps_the_lm_head_and_loss_on_the_devices(weighted_l
     rows = summary["per_client"]
     assert [(c["split"], c["choice"]["top"]) for c in rows] == [(1, 1), (1, 0)]
     for c in rows:
-        assert c["personal_ppl"] > 1.0 and c["pretrained_ppl"] > 1.0, c
+        assert c["personal_ppl"] > 1.0 and c["pretrained_ppl"] > 1.0 and c["tokens_per_s"] > 0, c
     text = table(summary)
     assert " 1+1 " in text and " 1+0 " in text
