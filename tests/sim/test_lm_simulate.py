@@ -112,7 +112,7 @@ def test_bench_accuracy_scores_a_causal_lm_by_perplexity(weighted_llama, tmp_pat
     assert (tmp_path / "acc" / "accuracy_vs_time.png").stat().st_size > 10_000
 
 
-def test_u_shaped_causal_lm_keeps_the_lm_head_and_loss_on_the_devices(weighted_llama, tmp_path):
+def test_u_shaped_causal_lm_keeps_the_lm_head_and_loss_on_the_devices(weighted_llama, tmp_path, capsys):
     """`simulate --task causal_lm --topology u`: each device holds its head and its top (the last
     block(s), final norm and LM head; u = 0 holds only those two), computes the next-token loss
     itself, and the run ends with every client's perplexities and its (split, top) in the table."""
@@ -128,3 +128,9 @@ def test_u_shaped_causal_lm_keeps_the_lm_head_and_loss_on_the_devices(weighted_l
         assert c["personal_ppl"] > 1.0 and c["pretrained_ppl"] > 1.0 and c["tokens_per_s"] > 0, c
     text = table(summary)
     assert " 1+1 " in text and " 1+0 " in text
+    from flexsfl.cli.demo import _samples
+
+    _samples(cfg, summary)  # each client's personal head + top merged with the global middle, sampled
+    assert capsys.readouterr().out.count("->") == 2
+    for cid in ("c0", "c1"):
+        assert (tmp_path / "run" / "personal" / cid / "adapter_model.safetensors").is_file()
