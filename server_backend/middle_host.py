@@ -21,6 +21,9 @@ Either way the forward runs on a snapshot of the middle's adapters, so an optimi
 for another client in between changes neither this client's graph nor its ``dL/dZ``: a client's
 result is exactly what it would get alone from the weights its forward saw.
 
+Device: the middle runs where the :class:`TailHost` put the model (``flexsfl serve --device``);
+``Z``, mask and ``dL/dH`` go there per batch and ``H``/``dL/dZ`` come back as numpy arrays.
+
 Cross-client batching: :meth:`forward_batch` runs the requests that arrived together as one
 forward per ``(split, top)``, right-padding ``T`` with masked zeros; :meth:`backward_batch` backpropagates
 each client's ``dL/dH`` through its own rows only (the others get zeros) and sums the clients'
@@ -169,6 +172,7 @@ class MiddleHost:
         for (split, top), idx in groups.items():
             middle = self.middle(split, top)
             z, mask, rows = _concat([reqs[i] for i in idx])
+            z, mask = z.to(self.host.device), mask.to(self.host.device)  # the host's --device (a no-op on CPU)
             snapshot = {n: p.detach().clone().requires_grad_(True) for n, p in middle.trainable()}
             batch = _Batch(middle, snapshot, z.requires_grad_(True), mask, None, len(idx))
             saved: dict[int, int] = {}  # storage -> bytes, each counted once (views share one)
@@ -186,7 +190,7 @@ class MiddleHost:
                 batch.h = h
             for i, r in zip(idx, rows):
                 t = reqs[i].z.shape[1]
-                hi = h[r, :t].detach().numpy().copy()
+                hi = h[r, :t].detach().cpu().numpy().copy()
                 if not np.isfinite(hi).all():
                     out[i] = MiddleForward(None, "the middle's output is not finite for these activations")
                     batch.users -= 1
@@ -218,7 +222,8 @@ class MiddleHost:
         if why is not None:
             raise ConfigError(why)
         z, mask = np.array(z, dtype=np.float32), np.array(attention_mask, dtype=np.int64)
-        return self.middle(split, top)(torch.from_numpy(z), torch.from_numpy(mask)).numpy()
+        dev = self.host.device
+        return self.middle(split, top)(torch.from_numpy(z).to(dev), torch.from_numpy(mask).to(dev)).cpu().numpy()
 
     # -- backward ------------------------------------------------------------------------------
     def backward_batch(self, reqs: Sequence[MiddleBackward]) -> list[MiddleResult]:
@@ -259,7 +264,7 @@ class MiddleHost:
             gh = torch.zeros_like(h)
             for i in idx:
                 p = self.pending[reqs[i].key]
-                gh[p.rows, : p.shape[1]] = torch.from_numpy(np.asarray(reqs[i].grad_h))
+                gh[p.rows, : p.shape[1]] = torch.from_numpy(np.asarray(reqs[i].grad_h)).to(gh.device)
             names = list(batch.snapshot)
             gz, *gp = torch.autograd.grad(h, [batch.z, *batch.snapshot.values()], gh, retain_graph=True,
                                           allow_unused=True)
@@ -269,7 +274,7 @@ class MiddleHost:
                     grads[own[n]] = grads[own[n]] + g if own[n] in grads else g
             for i in idx:
                 p = self.pending[reqs[i].key]
-                live[i] = gz[p.rows, : p.shape[1]].numpy().copy()
+                live[i] = gz[p.rows, : p.shape[1]].cpu().numpy().copy()
         if not live:
             return out  # type: ignore[return-value]
         if not all(np.isfinite(g).all() for g in live.values()) or not all(bool(torch.isfinite(g).all()) for g in grads.values()):
