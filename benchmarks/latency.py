@@ -46,7 +46,7 @@ import numpy as np
 
 from flexsfl.core.errors import ConfigError
 
-from flexsfl.benchmarks.report import Column, line_plot, markdown_table, summarize, write_results
+from flexsfl.benchmarks.report import Column, int_list, line_plot, markdown_table, summarize, write_results
 
 __all__ = ["LatencyConfig", "run_latency", "backend_worker", "export_cached", "measure_step", "add_arguments",
            "config_from_args", "BACKENDS"]
@@ -410,13 +410,6 @@ def _plot(rows: list[dict[str, Any]], path: pathlib.Path, machine: dict) -> path
                      subtitle=f"{machine['cpu']}, commit {machine['commit']}")
 
 
-def _ints(flag: str, text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise ConfigError(f"{flag} must be comma-separated integers, got {text!r}") from None
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = LatencyConfig(model="minilm")
     p.add_argument("--bundle", default=None, help="the bundle to measure (directory or .tar.gz)")
@@ -435,7 +428,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> LatencyConfig:
-    return LatencyConfig(bundle=args.bundle, model=args.model, splits=_ints("--splits", args.splits),
-                         backends=tuple(args.backend.split(",")), threads=args.threads, batch=_ints("--batch", args.batch),
-                         seq=_ints("--seq", args.seq), reps=args.reps, warmup=args.warmup, rounds=args.rounds,
+    return LatencyConfig(bundle=args.bundle, model=args.model, splits=int_list("--splits", args.splits),
+                         backends=tuple(args.backend.split(",")), threads=args.threads, batch=int_list("--batch", args.batch),
+                         seq=int_list("--seq", args.seq), reps=args.reps, warmup=args.warmup, rounds=args.rounds,
                          json=args.json, out=args.out, cache=args.cache)

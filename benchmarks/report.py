@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["summarize", "write_results", "markdown_table", "line_plot", "Column"]
+from flexsfl.core.errors import ConfigError
+
+__all__ = ["summarize", "write_results", "markdown_table", "line_plot", "Column", "int_list"]
 
 # (row key, header, format spec); a missing or None value prints as "-".
 Column = tuple[str, str, str]
@@ -118,3 +120,11 @@ def line_plot(path: str | os.PathLike, series: Mapping[str, tuple[Sequence[float
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def int_list(flag: str, text: str) -> tuple[int, ...]:
+    """A comma-separated integer flag (``--splits 1,3,5``); anything else is a one-line ConfigError."""
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{flag} must be comma-separated integers, got {text!r}") from None

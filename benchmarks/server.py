@@ -58,7 +58,7 @@ import numpy as np
 from flexsfl.core.errors import ConfigError, OrderError
 from flexsfl.core.wire import ENCODINGS
 
-from flexsfl.benchmarks.report import Column, line_plot, markdown_table, summarize, write_results
+from flexsfl.benchmarks.report import Column, int_list, line_plot, markdown_table, summarize, write_results
 
 __all__ = ["ServerBenchConfig", "run_server_bench", "client_worker", "add_arguments", "config_from_args"]
 
@@ -426,15 +426,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerBenchConfig:
-    clients, workers = _ints("--clients", args.clients), _ints("--workers", args.workers)
+    clients, workers = int_list("--clients", args.clients), int_list("--workers", args.workers)
     return ServerBenchConfig(model=args.model, split=args.split, batch=args.batch, seq=args.seq, clients=clients,
                              modes=tuple(args.modes.split(",")), local_steps=args.local_steps, rounds=args.rounds,
                              repeats=args.repeats, threads=args.threads, encoding=args.encoding, profile=args.profile, out=args.out,
                              workers=workers, clients_per_process=args.clients_per_process)
-
-
-def _ints(flag: str, text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(c) for c in text.split(","))
-    except ValueError:
-        raise ConfigError(f"{flag} must be comma-separated integers, got {text!r}") from None
