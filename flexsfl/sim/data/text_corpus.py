@@ -13,7 +13,7 @@ ignored: the devices' labels are the input tokens, padding masked). Sources:
 Instruction format: :func:`instruction_text` renders a (prompt, response) pair with the
 tokenizer's chat template and returns the rendered prompt too; it travels as ``Example.prompt``
 to the devices, whose :meth:`TextEncoder.lm_labels` masks its tokens (loss on the response only;
-:func:`response_labels` is the same masking from token counts). :func:`write_client_files` writes each
+the server's perplexity masks them the same way). :func:`write_client_files` writes each
 client's train/test JSONL for ``flexsfl edge run --data``.
 """
 
@@ -31,7 +31,7 @@ from flexsfl.core.errors import DataError
 from flexsfl.edge_runtime.data import Example, write_jsonl
 from flexsfl.sim.data.dataset import Dataset
 
-__all__ = ["ClientText", "vader_domains", "read_text_corpus", "text_dataset", "split_corpus", "instruction_text", "response_labels",
+__all__ = ["ClientText", "vader_domains", "read_text_corpus", "text_dataset", "split_corpus", "instruction_text",
            "write_client_files"]
 
 
@@ -171,13 +171,6 @@ def instruction_text(tokenizer: Any, prompt: str, response: str) -> tuple[str, s
     else:
         head, whole = prompt + "\n", prompt + "\n" + response
     return whole, head
-
-
-def response_labels(input_ids: np.ndarray, attention_mask: np.ndarray, prompt_tokens: Sequence[int]) -> np.ndarray:
-    """Causal-LM labels [B, T] int64: the token ids, -100 on padding and on each row's first ``prompt_tokens[i]``."""
-    labels = np.where(attention_mask == 1, input_ids, -100).astype(np.int64)
-    pos = np.arange(input_ids.shape[1])[None, :]
-    return np.where(pos < np.asarray(prompt_tokens)[:, None], -100, labels)
 
 
 def write_client_files(clients: Sequence[ClientText], out: str | os.PathLike) -> dict[str, tuple[pathlib.Path, pathlib.Path]]:

@@ -9,10 +9,10 @@ import pytest
 
 from flexsfl.core.errors import DataError
 from flexsfl.edge_runtime.data import Example, read_examples
+from flexsfl.edge_runtime.text import TextEncoder
 from flexsfl.sim.data.text_corpus import (
     instruction_text,
     read_text_corpus,
-    response_labels,
     split_corpus,
     vader_domains,
     write_client_files,
@@ -65,12 +65,14 @@ def test_instruction_format_masks_the_prompt_tokens(tiny_model_dirs):
     tok.chat_template = CHATML
     whole, head = instruction_text(tok, "What is the capital of France?", "Paris.")
     assert whole.startswith(head) and head.endswith("assistant\n") and "Paris." in whole[len(head):]
-    enc = tok([whole, "short"], padding=True, return_tensors="np")
+    encoder = TextEncoder.from_file(tiny_model_dirs["llama"] / "tokenizer.json", max_seq=64, pad_id=0)
+    batch = encoder.encode([whole, "short"])  # what the device trains on
+    ids, mask = batch.input_ids, batch.attention_mask
     n_prompt = len(tok(head)["input_ids"]) - 1  # the prompt's tokens, less the closing [SEP] the tokenizer adds
-    assert enc["input_ids"][0][:n_prompt].tolist() == tok(head)["input_ids"][:n_prompt]
-    labels = response_labels(enc["input_ids"], enc["attention_mask"], [n_prompt, 0])
+    assert ids[0][:n_prompt].tolist() == tok(head)["input_ids"][:n_prompt]
+    labels = encoder.lm_labels(batch, [head, ""])
     assert (labels[0, :n_prompt] == -100).all() and (labels[0, n_prompt:] != -100).any()
-    assert (labels[1] == np.where(enc["attention_mask"][1] == 1, enc["input_ids"][1], -100)).all()
+    assert (labels[1] == np.where(mask[1] == 1, ids[1], -100)).all()
 
 
 def test_text_dataset_keeps_instruction_prompts_and_groups(tmp_path, tiny_model_dirs):
