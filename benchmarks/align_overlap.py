@@ -34,6 +34,21 @@ def _client_rows(out: pathlib.Path) -> list[dict]:
     return [r["metrics"] for r in rows if r.get("event") == "client_metrics" and r.get("round", 0) > 0]
 
 
+def _pin_client_to(cpus: set[int]) -> None:
+    """Spawned ``flexsfl edge run`` processes go on ``cpus``: the device's own core, as on real hardware."""
+    from flexsfl.sim import simulate as sim
+
+    spawn = getattr(sim._spawn_client, "__wrapped__", sim._spawn_client)
+
+    def pinned(*args, **kwargs):
+        proc = spawn(*args, **kwargs)
+        os.sched_setaffinity(proc.pid, cpus)
+        return proc
+
+    pinned.__wrapped__ = spawn
+    sim._spawn_client = pinned
+
+
 def run_pair(out: pathlib.Path, *, split: int, steps: int, rounds: int, lam: float, seed: int = 0) -> dict:
     from flexsfl.sim.config import DEMO
     from flexsfl.sim.simulate import simulate
@@ -53,8 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", type=int, default=3, help="the client's split point (default: 3)")
     ap.add_argument("--lam", type=float, default=0.1, help="λ of the aligned runs (default: 0.1)")
     ap.add_argument("--out", default="results/align_overlap")
+    ap.add_argument("--pin", action="store_true",
+                    help="server on the last CPU, the device process on the first (a device and a server that do not "
+                         "share cores, as deployed; needs ≥ 2 CPUs)")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            raise SystemExit("error: --pin needs at least 2 CPUs; run without it")
+        os.sched_setaffinity(0, {cpus[-1]})
+        _pin_client_to({cpus[0]})
     out = pathlib.Path(args.out)
     runs: dict[str, list[dict]] = {"on": [], "off": []}
     for i in range(args.pairs):
