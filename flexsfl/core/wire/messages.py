@@ -455,6 +455,9 @@ class RoundConfig(Message):
     mode: RoundMode = _field(_round_mode, default=RoundMode.SPLIT)
     personal: bool = _field(_bool, default=True)  # keep theta_k across rounds
     adapters: bool = _field(_bool, default=True)  # an Adapters message follows
+    # U-shaped only: the alignment term also at the top's input H. The device then sends
+    # Z' = head(x; φ) with Z (Activations.z_ref) and gets H' = middle_φ(Z') with H (MiddleOutput.h_ref).
+    align_top: bool = _field(_bool, default=False)
 
 
 @_message
@@ -475,7 +478,9 @@ class Activations(Message):
     ``z`` float32 [B, T, d]; ``attention_mask`` int64 [B, T] of 0/1 (uint8 on the wire);
     ``labels`` int64 [B] (sequence classification) or [B, T] (causal LM, -100 = ignore).
     The session decides about labels (:mod:`.protocol`): a head/tail train step needs them, a
-    U-shaped session (``Hello.top >= 0``) refuses any. ``z`` travels in ``encoding``.
+    U-shaped session (``Hello.top >= 0``) refuses any. ``z_ref``: Z' = head(x; φ), float32 like
+    ``z``, only in a U-shaped train step of a round whose RoundConfig has ``align_top`` (the
+    session checks). ``z`` and ``z_ref`` travel in ``encoding``.
     """
 
     KIND = MessageKind.ACTIVATIONS
@@ -485,10 +490,13 @@ class Activations(Message):
     z: np.ndarray = _array(_Slot("float", (3,)))
     attention_mask: np.ndarray = _array(_Slot("mask", (2,)))
     labels: np.ndarray | None = _array(_Slot("int64", (1, 2), optional=True), default=None)
+    z_ref: np.ndarray | None = _array(_Slot("float", (3,), optional=True), default=None)
     encoding: str = _encoding()
 
     def _check(self) -> None:
         bt = self.z.shape[:2]
+        if self.z_ref is not None and self.z_ref.shape != self.z.shape:
+            raise TensorError(f"Activations.z_ref has shape {list(self.z_ref.shape)}, z has {list(self.z.shape)}; Z' must match Z")
         if self.attention_mask.shape != bt:
             raise TensorError(f"Activations.attention_mask has shape {list(self.attention_mask.shape)}, z needs {list(bt)}")
         if self.labels is not None and self.labels.shape not in (bt[:1], bt):
@@ -522,13 +530,19 @@ class Predictions(Message):
 class MiddleOutput(Message):
     """Server -> client, U-shaped: ``h`` = the middle's output H, float32 [B, T, d], for the
     Activations with the same ids (train: the device answers with :class:`TopGradients`; eval:
-    the device runs its top itself and keeps the predictions)."""
+    the device runs its top itself and keeps the predictions). ``h_ref`` = H' = middle_φ(Z'),
+    no gradient kept, exactly when the Activations carried ``z_ref`` (the session checks)."""
 
     KIND = MessageKind.MIDDLE_OUTPUT
     round_id: int = _field(_int())
     step_id: int = _field(_int())
     h: np.ndarray = _array(_Slot("float", (3,)))
+    h_ref: np.ndarray | None = _array(_Slot("float", (3,), optional=True), default=None)
     encoding: str = _encoding()
+
+    def _check(self) -> None:
+        if self.h_ref is not None and self.h_ref.shape != self.h.shape:
+            raise TensorError(f"MiddleOutput.h_ref has shape {list(self.h_ref.shape)}, h has {list(self.h.shape)}; H' must match H")
 
 
 @_message

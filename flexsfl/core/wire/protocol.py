@@ -26,6 +26,11 @@ the labels) answers steps in more legs; its Activations carry no labels::
 and Predictions never pass. A head/tail session (``Hello.top == -1``) never sees MiddleOutput
 or TopGradients, and its train Activations must carry labels.
 
+Alignment at the top's input: in a round whose RoundConfig has ``align_top`` (only for a
+U-shaped session, with ``align_lambda > 0``), a train Activations may also carry ``z_ref``
+(Z' = head(x; φ)); its MiddleOutput must then carry ``h_ref`` (H' = middle_φ(Z')), and only then.
+A ``z_ref`` anywhere else (another round, an eval step, a head/tail session) is refused.
+
 At most one Activations is outstanding: until the step's last leg, only the next leg
 (:attr:`Pending.awaits`), Error or Bye may pass. Inside a round every round_id must be the round's; an answer must carry the ids
 of the Activations it answers, and its tensor must match that batch's shape. Z and g travel in
@@ -106,6 +111,7 @@ class Pending:
     mode: str  # "train" -> Gradients, "eval" -> Predictions (head/tail) or MiddleOutput (U-shaped)
     shape: tuple[int, int, int]  # of z: [B, T, d] (H, dL/dH and dL/dZ have it too)
     awaits: type[Message] = Gradients  # the step's next message (U-shaped train: MiddleOutput, TopGradients, Gradients)
+    ref: bool = False  # the Activations carried z_ref: its MiddleOutput must carry h_ref
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +126,7 @@ class _Session:
     encoding: str | None = None  # Welcome.encoding
     session_id: str | None = None
     top: int = -1  # Hello.top: >= 0 in a U-shaped session
+    align_top: bool = False  # the current round's RoundConfig.align_top: z_ref allowed in its train steps
 
 
 _SENDER: dict[type[Message], Role] = {
@@ -187,6 +194,11 @@ class Connection:
     @property
     def u_shaped(self) -> bool:
         return self._s.top >= 0
+
+    @property
+    def align_top(self) -> bool:
+        """The current round's RoundConfig.align_top: its U-shaped train steps may carry Z' (and get H')."""
+        return self._s.align_top
 
     def send(self, msg: Message) -> bytes:
         """Check that this side may send ``msg`` now, advance the state and return the frame.
@@ -278,7 +290,11 @@ def _on_round_config(s: _Session, m: RoundConfig) -> _Session:
     _require(s, m, State.IDLE)
     if s.round_id is not None and m.round_id <= s.round_id:
         raise OrderError(f"RoundConfig starts round {m.round_id}, but round {s.round_id} came before; round ids must increase")
-    return dataclasses.replace(s, state=State.IN_ROUND, round_id=m.round_id)
+    if m.align_top and s.top < 0:
+        raise ProtocolError("RoundConfig.align_top is for U-shaped sessions (Hello.top >= 0); this session is head/tail")
+    if m.align_top and not m.align_lambda > 0:
+        raise ProtocolError("RoundConfig.align_top needs align_lambda > 0: it applies the alignment term at the top's input too")
+    return dataclasses.replace(s, state=State.IN_ROUND, round_id=m.round_id, align_top=m.align_top)
 
 
 def _on_adapters(s: _Session, m: Adapters) -> _Session:
@@ -296,11 +312,17 @@ def _on_activations(s: _Session, m: Activations) -> _Session:
         _same_round(s, m)
     if m.encoding != s.encoding:
         raise TensorError(f"Activations.z travels in {m.encoding}, but the connection negotiated {s.encoding}")
+    if m.z_ref is not None and not (s.top >= 0 and m.mode == "train" and s.state is State.IN_ROUND and s.align_top):
+        where = ("a head/tail session" if s.top < 0 else "an eval step" if m.mode != "train"
+                 else f"round {m.round_id}, whose RoundConfig has align_top false")
+        raise ProtocolError(f"Activations round {m.round_id} step {m.step_id} carries z_ref (Z') in {where}; "
+                            "send Z' only in U-shaped train steps of an align_top round", ErrorCode.BAD_TENSOR)
     if s.top >= 0:
         if m.labels is not None:
             raise ProtocolError(f"Activations round {m.round_id} step {m.step_id} carries labels in a U-shaped session "
                                 "(Hello.top >= 0); labels stay on the device, send Z and the mask only", ErrorCode.BAD_TENSOR)
-        return dataclasses.replace(s, pending=Pending(m.round_id, m.step_id, m.mode, m.z.shape, MiddleOutput))
+        return dataclasses.replace(s, pending=Pending(m.round_id, m.step_id, m.mode, m.z.shape, MiddleOutput,
+                                                      m.z_ref is not None))
     if m.mode == "train" and m.labels is None:
         raise TensorError(f"Activations round {m.round_id} step {m.step_id}: a head/tail train step needs labels")
     return dataclasses.replace(s, pending=Pending(m.round_id, m.step_id, m.mode, m.z.shape,
@@ -336,6 +358,10 @@ def _same_shape(s: _Session, p: Pending, name: str, a: np.ndarray, m: Message) -
 def _on_middle_output(s: _Session, m: MiddleOutput) -> _Session:
     p = _answer(s, m, None)
     _same_shape(s, p, "h", m.h, m)
+    if p.ref != (m.h_ref is not None):
+        raise ProtocolError(f"MiddleOutput round {m.round_id} step {m.step_id} "
+                            + ("lacks h_ref (H'), but its Activations sent z_ref" if p.ref
+                               else "carries h_ref (H'), but its Activations sent no z_ref"), ErrorCode.BAD_TENSOR)
     if p.mode == "eval":
         return dataclasses.replace(s, pending=None)
     return dataclasses.replace(s, pending=dataclasses.replace(p, awaits=TopGradients))
