@@ -1,9 +1,16 @@
 """The server's torch worker: one thread that owns the model, fed from the event loop.
 
-All torch work runs on this thread so the asyncio loop only moves bytes. Training steps go
-through a queue; with ``batching`` on, the worker takes every step that is waiting when it
-becomes free and runs them as one :meth:`TailHost.train_batch` — under load, requests that
-arrive while a step runs are batched together, without any artificial delay when idle.
+All torch work runs on this thread so the asyncio loop only moves bytes. Requests go through one
+queue, in the order received: tail steps (:meth:`ComputeWorker.train`), U-shaped middle forwards
+and backwards (:meth:`ComputeWorker.submit`), and any other model work (:meth:`ComputeWorker.call`).
+With ``batching`` on, the worker takes the run of same-kind requests waiting at the head of the
+queue when it becomes free and runs them as one batch call (:meth:`TailHost.train_batch`,
+``MiddleHost.forward_batch`` / ``backward_batch``) — under load, requests that arrive while a
+batch runs are batched together, without any artificial delay when idle. Batching never changes
+a result: the optimizer steps follow the fixed schedule of :mod:`.schedule` (one step per
+``--server-step-every`` client steps, in queue order), and the hosts cut a batch at its group
+boundaries. :meth:`ComputeWorker.end_round` steps a group left partial (the server calls it at
+every round end).
 
 Batching policy (``flexsfl serve --max-batch-tokens/--max-wait-ms``): a batch holds at most
 ``max_batch_requests`` steps and at most ``max_batch_tokens`` tokens (Σ B·T; 0 = no cap; a
@@ -40,8 +47,10 @@ _STOP = object()
 class ComputeWorker:
     """Runs :class:`TailHost` work on a dedicated thread.
 
-    ``await worker.train(req)`` returns the step's :class:`StepResult`; ``await worker.call(fn,
-    *args)`` runs any other model work (predictions, aggregation) in order with the steps.
+    ``await worker.train(req)`` returns the step's :class:`StepResult`; ``await worker.submit(fn,
+    req)`` runs ``fn([req, ...])[i]`` batched with the same-``fn`` requests waiting next to it;
+    ``await worker.call(fn, *args)`` runs any other model work (predictions, aggregation) in
+    order with the steps. ``server_steps`` counts the optimizer steps taken (tail and middle).
     """
 
     def __init__(self, host: TailHost, *, batching: bool = True, max_batch_requests: int = 64, threads: int | None = None,
@@ -75,20 +84,33 @@ class ComputeWorker:
         """Requests waiting for the thread (approximate: it moves while you read it)."""
         return self._q.qsize()
 
+    @property
+    def server_steps(self) -> int:
+        """Optimizer steps the global model took (tail and U-shaped middle)."""
+        return self.host.steps
+
     async def train(self, req: StepRequest) -> StepResult:
+        return await self.submit(self.host.train_batch, req)
+
+    async def submit(self, batch_fn: Callable[[list], list], req: Any) -> Any:
+        """``batch_fn(batch)[i]`` for ``req`` at position ``i`` of a batch of the same-``batch_fn``
+        requests waiting in order (``batch_fn`` must accept any such run and answer each in order)."""
         fut = asyncio.get_running_loop().create_future()
-        self._q.put(("train", req, fut))
+        self._q.put((batch_fn, req, fut))
         return await fut
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         fut = asyncio.get_running_loop().create_future()
-        self._q.put(("call", (fn, args), fut))
+        self._q.put((None, (fn, args), fut))
         return await fut
 
-    # -- worker thread -------------------------------------------------------------------------
     async def end_round(self) -> None:
-        """Nothing to merge: this worker trains the one global tail in place (the Ray pool's
+        """Step a schedule group left partial (:meth:`TailHost.flush`); nothing to merge, this
+        worker trains the one global model in place (the Ray pool's
         :meth:`~.workers.WorkerPool.end_round` averages its copies here)."""
+        await self.call(self.host.flush)
+
+    # -- worker thread -------------------------------------------------------------------------
 
     def _next(self, timeout: float | None = None):
         if self._held:
@@ -106,16 +128,16 @@ class ComputeWorker:
             item = self._next()
             if item is _STOP:
                 return
-            if item[0] != "train":
+            if item[0] is None:
                 self._do_call(item)
                 continue
             batch = [item]
             if self.batching:
                 batch = self._fill(batch)
-            self._do_train(batch)
+            self._do_batch(batch)
 
     def _fill(self, batch: list) -> list:
-        """Add waiting steps to ``batch`` under the policy; anything else taken is held for later."""
+        """Add waiting same-kind requests to ``batch`` under the policy; anything else taken is held for later."""
         tokens = _tokens(batch[0][1])
         deadline = time.perf_counter() + self.max_wait
         while len(batch) < self.max_batch_requests:
@@ -123,7 +145,7 @@ class ComputeWorker:
                 nxt = self._next(timeout=max(0.0, deadline - time.perf_counter()) if self.max_wait else 0)
             except queue.Empty:
                 break
-            if nxt is _STOP or nxt[0] != "train":
+            if nxt is _STOP or nxt[0] != batch[0][0]:
                 self._held.append(nxt)
                 break
             t = _tokens(nxt[1])
@@ -134,22 +156,24 @@ class ComputeWorker:
             tokens += t
         return batch
 
-    def _do_train(self, items: list) -> None:
+    def _do_batch(self, items: list) -> None:
+        fn = items[0][0]
         t0 = time.perf_counter()
         try:
-            results = self.host.train_batch([req for _, req, _ in items])
+            results = fn([req for _, req, _ in items])
         except Exception as e:  # noqa: BLE001 - reported to every waiting client, the worker lives on
-            log.exception("training step failed")
+            log.exception("batch of %d failed", len(items))
             for _, _, fut in items:
                 _resolve(fut, exc=e)
             return
         finally:
             dt = time.perf_counter() - t0
             self.busy_seconds += dt
-        if self.on_batch is not None:
-            self.on_batch([req.tag for _, req, _ in items], dt)
-        self.batches += 1
-        self.steps += len(items)
+        if fn == self.host.train_batch:  # tail steps (the middle's are counted by MiddleHost and u_round)
+            if self.on_batch is not None:
+                self.on_batch([req.tag for _, req, _ in items], dt)
+            self.batches += 1
+            self.steps += len(items)
         for (_, _, fut), res in zip(items, results):
             _resolve(fut, value=res)
 
@@ -177,8 +201,10 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def _tokens(req: StepRequest) -> int:
-    return int(req.z.shape[0]) * int(req.z.shape[1])
+def _tokens(req: Any) -> int:
+    """B·T of a request: its ``z`` (a tail step, a middle forward) or its ``grad_h`` (a middle backward)."""
+    a = req.z if hasattr(req, "z") else req.grad_h
+    return int(a.shape[0]) * int(a.shape[1])
 
 
 def _resolve(fut: asyncio.Future, *, value: Any = None, exc: BaseException | None = None) -> None:

@@ -25,10 +25,24 @@ Device: the middle runs where the :class:`TailHost` put the model (``flexsfl ser
 ``Z``, mask and ``dL/dH`` go there per batch and ``H``/``dL/dZ`` come back as numpy arrays.
 
 Cross-client batching: :meth:`forward_batch` runs the requests that arrived together as one
-forward per ``(split, top)``, right-padding ``T`` with masked zeros; :meth:`backward_batch` backpropagates
-each client's ``dL/dH`` through its own rows only (the others get zeros) and sums the clients'
-adapter gradients into one optimizer step, as :class:`~flexsfl.server_backend.tail_host.TailHost`
-does with its summed objective. Not thread-safe: call it from the server's one compute thread.
+forward per ``(split, top)``, right-padding ``T`` with masked zeros; :meth:`backward_batch` takes
+the ``dL/dH`` that arrived together. The compute worker batches both across clients
+(:meth:`~.compute.ComputeWorker.submit`), so concurrent clients' forwards run as one
+``forward_batch`` and their backwards as one ``backward_batch``.
+
+Optimizer schedule: the middle steps under the :class:`~.tail_host.TailHost`'s
+:class:`~.schedule.StepSchedule` (``--server-step-every k``), counted per ``dL/dH`` received, in
+order: :meth:`backward_batch` cuts its requests at the group boundaries, adds each group's
+adapter gradients (each computed at the snapshot its forward saw) to the open group, and the
+step is taken at the group's k-th ``dL/dH`` with the mean over the group. Within a group, a
+forward batch's kept graph serves when the group holds every client still waiting on it (one
+backward over the batch); otherwise the group's clients recompute their own rows' forward from
+the kept inputs and snapshot (the same numbers as alone). With ``k = 1`` a forward batch of
+several clients therefore keeps no graph (each backward recomputes its rows). Each client's
+``H`` and ``dL/dZ`` is exactly its own, and the same sequence of forwards and backwards gives
+the same middle weights and results whether its requests come one at a time or in batches
+(tests/server_backend/test_middle_batch.py). Not thread-safe: call it from the server's one
+compute thread.
 """
 
 from __future__ import annotations
@@ -90,7 +104,7 @@ class _Batch:
     snapshot: dict[str, torch.Tensor]  # own name -> detached copy requiring grad
     z: torch.Tensor  # [ΣB, T, d] leaf requiring grad
     mask: torch.Tensor
-    h: torch.Tensor | None  # the forward's output (None in recompute mode until needed)
+    h: torch.Tensor | None  # the forward's output with its graph (None: no graph kept, a backward recomputes its rows)
     users: int  # entries not yet consumed or expired
     nbytes: int = 0  # what it holds: inputs, snapshot and (store mode) the activations the graph saved
 
@@ -114,7 +128,7 @@ class MiddleHost:
         self._middles: dict[tuple[int, int], Middle] = {}
         self.pending: dict[Hashable, _Pending] = {}
         self._expired: collections.OrderedDict[Hashable, None] = collections.OrderedDict()  # recent, to say "late"
-        self.steps = 0
+        self.steps = 0  # client steps answered (dL/dZ sent); the optimizer's steps are host.steps
 
     def middle(self, split: int, top: int) -> Middle:
         if (split, top) not in self._middles:
@@ -175,18 +189,20 @@ class MiddleHost:
             z, mask = z.to(self.host.device), mask.to(self.host.device)  # the host's --device (a no-op on CPU)
             snapshot = {n: p.detach().clone().requires_grad_(True) for n, p in middle.trainable()}
             batch = _Batch(middle, snapshot, z.requires_grad_(True), mask, None, len(idx))
+            # k = 1 steps per client: a graph over several clients would never serve a backward whole.
+            graph = not self.recompute and (len(idx) == 1 or self.host.schedule.every > 1)
             saved: dict[int, int] = {}  # storage -> bytes, each counted once (views share one)
 
             def keep(t: torch.Tensor) -> torch.Tensor:
                 saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
                 return t
 
-            with torch.enable_grad() if not self.recompute else torch.no_grad(), \
+            with torch.enable_grad() if graph else torch.no_grad(), \
                     torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
                 h = torch.func.functional_call(middle, snapshot, (batch.z, mask))
             own = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (z, mask, *snapshot.values())}
             batch.nbytes = sum({**saved, **own}.values())
-            if not self.recompute:
+            if graph:
                 batch.h = h
             for i, r in zip(idx, rows):
                 t = reqs[i].z.shape[1]
@@ -227,15 +243,16 @@ class MiddleHost:
 
     # -- backward ------------------------------------------------------------------------------
     def backward_batch(self, reqs: Sequence[MiddleBackward]) -> list[MiddleResult]:
-        """``dL/dZ`` for every request, then one optimizer step with the summed adapter gradients.
+        """``dL/dZ`` for every request, in order, under the schedule (one optimizer step at each
+        group's k-th accepted ``dL/dH``).
 
         A refused request (unknown or expired step, wrong shape, non-finite ``dL/dH`` or
-        ``dL/dZ``) changes nothing and keeps its forward for a correct retry until the deadline;
-        if any gradient comes out non-finite nothing is stepped for any of them.
+        ``dL/dZ`` or adapter gradient) changes nothing, counts for nothing and keeps its forward
+        for a correct retry until the deadline; the others are unaffected.
         """
         self.expire()
         out: list[MiddleResult | None] = [None] * len(reqs)
-        by_batch: dict[int, list[int]] = {}
+        valid: list[int] = []
         seen: set = set()
         for i, r in enumerate(reqs):
             p = self.pending.get(r.key)
@@ -252,46 +269,57 @@ class MiddleHost:
                 out[i] = MiddleResult(None, f"dL/dH for step {r.key!r} has NaN or Inf values; nothing was changed")
             else:
                 seen.add(r.key)
-                by_batch.setdefault(id(p.batch), []).append(i)
-        grads: dict[torch.nn.Parameter, torch.Tensor] = {}  # live adapter -> summed gradient
-        live: dict[int, np.ndarray] = {}
-        for idx in by_batch.values():
-            batch = self.pending[reqs[idx[0]].key].batch
-            h = batch.h
-            if h is None:  # recompute mode: the forward again, from the same inputs and snapshot
-                with torch.enable_grad():
-                    h = torch.func.functional_call(batch.middle, batch.snapshot, (batch.z, batch.mask))
-            gh = torch.zeros_like(h)
-            for i in idx:
-                p = self.pending[reqs[i].key]
-                gh[p.rows, : p.shape[1]] = torch.from_numpy(np.asarray(reqs[i].grad_h)).to(gh.device)
-            names = list(batch.snapshot)
-            gz, *gp = torch.autograd.grad(h, [batch.z, *batch.snapshot.values()], gh, retain_graph=True,
-                                          allow_unused=True)
-            own = dict(batch.middle.named_parameters())
-            for n, g in zip(names, gp):
-                if g is not None:
-                    grads[own[n]] = grads[own[n]] + g if own[n] in grads else g
-            for i in idx:
-                p = self.pending[reqs[i].key]
-                live[i] = gz[p.rows, : p.shape[1]].cpu().numpy().copy()
-        if not live:
-            return out  # type: ignore[return-value]
-        if not all(np.isfinite(g).all() for g in live.values()) or not all(bool(torch.isfinite(g).all()) for g in grads.values()):
-            for i in live:
-                out[i] = MiddleResult(None, "the middle's gradient is not finite for this batch; nothing was changed")
-            return out  # type: ignore[return-value]
-        opt = self.host.optimizer
-        opt.zero_grad(set_to_none=True)
-        for param, g in grads.items():
-            param.grad = g
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        self.steps += 1
-        for i, g in live.items():
+                valid.append(i)
+        pos = 0
+        while pos < len(valid):  # the open group first, then whole groups; refused ones leave room for the next
+            chunk = valid[pos:pos + self.host.schedule.room()]
+            pos += len(chunk)
+            grads: dict[torch.nn.Parameter, torch.Tensor] = {}
+            ok = 0
+            by_batch: dict[int, list[int]] = {}
+            for i in chunk:
+                by_batch.setdefault(id(self.pending[reqs[i].key].batch), []).append(i)
+            for idx in by_batch.values():
+                ok += self._backward_part(reqs, idx, grads, out)
+            if ok:
+                self.host.accumulate(grads, ok)
+        return out  # type: ignore[return-value]
+
+    def _backward_part(self, reqs: Sequence[MiddleBackward], idx: list[int], grads: dict, out: list) -> int:
+        """Backpropagate the ``dL/dH`` of ``idx`` (same forward batch, same group); on success add
+        their adapter gradients to ``grads``, answer them and return how many were accepted."""
+        pend = [self.pending[reqs[i].key] for i in idx]
+        batch = pend[0].batch
+        if batch.h is not None and len(idx) == batch.users:  # the kept graph, over the batch's rows
+            z, h, rows = batch.z, batch.h, [(p.rows, p.shape[1]) for p in pend]
+        else:  # this part's own rows again, from the kept inputs and snapshot
+            t = max(p.shape[1] for p in pend)
+            z = torch.cat([batch.z.detach()[p.rows, :t] for p in pend]).requires_grad_(True)
+            mask = torch.cat([batch.mask[p.rows, :t] for p in pend])
+            with torch.enable_grad():
+                h = torch.func.functional_call(batch.middle, batch.snapshot, (z, mask))
+            starts = np.cumsum([0] + [p.shape[0] for p in pend])
+            rows = [(slice(int(a), int(a) + p.shape[0]), p.shape[1]) for a, p in zip(starts, pend)]
+        gh = torch.zeros_like(h)
+        for i, (r, t) in zip(idx, rows):
+            gh[r, :t] = torch.from_numpy(np.asarray(reqs[i].grad_h)).to(gh.device)
+        names = list(batch.snapshot)
+        gz, *gp = torch.autograd.grad(h, [z, *batch.snapshot.values()], gh, retain_graph=True, allow_unused=True)
+        own = dict(batch.middle.named_parameters())
+        part = {own[n]: g for n, g in zip(names, gp) if g is not None}
+        gs = [gz[r, :t].cpu().numpy().copy() for r, t in rows]
+        if not all(np.isfinite(g).all() for g in gs) or not all(bool(torch.isfinite(g).all()) for g in part.values()):
+            if len(idx) > 1:  # find whose, alone
+                return sum(self._backward_part(reqs, [i], grads, out) for i in idx)
+            out[idx[0]] = MiddleResult(None, "the middle's gradient is not finite for these activations; nothing was changed")
+            return 0
+        for p, g in part.items():
+            grads[p] = grads[p] + g if p in grads else g
+        for i, g in zip(idx, gs):
             self._release(self.pending.pop(reqs[i].key))
             out[i] = MiddleResult(g)
-        return out  # type: ignore[return-value]
+        self.steps += len(idx)
+        return len(idx)
 
 
 def _concat(reqs: Sequence[MiddleRequest]) -> tuple[torch.Tensor, torch.Tensor, list[slice]]:

@@ -4,10 +4,17 @@
 tail on clients' smashed data, and hands out ``φ``'s head blocks for download. It is not thread
 safe: the server calls it from one worker thread, off the event loop.
 
-Cross-client batching: :meth:`TailHost.train_batch` runs the requests that arrived together as one
-forward/backward per split point. The objective is the *sum* of the clients' mean losses, so each
-client's ``g = ∂L_k/∂Z_k`` is exactly what it would get alone from the same weights; the tail then
-takes one optimizer step with the summed gradient instead of one step per request.
+Optimizer schedule (:mod:`.schedule`): one optimizer step every ``server_step_every`` (``k``)
+client steps, in the order received, never by arrival timing. :meth:`TailHost.train_batch` cuts a
+batch of ``n`` requests at the group boundaries: the requests of one group see the same weights
+and run as one forward/backward per split point; their gradients accumulate and the step is
+taken when the group's k-th request is done, with the mean over the group (the objective of a
+group is the mean of its clients' mean losses). A group left partial is stepped by
+:meth:`TailHost.flush`, which the server calls at every round end (``ComputeWorker.end_round``).
+Each client's ``g = ∂L_k/∂Z_k`` is exactly its own (unscaled): what it would get alone from the
+same weights. So cross-client batching is an optimization only: the same sequence of requests
+gives the same weights and the same ``g`` (up to float rounding of the summed gradients) however
+it is cut into batches (tests/server_backend/test_schedule.py).
 
 Device: ``TailHost(loaded, device="cuda:0")`` moves the model there once; every batch's ``Z``,
 mask and labels go to the device when the batch runs and ``g`` comes back to host memory, so
@@ -29,6 +36,7 @@ from flexsfl.core.constants import OPTIMIZERS
 from flexsfl.core.errors import ConfigError
 from flexsfl.model.loading import LoadedModel
 from flexsfl.model.partition import Head, Tail, block_of, build_head, build_tail, canonical_names, task_loss
+from flexsfl.server_backend.schedule import StepSchedule, check_step_every
 
 __all__ = ["OptimizerConfig", "StepRequest", "StepResult", "TailHost", "resolve_device"]
 
@@ -41,8 +49,10 @@ class OptimizerConfig:
     lr: float = 1e-3
     momentum: float = 0.0  # SGD only
     weight_decay: float | None = None  # None: torch's default (SGD 0, AdamW 0.01), as on the device
+    server_step_every: int = 1  # k: one optimizer step per k client steps in the order received (schedule.py)
 
     def __post_init__(self) -> None:
+        check_step_every(self.server_step_every)
         if self.name not in OPTIMIZERS:
             raise ConfigError(f"optimizer {self.name!r} is not supported; use {' or '.join(OPTIMIZERS)}")
         if not self.lr > 0:
@@ -111,9 +121,10 @@ class TailHost:
         self.blocks: dict[str, int] = {n: block_of(n, L) for n in self.params}
         self.optimizer_config = optimizer
         self.optimizer = optimizer.build(list(self.params.values()))
+        self.schedule = StepSchedule(optimizer.server_step_every)  # shared with the U-shaped middle
         self._tails: dict[int, Tail] = {}
         self._heads: dict[int, Head] = {}
-        self.steps = 0
+        self.steps = 0  # optimizer steps taken (tail and middle)
 
     # -- parts ---------------------------------------------------------------------------------
     def tail(self, split: int) -> Tail:
@@ -159,18 +170,64 @@ class TailHost:
         return self.train_batch([req])[0]
 
     def train_batch(self, reqs: Sequence[StepRequest]) -> list[StepResult]:
-        """One optimizer step over all requests (grouped by split point).
+        """Train ``reqs`` in order under the schedule: each run of requests that falls in one group
+        is computed together (one forward per split point, one backward); a group's step is taken
+        when its k-th request is done.
 
-        A request whose loss is not finite is refused and takes no part in the step; if any
-        gradient comes out non-finite the whole step is refused (it would poison the shared
-        tail), and nothing changes.
+        A request whose loss or gradient is not finite is refused, takes no part in its group and
+        counts for nothing (it would poison the shared tail); the others are unaffected.
         """
+        results: list[StepResult | None] = [None] * len(reqs)
+        i = 0
+        while i < len(reqs):
+            chunk = list(range(i, min(len(reqs), i + self.schedule.room())))
+            self._train_chunk(reqs, chunk, results)
+            i = chunk[-1] + 1
+        return results  # type: ignore[return-value]
+
+    def accumulate(self, grads: Mapping[torch.nn.Parameter, torch.Tensor], clients: int) -> bool:
+        """Add the summed gradients of ``clients`` client steps to the open group (the middle
+        calls this too); steps the optimizer when that completes the group. True if it stepped."""
+        return self._apply(self.schedule.add(grads, clients))
+
+    def flush(self) -> bool:
+        """Step a group left partial (round end: call before reading or loading the state). True if it stepped."""
+        return self._apply(self.schedule.take())
+
+    def _apply(self, mean: Mapping[torch.nn.Parameter, torch.Tensor] | None) -> bool:
+        if mean is None:
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        for p, g in mean.items():
+            p.grad = g
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        return True
+
+    def _train_chunk(self, reqs: Sequence[StepRequest], idx: list[int], results: list) -> None:
+        """Requests ``idx`` (all in the open group) from the current weights; their gradients join the group."""
+        out, grads = self._gradients([reqs[i] for i in idx])
+        if grads is None and len(idx) > 1 and any(r is None for r in out):
+            for i in idx:  # a gradient was not finite: find whose, alone (same weights: no step in between)
+                self._train_chunk(reqs, [i], results)
+            return
+        ok = 0
+        for i, r in zip(idx, out):
+            results[i] = r or StepResult(None, math.nan, "the gradient for these activations is not finite")
+            ok += results[i].g is not None
+        if ok:
+            self.accumulate(grads, ok)
+
+    def _gradients(self, reqs: Sequence[StepRequest]) -> tuple[list[StepResult | None], dict | None]:
+        """Per-request results and the summed parameter gradients of ``Σ_k L_k`` from the current
+        weights, changing nothing. A result is None (and the gradients None) when the gradients
+        came out non-finite; a request with a non-finite loss is refused and left out."""
         results: list[StepResult | None] = [None] * len(reqs)
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(reqs):
             groups.setdefault(r.split, []).append(i)
         live = []  # (request index, z leaf, its rows, its T, its loss)
-        self.optimizer.zero_grad(set_to_none=True)
         for split, idx in groups.items():
             z, mask, labels, rows = _concat([reqs[i] for i in idx], self.info.task)
             if self.device.type != "cpu":
@@ -183,22 +240,20 @@ class TailHost:
                     live.append((i, z, r, reqs[i].z.shape[1], loss))
                 else:
                     results[i] = StepResult(None, math.nan, "the tail's loss is not finite for these activations")
-        if live:
-            torch.stack([loss for *_, loss in live]).sum().backward()
-            grads = {i: _numpy(z.grad[r, :t]) for i, z, r, t, _ in live}
-            bad = {i for i, g in grads.items() if not np.isfinite(g).all()}
-            if bad:
-                for i, *_ in live:
-                    why = "the gradient for these activations is not finite" if i in bad else (
-                        "another request in the same batch was not finite; retry")
-                    results[i] = StepResult(None, math.nan, why)
-            else:
-                self.optimizer.step()
-                self.steps += 1
-                for i, *_, loss in live:
-                    results[i] = StepResult(grads[i], loss.item())
-            self.optimizer.zero_grad(set_to_none=True)
-        return results  # type: ignore[return-value]
+        if not live:
+            return results, None
+        leaves = list({id(z): z for _, z, *_ in live}.values())
+        params = list(self.params.values())
+        total = torch.stack([loss for *_, loss in live]).sum()
+        gz = torch.autograd.grad(total, [*leaves, *params], allow_unused=True)
+        gzs, gps = dict(zip(map(id, leaves), gz[:len(leaves)])), gz[len(leaves):]
+        grads = {p: g for p, g in zip(params, gps) if g is not None}
+        gs = {i: _numpy(gzs[id(z)][r, :t]) for i, z, r, t, _ in live}
+        if not all(np.isfinite(g).all() for g in gs.values()) or not all(bool(torch.isfinite(g).all()) for g in grads.values()):
+            return [r if r is not None and r.error else None for r in results], None
+        for i, *_, loss in live:
+            results[i] = StepResult(gs[i], loss.item())
+        return results, grads
 
     @torch.no_grad()
     def predict(self, split: int, z: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

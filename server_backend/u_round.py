@@ -15,7 +15,11 @@ what only the middle knows (a wrong-shape, non-finite or unknown ``dL/dH``, a fo
 its deadline, the pending-step bound) comes back as a one-line :class:`TensorError` that changes
 nothing, and the server sends it to that client alone.
 
-All torch work runs on the compute worker (:meth:`ComputeWorker.call`); :meth:`UShaped.expire_loop`
+All torch work runs on the compute worker: train forwards and backwards through its batching
+queue (:meth:`ComputeWorker.submit`), so concurrent clients' halves run as one
+``MiddleHost.forward_batch`` / ``backward_batch``, the middle stepping under the server's fixed
+schedule (``--server-step-every``, counted per dL/dH); evaluation and the rest through
+:meth:`ComputeWorker.call`. :meth:`UShaped.expire_loop`
 frees the forwards whose ``dL/dH`` is late on a timer, so an idle server does not hold them.
 Steps are keyed ``(client id, round id, step id)``; the order of the middle's optimizer steps is
 logged as ``batch`` events (as the tail's are) and each forward as a ``u_forward`` event.
@@ -76,7 +80,7 @@ class UShaped:
             return MiddleOutput(round_id=msg.round_id, step_id=msg.step_id, h=h, encoding=s.conn.encoding)
         key = (s.client_id, msg.round_id, msg.step_id)
         t0 = time.perf_counter()
-        (res,) = await self.worker.call(self.middle.forward_batch, [MiddleRequest(key, s.split, s.top, z, mask)])
+        res = await self.worker.submit(self.middle.forward_batch, MiddleRequest(key, s.split, s.top, z, mask))
         if res.h is None:
             raise TensorError(f"step {msg.step_id} refused: {res.error}", ErrorCode.NON_FINITE)
         self.state.log("u_forward", client=s.client_id, round=msg.round_id, step=msg.step_id,
@@ -84,11 +88,11 @@ class UShaped:
         return MiddleOutput(round_id=msg.round_id, step_id=msg.step_id, h=res.h, encoding=s.conn.encoding)
 
     async def top_gradients(self, s: Any, msg: TopGradients) -> Gradients:
-        """``dL/dZ`` for the step ``msg`` names, after one optimizer step of the middle. A refused
+        """``dL/dZ`` for the step ``msg`` names; the middle steps under the schedule. A refused
         ``dL/dH`` is a TensorError and changes nothing."""
         key = (s.client_id, msg.round_id, msg.step_id)
         t0 = time.perf_counter()
-        (res,) = await self.worker.call(self.middle.backward_batch, [MiddleBackward(key, np.asarray(msg.grad_h))])
+        res = await self.worker.submit(self.middle.backward_batch, MiddleBackward(key, np.asarray(msg.grad_h)))
         if res.g is None:
             raise TensorError(f"TopGradients for step {msg.step_id} refused: {res.error}", ErrorCode.BAD_TENSOR)
         ms = round(1e3 * (time.perf_counter() - t0), 3)

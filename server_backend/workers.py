@@ -3,13 +3,18 @@
 :func:`make_compute` is the one place the server's compute is built: with one worker and no Ray
 address it is today's :class:`~.compute.ComputeWorker` (one thread, one tail, unchanged
 behaviour); otherwise a :class:`WorkerPool` with the same interface (``train(req)``,
-``call(fn, *args)``, ``end_round()``, ``start``/``stop``, ``steps``/``batches``/``busy_seconds``,
-``queue_depth()``).
+``submit(fn, req)``, ``call(fn, *args)``, ``end_round()``, ``start``/``stop``,
+``steps``/``batches``/``busy_seconds``/``server_steps``, ``queue_depth()``).
 
 How the pool trains (SplitFed-V1's server side, then FlexP-SFL's layer-wise aggregation as today):
 
 - The front end keeps the **global model** (its :class:`TailHost`, run by a local ComputeWorker
-  thread). Every ``call`` — round plans, predictions, the aggregation, ``state`` — runs there.
+  thread). Every ``call`` — round plans, predictions, the aggregation, ``state`` — runs there, and
+  so do U-shaped middle halves (``submit``, batched as on one worker).
+- **Schedule**: each worker's TailHost steps under the fixed schedule of :mod:`.schedule`
+  (``--server-step-every k``: one step per k of *its* clients' steps, in the order it receives
+  them), as one worker does; :meth:`WorkerPool.end_round` steps every worker's partial group
+  (and the front end's, for the middle) before it averages.
 - Each Ray actor (:class:`TailWorker`) holds a copy of the trainable tensors and trains it on the
   steps routed to it. A client's steps always go to the same worker (**stable assignment**: a new
   client joins the least-loaded worker; at each round end the clients that trained stay where
@@ -29,7 +34,8 @@ How the pool trains (SplitFed-V1's server side, then FlexP-SFL's layer-wise aggr
   order, then retries the batch in flight: no acknowledged step is lost, and a client whose step
   was in flight just waits longer. When a worker's log passes ``replay_bytes`` (256 MB), the pool
   checkpoints that worker (its tensors and moments, one round trip) and empties the log, so the
-  front end's memory per worker stays bounded whatever the clients and τ.
+  front end's memory per worker stays bounded whatever the clients and τ (a worker in the middle
+  of a schedule group is checkpointed after the batch that closes it).
 
 Ray is imported lazily (``pip install flexsfl[scale]``); the core install never needs it.
 """
@@ -102,16 +108,24 @@ class TailWorker:
             self.host.optimizer.load_state_dict(optimizer_state)
         return self.host.optimizer.state_dict()
 
-    def train_batch(self, reqs: list[StepRequest]) -> tuple[list[StepResult], float]:
-        t0 = time.perf_counter()
+    def train_batch(self, reqs: list[StepRequest]) -> tuple[list[StepResult], float, int]:
+        """The results, the seconds it took and the optimizer steps it took."""
+        t0, steps0 = time.perf_counter(), self.host.steps
         results = self.host.train_batch(reqs)
-        return results, time.perf_counter() - t0
+        return results, time.perf_counter() - t0, self.host.steps - steps0
+
+    def flush(self) -> int:
+        """Step a schedule group left partial (round end); returns the optimizer steps taken (0 or 1)."""
+        return int(self.host.flush())
 
     def state(self) -> dict[str, np.ndarray]:
         return self.host.state()
 
-    def checkpoint(self) -> tuple[dict[str, np.ndarray], dict]:
-        """Its tensors and optimizer moments: what a replacement starts from."""
+    def checkpoint(self) -> tuple[dict[str, np.ndarray], dict] | None:
+        """Its tensors and optimizer moments: what a replacement starts from; None while a
+        schedule group is open (its summed gradients are only in the replay log)."""
+        if self.host.schedule.pending:
+            return None
         return self.host.state(), self.host.optimizer.state_dict()
 
     def pid(self) -> int:
@@ -171,12 +185,15 @@ class WorkerPool:
         self.max_batch_requests = max_batch_requests
         self.max_batch_tokens = max_batch_tokens
         self.on_batch = on_batch
-        self.master = ComputeWorker(host, batching=False, threads=threads)  # calls on the global model
+        # calls on the global model, and U-shaped middle halves (batched like one worker's)
+        self.master = ComputeWorker(host, batching=batching, max_batch_requests=max_batch_requests, threads=threads,
+                                    max_batch_tokens=max_batch_tokens)
         self.slots: list[_Slot] = []
         self.assignment: dict[str, int] = {}  # client id -> slot index
         self.base: dict[str, np.ndarray] = {}  # the global tensors the workers started the round from
         self.steps = 0
         self.batches = 0
+        self.worker_steps = 0  # optimizer steps the workers took (their tails)
         self.busy_seconds = 0.0  # summed over workers
         self.restarts = 0
         self.replay_bytes = REPLAY_BYTES
@@ -238,6 +255,15 @@ class WorkerPool:
         """Run ``fn(*args)`` on the global model's thread (see the module docstring)."""
         return await self.master.call(fn, *args)
 
+    @property
+    def server_steps(self) -> int:
+        """Optimizer steps taken: the workers' tails and the global model's (the U-shaped middle)."""
+        return self.worker_steps + self.host.steps
+
+    async def submit(self, batch_fn: Callable[[list], list], req: Any) -> Any:
+        """``batch_fn`` over a batch of waiting requests on the global model's thread (the middle)."""
+        return await self.master.submit(batch_fn, req)
+
     async def train(self, req: StepRequest) -> StepResult:
         """One client's step on its worker; survives the worker dying (replayed and retried there)."""
         self._ensure_loop_state()
@@ -259,14 +285,18 @@ class WorkerPool:
                 self._idle.notify_all()
 
     async def end_round(self) -> None:
-        """Average the workers' copies into the global model, weighted by samples served; rebalance."""
+        """Step partial schedule groups, average the workers' copies into the global model,
+        weighted by samples served; rebalance."""
         self._ensure_loop_state()
         async with self._lock:
             async with self._idle:
                 await self._idle.wait_for(lambda: self._inflight == 0)
+            await self.master.end_round()  # the middle's partial group, on the global model
             if self._stale:
                 return  # no step since the last merge
             trained = [s for s in self.slots if s.served > 0]
+            for s in trained:
+                self.worker_steps += await self._with_restart(s, lambda a: a.flush.remote())
             states = [await self._with_restart(s, lambda a: a.state.remote()) for s in trained]
             current = await self.master.call(self.host.state)  # base, unless a call trained it (a U-shaped middle)
             merged = average_states(self.base, states, [s.served for s in trained], onto=current)
@@ -328,7 +358,7 @@ class WorkerPool:
                 tokens += _tokens(nxt[0])
             reqs = [r for r, _ in batch]
             try:
-                results, seconds = await self._with_restart(slot, lambda a: a.train_batch.remote(reqs))
+                results, seconds, stepped = await self._with_restart(slot, lambda a: a.train_batch.remote(reqs))
             except Exception as e:  # noqa: BLE001 - reported to every waiting client; the loop lives on
                 for _, fut in batch:
                     if not fut.done():
@@ -339,6 +369,7 @@ class WorkerPool:
             slot.clients.update(map(_client_of, reqs))
             slot.served += sum(int(r.z.shape[0]) for r, res in zip(reqs, results) if res.g is not None)
             self.steps += len(reqs)
+            self.worker_steps += stepped
             self.batches += 1
             self.busy_seconds += seconds
             if self.on_batch is not None:
@@ -352,10 +383,13 @@ class WorkerPool:
     async def _checkpoint(self, slot: _Slot) -> None:
         """Replace the slot's replay log by its worker's tensors and moments now."""
         try:
-            state, moments = await self._with_restart(slot, lambda a: a.checkpoint.remote())
+            point = await self._with_restart(slot, lambda a: a.checkpoint.remote())
         except Exception:  # noqa: BLE001 - keep the log; the next batch tries again
             log.exception("could not checkpoint Ray worker %d", slot.index)
             return
+        if point is None:  # mid-group: keep the log; the next batch tries again
+            return
+        state, moments = point
         slot.checkpoint, slot.optimizer_state, slot.log, slot.log_bytes = state, moments, [], 0
 
     async def _with_restart(self, slot: _Slot, submit: Callable[[Any], Any]) -> Any:

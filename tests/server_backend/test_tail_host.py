@@ -6,6 +6,7 @@ import torch
 
 from flexsfl.model.loading import load_model
 from flexsfl.model.partition import build_head, task_loss
+from flexsfl.server_backend.schedule import StepSchedule
 from flexsfl.server_backend.tail_host import OptimizerConfig, StepRequest, TailHost
 
 
@@ -75,6 +76,7 @@ def test_batched_gradients_equal_per_request(tiny_llama):
     host.load_state(before)
     host.optimizer = OptimizerConfig("sgd", 0.1).build(list(host.params.values()))
     host.steps = 0
+    host.schedule = StepSchedule(len(reqs))  # one group: every request sees the same weights
     batched = host.train_batch(reqs)
     for a, b in zip(alone, batched):
         np.testing.assert_allclose(b.g, a.g, rtol=1e-4, atol=1e-7)
