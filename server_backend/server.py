@@ -486,7 +486,8 @@ class FlexServer:
     async def _run_round(self, r: int) -> None:
         chosen = [self.sessions[c] for c in self.strategy.select(r, list(self.sessions))]
         t0 = time.perf_counter()
-        steps0 = self.worker.steps + self.u.middle.steps  # tail steps and U-shaped middle steps
+        steps0 = self.worker.steps + self.u.middle.steps  # client steps served: tail and U-shaped middle
+        server_steps0 = self.worker.server_steps  # optimizer steps (the fixed schedule: schedule.py)
         await asyncio.to_thread(self.state.start_round, r, [s.client_id for s in chosen])
         self.state.log("phase", round=r, phase="training", clients=[s.client_id for s in chosen])
         log.info("round %d: %s", r, ", ".join(f"{s.client_id}(s={s.split})" for s in chosen))
@@ -520,13 +521,14 @@ class FlexServer:
         updates = {cid: ClientUpdate(dict(u.tensors), u.num_samples, s.split, _top(s)) for cid, (s, u) in uploads.items()}
         self.state.log("phase", round=r, phase="aggregating")
         t_agg = time.perf_counter()
-        await self.worker.end_round()  # a Ray pool averages its workers' tails into self.host first
+        await self.worker.end_round()  # steps partial schedule groups; a Ray pool also averages its tails into self.host
         await self.worker.call(self.strategy.aggregate, r, self.host, updates)
         agg_s = time.perf_counter() - t_agg
         state = await self.worker.call(self.host.state)
         await asyncio.to_thread(self._persist, r, state, uploads)
         summary = {
             "clients": sorted(uploads), "dropped": dropped, "steps": self.worker.steps + self.u.middle.steps - steps0,
+            "server_steps": self.worker.server_steps - server_steps0,
             "seconds": round(time.perf_counter() - t0, 3), "aggregate_seconds": round(agg_s, 4),
             "samples": sum(u.num_samples for _, u in uploads.values()),
         }
