@@ -2,6 +2,7 @@
 
     flexsfl bench accuracy [--rounds 5] [--out results/accuracy] [--strategies flexpsfl,...]
     flexsfl bench accuracy --task causal-lm [--strategies flexpsfl,local]     # SmolLM2, perplexity
+    flexsfl bench accuracy --suite supersense-a0.1 [--seeds 3] [--strategies ...]   # several seeds, paired CIs
 
 Runs ``flexsfl simulate`` once per strategy (clients are separate processes on loopback) on the
 VADER domains with MiniLM — the demo's setting — and writes, under ``--out``: one directory per
@@ -9,16 +10,20 @@ run, ``accuracy.json`` (one row per strategy), ``accuracy.md`` (the table for
 ``benchmarks/README.md``) and ``accuracy_vs_time.png``. With ``--task causal-lm`` the runs are the
 LM demo's (SmolLM2 on one VADER domain per device) and every accuracy becomes a perplexity (lower is
 better): per round, the mean over clients of the personal, global, pretrained and generalization
-perplexity, in the table, the JSON and the plot.
+perplexity, in the table, the JSON and the plot. With ``--suite`` the runs are a suite's
+(:mod:`flexsfl.benchmarks.suites`: WordNet supersenses under label skew, VADER domains), once per
+seed, reported as means with 95% intervals and paired differences against FlexP-SFL
+(:mod:`flexsfl.benchmarks.stats`), against device time.
 
 Strategies (``name: what``):
 
 - ``flexpsfl``: personal heads, split per device profile, layer-wise aggregation, alignment λ=0.1
-- ``flexpsfl-l0``: the same with λ=0 (ablation of the alignment term)
+- ``flexpsfl-l0``, ``flexpsfl-l0.01``, ``flexpsfl-l1``: the same with λ = 0 (no alignment), 0.01, 1: the λ sweep
 - ``flexpsfl-u``: FlexP-SFL-U, the label-private U-shaped topology: each device also keeps the last
   blocks + task head (personal); (split, top) per device profile; alignment as ``flexpsfl``
 - ``splitfed``: SplitFed/SplitLoRA: one fixed split for all, no personalization
 - ``fedavg``: FedAvg-LoRA, the whole model on every device
+- ``fedper``: FedPer, the whole model on the device, personal task head, body averaged
 - ``local``: every device fine-tunes the whole model alone
 """
 
@@ -33,28 +38,38 @@ import time
 from flexsfl.core.constants import ALIGN_LAMBDA
 from flexsfl.sim.results import PPL_KEYS, layout
 
-__all__ = ["RUNS", "add_arguments", "main", "run_accuracy"]
+__all__ = ["RUNS", "add_arguments", "main", "run_accuracy", "row"]
 
 RUNS: dict[str, dict] = {
     "flexpsfl": {"strategy": "flexpsfl", "align_lambda": ALIGN_LAMBDA},
     "flexpsfl-l0": {"strategy": "flexpsfl", "align_lambda": 0.0},
+    "flexpsfl-l0.01": {"strategy": "flexpsfl", "align_lambda": 0.01},
+    "flexpsfl-l1": {"strategy": "flexpsfl", "align_lambda": 1.0},
     "flexpsfl-u": {"strategy": "flexpsfl-u", "align_lambda": ALIGN_LAMBDA},
     "splitfed": {"strategy": "splitfed", "align_lambda": 0.0},
     "fedavg": {"strategy": "fedavg", "align_lambda": 0.0},
+    "fedper": {"strategy": "fedper", "align_lambda": 0.0},
     "local": {"strategy": "local", "align_lambda": 0.0},
 }
 
 
-def _row(name: str, summary: dict) -> dict:
+def row(name: str, summary: dict) -> dict:
+    """One run's row of the tables and JSON, from its ``summary.json``."""
+    from flexsfl.core.wire import RoundMode
+    from flexsfl.server_backend.strategy import STRATEGIES
+
     f, t = summary["final"], summary["target"]
+    strategy = summary["config"]["strategy"]
     return {
-        "run": name, "strategy": summary["config"]["strategy"], "align_lambda": summary["config"]["align_lambda"],
-        "task": summary["config"].get("task", "seq_cls"),
-        "splits": ("whole model" if summary["config"]["strategy"] in ("fedavg", "local", "fedper")
+        "run": name, "strategy": strategy, "align_lambda": summary["config"]["align_lambda"],
+        "task": summary["config"].get("task", "seq_cls"), "seed": summary["config"]["seed"],
+        "splits": ("whole model" if STRATEGIES[strategy].mode is RoundMode.FULL
                    else ",".join(layout(c) for c in summary["per_client"])),
         "personal_acc": f["personal_acc"], "generalization_acc": f["generalization_acc"], "global_acc": f["global_acc"],
+        "label_prior_acc": f.get("label_prior_acc"),  # the floor: global model + each client's label prior
         **{k: f.get(k) for k in PPL_KEYS},  # causal LM: mean perplexities over clients (lower is better)
         "train_s": f["elapsed_s"], "total_s": summary["total_s"], "mb": (f["bytes"] or 0) / 1e6,
+        "eval_mb": (f.get("eval_bytes") or 0) / 1e6, "device_s": f.get("device_s"), "unfit": summary.get("unfit", []),
         "target_acc": t.get("target_acc"), "target_ppl": t.get("target_ppl"), "time_to_target_s": t["elapsed_s"],
         "mb_to_target": None if t["bytes"] is None else t["bytes"] / 1e6, "round_to_target": t["round"],
     }
@@ -86,7 +101,15 @@ def _markdown(rows: list[dict]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--strategies", default=",".join(RUNS), help=f"comma-separated, from {', '.join(RUNS)}")
+    from flexsfl.benchmarks.suites import SUITES
+
+    p.add_argument("--strategies", default=None, help=f"comma-separated, from {', '.join(RUNS)} (default: all; with "
+                                                      "--suite, all the server registers)")
+    p.add_argument("--suite", choices=tuple(SUITES), default=None,
+                   help="run a suite (fixed clients, splits, rounds, data) once per seed: means with 95%% CIs, paired "
+                        "differences against FlexP-SFL, accuracy vs device time; "
+                        + "; ".join(f"{s.name}: {s.what}" for s in SUITES.values()))
+    p.add_argument("--seeds", type=int, default=None, help="--suite: seeds 0..N-1 (default: the suite's, 3)")
     p.add_argument("--task", choices=("seq_cls", "causal-lm"), default="seq_cls",
                    help="seq_cls: the demo (MiniLM, accuracy); causal-lm: the LM demo (SmolLM2, perplexity, lower is "
                         "better)")
@@ -96,7 +119,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-acc", type=float, default=0.75, help="accuracy whose time and bytes to reach are reported")
     p.add_argument("--target-ppl", type=float, default=None,
                    help="causal-lm: mean personal perplexity whose time and bytes to reach are reported")
-    p.add_argument("--out", default="results/accuracy")
+    p.add_argument("--out", default=None, help="results directory (default: results/accuracy, or "
+                                                "results/suites/<suite> with --suite)")
 
 
 def run_accuracy(args: argparse.Namespace, **overrides) -> tuple[list[dict], str]:
@@ -108,12 +132,17 @@ def run_accuracy(args: argparse.Namespace, **overrides) -> tuple[list[dict], str
     from flexsfl.sim.results import plot
     from flexsfl.sim.simulate import simulate
 
-    names = [n.strip() for n in args.strategies.split(",") if n.strip()]
+    if getattr(args, "suite", None):
+        from flexsfl.benchmarks.suites import run_suite
+
+        return run_suite(args, **overrides)
+    strategies = args.strategies or ",".join(RUNS)
+    names = [n.strip() for n in strategies.split(",") if n.strip()]
     unknown = [n for n in names if n not in RUNS]
     if unknown or not names:
-        raise ConfigError(f"--strategies {args.strategies!r}: unknown {', '.join(unknown) or '(empty)'}; choose from "
+        raise ConfigError(f"--strategies {strategies!r}: unknown {', '.join(unknown) or '(empty)'}; choose from "
                           f"{', '.join(RUNS)}")
-    out = pathlib.Path(args.out)
+    out = pathlib.Path(args.out or "results/accuracy")
     out.mkdir(parents=True, exist_ok=True)
     demo = DEMO_LM if getattr(args, "task", "seq_cls") == "causal-lm" else DEMO
     given = {"model": getattr(args, "model", None), "rounds": args.rounds, "local_steps": args.local_steps,
@@ -126,7 +155,7 @@ def run_accuracy(args: argparse.Namespace, **overrides) -> tuple[list[dict], str
         t0 = time.perf_counter()
         summary = simulate(cfg)
         print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
-        rows.append(_row(name, summary))
+        rows.append(row(name, summary))
         runs.append((name, out / name))
         (out / "accuracy.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot(runs, out / "accuracy_vs_time.png")

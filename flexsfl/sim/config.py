@@ -68,6 +68,11 @@ class SimConfig:
     num_labels: int | None = _f(None, "classes of the classifier (default: as many as the data's labels; a label "
                                 "outside 0..N-1 is refused before anything is exported)")
     bundle_cache: str | None = _f(None, "reuse exported bundles across runs (default: <cache>/bundles)", cli=False)
+    bundle_seed: int | None = _f(None, "seed of the exported bundles' new weights (default: seed); every strategy "
+                                 "overwrites them with the server's seeded model at the first round, so a benchmark "
+                                 "reuses one export across seeds", cli=False)
+    min_examples: int | None = _f(None, "dirichlet: redraw the label proportions until every client holds at least "
+                                  "this many examples", cli=False)
 
     def __post_init__(self) -> None:
         if self.task == "causal-lm":

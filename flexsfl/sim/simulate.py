@@ -113,7 +113,8 @@ def _bundle_for(cfg: SimConfig, split: int, cache: pathlib.Path, top: int | None
     :func:`~flexsfl.sim.bundles.export_missing` to export all at once in parallel."""
     # ExecuTorch plans its memory for the bundle's max batch: the training batch (export/config.py)
     max_batch = cfg.batch_size if cfg.backend == "executorch" else max(32, cfg.batch_size)
-    key = json.dumps([cfg.model, split, cfg.backend, cfg.num_labels, cfg.max_seq, cfg.seed, _code_version()]
+    seed = cfg.seed if cfg.bundle_seed is None else cfg.bundle_seed
+    key = json.dumps([cfg.model, split, cfg.backend, cfg.num_labels, cfg.max_seq, seed, _code_version()]
                      + ([cfg.task] if cfg.task != "seq_cls" else []) + ([top] if top is not None else [])
                      + ([max_batch] if cfg.backend == "executorch" else []))
     name = f"{pathlib.Path(cfg.model).name}-s{split}" + (f"-u{top}" if top is not None else "")
@@ -122,7 +123,7 @@ def _bundle_for(cfg: SimConfig, split: int, cache: pathlib.Path, top: int | None
         return path
     config = ExportConfig(model=cfg.model, split=split, top=top, out=str(path), backend=cfg.backend, task=cfg.task,
                           num_labels=cfg.num_labels,
-                          batch_size=cfg.batch_size, max_batch=max_batch, max_seq=cfg.max_seq, seed=cfg.seed,
+                          batch_size=cfg.batch_size, max_batch=max_batch, max_seq=cfg.max_seq, seed=seed,
                           optimizer=cfg.optimizer, lr=cfg.lr, ort_training_artifacts=False)
     if jobs is not None:
         jobs.append((path, config))
@@ -202,7 +203,8 @@ async def _run(cfg: SimConfig, out: pathlib.Path, progress) -> dict:
     if lm and os.path.isfile(str(data)):
         data = text_dataset(data, tokenizer=loaded.tokenizer)
     partition = prepare(data, cfg.partition, cfg.clients, out / "data", cfg.seed, alpha=cfg.alpha,
-                        max_train=cfg.max_train, max_test=cfg.max_test, overwrite=True, num_labels=None if lm else cfg.num_labels)
+                        max_train=cfg.max_train, max_test=cfg.max_test, overwrite=True, num_labels=None if lm else cfg.num_labels,
+                        min_examples=cfg.min_examples)
     # A classifier has --num-labels classes, else as many as the data name (a label outside was refused above).
     cfg = dataclasses.replace(cfg, num_labels=cfg.num_labels or len(partition.label_names))
     if not lm:

@@ -129,13 +129,15 @@ def partition_dataset(
     test_fraction: float = 0.2,
     max_train: int | None = None,
     max_test: int | None = None,
+    min_examples: int | None = None,
 ) -> Partition:
     """Split ``dataset`` among ``clients`` clients; the same arguments give the same partition.
 
     ``alpha`` is used by ``dirichlet`` only. Each client's test share is ``test_fraction`` of
     its examples (at least one each way), stratified by label; ``max_test`` then caps each
     client's test set and ``max_train`` its train set (after duplicates of test texts are
-    removed from it).
+    removed from it). ``min_examples`` (``dirichlet``): the proportions are drawn again until every
+    client holds at least this many examples (e.g. enough for a full ``max_test``), up to 1000 draws.
     """
     if scheme not in SCHEMES:
         raise ConfigError(f"unknown partition {scheme!r}; choose one of {', '.join(SCHEMES)}")
@@ -158,7 +160,7 @@ def partition_dataset(
     if scheme == "natural":
         parts = _natural(dataset, clients, rng)
     elif scheme == "dirichlet":
-        parts = _dirichlet(dataset, labels, clients, float(alpha), rng)
+        parts = _dirichlet(dataset, labels, clients, float(alpha), rng, min_examples)
     else:
         parts = np.array_split(rng.permutation(n), clients)
 
@@ -237,9 +239,10 @@ def _natural(dataset: Dataset, k: int, rng: np.random.Generator) -> list[np.ndar
     return [np.array(sorted(o), dtype=np.int64) for o in owned]
 
 
-def _dirichlet(dataset: Dataset, labels: np.ndarray, k: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+def _dirichlet(dataset: Dataset, labels: np.ndarray, k: int, alpha: float, rng: np.random.Generator,
+               min_examples: int | None = None) -> list[np.ndarray]:
     """Hsu et al. 2019 label skew: class c's examples are cut among clients by p_c ~ Dir(alpha·1)."""
-    floor = min(_MIN_CLIENT, len(labels) // k)
+    floor = max(min(_MIN_CLIENT, len(labels) // k), min_examples or 0)
     by_class = [np.flatnonzero(labels == c) for c in range(len(dataset.label_names))]
     for _ in range(_DIRICHLET_DRAWS):
         owned: list[list[int]] = [[] for _ in range(k)]
@@ -252,7 +255,7 @@ def _dirichlet(dataset: Dataset, labels: np.ndarray, k: int, alpha: float, rng: 
             return [np.array(sorted(o), dtype=np.int64) for o in owned]
     raise DataError(
         f"{dataset.name}: dirichlet(alpha={alpha:g}) left some client with fewer than {floor} examples in "
-        f"{_DIRICHLET_DRAWS} draws; raise --alpha or use fewer --clients"
+        f"{_DIRICHLET_DRAWS} draws; raise --alpha, lower the minimum or use fewer --clients"
     )
 
 

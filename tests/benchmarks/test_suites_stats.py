@@ -1,0 +1,74 @@
+"""The suite statistics against hand-computed values: t-intervals over seeds, paired differences,
+the verdicts and the table built from them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from flexsfl.benchmarks.stats import Interval, paired_difference, t_interval
+from flexsfl.benchmarks.suite_report import FLOOR, markdown, summarize
+from flexsfl.benchmarks.suites import SUITES
+
+T975 = {1: 12.706204736, 2: 4.302652730, 4: 2.776445105}  # Student t, 0.975 quantile, by degrees of freedom
+
+
+def test_t_interval_by_hand():
+    iv = t_interval([1.0, 2.0, 3.0])  # mean 2, s = 1, se = 1/sqrt(3)
+    assert iv.mean == pytest.approx(2.0) and iv.n == 3
+    assert iv.half == pytest.approx(T975[2] / math.sqrt(3), rel=1e-9)  # 2.48414
+    assert iv.low == pytest.approx(2.0 - 2.484138, abs=1e-6) and iv.high == pytest.approx(4.484138, abs=1e-6)
+    five = t_interval([0.80, 0.82, 0.84, 0.86, 0.88])  # s = 0.0316228
+    assert five.half == pytest.approx(T975[4] * 0.0316227766 / math.sqrt(5), rel=1e-8)  # 0.039265
+    assert t_interval([0.7, None, 0.9]).half == pytest.approx(T975[1] * (0.2 / math.sqrt(2)) / math.sqrt(2), rel=1e-8)
+
+
+def test_one_value_has_no_interval_and_none_is_an_error():
+    iv = t_interval([0.75])
+    assert (iv.mean, iv.half, iv.n, iv.low) == (0.75, None, 1, None)
+    assert iv.format() == "0.750" and not iv.excludes_zero()
+    with pytest.raises(ValueError):
+        t_interval([])
+
+
+def test_paired_difference_by_hand():
+    a = {0: 0.90, 1: 0.80, 2: 0.85, 3: 0.99}
+    b = {0: 0.80, 1: 0.75, 2: 0.85}  # seed 3 missing: not paired
+    iv, diffs = paired_difference(a, b)
+    assert diffs == pytest.approx({0: 0.10, 1: 0.05, 2: 0.0})
+    # differences 0.10, 0.05, 0.00: mean 0.05, s = 0.05, se = 0.05/sqrt(3)
+    assert iv.mean == pytest.approx(0.05) and iv.half == pytest.approx(T975[2] * 0.05 / math.sqrt(3), rel=1e-9)
+    assert not iv.excludes_zero()  # 0.05 ± 0.124: a tie
+    assert Interval(0.05, 0.01, 3).excludes_zero() and Interval(-0.05, 0.01, 3).excludes_zero()
+    assert Interval(0.05, 0.124, 3).format(3, signed=True) == "+0.050 ± 0.124"
+    assert paired_difference({0: 0.5}, {1: 0.5}) is None
+
+
+def _rows():
+    base = {"splits": "1,3", "global_acc": 0.8, "device_s": 100.0, "mb": 10.0, "eval_mb": 1.0, "train_s": 30.0,
+            "unfit": []}
+    acc = {"flexpsfl": [(0.90, 0.70, 0.85), (0.92, 0.72, 0.88), (0.94, 0.74, 0.86)],  # personal, generalization, floor
+           "splitfed": [(0.80, 0.80, 0.84), (0.81, 0.81, 0.86), (0.83, 0.80, 0.85)]}
+    return [{**base, "run": run, "seed": s, "personal_acc": p, "generalization_acc": g, "label_prior_acc": f}
+            for run, vals in acc.items() for s, (p, g, f) in enumerate(vals)]
+
+
+def test_summarize_and_the_table():
+    report = summarize(_rows(), reference="flexpsfl")
+    ref = report["intervals"]["flexpsfl"]["personal_acc"]
+    assert ref["mean"] == pytest.approx(0.92) and ref["half"] == pytest.approx(T975[2] * 0.02 / math.sqrt(3))
+    d = report["paired"]["splitfed"]["personal_acc"]  # 0.10, 0.11, 0.11
+    assert d["per_seed"] == pytest.approx({0: 0.10, 1: 0.11, 2: 0.11})
+    s = math.sqrt(((0.10 - 0.32 / 3) ** 2 + 2 * (0.11 - 0.32 / 3) ** 2) / 2)
+    assert d["mean"] == pytest.approx(0.32 / 3) and d["half"] == pytest.approx(T975[2] * s / math.sqrt(3))
+    g = report["paired"]["splitfed"]["generalization_acc"]  # -0.10, -0.09, -0.06
+    assert g["mean"] == pytest.approx(-0.25 / 3)
+    floor = report["paired"][FLOOR]["personal_acc"]  # 0.05, 0.04, 0.08
+    assert floor["mean"] == pytest.approx(0.17 / 3)
+    md = markdown(SUITES["supersense-a0.1"], _rows(), report)
+    line = next(ln for ln in md.splitlines() if ln.startswith("| splitfed |") and "+0.107" in ln)
+    assert line.split(" | ")[3] == "wins", line  # personal: the interval excludes 0
+    assert line.split(" | ")[6].strip(" |") == "loses", line  # generalization: below 0 beyond the noise
+    assert "| flexpsfl | 1,3 | 0.920 ± 0.050 |" in md
+    assert "Seeds 0, 1, 2; 6 clients" in md
