@@ -63,6 +63,9 @@ class RoundSettings:
     optimizer: str
     align_lambda: float
     personal: bool = True  # keep θ_k across rounds (False: start from the global head)
+    local_rule: str = "plain"  # whole-model devices: plain | fedrep | ditto (RoundConfig.local_rule)
+    head_steps: int = 0  # fedrep: the first head_steps train the task head alone
+    prox_mu: float = 0.0  # ditto: the personal model's proximal weight
 
 
 @dataclasses.dataclass(frozen=True)

@@ -233,7 +233,8 @@ async def _serve_rounds(link: _Link, trainer: Trainer, opts: ClientOptions) -> s
 async def _train_round(link: _Link, trainer: Trainer, cfg: RoundConfig, adapters) -> dict[str, Any]:
     settings = RoundSettings(round_id=cfg.round_id, local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
                              optimizer=cfg.optimizer, align_lambda=cfg.align_lambda,
-                             personal=cfg.personal)
+                             personal=cfg.personal, local_rule=cfg.local_rule, head_steps=cfg.head_steps,
+                             prox_mu=cfg.prox_mu)
     trainer.begin_round(settings, adapters)
     wait = 0.0
     t_round = time.perf_counter()

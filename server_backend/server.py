@@ -501,7 +501,8 @@ class FlexServer:
             try:
                 await s.send(RoundConfig(round_id=r, local_steps=plan.local_steps, batch_size=plan.batch_size, lr=plan.lr,
                                          optimizer=plan.optimizer, align_lambda=plan.align_lambda, mode=plan.mode,
-                                         personal=plan.personal, adapters=plan.adapters is not None))
+                                         personal=plan.personal, adapters=plan.adapters is not None,
+                                         local_rule=plan.local_rule, head_steps=plan.head_steps, prox_mu=plan.prox_mu))
                 if plan.adapters is not None:
                     await s.send(Adapters(round_id=r, tensors=dict(plan.adapters)))
                 started.append(s)

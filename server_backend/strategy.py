@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from flexsfl.core.constants import ALIGN_LAMBDA, OPTIMIZERS
+from flexsfl.core.constants import ALIGN_LAMBDA, DITTO_MU, OPTIMIZERS
 from flexsfl.core.errors import ConfigError
 from flexsfl.core.wire import RoundMode
 
@@ -61,6 +61,8 @@ class TrainConfig:
     aggregation: str = "mean"  # how uploads combine per tensor: mean (sample-weighted) | median | trimmed-mean
     align_top: bool = False  # U-shaped clients: the alignment term also at the top's input H (needs align_lambda > 0)
     seed: int = 0  # client sampling
+    fedrep_head_steps: int = 5  # FedRep: of each round's local_steps, the first this many train the task head alone
+    ditto_mu: float = DITTO_MU  # Ditto: proximal weight of the personal model towards the round's global model
 
     def __post_init__(self) -> None:
         for name in ("rounds", "clients_per_round"):
@@ -77,6 +79,8 @@ class TrainConfig:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.align_lambda < 0:
             raise ConfigError(f"align_lambda must be >= 0, got {self.align_lambda}")
+        if self.ditto_mu < 0 or self.fedrep_head_steps < 0:
+            raise ConfigError(f"ditto_mu and fedrep_head_steps must be >= 0, got {self.ditto_mu} and {self.fedrep_head_steps}")
         if self.align_top and not self.align_lambda > 0:
             raise ConfigError("align_top applies the alignment term at the top's input: set align_lambda > 0 too")
 
@@ -95,6 +99,9 @@ class RoundPlan:
     mode: RoundMode  # where the model trains: split (head on the device) or full (whole model)
     personal: bool  # the client keeps its own adapters across rounds
     align_top: bool = False  # U-shaped client: the alignment term also at the top's input H
+    local_rule: str = "plain"  # whole-model rounds: how the device spends its steps (constants.LOCAL_RULES)
+    head_steps: int = 0  # fedrep: the first head_steps of local_steps train the task head alone
+    prox_mu: float = 0.0  # ditto: the personal model's proximal weight
 
 
 class StrategyHost(Protocol):
@@ -160,10 +167,11 @@ class Strategy(abc.ABC):
                 "has no top: export it with --top U, or use strategy flexpsfl")
 
     def _round_plan(self, adapters: Mapping[str, np.ndarray] | None, align_lambda: float,
-                    align_top: bool = False) -> RoundPlan:
+                    align_top: bool = False, **rule: Any) -> RoundPlan:
+        """The round's plan from the config; ``rule``: a whole-model strategy's local_rule, head_steps, prox_mu."""
         c = self.cfg
         return RoundPlan(c.local_steps, c.batch_size, c.lr, c.optimizer, align_lambda, adapters, self.mode, self.personal,
-                         align_top)
+                         align_top, **rule)
 
     @abc.abstractmethod
     def plan(self, round_id: int, client_id: str, split: int, host: StrategyHost, top: int | None = None) -> RoundPlan:

@@ -55,6 +55,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--align-top", action="store_true",
                    help="U-shaped clients: the alignment term also at the top's input H (simulation only so far)")
     p.add_argument("--round-timeout", type=float, default=d.round_timeout)
+    p.add_argument("--fedrep-head-steps", type=int, default=d.fedrep_head_steps,
+                   help="strategy fedrep: of each round's local steps, the first N train the task head alone")
+    p.add_argument("--ditto-mu", type=float, default=d.ditto_mu,
+                   help="strategy ditto: proximal weight of each personal model towards the round's global model")
     p.add_argument("--aggregation", choices=AGGREGATIONS, default=d.aggregation,
                    help="how uploads combine, tensor by tensor, keeping the layer-wise rule (median/trimmed-mean: robust "
                         "to a minority of bad uploads, ignore sample counts)")

@@ -6,7 +6,7 @@ wire's ``RoundConfig`` accepts only these optimizer names.
 
 from __future__ import annotations
 
-__all__ = ["OPTIMIZERS", "TASKS", "TRAIN_OPTIMIZER", "ALIGN_LAMBDA"]
+__all__ = ["OPTIMIZERS", "TASKS", "TRAIN_OPTIMIZER", "ALIGN_LAMBDA", "LOCAL_RULES", "DITTO_MU"]
 
 OPTIMIZERS = ("sgd", "adamw")  # what the edge runtime and the server's tail host implement
 TASKS = ("seq_cls", "causal_lm")  # sequence classification, causal language modelling
@@ -21,3 +21,13 @@ TRAIN_OPTIMIZER = "adamw"
 # spent pulling the personal head's features towards the global head's
 # (:func:`flexsfl.edge_runtime.alignment.aligned_gradient`). 0 is the ablation, asked for by name.
 ALIGN_LAMBDA = 0.1
+
+# How a whole-model device spends a round's local steps (``RoundConfig.local_rule``): plain (every
+# step trains every tensor: FedAvg, FedPer, local only), fedrep (the task head alone first, then the
+# body alone) or ditto (the global model as FedAvg, then a personal model with a proximal term).
+LOCAL_RULES = ("plain", "fedrep", "ditto")
+
+# Ditto's proximal weight (Li et al. 2021's λ, named mu here so it is not taken for the alignment's
+# λ): the personal model v_k is trained on L(v_k) + mu/2 ‖v_k − w‖², w the round's global model.
+# 0.1 is in the middle of the paper's grid {0.01, 0.1, 1}; 0 makes v_k local-only training.
+DITTO_MU = 0.1

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from flexsfl.core.constants import ALIGN_LAMBDA, OPTIMIZERS, TASKS, TRAIN_OPTIMIZER
+from flexsfl.core.constants import ALIGN_LAMBDA, DITTO_MU, OPTIMIZERS, TASKS, TRAIN_OPTIMIZER
 from flexsfl.core.errors import ConfigError
 from flexsfl.core.wire.tensors import ENCODINGS
+from flexsfl.server_backend.baselines import check_fedrep_steps
 from flexsfl.server_backend.strategy import STRATEGIES as _STRATEGY_CLASSES
 from flexsfl.server_backend.strategy import TOPOLOGIES
 from flexsfl.sim.data.partition import SCHEMES
@@ -41,6 +42,10 @@ class SimConfig:
     lr: float = _f(5e-4, "client (and tail) learning rate")
     optimizer: str = _f(TRAIN_OPTIMIZER, "client (and tail) optimizer", choices=OPTIMIZERS)
     align_lambda: float = _f(ALIGN_LAMBDA, "weight of the alignment term: its size relative to the task gradient (0: none)")
+    fedrep_head_steps: int = _f(5, "strategy fedrep: of each round's local steps, the first N train the task head alone "
+                                "(body frozen), the rest the body alone (head frozen)")
+    ditto_mu: float = _f(DITTO_MU, "strategy ditto: proximal weight mu of each personal model towards the round's global "
+                         "model (loss + mu/2 ||v - w||^2)")
     align_every: int = _f(1, "devices compute the alignment reference Z' (and apply the term) every N-th local step only")
     splits: tuple[int, ...] | None = _f(None, "comma-separated split per client (or one for all); default: from --profiles",
                                         metavar="S[,...]")
@@ -100,6 +105,10 @@ class SimConfig:
             raise ConfigError(f"profiles needs {self.clients} names (one per client), got {len(self.profiles)}")
         if self.topology not in TOPOLOGIES:
             raise ConfigError(f"topology must be one of {', '.join(TOPOLOGIES)}, got {self.topology!r}")
+        if self.strategy == "fedrep":
+            check_fedrep_steps(self.fedrep_head_steps, self.local_steps)
+        if self.ditto_mu < 0:
+            raise ConfigError(f"ditto_mu must be >= 0, got {self.ditto_mu}")
         if self.topology == "u" and self.strategy == "splitfed":
             raise ConfigError("splitfed trains one shared model with the labels on the server; use --topology head-tail, "
                               "or strategy flexpsfl-u")

@@ -1,9 +1,29 @@
-"""Whole-model training on the device, for the FedAvg-LoRA and local-only baselines.
+"""Whole-model training on the device, for the whole-model baselines (FedAvg-LoRA, local only,
+FedPer, FedRep, Ditto).
 
 These baselines put every block and the task head on the device, so there is no split and no
 server compute: the client trains the full LoRA model on its data with eager PyTorch and uploads
-all of its adapters and the task head. This needs torch (imported lazily); it exists so the
-baselines run on the same engine, data and wire as FlexP-SFL.
+its adapters and the task head. This needs torch (imported lazily); it exists so the baselines run
+on the same engine, data and wire as FlexP-SFL. How a round's ``local_steps`` are spent is the
+round's ``local_rule`` (:data:`~flexsfl.core.constants.LOCAL_RULES`):
+
+- ``plain``: every step trains every tensor (FedAvg, FedPer, local only).
+- ``fedrep`` (Collins et al. 2021): steps ``[0, head_steps)`` train the task head alone (the body
+  frozen: no gradient flows into it), steps ``[head_steps, local_steps)`` the body alone (the head
+  frozen). The head — every tensor past the last block — is the client's own; the body is sent.
+- ``ditto`` (Li et al. 2021): ``local_steps`` on the global model ``w`` sent this round, as FedAvg
+  (``w_k`` is what :meth:`~FullModelTrainer.upload` sends), then ``local_steps`` on the client's
+  personal model ``v_k`` (the first round's ``w`` at the start, kept across rounds) with the gradient
+  ``∇L(v_k) + prox_mu · (v_k − w)`` (:func:`proximal_grad_`); ``evaluate`` scores ``v_k``. A Ditto
+  round is ``2 · local_steps`` device steps, and ``stats.steps`` says so (the device clock charges them).
+
+**Optimizer state**, the same rule for every strategy and for the split devices
+(:class:`~flexsfl.edge_runtime.trainer.HeadTrainer`): a tensor's optimizer state belongs to the
+weights it was built on. It is reset when the server replaces that tensor (FedAvg and SplitFed
+every round; FedPer/FedRep for the body only; Ditto's ``w`` every round) and kept while the client
+continues its own weights (FlexP-SFL's personal head, FedPer/FedRep's head, Ditto's ``v_k``, local
+only). FlexP-SFL's and SplitFed's numerics are unchanged by it; FedAvg's clients used to keep AdamW
+moments across rounds while their weights were replaced.
 """
 
 from __future__ import annotations
@@ -14,11 +34,24 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from flexsfl.core.bundle import Bundle
+from flexsfl.core.errors import ConfigError
 from flexsfl.edge_runtime.data import Example
 from flexsfl.edge_runtime.text import TextEncoder
 from flexsfl.edge_runtime.trainer import BatchCursor, RoundSettings, RoundStats
 
-__all__ = ["FullModelTrainer"]
+__all__ = ["FullModelTrainer", "proximal_grad_"]
+
+
+def proximal_grad_(params, reference, mu: float) -> None:
+    """Ditto's personal-model gradient, in place: ``p.grad += mu · (p − reference[n])`` for every
+    ``(n, p)`` of ``params`` (name -> torch parameter whose ``grad`` holds ``∇L``); the gradient of
+    ``L(v) + mu/2 ‖v − w‖²``."""
+    import torch
+
+    with torch.no_grad():
+        for n, p in params.items():
+            if p.grad is not None:
+                p.grad.add_(p.detach() - reference[n], alpha=mu)
 
 
 class FullModelTrainer:
@@ -32,7 +65,7 @@ class FullModelTrainer:
         import torch
 
         from flexsfl.model.loading import LoraSettings, load_model
-        from flexsfl.model.partition import canonical_names
+        from flexsfl.model.partition import block_of, canonical_names
 
         if threads:
             torch.set_num_threads(threads)
@@ -45,62 +78,119 @@ class FullModelTrainer:
                                  seed=int(m.extra.get("seed", 0)), attn_implementation="sdpa")
         names = canonical_names(self.loaded.model)
         self.params = {names[id(p)]: p for p in self.loaded.model.parameters() if p.requires_grad}
+        L = self.loaded.info.num_blocks
+        self.head_names = {n for n in self.params if block_of(n, L) == L}  # the task head: FedPer/FedRep's own
         self.train_set, self.test_set = list(train), list(test)
         self.cursor = BatchCursor(self.train_set, seed)
         self.settings: RoundSettings | None = None
         self.stats = RoundStats()
-        self._opt = None
+        self._opt: dict[str, object] = {}  # "w": the model the device uploads; "v": Ditto's personal model
         self._opt_key = None
+        self._started = False
+        self._ref: dict | None = None  # Ditto: the round's global model w (torch tensors)
+        self._personal: dict | None = None  # Ditto: v_k between rounds
+        self._upload: dict[str, np.ndarray] | None = None  # Ditto: w_k after the round's global steps
+        self._upload_samples = 0
 
     def begin_round(self, settings: RoundSettings, adapters: Mapping[str, np.ndarray] | None) -> None:
+        """Start a round: take what the server sent (see the module for which tensors, and their
+        optimizer state), and set up the optimizers."""
         import torch
 
         self.settings = settings
-        if adapters is not None and (self._opt is None or not settings.personal):
+        key = (settings.optimizer, settings.lr)
+        if key != self._opt_key:
+            cls = torch.optim.SGD if settings.optimizer == "sgd" else torch.optim.AdamW
+            self._opt = {role: cls(list(self.params.values()), lr=settings.lr) for role in ("w", "v")}
+            self._opt_key = key
+        if adapters is not None and (not self._started or not settings.personal):
             with torch.no_grad():
                 for n, a in adapters.items():
                     self.params[n].copy_(torch.from_numpy(np.asarray(a, dtype=np.float32)))
-        key = (settings.optimizer, settings.lr)
-        if self._opt is None or key != self._opt_key:
-            cls = torch.optim.SGD if settings.optimizer == "sgd" else torch.optim.AdamW
-            self._opt, self._opt_key = cls(list(self.params.values()), lr=settings.lr), key
+                    self._opt["w"].state.pop(self.params[n], None)  # replaced weights: fresh optimizer state
+            self._started = True
+        if settings.local_rule == "ditto":
+            if adapters is None:
+                raise ConfigError("the server sent a Ditto round without the global model (its proximal reference): "
+                                  "run the server and this client from the same flexsfl version")
+            self._ref = {n: p.detach().clone() for n, p in self.params.items()}
+            if self._personal is None:
+                self._personal = {n: t.clone() for n, t in self._ref.items()}  # v_k starts at the first global model
+        self._upload = None
         self.stats = RoundStats()
 
     def train_local(self) -> None:
-        """The round's ``local_steps`` steps on local batches, entirely on the device."""
+        """The round's local steps on local batches, entirely on the device (see the module)."""
+        s = self.settings
+        assert s is not None, "begin_round() first"
+        if s.local_rule == "fedrep":
+            if not 0 <= s.head_steps <= s.local_steps:
+                raise ConfigError(f"the server asks for {s.head_steps} FedRep head steps in a round of {s.local_steps}: "
+                                  "lower --fedrep-head-steps below --local-steps")
+            self._steps(s.head_steps, "w", trainable=self.head_names)
+            self._steps(s.local_steps - s.head_steps, "w", trainable=set(self.params) - self.head_names)
+        elif s.local_rule == "ditto":
+            self._steps(s.local_steps, "w")
+            self._upload = {n: p.detach().numpy().copy() for n, p in self.params.items()}
+            self._upload_samples = self.stats.samples
+            self._load(self._personal)
+            self._steps(s.local_steps, "v", prox_mu=s.prox_mu)
+            self._personal = {n: p.detach().clone() for n, p in self.params.items()}  # the device now holds v_k
+        else:
+            self._steps(s.local_steps, "w")
+
+    def _steps(self, n: int, role: str, *, trainable: set[str] | None = None, prox_mu: float | None = None) -> None:
+        """``n`` optimizer steps of ``self._opt[role]``: only ``trainable`` tensors (default all)
+        get a gradient; with ``prox_mu``, Ditto's proximal term against the round's global model."""
         import torch
 
         from flexsfl.model.partition import task_loss
 
-        s = self.settings
-        assert s is not None, "begin_round() first"
-        model = self.loaded.model
-        for _ in range(s.local_steps):
-            batch = self.cursor.next(s.batch_size)
-            enc = self.encoder.encode([e.text for e in batch])
-            ids, mask = torch.from_numpy(enc.input_ids), torch.from_numpy(enc.attention_mask)
-            if self.task == "causal_lm":
-                labels = torch.where(mask == 1, ids, -100)
-            else:
-                labels = torch.tensor([e.label for e in batch])
-            t0 = time.perf_counter()
-            self._opt.zero_grad(set_to_none=True)
-            loss = task_loss(model(input_ids=ids, attention_mask=mask).logits, labels, self.task)
-            loss.backward()
-            self._opt.step()
-            self.stats.backward_s += time.perf_counter() - t0
-            self.stats.steps += 1
-            self.stats.samples += len(batch)
-            self.stats.loss_sum += loss.item()
+        s, model, opt = self.settings, self.loaded.model, self._opt[role]
+        for name, p in self.params.items():
+            p.requires_grad_(trainable is None or name in trainable)
+        try:
+            for _ in range(n):
+                batch = self.cursor.next(s.batch_size)
+                enc = self.encoder.encode([e.text for e in batch])
+                ids, mask = torch.from_numpy(enc.input_ids), torch.from_numpy(enc.attention_mask)
+                if self.task == "causal_lm":
+                    labels = torch.where(mask == 1, ids, -100)
+                else:
+                    labels = torch.tensor([e.label for e in batch])
+                t0 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)  # frozen tensors keep grad None: the optimizer skips them
+                loss = task_loss(model(input_ids=ids, attention_mask=mask).logits, labels, self.task)
+                loss.backward()
+                if prox_mu:
+                    proximal_grad_(self.params, self._ref, prox_mu)
+                opt.step()
+                self.stats.backward_s += time.perf_counter() - t0
+                self.stats.steps += 1
+                self.stats.samples += len(batch)
+                self.stats.loss_sum += loss.item()
+        finally:
+            for p in self.params.values():
+                p.requires_grad_(True)
+
+    def _load(self, values) -> None:
+        import torch
+
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(values[n])
 
     def upload(self) -> tuple[dict[str, np.ndarray], int]:
+        """Every trainable tensor (Ditto: of ``w_k``, not the personal ``v_k``) and the samples it trained on."""
+        if self._upload is not None:
+            return self._upload, max(self._upload_samples, 1)
         return {n: p.detach().numpy().copy() for n, p in self.params.items()}, max(self.stats.samples, 1)
 
     def end_round(self) -> None:
         self.settings = None
 
     def evaluate(self) -> tuple[int, int]:
-        """(correct, total) of this device's model on its local test split."""
+        """(correct, total) of this device's model (Ditto: ``v_k``) on its local test split."""
         import torch
 
         correct = total = 0

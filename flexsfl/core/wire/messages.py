@@ -1,9 +1,11 @@
 """Protocol messages: frozen dataclasses that own their wire format.
 
-A frame (protocol version 3; version 2 made a round's meaning typed fields of
+A frame (protocol version 4; version 2 made a round's meaning typed fields of
 :class:`RoundConfig` instead of version 1's free-form ``extra``; version 3 added the U-shaped
 topology: ``Hello.top``, :class:`MiddleOutput` and :class:`TopGradients`, and an
-:class:`Activations` whose labels the session, not the message, requires) is::
+:class:`Activations` whose labels the session, not the message, requires; version 4 added
+``RoundConfig.local_rule``, ``head_steps`` and ``prox_mu``, how a whole-model device spends its
+steps for FedRep and Ditto) is::
 
     b"FSFL" | version u8 | kind u8 | flags u16 (0) | header_len u32 LE | header | payloads
 
@@ -41,7 +43,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from flexsfl.core.constants import OPTIMIZERS
+from flexsfl.core.constants import LOCAL_RULES, OPTIMIZERS
 from flexsfl.core.errors import ErrorCode, FrameError, TensorError
 from flexsfl.core.wire.tensors import DEFAULT_LIMITS, ENCODINGS, Limits, TensorHeader, _is_int, _is_text, decode, encode
 
@@ -69,7 +71,7 @@ __all__ = [
     "parse",
 ]
 
-PROTOCOL_VERSION = 3  # the frame's version byte and Hello.protocol_version; peers must match exactly
+PROTOCOL_VERSION = 4  # the frame's version byte and Hello.protocol_version; peers must match exactly
 MAGIC = b"FSFL"
 _PREFIX = struct.Struct("<4sBBHI")  # magic, version, kind, flags, header_len
 _ALIGN = 8
@@ -458,6 +460,13 @@ class RoundConfig(Message):
     # U-shaped only: the alignment term also at the top's input H. The device then sends
     # Z' = head(x; φ) with Z (Activations.z_ref) and gets H' = middle_φ(Z') with H (MiddleOutput.h_ref).
     align_top: bool = _field(_bool, default=False)
+    # Whole-model rounds only (mode full; a split round sends the defaults): how the device spends
+    # its local_steps. fedrep: the first head_steps train the task head alone, the rest the body
+    # alone; ditto: local_steps on the global model, then local_steps on the personal model with
+    # the proximal term prox_mu/2 ‖v − w‖² against the global model w sent with this round.
+    local_rule: str = _field(_text(LOCAL_RULES), default="plain")
+    head_steps: int = _field(_int(), default=0)
+    prox_mu: float = _field(_float(0.0), default=0.0)
 
 
 @_message
