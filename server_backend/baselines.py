@@ -87,6 +87,7 @@ class Ditto(FedAvg):
     """Ditto: FedAvg of the global model, plus a proximal personal model on every device (see the module)."""
 
     name = "ditto"
+    uploads_own_model = False  # the upload is w_k; the personal v_k stays on the device
 
     def plan(self, round_id: int, client_id: str, split: int, host: StrategyHost, top: int | None = None) -> RoundPlan:
         return self._round_plan(host.state(), 0.0, local_rule="ditto", prox_mu=self.cfg.ditto_mu)

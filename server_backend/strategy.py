@@ -139,6 +139,7 @@ class Strategy(abc.ABC):
     mode: ClassVar[RoundMode] = RoundMode.SPLIT  # split: head on device, tail on server; full: whole model on device
     personal: ClassVar[bool] = True  # clients keep their own adapters across rounds
     topologies: ClassVar[tuple[str, ...]] = ("head-tail",)  # the client topologies it can plan (see refuse)
+    uploads_own_model: ClassVar[bool] = True  # a client's upload is the model it scores itself with (not so: Ditto)
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg

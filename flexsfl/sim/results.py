@@ -7,9 +7,13 @@ Accounting (issue 18), the same for every strategy:
   ``eval_bytes`` apart: what a split client sends and receives to score its own test split on
   the server's tail (a whole-model client scores on the device and sends nothing).
 - Accuracies are named for the model they measure (:data:`OWN_MODEL`): ``global_acc`` is the
-  global model on the union test set; ``personal_acc`` is the model each client ends its round
-  with, on its own test split — a *personal* model for FlexP-SFL and local-only, but *the global
-  model after the round's local fine-tune* for SplitFed and FedAvg. ``accuracy_of`` in every row
+  global model on the union test set, ``global_own_acc`` the same global model on each client's
+  own test split (mean over clients); ``personal_acc`` is the model each client ends its round
+  with, on its own test split — a *personal* model for FlexP-SFL, FedPer/FedRep (own head), Ditto
+  (``v_k``) and local-only, but for SplitFed and FedAvg *global + local fine-tune*: the round's
+  global model after the client's τ local steps (the steps it trains anyway, no extra compute),
+  which is not the global model. ``generalization_acc`` is the uploaded model on the union test
+  set, so not measured for Ditto (``v_k`` never leaves the device). ``accuracy_of`` in every row
   and the summary says which.
 - ``label_prior_acc``: the floor any personalization must beat: the global model with each
   client's training label prior (:func:`flexsfl.sim.evaluation.label_prior_accuracies`).
@@ -32,6 +36,7 @@ from rich.table import Table
 
 from flexsfl.core.atomic import atomic_path, atomic_write_text
 from flexsfl.core.errors import FlexSFLError
+from flexsfl.server_backend.strategy import STRATEGIES
 from flexsfl.sim.clock import DeviceClock, run_clients
 from flexsfl.sim.config import SimConfig
 
@@ -43,14 +48,17 @@ log = logging.getLogger("flexsfl.results")
 
 # What ``personal_acc`` measures, per strategy (anything not named here keeps a personal model).
 OWN_MODEL = {"splitfed": "global + local fine-tune", "fedavg": "global + local fine-tune", "local": "local only",
-             "fedper": "personal head + global body"}
+             "fedper": "personal head + locally trained global body", "fedrep": "personal head + locally trained global body",
+             "ditto": "Ditto personal (v_k)"}
 
 
 def accuracy_of(strategy: str) -> dict[str, str]:
     """What each accuracy of a run of ``strategy`` measures, in words (stored beside the numbers)."""
     own = OWN_MODEL.get(strategy, "personal")
-    return {"global_acc": "global model, union test set", "personal_acc": f"{own} model, the client's own test split",
-            "generalization_acc": f"{own} model, union test set",
+    return {"global_acc": "global model, union test set", "global_own_acc": "global model, the client's own test split",
+            "personal_acc": f"{own} model, the client's own test split",
+            "generalization_acc": (f"{own} model, union test set" if STRATEGIES[strategy].uploads_own_model
+                                   else f"not measured: the {own} model never leaves the device"),
             "label_prior_acc": "global model + the client's training label prior (no training), own test split"}
 
 
@@ -99,13 +107,14 @@ def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why
             **({"device_round_s": round(device.seconds, 3), "straggler": device.straggler} if device else {}),
             "global_acc": row.get("global_acc"),
             "personal_acc": float(np.mean(personal)) if personal else None,
-            "generalization_acc": float(np.mean(list(row["generalization"].values()))) if "generalization" in row else None,
+            "generalization_acc": float(np.mean(list(row["generalization"].values()))) if row.get("generalization") else None,
+            "global_own_acc": float(np.mean(list(row["global_own"].values()))) if row.get("global_own") else None,
             "label_prior_acc": float(np.mean(list(row["label_prior"].values()))) if row.get("label_prior") else None,
             **_mean_ppl(row.get("lm")),
             "bytes": int(sum(c["train_bytes"] for c in clients.values())),
             "eval_bytes": int(sum(eval_total.get(cid, 0) for cid in clients)),
             "accuracy_of": accuracy_of(cfg.strategy),
-            **{k: row[k] for k in ("generalization", "personal_server", "label_prior", "lm") if k in row},
+            **{k: row[k] for k in ("generalization", "personal_server", "label_prior", "global_own", "lm") if k in row},
             "clients": clients,
         })
     atomic_write_text(out / "rounds.jsonl", "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
@@ -117,7 +126,7 @@ def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why
         per_client.append({
             "client": cid, "groups": list(partition.clients[k].groups), "split": s, "choice": why[k],
             "personal_acc": c.get("personal_acc"), "generalization_acc": last.get("generalization", {}).get(cid),
-            "label_prior_acc": last.get("label_prior", {}).get(cid),
+            "label_prior_acc": last.get("label_prior", {}).get(cid), "global_own_acc": last.get("global_own", {}).get(cid),
             "step_ms": c.get("client_compute_ms", 0.0) + c.get("roundtrip_ms", 0.0),
             "tokens_per_s": c.get("tokens_per_s"),  # the device's own compute
             # the split selection's prediction for the device profile (not this machine)
@@ -133,8 +142,8 @@ def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why
         rows, cfg.target_ppl, key="personal_ppl", lower=True)
     summary = {
         "config": dataclasses.asdict(cfg), "total_s": round(total_s, 1), "rounds": len(rows),
-        "final": {k: last.get(k) for k in ("global_acc", "personal_acc", "generalization_acc", "label_prior_acc",
-                                           *PPL_KEYS, "elapsed_s", "device_s", "bytes", "eval_bytes")},
+        "final": {k: last.get(k) for k in ("global_acc", "global_own_acc", "personal_acc", "generalization_acc",
+                                           "label_prior_acc", *PPL_KEYS, "elapsed_s", "device_s", "bytes", "eval_bytes")},
         "accuracy_of": accuracy_of(cfg.strategy), "target": target, "per_client": per_client,
         # clients whose training would not fit their profile's memory: the run shows what such devices could not do
         "unfit": sorted(f"{cid} ({c.profile}: {c.memory_mb:.0f} MB)" for cid, c in (costs or {}).items() if not c.fits),
@@ -250,7 +259,7 @@ def table(summary: dict) -> str:
     t = Table(title=f"{strategy} on {summary['config']['data']} "
                     f"({summary['rounds']} rounds, {summary['final']['elapsed_s']:.0f} s of training)")
     device = any(c.get("device_round_s") is not None for c in summary["per_client"])
-    for col in ("client", "data", "profile", "split", f"{own} acc", "global+prior acc", "generalization acc", "step ms",
+    for col in ("client", "data", "profile", "split", f"{own} acc", "global acc", "global+prior acc", "generalization acc", "step ms",
                 "of which wire ms", "predicted ms", *(("device s/round",) if device else ()), "MB", "eval MB"):
         t.add_column(col, justify="right" if col not in ("client", "data", "profile") else "left")
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
@@ -259,7 +268,7 @@ def table(summary: dict) -> str:
         dev = c.get("device_round_s")
         dev_cell = ("-" if dev is None else f"{dev:.1f}") + ("" if c.get("fits", True) else " (does not fit)")
         t.add_row(c["client"], _groups(c), c["choice"].get("profile", "pinned"), layout(c), fmt(c["personal_acc"]),
-                  fmt(c.get("label_prior_acc")), fmt(c["generalization_acc"]), f"{c['step_ms']:.0f}",
+                  fmt(c.get("global_own_acc")), fmt(c.get("label_prior_acc")), fmt(c["generalization_acc"]), f"{c['step_ms']:.0f}",
                   "-" if c["wire_ms"] is None else f"{c['wire_ms']:.1f}",
                   "-" if pred is None else f"{pred:.0f}",
                   *((dev_cell,) if device else ()),
@@ -267,7 +276,8 @@ def table(summary: dict) -> str:
     f = summary["final"]
     console = Console(record=True, width=170, file=io.StringIO())
     console.print(t)
-    console.print(f"global model accuracy {fmt(f['global_acc'])}; mean {own} {fmt(f['personal_acc'])} (own test split) "
+    console.print(f"global model accuracy {fmt(f['global_acc'])} (union test), {fmt(f.get('global_own_acc'))} (mean of "
+                  f"own test splits); mean {own} {fmt(f['personal_acc'])} (own test split) "
                   f"against the floor, global + label prior, {fmt(f.get('label_prior_acc'))}; "
                   f"mean generalization {fmt(f['generalization_acc'])} (union test)")
     if f.get("device_s") is not None:

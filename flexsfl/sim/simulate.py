@@ -51,7 +51,7 @@ from flexsfl.model.loading import load_model
 from flexsfl.server_backend.clients import ClientRegistry, add_client
 from flexsfl.server_backend.server import FlexServer, ServerConfig
 from flexsfl.server_backend.state import ServerState
-from flexsfl.server_backend.strategy import TrainConfig, make_strategy
+from flexsfl.server_backend.strategy import STRATEGIES, TrainConfig, make_strategy
 from flexsfl.server_backend.tail_host import OptimizerConfig, TailHost
 from flexsfl.sim.bundles import export_missing
 from flexsfl.sim.config import SimConfig
@@ -174,8 +174,9 @@ class _RoundEval:
                 self.personal[cid] = u.params
             due = (cfg.eval_every and r % cfg.eval_every == cfg.eval_every - 1) or r == cfg.rounds - 1
             return {"lm": self._lm()} if due else {}
-        for cid, u in uploads.items():
-            self.personal[cid] = u.params
+        if STRATEGIES[cfg.strategy].uploads_own_model:  # else (Ditto) the personal model never leaves the device
+            for cid, u in uploads.items():
+                self.personal[cid] = u.params
         out: dict[str, Any] = {"global_acc": self.ev.accuracy(self.union)}
         last = cfg.rounds - 1
         if (cfg.eval_every and r % cfg.eval_every == cfg.eval_every - 1) or r == last:
@@ -188,6 +189,8 @@ class _RoundEval:
             if own:
                 out["personal_server"] = own
             out["label_prior"] = label_prior_accuracies(self.ev, self.clients, cfg.num_labels)  # the floor
+            # the global model itself on each client's own split, beside what the client ends its round with
+            out["global_own"] = {cid: self.ev.accuracy(t) for cid, t in sorted(self.own.items())}
         return out
 
 
