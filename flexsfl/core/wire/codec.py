@@ -13,12 +13,14 @@ allocates). Buffers under :attr:`BufferPool.min_bytes` are plain allocations (th
 arena serves them without faults).
 
 The fp16 encode is a branch-free float trick, bit-identical to IEEE round-to-nearest-even for
-finite input: adding ``c = 2^(max(e, -14) + 13)`` to ``|x|`` (``e`` its exponent) leaves the sum
-with exactly fp16's quantum at ``x`` as its last place, so the FPU rounds ``|x|`` to fp16's grid
-(ties to even, subnormals included); the low 16 bits of ``bits(sum)`` are then the rounded value
-in quanta and ``bits(sum) >> 13`` holds ``c``'s exponent field, which is the half's plus a constant:
-their sum modulo 2^16 is the half's bit pattern. It runs in cache-sized blocks. Decode is one
-gather from a 65536-entry table.
+finite input: adding to ``|x|`` a float ``c`` whose exponent is ``max(e, -14) + 13`` (``e`` that
+of ``x``) leaves the sum with exactly fp16's quantum at ``x`` as its last place, so the FPU rounds
+``|x|`` to fp16's grid (ties to even, subnormals included) and the sum's low mantissa bits count
+quanta. ``c``'s own mantissa carries the half's sign and exponent fields in the bits above them,
+so the low 16 bits of the sum are the half's whole bit pattern. It runs in cache-sized blocks.
+Decode moves the half's bits to float32's places and rebiases the exponent, which is exact for
+normal halves; for subnormal ones a second candidate subtracts the implicit bit, and the smaller
+of the two is the value (see :func:`from_fp16`).
 """
 
 from __future__ import annotations
@@ -115,13 +117,19 @@ def check_finite(name: str, x: np.ndarray, what: str) -> None:
 # --- fp16 ------------------------------------------------------------------------------------
 
 _FP16_OVERFLOW_BITS = 0x477FF000  # float32 bits of 65520: rounds to Inf in float16
+_ABS = np.uint32(0x7FFFFFFF)
 _MIN_NORMAL16_F = np.float32(2.0**-14)  # fp16's smallest normal
 _EXP_MASK = np.uint32(0x7F800000)
-_QUANTUM_SHIFT = np.uint32(13 << 23)  # 2^e -> 2^(e+13), whose ulp is 2^(e-10)
-_UNBIAS16 = np.uint16((-(126 << 10)) % (1 << 16))
+_SIGN_TO_15 = np.uint32(16)  # float32 sign (bit 31) -> the half's (bit 15)
+_SIGN15 = np.uint32(0x8000)
+_EXP_TO_10 = np.uint32(13)  # float32 exponent field (bit 23) -> the half's (bit 10)
+# c's constant part: exponent + 13 (so its last place is fp16's quantum), and the half's exponent
+# field minus one (its implicit bit is counted in the quanta) = float32's - 113, modulo 2^32.
+_C_BIAS = np.uint32(((13 << 23) - (113 << 10)) % (1 << 32))
 
-
-_BLOCK = 32768  # elements per fp16 block: its five temporaries (~0.5 MiB) stay in L2 between passes
+_BLOCK = 32768  # elements per fp16 block: its input, output and temporaries (0.5 MiB) stay in L2, a Pi 4's too
+# np.maximum against an array runs vectorized, against a scalar 2-4x slower: the clamp's operand (128 KiB).
+_MIN_NORMAL16_BLOCK = np.full(_BLOCK, _MIN_NORMAL16_F)
 
 
 def to_fp16(name: str, x: np.ndarray) -> np.ndarray:
@@ -135,31 +143,30 @@ def to_fp16(name: str, x: np.ndarray) -> np.ndarray:
     top = 0  # largest |x| bit pattern seen: NaN/Inf (>= 0x7F800000) and overflow stop the loop
     out = POOL.take("enc.out16", n, _U16)
     k = min(n, _BLOCK)
-    A, B = POOL.take("enc.a", k, _U32), POOL.take("enc.c", k, _U32)
-    NEG, SIGN = POOL.take("enc.neg", k, np.bool_), POOL.take("enc.sign16", k, _U16)
+    A, C, D = POOL.take("enc.a", k, _U32), POOL.take("enc.c", k, _U32), POOL.take("enc.d", k, _U32)
     for i in range(0, n, _BLOCK):
         j = min(n, i + _BLOCK)
         m = j - i
-        ub, a, c, o, neg, sign = u[i:j], A[:m], B[:m], out[i:j], NEG[:m], SIGN[:m]
-        np.bitwise_and(ub, np.uint32(0x7FFFFFFF), out=a)
+        ub, a, c, d = u[i:j], A[:m], C[:m], D[:m]
+        np.bitwise_and(ub, _ABS, out=a)
         top = max(top, int(a.max()))
         if top >= _FP16_OVERFLOW_BITS:
             break
-        np.maximum(a.view(_F32), _MIN_NORMAL16_F, out=c.view(_F32))
-        c &= _EXP_MASK  # 2^max(e, -14)
-        c += _QUANTUM_SHIFT  # c = 2^(max(e, -14) + 13), whose last place is fp16's quantum at x
+        np.maximum(a.view(_F32), _MIN_NORMAL16_BLOCK[:m], out=c.view(_F32))
+        c &= _EXP_MASK  # E' << 23, E' = max(E, 113): x's float32 exponent field, clamped at fp16's smallest normal
+        np.right_shift(c, _EXP_TO_10, out=d)
+        c += d  # + E' << 10
+        np.right_shift(ub, _SIGN_TO_15, out=d)
+        d &= _SIGN15
+        c += d  # + sign << 15
+        c += _C_BIAS  # c = 2^(E'-114) (1 + m 2^-23), m = sign << 15 | (E' - 113) << 10: under 2^16
+        # c's last place is fp16's quantum at x and |x| < 2^(E'-126) << c, so the FPU rounds |x| to
+        # that quantum and bits(|x| + c) = bits(c) + k, k = |x| in quanta, rounded (ties to even:
+        # m's bits are a multiple of 1024). Low 16 bits: sign << 15 | (E' - 113) << 10 + k, the
+        # half's bit pattern (k < 2048 counts the implicit bit; < 0x7C00 in all, so no carry).
         af = a.view(_F32)
-        af += c.view(_F32)  # s = |x| + c: the FPU rounds |x| to fp16's grid (ties to even)
-        # bits(s) = bits(c) + |x|/quantum (rounded), and bits(c) has no bit below 23 set, so the
-        # low 16 bits of bits(s) are the rounded |x| in quanta; bits(s) >> 13 is c's exponent
-        # field (<< 10), which exceeds the half's exponent field by 126 << 10: modulo 2^16, + 2048.
-        np.right_shift(a, np.uint32(13), out=c)
-        a += c
-        np.copyto(o, a, casting="unsafe")  # keep the low 16 bits
-        o += _UNBIAS16  # wraps
-        np.signbit(ub.view(_F32), out=neg)
-        np.left_shift(neg.view(np.uint8), np.uint16(15), out=sign)
-        o |= sign
+        af += c.view(_F32)
+        np.copyto(out[i:j], a, casting="unsafe")  # keep the low 16 bits
     if top >= 0x7F800000:
         raise non_finite(name, x, "has")
     if top >= _FP16_OVERFLOW_BITS:
@@ -167,17 +174,50 @@ def to_fp16(name: str, x: np.ndarray) -> np.ndarray:
     return out.view("<f2").reshape(x.shape)
 
 
-_FP16_TABLE: list[np.ndarray] = []  # float32 value of every float16 bit pattern (256 KiB), built on first use
+_SIGN32 = np.int32(-(1 << 31))
+_TO_13 = np.int32(13)  # int32, as the shifted array: a uint32 scalar would promote the pass to int64
+_MAGNITUDE_AT_13 = np.uint32(0x7FFF << 13)  # the half's exponent and mantissa, at float32's places
+_REBIAS = np.uint32(112 << 23)  # float32's exponent bias minus the half's
+_REBIAS_PLUS_ONE = np.uint32(113 << 23)
+_INF16_AT_13 = 0x7C00 << 13  # exponent field all ones: Inf or NaN
 
 
-def from_fp16(bits: np.ndarray) -> np.ndarray:
-    """Finite float16 bit patterns (uint16) -> float32 (pooled), exactly: one gather from a
-    table of all 65536 values (numpy's own cast takes a scalar path, 20x slower on subnormals)."""
-    if not _FP16_TABLE:
-        _FP16_TABLE.append(np.arange(1 << 16, dtype=np.uint32).astype(_U16).view(np.float16).astype(_F32))
-    y = POOL.take("dec.out", bits.size, _F32)
-    np.take(_FP16_TABLE[0], bits.reshape(-1), out=y, mode="clip")  # clip: no bounds check, u16 is always in range
-    return y.reshape(bits.shape)
+def from_fp16(name: str, bits: np.ndarray) -> np.ndarray:
+    """float16 bit patterns (uint16) -> float32 (pooled), exactly. Raises TensorError naming
+    tensor ``name`` if a pattern is Inf or NaN (checked on the way, not in a pass of its own).
+
+    Nine in-place passes per cache-sized block, and no float32 subnormal is ever an operand:
+    x86 takes a ~100-cycle microcode assist per subnormal multiplied, and gradients are mostly
+    fp16 subnormals (numpy's own cast takes a scalar path, 20x slower on them). With the half's
+    magnitude bits ``h`` moved to float32's places, ``A = bits(h + 112 << 23)`` is the value
+    of a normal half, and ``B = bits(h + 113 << 23) - 2^-14`` that of a subnormal one (its
+    mantissa over the smallest normal, minus the smallest normal: exact). For a normal half
+    ``B = 2v - 2^-14 >= v = A``; for a subnormal one ``A = 2^-15 + v/2 > v = B``: ``min(A, B)``
+    is the value either way."""
+    flat = bits.reshape(-1).view(np.int16)
+    n = flat.size
+    out = POOL.take("dec.out", n, np.int32)
+    k = min(n, _BLOCK)
+    B, A = POOL.take("dec.b", k, _U32), POOL.take("dec.a", k, _U32)
+    top = 0  # largest magnitude pattern seen (<< 13): Inf/NaN stop the loop
+    for i in range(0, n, _BLOCK):
+        j = min(n, i + _BLOCK)
+        m = j - i
+        w, b, a = out[i:j], B[:m], A[:m]
+        np.copyto(w, flat[i:j], casting="safe")  # sign-extends: the sign in bits 15..31
+        np.left_shift(w, _TO_13, out=b.view(np.int32))
+        b &= _MAGNITUDE_AT_13
+        top = max(top, int(b.max()))
+        if top >= _INF16_AT_13:
+            raise non_finite(name, bits.view(np.float16).astype(_F32), "holds")
+        w &= _SIGN32
+        np.add(b, _REBIAS, out=a)
+        b += _REBIAS_PLUS_ONE
+        bf = b.view(_F32)
+        bf -= _MIN_NORMAL16_F
+        np.minimum(a.view(_F32), bf, out=bf)
+        w |= b.view(np.int32)
+    return out.view(_F32).reshape(bits.shape)
 
 
 # --- bf16 ------------------------------------------------------------------------------------

@@ -83,7 +83,6 @@ _PAYLOAD_DTYPES: dict[str, tuple[str, ...]] = {
 _F32 = np.dtype("<f4")
 _HEADER_KEYS = frozenset({"name", "dtype", "shape", "encoding", "nbytes"})
 # Exponent bits of the 16-bit formats; all set means Inf or NaN.
-_FP16_EXP = 0x7C00
 _BF16_EXP = 0x7F80
 
 
@@ -279,9 +278,7 @@ def decode(header: TensorHeader, buffer: bytes | memoryview) -> np.ndarray:
             codec.check_finite(name, raw, "holds")
             out = raw
         elif enc == "fp16":
-            if not _bits_finite(raw.view(np.uint16), _FP16_EXP):
-                raise codec.non_finite(name, raw.astype(_F32), "holds")
-            out = codec.from_fp16(raw.view(np.uint16))
+            out = codec.from_fp16(name, raw.view(np.uint16))
         else:  # bf16
             if not _bits_finite(raw, _BF16_EXP):
                 raise codec.non_finite(name, (raw.astype(np.uint32) << 16).view(_F32), "holds")
