@@ -63,6 +63,7 @@ class RoundSettings:
     optimizer: str
     align_lambda: float
     personal: bool = True  # keep θ_k across rounds (False: start from the global head)
+    align_top: bool = False  # U-shaped: the alignment term also at the top's input H (RoundConfig.align_top)
     local_rule: str = "plain"  # whole-model devices: plain | fedrep | ditto (RoundConfig.local_rule)
     head_steps: int = 0  # fedrep: the first head_steps train the task head alone
     prox_mu: float = 0.0  # ditto: the personal model's proximal weight
@@ -244,7 +245,7 @@ class HeadTrainer:
         is left to :meth:`align_reference` (or computed here if ``overlap_alignment`` is off)."""
         s = self._require_round()
         self._t_step = time.perf_counter()
-        batch = self.cursor.next(s.batch_size)
+        batch = self._next_batch(s.batch_size)
         enc = self.encoder.encode([e.text for e in batch])
         labels = self._labels(batch, enc.input_ids, enc.attention_mask)
         t0 = time.perf_counter()
@@ -398,6 +399,10 @@ class HeadTrainer:
         log.info("restored the personal head from %s (after round %d)", path, self.last_round)
 
     # -- internals -----------------------------------------------------------------------------
+    def _next_batch(self, size: int) -> list[Example]:
+        """The next local batch (a subclass may have drawn it ahead of time)."""
+        return self.cursor.next(size)
+
     def _require_round(self) -> RoundSettings:
         if self.settings is None:
             raise ConfigError("no round in progress: call begin_round() first")

@@ -2,10 +2,11 @@
 
 :func:`run_client` connects, says Hello, and then does what the server asks: for each round, the
 local steps (Z out, g back; for a U-shaped trainer Z out, H back, dL/dH out, g back, and no
-labels on the wire), the upload of θ_k, an evaluation of the personal model on the local
-test split, and the round's metrics. If the server goes away it reconnects with exponential
-backoff (with jitter) and carries on with the personal head it kept; a refusal that retrying
-cannot fix (unknown client, wrong token, a bundle for another model) ends it with that error.
+labels on the wire; in an align_top round Z' travels with Z and H' with H), the upload of θ_k,
+an evaluation of the personal model on the local test split, and the round's metrics. If the
+server goes away it reconnects with exponential backoff (with jitter) and carries on with the
+personal head it kept; a refusal that retrying cannot fix (unknown client, wrong token, a bundle
+for another model) ends it with that error.
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ async def _serve_rounds(link: _Link, trainer: Trainer, opts: ClientOptions) -> s
 async def _train_round(link: _Link, trainer: Trainer, cfg: RoundConfig, adapters) -> dict[str, Any]:
     settings = RoundSettings(round_id=cfg.round_id, local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
                              optimizer=cfg.optimizer, align_lambda=cfg.align_lambda,
-                             personal=cfg.personal, local_rule=cfg.local_rule, head_steps=cfg.head_steps,
+                             personal=cfg.personal, align_top=cfg.align_top, local_rule=cfg.local_rule, head_steps=cfg.head_steps,
                              prox_mu=cfg.prox_mu)
     trainer.begin_round(settings, adapters)
     wait = 0.0
@@ -266,13 +267,16 @@ async def _exchange(link: _Link, trainer: Trainer, round_id: int, step_id: int, 
     """One train step's legs on the wire: the server's Gradients, and the seconds spent waiting for
     the server (a U-shaped step's top runs here in between and is not counted)."""
     t0 = time.perf_counter()
+    u = isinstance(trainer, UTrainer)
     await link.send(Activations(round_id=round_id, step_id=step_id, mode="train", z=step.z,
-                                attention_mask=step.attention_mask, labels=step.labels, encoding=link.encoding))
+                                attention_mask=step.attention_mask, labels=step.labels,
+                                z_ref=trainer.pending_z_ref if u else None, encoding=link.encoding))
     top_s = 0.0
-    if isinstance(trainer, UTrainer):  # step.labels is None: Z up, H down, dL/dH (+ loss) up
+    if u:  # step.labels is None: Z (+ Z') up, H (+ H') down, dL/dH (+ loss) up
         h = await _expect(link, MiddleOutput)
         t_top = time.perf_counter()
-        grad_h, loss = trainer.top_step(np.asarray(h.h, dtype=np.float32))
+        grad_h, loss = trainer.top_step(np.asarray(h.h, dtype=np.float32),
+                                        None if h.h_ref is None else np.asarray(h.h_ref, dtype=np.float32))
         top_s = time.perf_counter() - t_top
         await link.send(TopGradients(round_id=round_id, step_id=step_id, loss=loss, grad_h=grad_h, encoding=link.encoding))
     g = await _expect(link, Gradients)

@@ -177,8 +177,6 @@ class FlexServer:
         self.worker = compute or ComputeWorker(host, batching=config.batching, threads=compute_threads,
                                     on_batch=lambda tags, s: self.state.log("batch", steps=tags, ms=round(1e3 * s, 3)))
         self.limits = Limits(max_frame_bytes=frame_limit(host, config.max_batch, config.max_seq))
-        if strategy.cfg.align_top:
-            raise ConfigError("--align-top is not carried to devices over the wire yet (flexsfl simulate has it); drop it")
         self.u = UShaped(MiddleHost(host, ttl_s=config.middle_ttl, max_pending=config.middle_max_pending,
                                     recompute=config.middle_recompute), self.worker, state)
         self.sessions: dict[str, Session] = {}
@@ -501,7 +499,7 @@ class FlexServer:
             try:
                 await s.send(RoundConfig(round_id=r, local_steps=plan.local_steps, batch_size=plan.batch_size, lr=plan.lr,
                                          optimizer=plan.optimizer, align_lambda=plan.align_lambda, mode=plan.mode,
-                                         personal=plan.personal, adapters=plan.adapters is not None,
+                                         personal=plan.personal, adapters=plan.adapters is not None, align_top=plan.align_top,
                                          local_rule=plan.local_rule, head_steps=plan.head_steps, prox_mu=plan.prox_mu))
                 if plan.adapters is not None:
                     await s.send(Adapters(round_id=r, tensors=dict(plan.adapters)))

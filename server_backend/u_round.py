@@ -80,12 +80,30 @@ class UShaped:
             return MiddleOutput(round_id=msg.round_id, step_id=msg.step_id, h=h, encoding=s.conn.encoding)
         key = (s.client_id, msg.round_id, msg.step_id)
         t0 = time.perf_counter()
-        res = await self.worker.submit(self.middle.forward_batch, MiddleRequest(key, s.split, s.top, z, mask))
+        res, h_ref = await asyncio.gather(  # H' (align_top) queued right behind H: the same φ
+            self.worker.submit(self.middle.forward_batch, MiddleRequest(key, s.split, s.top, z, mask)), self.reference(s, msg))
         if res.h is None:
             raise TensorError(f"step {msg.step_id} refused: {res.error}", ErrorCode.NON_FINITE)
         self.state.log("u_forward", client=s.client_id, round=msg.round_id, step=msg.step_id,
                        server_ms=round(1e3 * (time.perf_counter() - t0), 3), held_bytes=self.middle.held_bytes())
-        return MiddleOutput(round_id=msg.round_id, step_id=msg.step_id, h=res.h, encoding=s.conn.encoding)
+        return MiddleOutput(round_id=msg.round_id, step_id=msg.step_id, h=res.h, h_ref=h_ref, encoding=s.conn.encoding)
+
+    async def reference(self, s: Any, msg: Activations) -> np.ndarray | None:
+        """``H' = middle_φ(Z')`` for a train Activations that carries ``z_ref`` (an align_top round;
+        the Connection allows it nowhere else), computed with no gradient and nothing kept; None
+        without ``z_ref``. :meth:`activations` queues it right behind the step's own forward, so
+        both see the same middle. A Z' the middle refuses is a one-line TensorError."""
+        if msg.z_ref is None:
+            return None
+        try:
+            h_ref = await self.worker.call(self.middle.predict, s.split, s.top, np.asarray(msg.z_ref),
+                                           np.asarray(msg.attention_mask))
+        except ConfigError as e:
+            raise TensorError(f"step {msg.step_id}: Z' refused: {e}") from None
+        if not np.isfinite(h_ref).all():
+            raise TensorError(f"step {msg.step_id}: the middle's output for Z' is not finite", ErrorCode.NON_FINITE)
+        self.state.log("u_reference", client=s.client_id, round=msg.round_id, step=msg.step_id)
+        return h_ref
 
     async def top_gradients(self, s: Any, msg: TopGradients) -> Gradients:
         """``dL/dZ`` for the step ``msg`` names; the middle steps under the schedule. A refused

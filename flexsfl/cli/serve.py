@@ -51,9 +51,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=TRAIN_OPTIMIZER, help=f"client optimizer (default: {TRAIN_OPTIMIZER})")
     p.add_argument("--server-lr", type=float, default=None, help="tail learning rate (default: --lr)")
     p.add_argument("--server-optimizer", choices=OPTIMIZERS, default=None, help="default: --optimizer")
+    p.add_argument("--server-step-every", type=int, default=1, metavar="K",
+                   help="one server optimizer step per K client steps, in the order received (default 1: sequential "
+                        "split learning; a group's step uses the mean of its clients' gradients)")
     p.add_argument("--align-lambda", type=float, default=d.align_lambda, help="weight of the alignment term")
     p.add_argument("--align-top", action="store_true",
-                   help="U-shaped clients: the alignment term also at the top's input H (simulation only so far)")
+                   help="U-shaped clients: the alignment term also at the top's input H (needs --align-lambda > 0)")
     p.add_argument("--round-timeout", type=float, default=d.round_timeout)
     p.add_argument("--fedrep-head-steps", type=int, default=d.fedrep_head_steps,
                    help="strategy fedrep: of each round's local steps, the first N train the task head alone")
@@ -116,7 +119,8 @@ def build_server(args: argparse.Namespace, loaded=None):
     pool = args.workers > 1 or args.ray_address
     # With Ray workers the front end's global model stays on the CPU: the workers train on --device.
     loaded = loaded or load_server_model(args)
-    optimizer = OptimizerConfig(args.server_optimizer or args.optimizer, args.server_lr or args.lr)
+    optimizer = OptimizerConfig(args.server_optimizer or args.optimizer, args.server_lr or args.lr,
+                                server_step_every=args.server_step_every)
     host = TailHost(loaded, optimizer, device="cpu" if pool else device)
     layout = {
         "model": loaded.info.id, "revision": loaded.info.revision, "task": loaded.info.task,
