@@ -68,6 +68,8 @@ class SimConfig:
     in_process: bool = _f(False, "run clients as tasks of this process (fast tests only)")
     threads: int = _f(1, "threads per client process and for the server's tail")
     batching: bool = _f(True, "run every server step on its own (no cross-client batching)", flag="--no-batching")
+    server_step_every: int = _f(1, "one server optimizer step per K client steps in the order received (1: sequential "
+                                "split learning; a group steps on the mean of its clients' gradients)", metavar="K")
     target_acc: float = _f(0.75, "personalized accuracy for 'time/bytes to reach' in the summary")
     target_ppl: float | None = _f(None, "causal LM: personal perplexity (mean over clients) for 'time/bytes to reach'")
     num_labels: int | None = _f(None, "classes of the classifier (default: as many as the data's labels; a label "
@@ -90,7 +92,8 @@ class SimConfig:
                               ("backend", SIM_BACKENDS), ("encoding", ENCODINGS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("clients", "rounds", "local_steps", "batch_size", "threads", "num_labels", "align_every"):
+        for name in ("clients", "rounds", "local_steps", "batch_size", "threads", "num_labels", "align_every",
+                     "server_step_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_seq < 2:

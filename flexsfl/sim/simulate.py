@@ -240,7 +240,7 @@ async def _run(cfg: SimConfig, out: pathlib.Path, progress) -> dict:
                         lr=cfg.lr, optimizer=cfg.optimizer, align_lambda=cfg.align_lambda, seed=cfg.seed, round_timeout=1800,
                         fedrep_head_steps=cfg.fedrep_head_steps, ditto_mu=cfg.ditto_mu)
     strategy = make_strategy(cfg.strategy, train)
-    host = TailHost(loaded, OptimizerConfig(cfg.optimizer, cfg.lr))
+    host = TailHost(loaded, OptimizerConfig(cfg.optimizer, cfg.lr, server_step_every=cfg.server_step_every))
     state_dir = out / "server"
     if state_dir.exists():
         shutil.rmtree(state_dir)
