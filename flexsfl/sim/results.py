@@ -74,6 +74,7 @@ def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why
         r = e.get("round")
         if e["event"] == "round":
             rounds.setdefault(r, {})["round_s"] = e["seconds"]
+            rounds[r]["server_steps"] = e.get("server_steps")  # optimizer steps (fixed schedule): equal across strategies
         elif e["event"] == "eval":
             rounds.setdefault(r, {}).update({k: v for k, v in e.items() if k not in ("t", "event", "round")})
         elif e["event"] == "client_metrics":
@@ -112,6 +113,7 @@ def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why
             "label_prior_acc": float(np.mean(list(row["label_prior"].values()))) if row.get("label_prior") else None,
             **_mean_ppl(row.get("lm")),
             "bytes": int(sum(c["train_bytes"] for c in clients.values())),
+            "server_steps": row.get("server_steps"),
             "eval_bytes": int(sum(eval_total.get(cid, 0) for cid in clients)),
             "accuracy_of": accuracy_of(cfg.strategy),
             **{k: row[k] for k in ("generalization", "personal_server", "label_prior", "global_own", "lm") if k in row},
