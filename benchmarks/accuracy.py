@@ -24,6 +24,8 @@ Strategies (``name: what``):
 - ``splitfed``: SplitFed/SplitLoRA: one fixed split for all, no personalization
 - ``fedavg``: FedAvg-LoRA, the whole model on every device
 - ``fedper``: FedPer, the whole model on the device, personal task head, body averaged
+- ``fedrep``: FedRep, as FedPer but each round trains the head alone first, then the body alone
+- ``ditto``: Ditto, FedAvg's global model plus a proximal personal model on each device (2τ device steps a round)
 - ``local``: every device fine-tunes the whole model alone
 """
 
@@ -49,6 +51,8 @@ RUNS: dict[str, dict] = {
     "splitfed": {"strategy": "splitfed", "align_lambda": 0.0},
     "fedavg": {"strategy": "fedavg", "align_lambda": 0.0},
     "fedper": {"strategy": "fedper", "align_lambda": 0.0},
+    "fedrep": {"strategy": "fedrep", "align_lambda": 0.0},
+    "ditto": {"strategy": "ditto", "align_lambda": 0.0},
     "local": {"strategy": "local", "align_lambda": 0.0},
 }
 
@@ -67,6 +71,7 @@ def row(name: str, summary: dict) -> dict:
                    else ",".join(layout(c) for c in summary["per_client"])),
         "personal_acc": f["personal_acc"], "generalization_acc": f["generalization_acc"], "global_acc": f["global_acc"],
         "label_prior_acc": f.get("label_prior_acc"),  # the floor: global model + each client's label prior
+        "global_own_acc": f.get("global_own_acc"),  # the global model on each client's own split (SplitFed/FedAvg's "global")
         **{k: f.get(k) for k in PPL_KEYS},  # causal LM: mean perplexities over clients (lower is better)
         "train_s": f["elapsed_s"], "total_s": summary["total_s"], "mb": (f["bytes"] or 0) / 1e6,
         "eval_mb": (f.get("eval_bytes") or 0) / 1e6, "device_s": f.get("device_s"), "unfit": summary.get("unfit", []),
