@@ -50,12 +50,21 @@ PYTHON_MB = 35.0  # interpreter + numpy, tokenizers, websockets, safetensors (34
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
-    """How a training runtime spends device memory besides the embedding (fitted to measured peak RSS)."""
+    """How a training runtime spends device memory besides the embedding (fitted to measured peak RSS).
+
+    The ``top_*`` fields are the U-shaped topology's top programs (a fused train program and an
+    eval program, :func:`flexsfl.core.u_planner.top_memory_mb`); where they were not measured they
+    repeat the head's constants.
+    """
 
     fixed_mb: float  # the runtime itself and the sessions' own state (Python not included)
     block_weight_copies: int  # how many copies of each block's frozen weights it loads
     activation_copies: float  # how many times the saved activations are resident during a step
     workspace_blocks: float  # transient buffers, in units of one block's saved activations
+    top_weight_copies: float  # copies of the top's frozen weights (blocks + final norm / pooler + task head)
+    top_activation_copies: float  # times the top's full blocks' saved activations are resident in its fused step
+    top_io_copies: float  # [B, T, d] tensors resident for the top's step: H, dL/dH and the program's own buffers
+    top_fixed_mb: float = 0.0  # the top's two sessions' own state
 
 
 # Fitted to the peak RSS of MiniLM's head at splits 1, 3 and 5 and SmolLM2's at split 2 (batch 8,
@@ -65,16 +74,26 @@ RUNTIMES = {
     # activations once (OrtValues from the forward's outputs to the backward's inputs) plus what
     # the shared arena keeps of the forward's temporaries; about one block's worth of backward
     # temporaries.
-    "ort": Runtime(fixed_mb=43.0, block_weight_copies=1, activation_copies=1.4, workspace_blocks=1.0),
+    # The top (fitted to `flexsfl bench top`, MiniLM split 1, u = 0..2, B 4/8 x T 48/128; benchmarks/
+    # README §11): its train and eval programs are two plain sessions, each loading the top's weights
+    # (not the head's shared mapping): the train session the weights, their folded transposes and
+    # pre-packed GEMM copies, the eval session its pre-packed copies, 4 copies in all (measured 4.1 at
+    # load); the fused step keeps a full block's saved activations 2.3 times (forward outputs and the
+    # backward's gradients of them), and about 5.4 [B, T, d] buffers (H, dL/dH, the arena's copies).
+    "ort": Runtime(fixed_mb=43.0, block_weight_copies=1, activation_copies=1.4, workspace_blocks=1.0,
+                   top_weight_copies=4.0, top_activation_copies=2.3, top_io_copies=5.4, top_fixed_mb=0.8),
     # The .pte's weights plus XNNPACK's packed copies; the forward's planned arena, the outputs
     # handed to Python and the backward's planned inputs each hold the saved activations; memory
     # is planned for the bundle's max batch, which export sets to the training batch by default
     # (plan with the batch the bundle was exported for). 420 MB fixed: the Python bindings import
     # torch and link libtorch (372 MB of RSS before a program is opened).
-    "executorch": Runtime(fixed_mb=420.0, block_weight_copies=2, activation_copies=2.4, workspace_blocks=0.0),
+    # The top's methods live in the same .pte; not measured yet, so the head's constants.
+    "executorch": Runtime(fixed_mb=420.0, block_weight_copies=2, activation_copies=2.4, workspace_blocks=0.0,
+                          top_weight_copies=2, top_activation_copies=2.4, top_io_copies=2),
     # Autograd keeps the activations about twice (views and the graph's own copies); torch,
     # transformers and peft are most of the fixed part.
-    "torch": Runtime(fixed_mb=447.0, block_weight_copies=1, activation_copies=1.95, workspace_blocks=0.0),
+    "torch": Runtime(fixed_mb=447.0, block_weight_copies=1, activation_copies=1.95, workspace_blocks=0.0,
+                     top_weight_copies=1, top_activation_copies=1.95, top_io_copies=2),
 }
 _MB = 1e6
 _F32 = 4  # bytes

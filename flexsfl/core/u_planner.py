@@ -7,12 +7,21 @@ trips instead of head/tail's one, and two more ``[B, T, d]`` transfers (``H↓``
 but no labels. For a candidate ``(s, u)``::
 
     memory(s, u) = memory(s)                                      the head, as :mod:`flexsfl.core.memory`
-                 + 4 B · w · (u · block parameters + final)       the top's frozen weights (a tied LM head: none, the
+                 + 4 B · w_top · (u · block parameters + final)   the top's frozen weights (a tied LM head: none, the
                                                                   embedding is stored once)
                  + 4 B · (u · LoRA + task head) · (2 + states)    top adapters, task head, gradients, optimizer state
-                 + copies · 4 B · B · T · u · saved(T)            the top's activations (every block needs dL/dH)
+                 + copies_top · 4 B · B · T · u · saved(T)        the top's activations (every block needs dL/dH)
                  + 4 B · (3 · B · T · V  or  B · C)                logits, their gradient and the copy handed back
-                 + 4 B · B · T · d · 2                            H and dL/dH
+                 + io_top · 4 B · B · T · d                       H, dL/dH and the step's [B, T, d] buffers
+                 + top_fixed                                      the top's sessions
+
+with ``w_top``, ``copies_top``, ``io_top`` and ``top_fixed`` per runtime
+(:data:`flexsfl.core.memory.RUNTIMES`). A BERT classifier's top runs its last block for the [CLS]
+position only: that block keeps only the keys and values of every position (``2 · kvd`` per
+token, resident once) instead of ``saved(T)``. For ONNX Runtime the constants are fitted to the
+measured top (``flexsfl bench top``, MiniLM split 1, u = 0..2, B 4/8 x T 48/128; within 10 % of
+every measurement above noise, benchmarks/README §11): its train and eval programs are two
+sessions, each loading the top's weights, so ``w_top = 4`` where the head has 1.
 
     time(s, u)   = (head FLOPs(s) + top FLOPs(u)) / P.head_gflops        the device at its measured rate
                  + (|Z| + mask + |dL/dH|) / uplink + (|H| + |g|) / downlink + 2 · RTT
@@ -41,7 +50,7 @@ from flexsfl.core.planner import DEFAULT_CLIENTS, DEFAULT_SERVER_GFLOPS, TIE_RTO
 from flexsfl.core.profile import DeviceProfile
 from flexsfl.core.wire.tensors import ENCODINGS, payload_nbytes
 
-__all__ = ["check_top", "top_step_flops", "middle_step_flops", "top_memory_mb", "step_bytes", "UEstimate", "UChoice",
+__all__ = ["check_top", "top_step_flops", "middle_step_flops", "top_trainable_params", "top_memory_mb", "step_bytes", "UEstimate", "UChoice",
            "choose_u_split"]
 
 _F32, _MB = 4, 1e6
@@ -75,6 +84,14 @@ def middle_step_flops(cost: ModelCost, s: int, u: int, *, batch: int, seq: int) 
     return batch * seq * (cost.num_blocks - s - u) * (cost.forward_flops(seq) + cost.backward_flops(seq))
 
 
+def top_trainable_params(cost: ModelCost, u: int) -> int:
+    """The top's personal values: its blocks' LoRA adapters and the task head's trainable part (a
+    classifier's weight, and its bias for BERT; a causal LM's output head is frozen)."""
+    if cost.task != "seq_cls":
+        return u * cost.lora_params_per_block
+    return u * cost.lora_params_per_block + cost.hidden_size * cost.num_labels + (cost.num_labels if cost.family == "bert" else 0)
+
+
 def top_memory_mb(cost: ModelCost, u: int, *, batch: int, seq: int, optimizer: str = "sgd",
                   runtime: str = "ort") -> dict[str, float]:
     """What the top adds to the head's device memory, in MB per part (see the module docstring)."""
@@ -83,17 +100,17 @@ def top_memory_mb(cost: ModelCost, u: int, *, batch: int, seq: int, optimizer: s
         raise ConfigError(f"unknown optimizer {optimizer!r} or runtime {runtime!r}; choose from "
                           f"{', '.join(OPTIMIZER_STATES)} and {', '.join(RUNTIMES)}")
     rt, tokens, d = RUNTIMES[runtime], batch * seq, cost.hidden_size
-    if cost.task == "seq_cls":
-        head_trainable = d * cost.num_labels + (cost.num_labels if cost.family == "bert" else 0)
-        logits = batch * cost.num_labels
-    else:
-        head_trainable, logits = 0, 3 * tokens * cost.vocab_size
+    logits = batch * cost.num_labels if cost.task == "seq_cls" else 3 * tokens * cost.vocab_size
+    full, cls_only = u, 0.0
+    if u and cost.family == "bert" and cost.task == "seq_cls":  # the last block runs [CLS] only: K and V kept
+        full, cls_only = u - 1, 2.0 * cost.num_kv_heads * cost.head_dim
     return {
-        "top_weights": _F32 * rt.block_weight_copies * (u * cost.block_params + cost.final_params) / _MB,
-        "top_adapters": _F32 * (u * cost.lora_params_per_block + head_trainable) * (2 + OPTIMIZER_STATES[optimizer]) / _MB,
-        "top_activations": rt.activation_copies * _F32 * tokens * u * cost.saved_floats(seq) / _MB,
+        "top_weights": _F32 * rt.top_weight_copies * (u * cost.block_params + cost.final_params) / _MB,
+        "top_adapters": _F32 * top_trainable_params(cost, u) * (2 + OPTIMIZER_STATES[optimizer]) / _MB,
+        "top_activations": _F32 * tokens * (rt.top_activation_copies * full * cost.saved_floats(seq) + cls_only) / _MB,
         "top_logits": _F32 * logits / _MB,
-        "top_io": _F32 * tokens * d * 2 / _MB,
+        "top_io": rt.top_io_copies * _F32 * tokens * d / _MB,
+        "top_runtime": rt.top_fixed_mb,
     }
 
 

@@ -6,8 +6,10 @@ replays each round on the clients' device profiles instead (:mod:`flexsfl.core.p
 the planner's cost model (:mod:`flexsfl.core.planner`, :mod:`flexsfl.core.cost`)::
 
     step_k  = compute_k                      head (and top) FLOPs / profile.head_gflops
-            + network_k                      Z up, g down (and H, ∂L/∂H for a U-shaped client) + RTT
+            + network_k                      Z up, g down + RTT; a U-shaped client: Z and ∂L/∂H up,
+                                             H and ∂L/∂Z down + 2 RTT (two round trips)
             + server_flops_k / share         the server's part of the step at this client's share
+                                             (the tail; a U-shaped client's middle)
     share   = server_gflops / n              n: the selected clients that use the server this round
     client_k = round_k + steps_k · step_k    round_k: φ down, θ_k up, once per round (+ RTT)
     round   = max_k client_k                 a round ends when its slowest selected client ends
@@ -31,9 +33,12 @@ from flexsfl.core.errors import ConfigError
 from flexsfl.core.memory import memory_mb
 from flexsfl.core.planner import DEFAULT_SERVER_GFLOPS, WIRE_DTYPES
 from flexsfl.core.profile import DeviceProfile
+from flexsfl.core.u_planner import (check_top, middle_step_flops, step_bytes, top_memory_mb, top_step_flops,
+                                    top_trainable_params)
 from flexsfl.core.wire.tensors import payload_nbytes
 
-__all__ = ["ClientStep", "RoundTime", "DeviceClock", "round_time", "split_client", "whole_model_client", "run_clients"]
+__all__ = ["ClientStep", "RoundTime", "DeviceClock", "round_time", "split_client", "u_client", "whole_model_client",
+           "run_clients"]
 
 _F32 = 4  # bytes per adapter value on the wire (adapters travel in fp32)
 
@@ -103,23 +108,21 @@ def _rate(profile: DeviceProfile) -> float:
     return profile.head_gflops * 1e9
 
 
-def _transfer_s(profile: DeviceProfile, up: float, down: float) -> float:
-    """Seconds to send ``up`` bytes and receive ``down`` bytes, plus one RTT; 0 without bandwidths."""
+def _transfer_s(profile: DeviceProfile, up: float, down: float, round_trips: int = 1) -> float:
+    """Seconds to send ``up`` bytes and receive ``down`` bytes, plus ``round_trips`` RTTs; 0 without bandwidths."""
     if profile.uplink_mbps is None or profile.downlink_mbps is None:
         return 0.0
-    return up * 8 / (profile.uplink_mbps * 1e6) + down * 8 / (profile.downlink_mbps * 1e6) + (profile.rtt_ms or 0.0) / 1e3
+    return (up * 8 / (profile.uplink_mbps * 1e6) + down * 8 / (profile.downlink_mbps * 1e6)
+            + round_trips * (profile.rtt_ms or 0.0) / 1e3)
 
 
 def split_client(client: str, cost: ModelCost, profile: DeviceProfile, split: int, *, batch: int, seq: int,
-                 encoding: str = "fp32", align: bool = False, optimizer: str = "sgd", top_flops: float = 0.0,
-                 top_bytes: float = 0.0) -> ClientStep:
-    """A split-learning client (head on the device, tail on the server), as the planner predicts it.
+                 encoding: str = "fp32", align: bool = False, optimizer: str = "sgd") -> ClientStep:
+    """A head/tail split-learning client (head on the device, tail on the server), as the planner predicts it.
 
     Per step: the head's FLOPs (with the Z' forward when ``align``) at ``profile.head_gflops``;
     Z and its mask up, g down in ``encoding`` + RTT (the planner's network term); the tail's FLOPs on
-    the server. A U-shaped client adds its top's FLOPs (``top_flops``) on the device and the bytes
-    of H down and ∂L/∂H up (``top_bytes``, half each way); its server part is then counted as the
-    whole tail, an upper bound on the middle. Per round: the head's adapters down and up.
+    the server. Per round: the head's adapters down and up.
     """
     if encoding not in WIRE_DTYPES:
         raise ConfigError(f"unknown encoding {encoding!r}; choose one of: {', '.join(WIRE_DTYPES)}")
@@ -128,10 +131,35 @@ def split_client(client: str, cost: ModelCost, profile: DeviceProfile, split: in
     mem = memory_mb(cost, split, batch=batch, seq=seq, optimizer=optimizer, runtime=profile.backend or "ort", align=align)
     return ClientStep(
         client=client, profile=profile.name,
-        compute_s=(head_step_flops(cost, split, batch=batch, seq=seq, align=align) + top_flops) / _rate(profile),
-        network_s=_transfer_s(profile, z + batch * seq + top_bytes / 2, z + top_bytes / 2),
+        compute_s=head_step_flops(cost, split, batch=batch, seq=seq, align=align) / _rate(profile),
+        network_s=_transfer_s(profile, z + batch * seq, z),
         server_flops=tail_step_flops(cost, split, batch=batch, seq=seq),
         round_s=_transfer_s(profile, adapters, adapters), memory_mb=mem, fits=mem <= profile.memory_budget_mb,
+    )
+
+
+def u_client(client: str, cost: ModelCost, profile: DeviceProfile, split: int, top: int, *, batch: int, seq: int,
+             encoding: str = "fp32", align: bool = False, optimizer: str = "sgd") -> ClientStep:
+    """A U-shaped client (head blocks ``1..split`` and the last ``top`` blocks + task head on the
+    device, the middle on the server), as :func:`~flexsfl.core.u_planner.choose_u_split` predicts it.
+
+    Per step: the head's FLOPs (with the Z' forward when ``align``) and the top's fused step at
+    ``profile.head_gflops``; Z, its mask and ∂L/∂H up, H and ∂L/∂Z down in ``encoding``, and two
+    RTTs (:func:`~flexsfl.core.u_planner.step_bytes`); the middle's FLOPs on the server. Per round:
+    the head's and the top's adapters and the task head down and up. Memory: the head's and the top's.
+    """
+    check_top(cost, split, top)
+    runtime = profile.backend or "ort"
+    up, down = step_bytes(cost, batch=batch, seq=seq, encoding=encoding, topology="u")
+    kw = dict(batch=batch, seq=seq, optimizer=optimizer, runtime=runtime)
+    mem = memory_mb(cost, split, align=align, **kw) + sum(top_memory_mb(cost, top, **kw).values())
+    personal = _F32 * (split * cost.lora_params_per_block + top_trainable_params(cost, top))
+    compute = head_step_flops(cost, split, batch=batch, seq=seq, align=align) + top_step_flops(cost, top, batch=batch, seq=seq)
+    return ClientStep(
+        client=client, profile=profile.name, compute_s=compute / _rate(profile),
+        network_s=_transfer_s(profile, up, down, round_trips=2),
+        server_flops=middle_step_flops(cost, split, top, batch=batch, seq=seq),
+        round_s=_transfer_s(profile, personal, personal), memory_mb=mem, fits=mem <= profile.memory_budget_mb,
     )
 
 
@@ -158,10 +186,11 @@ def whole_model_client(client: str, cost: ModelCost, profile: DeviceProfile, *, 
                       round_s=_transfer_s(profile, tensors, tensors), memory_mb=m, fits=m <= profile.memory_budget_mb)
 
 
-def run_clients(cfg, splits: list[int]) -> dict[str, ClientStep] | None:
-    """Each client's :class:`ClientStep` for a simulated run (a :class:`~flexsfl.sim.config.SimConfig`
-    and the splits it ran), from its device profile; None when the run named no profiles (pinned
-    splits alone say nothing about the devices). A U-shaped client's top is not counted (yet)."""
+def run_clients(cfg, splits: list[int], tops: list[int | None] | None = None) -> dict[str, ClientStep] | None:
+    """Each client's :class:`ClientStep` for a simulated run (a :class:`~flexsfl.sim.config.SimConfig`,
+    the splits it ran and, for U-shaped clients, their tops: a None top or no ``tops`` is a
+    head/tail client), from its device profile; None when the run named no profiles (pinned
+    splits alone say nothing about the devices)."""
     from flexsfl.core.model_config import read_model_config
     from flexsfl.core.profiles import EXAMPLE_PROFILES
     from flexsfl.core.wire import RoundMode
@@ -174,9 +203,14 @@ def run_clients(cfg, splits: list[int]) -> dict[str, ClientStep] | None:
     whole = STRATEGIES[cfg.strategy].mode is RoundMode.FULL
     align = cfg.align_lambda > 0 and cfg.strategy.startswith("flexpsfl")
     out = {}
-    for k, (name, s) in enumerate(zip(cfg.profiles, splits)):
+    tops = list(tops) if tops is not None else [None] * len(splits)
+    for k, (name, s, u) in enumerate(zip(cfg.profiles, splits, tops)):
         p, cid = EXAMPLE_PROFILES[name], f"c{k}"
-        out[cid] = (whole_model_client(cid, cost, p, batch=cfg.batch_size, seq=cfg.max_seq, optimizer=cfg.optimizer) if whole
-                    else split_client(cid, cost, p, s, batch=cfg.batch_size, seq=cfg.max_seq, encoding=cfg.encoding,
-                                      align=align, optimizer=cfg.optimizer))
+        kw = dict(batch=cfg.batch_size, seq=cfg.max_seq, optimizer=cfg.optimizer)
+        if whole:
+            out[cid] = whole_model_client(cid, cost, p, **kw)
+        elif u is None:
+            out[cid] = split_client(cid, cost, p, s, encoding=cfg.encoding, align=align, **kw)
+        else:
+            out[cid] = u_client(cid, cost, p, s, u, encoding=cfg.encoding, align=align, **kw)
     return out

@@ -86,7 +86,7 @@ def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why
             rounds.setdefault(r, {}).setdefault("clients", {})[e["client"]] = m
     rows, elapsed = [], 0.0
     try:
-        costs = run_clients(cfg, splits)
+        costs = run_clients(cfg, splits, [w.get("top") for w in why])  # a U-shaped client: its top
     except (FlexSFLError, KeyError, ValueError) as e:  # a model the cost model cannot read: report without device time
         log.warning("no device time for this run: %s", e)
         costs = None
