@@ -1,4 +1,8 @@
-"""``flexsfl plan``: predict memory and step time of every split (``--topology u``: every (split, top)) for one device; print the choice."""
+"""``flexsfl plan``: predict memory and step time of every split (``--topology u``: every (split, top)) for one device; print the choice.
+
+With ``--calibrate-from`` it also shows the accuracy each layout reached in earlier runs and, with
+``--accuracy-weight W > 0``, chooses by utility instead of speed alone (:mod:`flexsfl.core.calibration`).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,10 @@ import pathlib
 from rich.console import Console
 from rich.table import Table
 
+from flexsfl.core.atomic import atomic_write_text
+from flexsfl.core.calibration import METRICS, TradeOff, read_calibration, trade_off
 from flexsfl.core.constants import TASKS
+from flexsfl.core.errors import ConfigError
 from flexsfl.core.cost import ModelCost
 from flexsfl.core.memory import OPTIMIZER_STATES, RUNTIMES, largest_split
 from flexsfl.core.model_config import read_model_config
@@ -46,9 +53,10 @@ def run(args: argparse.Namespace) -> int:
     )
     runtime = args.runtime or profile.backend or "ort"
     fits = _largest_heads(cost, args, runtime)
+    to = _trade_off(args, choice.estimates, (choice.split, None), {(args.pin, None)} if choice.pinned else None)
     if args.json:
         print(json.dumps({"model": args.model, "profile": profile.to_json(), "batch": args.batch, "seq": args.seq,
-                          **choice.to_json(), "largest_split_by_gb": fits}, indent=2, sort_keys=True))
+                          **choice.to_json(), "largest_split_by_gb": fits, **_trade_json(to)}, indent=2, sort_keys=True))
         return 0
     table = Table(title=f"{args.model} ({cost.family}, {cost.num_blocks} blocks) on {profile.name}: batch {args.batch}, "
                         f"seq {args.seq}, {runtime}, budget {profile.memory_budget_mb} MB")
@@ -68,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"note: {note}", highlight=False)
     console.print(f"largest head that trains in 1 / 2 / 4 GB ({runtime}, batch {args.batch}, seq {args.seq}): "
                   + " / ".join("none" if s is None else f"split {s}" for s in fits.values()), highlight=False)
+    _print_trade_off(console, to, u=False)
     return 0
 
 
@@ -84,9 +93,12 @@ def _run_u(args: argparse.Namespace, cost: ModelCost, profile: DeviceProfile) ->
         runtime=args.runtime, server_gflops=args.server_gflops, clients=args.clients, encoding=args.encoding,
         align=args.align,
     )
+    allowed = {(e.split, e.top) for e in choice.estimates
+               if (args.pin is None or e.split == args.pin) and (args.top is None or e.top == args.top)}
+    to = _trade_off(args, choice.estimates, (choice.split, choice.top), allowed)
     if args.json:
         print(json.dumps({"model": args.model, "profile": profile.to_json(), "batch": args.batch, "seq": args.seq,
-                          **choice.to_json()}, indent=2, sort_keys=True))
+                          **choice.to_json(), **_trade_json(to)}, indent=2, sort_keys=True))
         return 0
     runtime = args.runtime or profile.backend or "ort"
     table = Table(title=f"{args.model} ({cost.family}, {cost.num_blocks} blocks), U-shaped, on {profile.name}: batch "
@@ -110,7 +122,47 @@ def _run_u(args: argparse.Namespace, cost: ModelCost, profile: DeviceProfile) ->
     console.print(f"split {choice.split}, top {choice.top}: {choice.reason}", highlight=False)
     for note in choice.notes:
         console.print(f"note: {note}", highlight=False)
+    _print_trade_off(console, to, u=True)
     return 0
+
+
+def _trade_off(args: argparse.Namespace, estimates, chosen, allowed) -> TradeOff | None:
+    """The accuracy-aware choice when ``--calibrate-from`` is given (else None; a weight without it is refused)."""
+    if args.calibrate_from is None:
+        if args.accuracy_weight or args.save_calibration:
+            raise ConfigError("--accuracy-weight and --save-calibration need --calibrate-from RUNS_DIR_OR_FILE")
+        return None
+    cal = read_calibration(args.calibrate_from, args.calibration_metric)
+    for what, have, want in (("model", cal.model, args.model), ("task", cal.task, args.task)):
+        if have is not None and have != want:
+            raise ConfigError(f"{args.calibrate_from}: calibrated on {what} {have!r}, planning for {want!r}; calibrate "
+                              f"with runs of {what} {want!r}")
+    if args.save_calibration:
+        atomic_write_text(args.save_calibration, json.dumps(cal.to_json(), indent=2, sort_keys=True) + "\n")
+    return trade_off(estimates, chosen, cal, args.accuracy_weight, allowed=allowed)
+
+
+def _trade_json(to: TradeOff | None) -> dict:
+    return {} if to is None else {"trade_off": to.to_json()}
+
+
+def _print_trade_off(console: Console, to: TradeOff | None, *, u: bool) -> None:
+    """The trade-off table (U: only the calibrated layouts and the two choices) and the final choice."""
+    if to is None:
+        return
+    table = Table(title=f"accuracy vs device time: utility = {to.weight:g} x accuracy - step s / fastest step s")
+    for col in ("split", *(("top",) if u else ()), "step s", "memory MB", "fits", "accuracy", "utility", ""):
+        table.add_column(col, justify="left" if col in ("fits", "") else "right")
+    for r in to.rows:
+        mark = "chosen" if (r.split, r.top) == (to.split, to.top) else ("planner" if (r.split, r.top) == to.planner else "")
+        if u and r.accuracy is None and not mark:
+            continue
+        table.add_row(str(r.split), *((str(r.top),) if u else ()), f"{r.time_s:.3f}", f"{r.memory_mb:.0f}",
+                      "yes" if r.fits else "no", "-" if r.accuracy is None else f"{r.accuracy:.3f}",
+                      "-" if r.utility is None else f"{r.utility:.3f}", mark, style="bold" if mark == "chosen" else None)
+    console.print(table)
+    where = f"split {to.split}" + (f", top {to.top}" if u else "")
+    console.print(f"{where} by accuracy and time: {to.reason}", highlight=False)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -139,5 +191,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-labels", dest="num_labels", type=int, default=2)
     p.add_argument("--lora-r", dest="lora_r", type=int, default=8)
     p.add_argument("--lora-targets", dest="lora_targets", help="comma-separated module names (default: attention q,v)")
+    p.add_argument("--calibrate-from", dest="calibrate_from", metavar="PATH",
+                   help="accuracy per layout from earlier runs: a directory of `flexsfl simulate` results (every "
+                        "summary.json below it) or a calibration file (--save-calibration); adds a trade-off table")
+    p.add_argument("--accuracy-weight", dest="accuracy_weight", type=float, default=0.0, metavar="W",
+                   help="choose by W x accuracy - step time / fastest step time (one accuracy point is worth W %% of "
+                        "the fastest step); 0 (default): the fastest layout that fits")
+    p.add_argument("--calibration-metric", dest="calibration_metric", choices=METRICS, default=METRICS[0],
+                   help="which accuracy of the calibration runs to trade (default: personal_acc)")
+    p.add_argument("--save-calibration", dest="save_calibration", metavar="FILE",
+                   help="write the calibration read from --calibrate-from as a JSON file")
     p.add_argument("--json", action="store_true", help="print the estimates as JSON instead of a table")
     p.set_defaults(func=run)

@@ -57,7 +57,7 @@ def test_plan_topology_u_prints_the_pair_and_why(capsys):
     assert _plan(["--model", "minilm", "--profile", "rpi5", "--topology", "u"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     budget = EXAMPLE_PROFILES["rpi5"].memory_budget_mb
-    assert "U-shaped" in out and f"split 1, top 2: fastest of the (split, top) pairs that fit {budget} MB" in out
+    assert "U-shaped" in out and f"split 2, top 1: fastest of the (split, top) pairs that fit {budget} MB" in out
     assert "head/tail would take split 3" in out and "keeps the labels on the device" in out
 
 
@@ -85,3 +85,24 @@ def test_plan_says_the_largest_head_that_fits_1_2_and_4_gb(capsys):
     assert _plan(["--model", "smollm2", "--profile", "jetson-orin"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert f"largest head that trains in 1 / 2 / 4 GB (ort, batch 8, seq 128): split {fits['1']} / split {fits['2']}" in out
+
+
+def test_plan_trades_accuracy_against_step_time_from_earlier_runs(tmp_path, capsys):
+    from tests.core.test_planner_accuracy import write_summary
+
+    write_summary(tmp_path / "runs" / "s1", [(1, None, 0.80), (1, None, 0.80)])
+    write_summary(tmp_path / "runs" / "s3", [(3, None, 0.85), (3, None, 0.85)])
+    base = ["--model", "minilm", "--profile", "rpi4", "--batch", "8", "--seq", "48", "--calibrate-from", str(tmp_path / "runs")]
+    assert _plan([*base, "--save-calibration", str(tmp_path / "cal.json")]) == 0  # W = 0: the fastest, split 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "split 1 by accuracy and time: accuracy weight 0: the planner's choice" in out and "0.850" in out
+    assert _plan([*base[:-1], str(tmp_path / "cal.json"), "--accuracy-weight", "1000"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "utility = 1000 x accuracy" in out and "split 3 by accuracy and time: largest utility" in out
+    assert _plan([*base, "--accuracy-weight", "1000", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["split"] == 1 and (got["trade_off"]["split"], got["trade_off"]["changed"]) == (3, True)
+    with pytest.raises(ConfigError, match="^--accuracy-weight and --save-calibration need --calibrate-from"):
+        _plan(["--model", "minilm", "--profile", "rpi4", "--accuracy-weight", "2"])
+    with pytest.raises(ConfigError, match="calibrated on model 'minilm', planning for 'smollm2'"):
+        _plan(["--model", "smollm2", "--profile", "rpi4", "--calibrate-from", str(tmp_path / "runs")])
