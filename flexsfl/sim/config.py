@@ -47,6 +47,8 @@ class SimConfig:
     ditto_mu: float = _f(DITTO_MU, "strategy ditto: proximal weight mu of each personal model towards the round's global "
                          "model (loss + mu/2 ||v - w||^2)")
     align_every: int = _f(1, "devices compute the alignment reference Z' (and apply the term) every N-th local step only")
+    align_top: bool = _f(False, "U-shaped devices also apply the alignment term at the top's input H (H' = the global "
+                         "middle of Z'; Z' goes up with Z, H' comes down with H); needs --topology u and --align-lambda > 0")
     splits: tuple[int, ...] | None = _f(None, "comma-separated split per client (or one for all); default: from --profiles",
                                         metavar="S[,...]")
     profiles: tuple[str, ...] | None = _f(
@@ -115,6 +117,9 @@ class SimConfig:
         if self.topology == "u" and self.strategy == "splitfed":
             raise ConfigError("splitfed trains one shared model with the labels on the server; use --topology head-tail, "
                               "or strategy flexpsfl-u")
+        if self.align_top and (self.topology != "u" or not self.align_lambda > 0):
+            raise ConfigError("--align-top is the alignment term at a U-shaped device's top: add --topology u and "
+                              "--align-lambda > 0")
         if self.topology != "u" and self.tops is not None:
             raise ConfigError("--tops is for U-shaped clients: add --topology u")
         if self.tops is not None and (len(self.tops) not in (1, self.clients) or min(self.tops) < 0):
