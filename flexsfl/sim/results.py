@@ -276,7 +276,7 @@ def table(summary: dict) -> str:
                   *((dev_cell,) if device else ()),
                   f"{c['bytes'] / 1e6:.1f}", f"{c.get('eval_bytes', 0) / 1e6:.1f}")
     f = summary["final"]
-    console = Console(record=True, width=170, file=io.StringIO())
+    console = Console(record=True, width=190, file=io.StringIO())
     console.print(t)
     console.print(f"global model accuracy {fmt(f['global_acc'])} (union test), {fmt(f.get('global_own_acc'))} (mean of "
                   f"own test splits); mean {own} {fmt(f['personal_acc'])} (own test split) "
