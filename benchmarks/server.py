@@ -16,6 +16,8 @@ others. Over the later rounds::
                     the median repeat, with the slowest and fastest beside it
     latency_ms      each step's Z-sent -> g-received time at the client (p50, p90)
     batch_mean      steps per TailHost.train_batch call (cross-client batching at work)
+    server_steps_per_step  the tail's optimizer steps per client step: 1/K under the fixed
+                    schedule (--server-step-every K, as flexsfl serve), whatever the batching
     busy_frac       the compute thread's busy time / the window
     cpu_ms_per_step the server process's CPU time per step: what a step costs the server,
                     whatever share of a shared machine it got (steps/s is not robust to that)
@@ -83,6 +85,7 @@ class ServerBenchConfig:
     clients_per_process: int = 16  # synthetic clients per client process
     encoding: str = "fp32"
     profile: bool = False  # py-spy the server during the largest configuration of each mode
+    server_step_every: int = 1  # the server's fixed optimizer schedule: one step per K client steps
     out: str = "results/bench"
 
     def __post_init__(self) -> None:
@@ -191,7 +194,7 @@ async def _serve_one(loaded, cfg: ServerBenchConfig, mode: str, n: int, logs: pa
     from flexsfl.benchmarks.worker import Worker
 
     info = loaded.info
-    opt = OptimizerConfig("sgd", 1e-4)
+    opt = OptimizerConfig("sgd", 1e-4, server_step_every=cfg.server_step_every)
     host = TailHost(loaded, opt)
     strategy = make_strategy("flexpsfl", TrainConfig(rounds=cfg.rounds, min_clients=n, local_steps=cfg.local_steps,
                                                      batch_size=cfg.batch, lr=1e-4, round_timeout=3600))
@@ -232,11 +235,12 @@ async def _serve_one(loaded, cfg: ServerBenchConfig, mode: str, n: int, logs: pa
         # every client is connected (the warm-up round is over): memory now, CPU from now
         front_rss, worker_rss = _rss_cpu([os.getpid()])[0], _rss_cpu(pids[1:])[0]
         cpu0, front0 = _rss_cpu(pids)[1], _rss_cpu(pids[:1])[1]
-        start = (w.busy_seconds, w.steps, w.batches, cpu0)
+        start = (w.busy_seconds, w.steps, w.batches, cpu0, w.server_steps)
         if profile:
             spy = _PySpy(logs / f"server-{mode}-{n}.pyspy.txt")
         await serving
         busy, steps, batches = w.busy_seconds - start[0], w.steps - start[1], w.batches - start[2]
+        server_steps = w.server_steps - start[4]
         cpu = _rss_cpu(pids)[1] - start[3]
         front_cpu = _rss_cpu(pids[:1])[1] - front0
         hot = spy.stop() if spy else None
@@ -258,6 +262,7 @@ async def _serve_one(loaded, cfg: ServerBenchConfig, mode: str, n: int, logs: pa
         # timed rounds: steps per TailHost.train_batch call, and the compute thread's busy share
         # (which includes the aggregation and persistence between rounds)
         "batch_mean": steps / max(batches, 1), "busy_frac": busy / window,
+        "server_steps_per_step": server_steps / max(steps, 1),  # optimizer steps per client step (the schedule)
         # CPU seconds of this process (the server: event loop + compute thread) per step: unlike
         # steps/s, it does not depend on how much of the shared machine the server got
         "cpu_ms_per_step": 1e3 * cpu / max(steps, 1),
@@ -285,6 +290,8 @@ def _row(cfg: ServerBenchConfig, model_id: str, mode: str, n: int, runs: list[di
         **summarize([x for r in runs for x in r["latency_s"]], "latency"),
         "cpu_ms_per_step": round(float(np.median([r["cpu_ms_per_step"] for r in runs])), 2),
         "batch_mean": round(float(np.mean([r["batch_mean"] for r in runs])), 2),
+        "server_step_every": cfg.server_step_every,
+        "server_steps_per_step": round(float(np.mean([r["server_steps_per_step"] for r in runs])), 3),
         "busy_frac": round(float(np.mean([r["busy_frac"] for r in runs])), 3),
         "g_abs_median": float(np.median([r["g_abs_median"] for r in runs])),
         "g_frac_below_fp16_normal": float(np.mean([r["g_frac_below_fp16_normal"] for r in runs])),
@@ -422,6 +429,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"synthetic clients per client process (default {d.clients_per_process})")
     p.add_argument("--encoding", default=d.encoding, choices=ENCODINGS, help="transfer encoding of Z and g")
     p.add_argument("--profile", action="store_true", help="sample the server with py-spy at the largest client count")
+    p.add_argument("--server-step-every", type=int, default=d.server_step_every, metavar="K",
+                   help="the server's optimizer schedule: one step per K client steps (default 1, as flexsfl serve)")
     p.add_argument("--out", default=d.out, help=f"results directory (default {d.out})")
 
 
@@ -430,4 +439,5 @@ def config_from_args(args: argparse.Namespace) -> ServerBenchConfig:
     return ServerBenchConfig(model=args.model, split=args.split, batch=args.batch, seq=args.seq, clients=clients,
                              modes=tuple(args.modes.split(",")), local_steps=args.local_steps, rounds=args.rounds,
                              repeats=args.repeats, threads=args.threads, encoding=args.encoding, profile=args.profile, out=args.out,
-                             workers=workers, clients_per_process=args.clients_per_process)
+                             workers=workers, clients_per_process=args.clients_per_process,
+                             server_step_every=args.server_step_every)
