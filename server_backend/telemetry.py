@@ -51,6 +51,9 @@ class Telemetry:
         self.steps = Counter("flexsfl_steps", "Training steps served", ["client"], registry=reg)
         self.refused = Counter("flexsfl_refused", "Connections or steps refused, by error code", ["reason"], registry=reg)
         self.rounds = Counter("flexsfl_rounds", "Rounds finished", registry=reg)
+        self.server_steps = Counter("flexsfl_server_optimizer_steps", "Optimizer steps of the server's model (tail and "
+                                    "middle; the fixed schedule, --server-step-every), counted at each round end",
+                                    registry=reg)
         self.client_compute = Histogram("flexsfl_client_compute_seconds", "Head forward+backward per step (client-reported)",
                                         ["client"], buckets=_LATENCY, registry=reg)
         self.wire = Histogram("flexsfl_wire_seconds", "Client round trip per step minus server time",
@@ -90,6 +93,8 @@ class Telemetry:
             self._client_metrics(fields)
         elif event == "round":
             self.rounds.inc()
+            if isinstance(fields.get("server_steps"), int):
+                self.server_steps.inc(fields["server_steps"])
             if isinstance(fields.get("seconds"), (int, float)):
                 self.round_seconds.observe(fields["seconds"])
         elif event == "eval":

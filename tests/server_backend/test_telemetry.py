@@ -32,7 +32,8 @@ def _round(tel: Telemetry, r: int, clients: dict[str, int], *, acc: dict[str, fl
         for cid in clients:
             tel.observe("step", {"client": cid, "round": r, "step": step, "loss": 0.5, "batch": 4, "seq": 16, "server_ms": 20.0})
         tel.observe("batch", {"steps": [f"{c}:{r}:{step}" for c in clients], "ms": 15.0})
-    tel.observe("round", {"round": r, "seconds": 1.5, "steps": 2 * len(clients), "dropped": []})
+    tel.observe("round", {"round": r, "seconds": 1.5, "steps": 2 * len(clients), "server_steps": 2 * len(clients) - 1,
+                          "dropped": []})
     for cid in clients:
         tel.observe("client_metrics", {"client": cid, "round": r, "split": clients[cid], "metrics": {
             "steps": 2, "loss": 0.4, "client_compute_ms": 30.0, "roundtrip_ms": 50.0, "personal_acc": acc[cid]}})
@@ -51,6 +52,7 @@ def test_counters_histograms_and_status_follow_the_events():
     tel.observe("eval", {"round": 1, "global_acc": 0.8})
     m = _samples(tel)
     assert m[("flexsfl_steps_total", (("client", "a"),))] == 4
+    assert m[("flexsfl_server_optimizer_steps_total", ())] == 6  # the rounds' server_steps, 3 + 3
     assert m[("flexsfl_refused_total", (("reason", "UNAUTHORIZED"),))] == 1
     assert m[("flexsfl_server_step_seconds_count", ())] == 8 and m[("flexsfl_server_step_seconds_sum", ())] == pytest.approx(0.16)
     assert m[("flexsfl_server_compute_seconds_count", ())] == 4
