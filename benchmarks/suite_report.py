@@ -23,7 +23,7 @@ __all__ = ["METRICS", "PAIRED", "summarize", "markdown", "plot_suite"]
 
 # metric -> column title; every one gets a mean ± 95% CI over seeds
 METRICS = {"personal_acc": "personal acc", "generalization_acc": "generalization acc", "global_acc": "global acc",
-           "label_prior_acc": "floor: global + prior", "device_s": "device time (s)", "mb": "train MB",
+           "global_own_acc": "global acc, own split", "label_prior_acc": "floor: global + prior", "device_s": "device time (s)", "mb": "train MB",
            "eval_mb": "eval MB", "train_s": "wall here (s)"}
 PAIRED = ("personal_acc", "generalization_acc")  # compared seed by seed against the reference
 FLOOR = "floor (same run)"  # the reference's personal accuracy against its own run's global + label prior

@@ -8,17 +8,20 @@ round) and reorders each client's batches; seed s of every strategy sees the sam
 the strategies can be compared seed by seed (:mod:`flexsfl.benchmarks.stats`).
 
 - ``supersense-a0.1``, ``supersense-a0.5``: WordNet noun glosses -> the 10 most frequent
-  supersenses (:mod:`flexsfl.sim.data.wordnet`), 6 clients, label skew by the project's Dirichlet
-  partitioner at the α named (0.1: most clients hold 2–3 classes; 0.5: every class, unevenly).
+  supersenses (:mod:`flexsfl.sim.data.wordnet`), label skew by the project's Dirichlet
+  partitioner at the α named (0.1: most clients hold 2–4 classes; 0.5: most classes, unevenly).
 - ``domains``: VADER's 4 natural domains (tweets, movie, Amazon and NYT snippets), one per
   client: the demo's domain shift, binary sentiment.
 
-Sized for a shared 2-core machine: MiniLM, T = 48, 6 rounds × 10 steps of B = 8 (480 training
-examples seen per client, more than its 400: a second pass starts in round 6). Exports are reused
-across seeds and strategies (``bundle_seed`` 0: the server's seeded model replaces a bundle's
-new weights at the first round). Evaluation happens where the tables and the plot need it: the
-clients score their own test split every round (the curves), the server scores the global
-model every round and each personal model on the union test set after the last round.
+Every suite has the demo's 4 devices (rpi4, rpi4, rpi5, jetson-orin: the planner picks their
+splits) and is sized for a shared 2-core machine: MiniLM, T ≤ 48, 5 rounds × τ = 10 steps of
+B = 8, ≤ 400 training and exactly 200 test examples per client. The clients run as tasks of the
+benchmark's process (``in_process``: the same websocket transport on loopback, without six
+interpreters starting under load), so wall time here is not a device's: the device clock is the
+time axis. Exports are reused across seeds and strategies (``bundle_seed`` 0: the server's seeded
+model replaces a bundle's new weights at the first round). Evaluation happens where the tables and
+the plot need it: the clients score their own test split every round (the curves), the server
+scores the global model every round and each personal model on the union test set after the last.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ __all__ = ["Suite", "SUITES", "SUITE_RUNS"]
 SUITE_RUNS = ("flexpsfl", "flexpsfl-l0", "flexpsfl-l0.01", "flexpsfl-l1", "flexpsfl-u", "splitfed", "splitfed-ft",
               "fedavg", "fedavg-ft", "fedper", "fedrep", "ditto", "local")
 
-_SIX = ("rpi4", "rpi4", "rpi5", "rpi5", "jetson-orin", "jetson-orin")  # two devices of each kind: splits differ
+_FOUR = ("rpi4", "rpi4", "rpi5", "jetson-orin")  # the demo's devices: the planner picks different splits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +54,12 @@ class Suite:
 def _supersense(alpha: float) -> Suite:
     return Suite(
         name=f"supersense-a{alpha:g}",
-        what=f"WordNet noun gloss -> 10 supersenses, 6 clients, Dirichlet label skew α = {alpha:g}",
+        what=f"WordNet noun gloss -> 10 supersenses, 4 clients, Dirichlet label skew α = {alpha:g}",
         config=SimConfig(
-            model="minilm", data="supersense", partition="dirichlet", alpha=alpha, clients=6, profiles=_SIX,
-            rounds=6, local_steps=10, batch_size=8, lr=2e-3, optimizer="adamw", max_seq=48,
+            model="minilm", data="supersense", partition="dirichlet", alpha=alpha, clients=4, profiles=_FOUR,
+            rounds=5, local_steps=10, batch_size=8, lr=2e-3, optimizer="adamw", max_seq=48,
             max_train=400, max_test=200, min_examples=1000,  # 1000 x test share 0.2 = a full 200-example test split
-            eval_every=0, bundle_seed=0),
+            eval_every=0, bundle_seed=0, in_process=True),
     )
 
 
@@ -67,9 +70,9 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
         name="domains",
         what="VADER's 4 natural domains, one per client (binary sentiment under domain shift)",
         config=SimConfig(
-            model="minilm", data="vader", partition="natural", clients=4, profiles=("rpi4", "rpi4", "rpi5", "jetson-orin"),
-            rounds=6, local_steps=10, batch_size=8, lr=2e-3, optimizer="adamw", max_seq=48,
-            max_train=400, max_test=200, eval_every=0, bundle_seed=0),
+            model="minilm", data="vader", partition="natural", clients=4, profiles=_FOUR,
+            rounds=5, local_steps=10, batch_size=8, lr=2e-3, optimizer="adamw", max_seq=48,
+            max_train=400, max_test=200, eval_every=0, bundle_seed=0, in_process=True),
     ),
 )}
 

@@ -71,4 +71,4 @@ def test_summarize_and_the_table():
     assert line.split(" | ")[3] == "wins", line  # personal: the interval excludes 0
     assert line.split(" | ")[6].strip(" |") == "loses", line  # generalization: below 0 beyond the noise
     assert "| flexpsfl | 1,3 | 0.920 ± 0.050 |" in md
-    assert "Seeds 0, 1, 2; 6 clients" in md
+    assert "Seeds 0, 1, 2; 4 clients" in md

@@ -1,0 +1,68 @@
+"""``bench accuracy --suite`` end to end on a tiny model: two strategies × two seeds, one export
+per split reused across seeds, the seeds re-partition the data, a second call reuses the finished
+runs, and the table, JSON and PNG hold the intervals and paired differences."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from flexsfl.benchmarks import accuracy
+from flexsfl.benchmarks.suites import SUITES, suite_runs
+from flexsfl.core.errors import ConfigError
+
+
+def _csv(path, n=240):
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"]
+    lines = ["text,label"] + [f"item {i} is about {words[i % 6]} {words[(i * 5) % 6]},{i % 6}" for i in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _args(tmp_path, strategies="flexpsfl,splitfed", seeds=2):
+    p = argparse.ArgumentParser()
+    accuracy.add_arguments(p)
+    return p.parse_args(["--suite", "supersense-a0.5", "--seeds", str(seeds), "--strategies", strategies,
+                         "--rounds", "2", "--local-steps", "2", "--out", str(tmp_path / "suite")])
+
+
+@pytest.mark.slow
+def test_suite_two_seeds_end_to_end(tiny_model_dirs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FLEXSFL_CACHE", str(tmp_path / "cache"))
+    tiny = dict(model=str(tiny_model_dirs["llama"]), data=str(_csv(tmp_path / "six.csv")), clients=2,
+                profiles=("rpi4", "rpi5"), batch_size=4, max_seq=16, max_train=40, max_test=20, min_examples=30,
+                in_process=True, bundle_cache=str(tmp_path / "bundles"))
+    rows, md = accuracy.run_accuracy(_args(tmp_path), **tiny)
+    assert [(r["run"], r["seed"]) for r in rows] == [("flexpsfl", 0), ("splitfed", 0), ("flexpsfl", 1), ("splitfed", 1)]
+    out = tmp_path / "suite"
+    parts = [json.loads((out / "flexpsfl" / f"seed{s}" / "data" / "partition.json").read_text()) for s in (0, 1)]
+    assert parts[0]["per_client"] != parts[1]["per_client"]  # each seed re-partitions
+    same = json.loads((out / "splitfed" / "seed1" / "data" / "partition.json").read_text())
+    assert same["per_client"] == parts[1]["per_client"]  # the same seed, the same partition, for every strategy
+    # one export per split point for both seeds (bundle_seed 0): the server's seeded model re-initializes
+    splits = {int(s) for r in rows for s in r["splits"].split(",")}
+    assert len(list((tmp_path / "bundles").iterdir())) == len(splits)
+    for r in rows:
+        assert r["device_s"] > 0 and r["mb"] > 0 and r["eval_mb"] > 0 and 0 <= r["label_prior_acc"] <= 1
+    saved = json.loads((out / "suite.json").read_text())
+    assert saved["reference"] == "flexpsfl" and len(saved["rows"]) == 4
+    d = saved["paired"]["splitfed"]["personal_acc"]
+    assert d["n"] == 2 and d["mean"] == pytest.approx(
+        sum(a["personal_acc"] - b["personal_acc"] for a, b in zip(rows[0::2], rows[1::2])) / 2)
+    assert "| flexpsfl |" in md and "Paired differences, flexpsfl − run" in md and md == (out / "suite.md").read_text()
+    assert (out / "supersense-a0.5.png").stat().st_size > 10_000
+    capsys.readouterr()
+    again, _ = accuracy.run_accuracy(_args(tmp_path), **tiny)  # finished runs are reused, not run again
+    assert capsys.readouterr().out.count("(reused)") == 4 and again == rows
+
+
+def test_unknown_or_unregistered_runs_are_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="unknown nope"):
+        suite_runs("flexpsfl,nope")
+    names, missing = suite_runs(None)
+    assert names[0] == "flexpsfl" and {"flexpsfl-l0", "flexpsfl-l1", "splitfed", "fedavg", "local"} <= set(names)
+    assert not set(names) & set(missing)
+    for suite in SUITES.values():  # ≥ 200 test examples per client, a device profile per client
+        assert suite.config.max_test >= 200 and len(suite.config.profiles) == suite.config.clients
