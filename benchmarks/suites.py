@@ -98,7 +98,8 @@ def suite_runs(requested: str | None) -> tuple[list[str], list[str]]:
 
 def run_suite(args, **overrides) -> tuple[list[dict], str]:
     """Every run of ``--strategies`` (default: all the server has) on suite ``args.suite``, once per
-    seed 0..``--seeds``-1, seed by seed (so a cut-short suite still holds whole seeds). A run whose
+    seed 0..``--seeds``-1, run by run in the order given (so a cut-short suite still holds every seed of
+    its first runs: the paired differences need them). A run whose
     ``summary.json`` holds the same config is reused, not run again. Writes ``suite.json`` (rows,
     intervals, paired differences), ``suite.md`` and ``<suite>.png`` under ``--out``; returns (rows, markdown).
 
@@ -126,8 +127,8 @@ def run_suite(args, **overrides) -> tuple[list[dict], str]:
     base = dataclasses.replace(suite.config, target_acc=args.target_acc,
                                **{k: v for k, v in given.items() if v is not None}, **overrides)
     rows: list[dict] = []
-    for seed in range(seeds):
-        for name in names:
+    for name in names:
+        for seed in range(seeds):
             cfg = dataclasses.replace(base, seed=seed, out=str(out / name / f"seed{seed}"), **RUNS[name])
             done = pathlib.Path(cfg.out) / "summary.json"
             if done.is_file() and _same_config(json.loads(done.read_text())["config"], cfg):

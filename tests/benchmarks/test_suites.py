@@ -35,7 +35,7 @@ def test_suite_two_seeds_end_to_end(tiny_model_dirs, tmp_path, capsys, monkeypat
                 profiles=("rpi4", "rpi5"), batch_size=4, max_seq=16, max_train=40, max_test=20, min_examples=30,
                 in_process=True, bundle_cache=str(tmp_path / "bundles"))
     rows, md = accuracy.run_accuracy(_args(tmp_path), **tiny)
-    assert [(r["run"], r["seed"]) for r in rows] == [("flexpsfl", 0), ("splitfed", 0), ("flexpsfl", 1), ("splitfed", 1)]
+    assert [(r["run"], r["seed"]) for r in rows] == [("flexpsfl", 0), ("flexpsfl", 1), ("splitfed", 0), ("splitfed", 1)]
     out = tmp_path / "suite"
     parts = [json.loads((out / "flexpsfl" / f"seed{s}" / "data" / "partition.json").read_text()) for s in (0, 1)]
     assert parts[0]["per_client"] != parts[1]["per_client"]  # each seed re-partitions
@@ -50,7 +50,7 @@ def test_suite_two_seeds_end_to_end(tiny_model_dirs, tmp_path, capsys, monkeypat
     assert saved["reference"] == "flexpsfl" and len(saved["rows"]) == 4
     d = saved["paired"]["splitfed"]["personal_acc"]
     assert d["n"] == 2 and d["mean"] == pytest.approx(
-        sum(a["personal_acc"] - b["personal_acc"] for a, b in zip(rows[0::2], rows[1::2])) / 2)
+        sum(a["personal_acc"] - b["personal_acc"] for a, b in zip(rows[:2], rows[2:])) / 2)
     assert "| flexpsfl |" in md and "Paired differences, flexpsfl − run" in md and md == (out / "suite.md").read_text()
     assert (out / "supersense-a0.5.png").stat().st_size > 10_000
     capsys.readouterr()
