@@ -4,7 +4,9 @@ Both are exported from the ``torch.export`` programs of :func:`flexsfl.export.pr
 (dynamic ``batch``/``seq``) with the dynamo exporter at opset 18. The graphs contain standard
 ONNX operators only — the backward is plain MatMul/Mul/ReduceSum/... arithmetic, no training
 contrib ops — so any ONNX Runtime build runs them, the inference-only aarch64 wheel included.
-The IR version is set to what ONNX Runtime 1.19 reads (<= 10). The LoRA tensors are inputs, so
+The IR version is set to what ONNX Runtime 1.19 reads (<= 10). With ``fused_ops`` the forward's
+activations become ONNX Runtime's fused ``com.microsoft`` kernels (:mod:`flexsfl.export.fuse_onnx`;
+the CPU provider of every standard build has them). The LoRA tensors are inputs, so
 the device owns θ and updates it in place. Frozen weights (initializers of 1 KiB or more) live in
 one ``weights.bin`` beside the programs as ONNX external data, each stored once: the backward
 needs the blocks' weights (transposed) for the input gradients too, and two self-contained files
@@ -30,7 +32,7 @@ from flexsfl.core.errors import ExportError
 from flexsfl.export.programs import HeadPrograms, export_programs
 
 __all__ = ["FORWARD_NAME", "BACKWARD_NAME", "WEIGHTS_NAME", "WEIGHTS_INDEX_NAME", "lower_onnx", "write_onnx_program",
-           "share_weights", "weights_index",
+           "share_weights", "weights_index", "fuse_program",
            "min_onnxruntime", "runtime_requirements"]
 
 log = logging.getLogger("flexsfl.export.onnx")
@@ -49,8 +51,12 @@ _ORT_RELEASES = (("1.14", 18, 8), ("1.15", 19, 9), ("1.17", 20, 9), ("1.18", 21,
                  ("1.22", 23, 11))
 
 
-def lower_onnx(programs: HeadPrograms, out_dir: str | pathlib.Path, *, verify: bool = True) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
-    """Write ``forward.onnx``, ``backward.onnx`` and their shared ``weights.bin`` into ``out_dir``; returns the three paths."""
+def lower_onnx(programs: HeadPrograms, out_dir: str | pathlib.Path, *, verify: bool = True,
+               fused_ops: bool = False) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+    """Write ``forward.onnx``, ``backward.onnx`` and their shared ``weights.bin`` into ``out_dir``; returns the three paths.
+
+    ``fused_ops``: the forward's GELU/SiLU become ONNX Runtime's ``com.microsoft`` fused kernels
+    (:mod:`flexsfl.export.fuse_onnx`); its inputs, outputs and saved activations stay the same."""
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -59,6 +65,8 @@ def lower_onnx(programs: HeadPrograms, out_dir: str | pathlib.Path, *, verify: b
              for which, ep, spec, name in (("forward", ep_f, programs.forward_spec, FORWARD_NAME),
                                            ("backward", ep_b, programs.backward_spec, BACKWARD_NAME))]
     weights = share_weights(paths, out / WEIGHTS_NAME)
+    if fused_ops:
+        fuse_program(paths[0])
     log.info("ONNX programs written in %.1f s (%s)", time.perf_counter() - t0,
              ", ".join(f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in (*paths, weights)))
     if verify:
@@ -86,6 +94,21 @@ def write_onnx_program(ep, spec, path: pathlib.Path, which: str) -> pathlib.Path
     return path
 
 
+def fuse_program(path: pathlib.Path) -> dict[str, int]:
+    """Rewrite the ONNX program at ``path`` with :func:`~flexsfl.export.fuse_onnx.fuse_activations`
+    (its weights stay where they are); returns what was fused."""
+    import onnx
+
+    from flexsfl.export.fuse_onnx import fuse_activations
+
+    model = onnx.load(path, load_external_data=False)
+    done = fuse_activations(model)
+    if done:
+        onnx.save(model, path)
+    log.info("%s: fused %s", path.name, ", ".join(f"{n} {op}" for op, n in sorted(done.items())) or "nothing")
+    return done
+
+
 def min_onnxruntime(opset: int, ir_version: int) -> str:
     """The oldest onnxruntime release that reads ONNX ``opset`` at ``ir_version`` ("1.18")."""
     for release, max_opset, max_ir in _ORT_RELEASES:
@@ -96,13 +119,18 @@ def min_onnxruntime(opset: int, ir_version: int) -> str:
 
 
 def runtime_requirements(paths: list[pathlib.Path]) -> dict:
-    """What the device's onnxruntime must read for the programs at ``paths`` (the manifest's ``runtime.ort``)."""
+    """What the device's onnxruntime must read for the programs at ``paths`` (the manifest's
+    ``runtime.ort``): opset, IR version, oldest release, and ``contrib_ops``, the ``com.microsoft``
+    kernels the programs use (empty unless exported with fused ops; every standard build has them)."""
     import onnx
+
+    from flexsfl.export.fuse_onnx import contrib_ops
 
     models = [onnx.load(p, load_external_data=False) for p in paths]
     opset = max(o.version for m in models for o in m.opset_import if o.domain in ("", "ai.onnx"))
     ir_version = max(m.ir_version for m in models)
-    return {"onnx_opset": opset, "onnx_ir_version": ir_version, "min_onnxruntime": min_onnxruntime(opset, ir_version)}
+    return {"onnx_opset": opset, "onnx_ir_version": ir_version, "min_onnxruntime": min_onnxruntime(opset, ir_version),
+            "contrib_ops": contrib_ops(models)}
 
 
 def share_weights(paths: list[pathlib.Path], weights: pathlib.Path) -> pathlib.Path:

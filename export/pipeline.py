@@ -147,7 +147,7 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, 
             from flexsfl.export.lower_onnx import WEIGHTS_INDEX_NAME, lower_onnx, runtime_requirements
 
             with steps.step("lower to ONNX (forward.onnx, backward.onnx)"):
-                fwd, bwd, weights = lower_onnx(programs, stage / "ort")
+                fwd, bwd, weights = lower_onnx(programs, stage / "ort", fused_ops=cfg.fused_ops)
             artifacts["ort.forward"] = fwd.relative_to(stage).as_posix()
             artifacts["ort.backward"] = bwd.relative_to(stage).as_posix()
             artifacts["ort.weights"] = weights.relative_to(stage).as_posix()
@@ -159,7 +159,7 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True) -> tuple[Bundle, 
                 artifacts.update({role: p.relative_to(stage).as_posix() for role, p in top_paths.items()})
                 specs.update(top.specs("ort"))
                 onnx_files += list(top_paths.values())
-            runtime["ort"] = runtime_requirements(onnx_files)
+            runtime["ort"] = {**runtime_requirements(onnx_files), "fused_ops": cfg.fused_ops}
             specs["ort.forward"] = (programs.forward_spec.inputs, programs.forward_spec.outputs)
             specs["ort.backward"] = (programs.backward_spec.inputs, programs.backward_spec.outputs)
             if cfg.ort_training_artifacts:

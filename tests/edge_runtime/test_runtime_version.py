@@ -31,7 +31,7 @@ def test_manifest_records_opset_ir_version_and_minimum_runtime(bundle):
         model = onnx.load(bundle.path(role), load_external_data=False)
         assert model.ir_version <= need["onnx_ir_version"]
         assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) <= need["onnx_opset"]
-    assert need == {"onnx_opset": 18, "onnx_ir_version": 10, "min_onnxruntime": "1.18"}
+    assert need == {"onnx_opset": 18, "onnx_ir_version": 10, "min_onnxruntime": "1.18", "contrib_ops": [], "fused_ops": False}
     assert bundle.manifest.schema_version == SCHEMA_VERSION == 3
 
 
