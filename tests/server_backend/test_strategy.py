@@ -78,10 +78,10 @@ def layerwise_reference(phi, blocks, uploads):
 
 
 def test_strategies_by_name():
-    assert set(STRATEGIES) == {"flexpsfl", "flexpsfl-u", "splitfed", "fedavg", "local", "fedper"}
+    assert set(STRATEGIES) == {"flexpsfl", "flexpsfl-u", "splitfed", "fedavg", "local", "fedper", "fedrep", "ditto"}
     for name in STRATEGIES:
         assert make_strategy(name, CFG).name == name
-    with pytest.raises(ConfigError, match="unknown strategy 'fedprox'; choose one of: flexpsfl, flexpsfl-u, splitfed, fedavg, local, fedper"):
+    with pytest.raises(ConfigError, match="unknown strategy 'fedprox'; choose one of: flexpsfl, flexpsfl-u, splitfed, fedavg, local, fedper, fedrep, ditto"):
         make_strategy("fedprox", CFG)
 
 
