@@ -22,6 +22,11 @@ thread, one at a time. The maths live in :mod:`.aggregation` as free functions.
   starts from the global head), FedAvg of the heads.
 - :class:`FedAvg`: FedAvg-LoRA with the whole model on the device (client mode "full").
 - :class:`LocalOnly`: every client fine-tunes the whole model alone; nothing is aggregated.
+- FedPer, FedRep and Ditto (:mod:`.baselines`) add themselves to :data:`STRATEGIES`.
+
+Device optimizer state, one rule for every strategy: a tensor's state is reset when the server
+replaces that tensor and kept while the device continues its own (see
+:mod:`flexsfl.sim.full_trainer`; the split devices' HeadTrainer does the same).
 """
 
 from __future__ import annotations
