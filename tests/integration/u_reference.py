@@ -7,6 +7,19 @@ the middle (the full model runs with that client's personal head and top and the
 as it is *then*; the device applies its head and top gradients), each ``batch`` event is the
 middle's optimizer step with the gradient of that forward. So a dL/dH answered after another
 client's step is modelled exactly as the server's snapshot makes it.
+
+With ``align = λ > 0`` the reference also applies the alignment terms of an ``--align-top``
+federation, as tensor hooks on the full model's hidden states: at H (the top's input) the
+gradient becomes ``g + λ‖g‖·a/‖a‖`` with ``a = ∂/∂H`` of the per-sequence mean
+``KL(softmax(H') || softmax(H))``, and likewise at Z (the head's output) with Z'; Z' and H' come
+from the global path (the head as sent at the round's start, the middle as it is then), the KL
+written here in torch independently of the device's numpy. The *direction* ``a`` is that of two
+nearly equal float32 outputs (‖Z − Z'‖/‖Z'‖ ~ 1e-6..1e-4 in the first steps from θ = φ), so one
+ulp of difference between ONNX Runtime's and eager PyTorch's Z moves it by up to percents. Given
+``wire`` (what the recording proxy saw: the device's Z, Z' and the server's H, H' per step), the
+hooks take ``a`` and the 1e-6 gap rule from those values, as the device did; the reference still
+checks that they equal its own eager Z, Z', H, H' (rel err <= 1e-4), and everything else — ``g``,
+the middle's backward, both optimizers, aggregation — is eager.
 """
 
 from __future__ import annotations
@@ -28,7 +41,8 @@ from flexsfl.server_backend.aggregation import ClientUpdate, holds, layerwise_fe
 
 from .harness import finish, flexsfl, free_port, load_global, rel_err, wait_listening
 
-__all__ = ["LR", "STEPS", "BATCH", "LABELS", "make_data", "u_bundles", "federate_u", "replay", "reference_u", "check_u", "Recorder"]
+__all__ = ["LR", "STEPS", "BATCH", "LABELS", "make_data", "u_bundles", "federate_u", "replay", "reference_u", "check_u", "Recorder",
+           "align_hook", "wire_steps"]
 
 LR, STEPS, BATCH, LABELS = 0.05, 10, 4, 2
 
@@ -113,10 +127,34 @@ def replay(state: pathlib.Path) -> list[tuple[str, str, int]]:
     return out
 
 
+def align_hook(x_ref: torch.Tensor, mask: torch.Tensor, lam: float, at: torch.Tensor | None = None):
+    """A tensor hook for ``x`` (Z or H): the upstream gradient ``g`` -> ``g + λ‖g‖·a/‖a‖``,
+    ``a = ∂/∂x`` of the per-sequence mean KL(softmax(x_ref) || softmax(x)) over real tokens (taken
+    at ``at`` instead of ``x`` when given: the device's own X); ``g`` itself when the outputs agree
+    to float32 rounding (relative gap < 1e-6), as on the device."""
+    m = mask.double()
+    w = m / m.sum(1, keepdim=True).clamp(min=1.0) / x_ref.shape[0]  # [B, T]: each sequence weighs the same
+    log_q = torch.log_softmax(x_ref.double(), -1)
+
+    def hook(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():  # hooks run inside backward, where grad mode is off
+            xd = (x if at is None else at).detach().double().requires_grad_(True)
+            kl = (log_q.exp() * (log_q - torch.log_softmax(xd, -1))).sum(-1)
+            (a,) = torch.autograd.grad((kl * w).sum(), xd)
+        gap = float(((xd.detach() - x_ref.double()) * m[..., None]).norm() / (x_ref.double() * m[..., None]).norm())
+        if gap < 1e-6 or float(a.norm()) <= 1e-300:
+            return g
+        return g + (lam * g.double().norm() / a.norm() * a).to(g.dtype)
+
+    return hook
+
+
 def reference_u(model: pathlib.Path, data: dict, layout: dict[str, tuple[int, int]], bundle: pathlib.Path,
-                log: list[tuple[str, str, int]]):
+                log: list[tuple[str, str, int]], *, align: float = 0.0, wire: dict | None = None):
     """Eager PyTorch over the full HF model: personal heads and tops per client, the global middle
-    stepped in the server's order. Returns (global after aggregation, personal θ per client, initial φ)."""
+    stepped in the server's order; ``align`` > 0: the alignment terms at Z and H (``--align-top``),
+    ``wire``: ``(client, step) -> {"z", "z_ref", "h", "h_ref"}`` as sent (:func:`wire_steps`).
+    Returns (global after aggregation, personal θ per client, initial φ)."""
     lm = load_model(str(model), num_labels=LABELS, attn_implementation="eager")
     names = canonical_names(lm.model)
     params = {names[id(p)]: p for p in lm.model.parameters() if p.requires_grad}
@@ -139,12 +177,33 @@ def reference_u(model: pathlib.Path, data: dict, layout: dict[str, tuple[int, in
         batch = cursors[cid].next(BATCH)
         samples[cid] += len(batch)
         tok = enc.encode([e.text for e in batch])
+        ids, mask = torch.from_numpy(tok.input_ids), torch.from_numpy(tok.attention_mask)
+        s, u = layout[cid]
+        if align:  # the global path: the head as sent at the round's start (one round: φ0), the middle now
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(init[n] if blocks[n] < s else phi[n])
+                ref = lm.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(theta[cid][n] if n in theta[cid] else phi[n])
         for p in params.values():
             p.grad = None
-        logits = lm.model(input_ids=torch.from_numpy(tok.input_ids), attention_mask=torch.from_numpy(tok.attention_mask)).logits
+        out = lm.model(input_ids=ids, attention_mask=mask, output_hidden_states=bool(align))
+        if align:  # hidden_states[k]: the input of block k (Z = [s], H = [L - u])
+            hs = out.hidden_states
+            sent = wire[cid, step] if wire is not None else {}
+            for k, name in ((s, "z"), (L - u, "h")):
+                at, x_ref = None, ref[k]
+                if sent:  # the device's X and X': they must be what eager computes, to float32 rounding
+                    at, x_ref = (torch.from_numpy(np.array(sent[n], np.float32)) for n in (name, f"{name}_ref"))
+                    for mine, theirs, what in ((hs[k], at, name), (ref[k], x_ref, f"{name}_ref")):
+                        err = rel_err(theirs.numpy(), mine.detach().numpy())
+                        assert err <= 1e-4, f"{cid} step {step}: the wire's {what} differs from eager's by {err:.1e}"
+                hook = align_hook(x_ref, mask, align, at)
+                x = hs[k]
+                x.register_hook(lambda g, x=x, hook=hook: hook(g, x))
+        logits = out.logits
         task_loss(logits, torch.tensor([e.label for e in batch]), "seq_cls").backward()
         with torch.no_grad():
             for n, p in params.items():
@@ -155,6 +214,23 @@ def reference_u(model: pathlib.Path, data: dict, layout: dict[str, tuple[int, in
     ups = [ClientUpdate({n: t.numpy() for n, t in theta[c].items()}, samples[c], s, u) for c, (s, u) in layout.items()]
     final = layerwise_fedavg({n: t.numpy() for n, t in phi.items()}, blocks, ups, num_blocks=L)
     return final, {c: {n: t.numpy() for n, t in th.items()} for c, th in theta.items()}, {n: t.numpy() for n, t in init.items()}
+
+
+def wire_steps(rec: "Recorder") -> dict[tuple[str, int], dict[str, np.ndarray]]:
+    """``(client, step) -> {"z", "z_ref", "h", "h_ref"}`` of every align_top train step the proxy saw."""
+    from flexsfl.core.wire import Activations, Hello, Limits, MiddleOutput, parse
+
+    lim, out = Limits(max_frame_bytes=1 << 30), {}
+    for up, down in rec.sessions:
+        msgs = [parse(f, lim) for f in up]
+        cid = next(m.client_id for m in msgs if isinstance(m, Hello))
+        for m in msgs:
+            if isinstance(m, Activations) and m.z_ref is not None:
+                out.setdefault((cid, m.step_id), {}).update(z=m.z, z_ref=m.z_ref)
+        for m in (parse(f, lim) for f in down):
+            if isinstance(m, MiddleOutput) and m.h_ref is not None:
+                out.setdefault((cid, m.step_id), {}).update(h=m.h, h_ref=m.h_ref)
+    return out
 
 
 def check_u(state: pathlib.Path, ref, tol: float = 1e-4) -> dict[str, float]:
@@ -182,12 +258,15 @@ def check_u(state: pathlib.Path, ref, tol: float = 1e-4) -> dict[str, float]:
 
 class Recorder:
     """A websocket proxy on loopback that forwards frames both ways and records every frame the
-    server receives (the client's, byte for byte). Runs on its own thread; ``stop()`` ends it."""
+    server receives (the client's, byte for byte, in ``frames``) and every frame it sends
+    (``replies``). Runs on its own thread; ``stop()`` ends it."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream = upstream_port
         self.port = free_port()
         self.frames: list[bytes] = []
+        self.replies: list[bytes] = []
+        self.sessions: list[tuple[list[bytes], list[bytes]]] = []  # per connection: (frames up, frames down)
         self._ready = threading.Event()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -203,11 +282,12 @@ class Recorder:
         from websockets.asyncio.server import serve
         from websockets.exceptions import ConnectionClosed
 
-        async def pipe(src, dst, record: bool) -> None:
+        async def pipe(src, dst, record: list, mine: list) -> None:
             try:
                 async for data in src:
-                    if record:
-                        self.frames.append(data if isinstance(data, bytes) else data.encode())
+                    data = data if isinstance(data, bytes) else data.encode()
+                    record.append(data)
+                    mine.append(data)
                     await dst.send(data)
             except ConnectionClosed:
                 pass
@@ -220,7 +300,8 @@ class Recorder:
             except OSError:
                 await client.close(1013)
                 return
-            await asyncio.gather(pipe(client, up, True), pipe(up, client, False))
+            self.sessions.append(((ups := []), (downs := [])))
+            await asyncio.gather(pipe(client, up, self.frames, ups), pipe(up, client, self.replies, downs))
 
         self._stop = asyncio.Event()
         async with serve(handle, "127.0.0.1", self.port, compression=None, max_size=None):
