@@ -14,14 +14,15 @@ the strategies can be compared seed by seed (:mod:`flexsfl.benchmarks.stats`).
   client: the demo's domain shift, binary sentiment.
 
 Every suite has the demo's 4 devices (rpi4, rpi4, rpi5, jetson-orin: the planner picks their
-splits) and is sized for a shared 2-core machine: MiniLM, T ≤ 48, 5 rounds × τ = 10 steps of
-B = 8, ≤ 400 training and exactly 200 test examples per client. The clients run as tasks of the
+splits) and is sized for a shared 2-core machine: MiniLM, T ≤ 48, 4 rounds × τ = 10 steps of
+B = 8 (320 of ≤ 400 training examples per client: a fixed small budget, not a plateau), exactly
+200 test examples per client. The clients run as tasks of the
 benchmark's process (``in_process``: the same websocket transport on loopback, without six
 interpreters starting under load), so wall time here is not a device's: the device clock is the
 time axis. Exports are reused across seeds and strategies (``bundle_seed`` 0: the server's seeded
 model replaces a bundle's new weights at the first round). Evaluation happens where the tables and
-the plot need it: the clients score their own test split every round (the curves), the server
-scores the global model every round and each personal model on the union test set after the last.
+the plot need it: the clients score their own test split every round (the curves); the server
+scores the global model and each personal model on the union test set after the last round only.
 """
 
 from __future__ import annotations
@@ -57,9 +58,9 @@ def _supersense(alpha: float) -> Suite:
         what=f"WordNet noun gloss -> 10 supersenses, 4 clients, Dirichlet label skew α = {alpha:g}",
         config=SimConfig(
             model="minilm", data="supersense", partition="dirichlet", alpha=alpha, clients=4, profiles=_FOUR,
-            rounds=5, local_steps=10, batch_size=8, lr=2e-3, optimizer="adamw", max_seq=48,
+            rounds=4, local_steps=10, batch_size=8, lr=2e-3, optimizer="adamw", max_seq=48,
             max_train=400, max_test=200, min_examples=1000,  # 1000 x test share 0.2 = a full 200-example test split
-            eval_every=0, bundle_seed=0, in_process=True),
+            eval_every=0, global_every_round=False, bundle_seed=0, in_process=True),
     )
 
 
@@ -71,8 +72,8 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
         what="VADER's 4 natural domains, one per client (binary sentiment under domain shift)",
         config=SimConfig(
             model="minilm", data="vader", partition="natural", clients=4, profiles=_FOUR,
-            rounds=5, local_steps=10, batch_size=8, lr=2e-3, optimizer="adamw", max_seq=48,
-            max_train=400, max_test=200, eval_every=0, bundle_seed=0, in_process=True),
+            rounds=4, local_steps=10, batch_size=8, lr=2e-3, optimizer="adamw", max_seq=48,
+            max_train=400, max_test=200, eval_every=0, global_every_round=False, bundle_seed=0, in_process=True),
     ),
 )}
 

@@ -82,6 +82,8 @@ class SimConfig:
                                  "reuses one export across seeds", cli=False)
     min_examples: int | None = _f(None, "dirichlet: redraw the label proportions until every client holds at least "
                                   "this many examples", cli=False)
+    global_every_round: bool = _f(True, "score the global model on the union test set after every round (False: "
+                                  "after the last only; a benchmark that plots the clients' own curves)", cli=False)
 
     def __post_init__(self) -> None:
         if self.task == "causal-lm":

@@ -177,8 +177,8 @@ class _RoundEval:
         if STRATEGIES[cfg.strategy].uploads_own_model:  # else (Ditto) the personal model never leaves the device
             for cid, u in uploads.items():
                 self.personal[cid] = u.params
-        out: dict[str, Any] = {"global_acc": self.ev.accuracy(self.union)}
         last = cfg.rounds - 1
+        out: dict[str, Any] = {"global_acc": self.ev.accuracy(self.union)} if cfg.global_every_round or r == last else {}
         if (cfg.eval_every and r % cfg.eval_every == cfg.eval_every - 1) or r == last:
             gen, own = {}, {}
             for cid, params in sorted(self.personal.items()):
