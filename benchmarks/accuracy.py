@@ -115,6 +115,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "differences against FlexP-SFL, accuracy vs device time; "
                         + "; ".join(f"{s.name}: {s.what}" for s in SUITES.values()))
     p.add_argument("--seeds", type=int, default=None, help="--suite: seeds 0..N-1 (default: the suite's, 3)")
+    p.add_argument("--report-only", action="store_true",
+                   help="--suite: run nothing; rebuild the tables, JSON and PNG from the runs finished under --out")
     p.add_argument("--task", choices=("seq_cls", "causal-lm"), default="seq_cls",
                    help="seq_cls: the demo (MiniLM, accuracy); causal-lm: the LM demo (SmolLM2, perplexity, lower is "
                         "better)")

@@ -21,11 +21,11 @@ def _csv(path, n=240):
     return path
 
 
-def _args(tmp_path, strategies="flexpsfl,splitfed", seeds=2):
+def _args(tmp_path, strategies="flexpsfl,splitfed", seeds=2, *extra):
     p = argparse.ArgumentParser()
     accuracy.add_arguments(p)
     return p.parse_args(["--suite", "supersense-a0.5", "--seeds", str(seeds), "--strategies", strategies,
-                         "--rounds", "2", "--local-steps", "2", "--out", str(tmp_path / "suite")])
+                         "--rounds", "2", "--local-steps", "2", "--out", str(tmp_path / "suite"), *extra])
 
 
 @pytest.mark.slow
@@ -56,6 +56,10 @@ def test_suite_two_seeds_end_to_end(tiny_model_dirs, tmp_path, capsys, monkeypat
     capsys.readouterr()
     again, _ = accuracy.run_accuracy(_args(tmp_path), **tiny)  # finished runs are reused, not run again
     assert capsys.readouterr().out.count("(reused)") == 4 and again == rows
+    # --report-only runs nothing: the unfinished runs are named and left out
+    report, _ = accuracy.run_accuracy(_args(tmp_path, "flexpsfl,splitfed,local", 2, "--report-only"), **tiny)
+    assert report == rows and not (out / "local").exists()
+    assert "not finished, left out of the report: local seed 0, local seed 1" in capsys.readouterr().out
 
 
 def test_unknown_or_unregistered_runs_are_one_clear_error(tmp_path):
