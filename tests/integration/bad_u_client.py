@@ -6,7 +6,8 @@ Four registered clients (``x-shape``, ``x-nan``, ``x-unknown``, ``x-late``) each
 with the bundle's layout, send a valid train Activations (step 0, no labels), receive the
 middle's H, and then answer with a bad TopGradients, written as raw frames past the client's
 own Connection (which would refuse them): dL/dH of the wrong shape, with a NaN, for a step that
-was never sent, or a valid one after the middle's deadline (TTL seconds, +2.5). Each client
+was never sent, or a valid one after the middle's deadline (TTL seconds, +2.5). A fifth
+(``x-zref``) sends its step with Z' (``z_ref``), which a round without ``align_top`` refuses. Each client
 records the server's Error (code, message) and the close code in OUT.json.
 """
 
@@ -25,7 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from flexsfl.core.bundle import load_bundle
 from flexsfl.core.wire import Activations, Adapters, Connection, Error, Hello, MiddleOutput, Role, RoundConfig, TopGradients, parse
 
-CASES = ("shape", "nan", "unknown", "late")
+CASES = ("shape", "nan", "unknown", "late", "zref")
 
 
 async def one(case: str, port: int, bundle, token: str, ttl: float) -> dict:
@@ -42,22 +43,26 @@ async def one(case: str, port: int, bundle, token: str, ttl: float) -> dict:
         if cfg.adapters:
             assert isinstance(conn.receive(await ws.recv()), Adapters)
         z = np.random.default_rng(1).standard_normal((2, 6, m.model.hidden_size)).astype(np.float32)
-        await ws.send(conn.send(Activations(round_id=cfg.round_id, step_id=0, mode="train", z=z,
-                                            attention_mask=np.ones((2, 6), np.int64), encoding="fp32")))
-        h = conn.receive(await ws.recv())
-        assert isinstance(h, MiddleOutput), h
-        good = TopGradients(round_id=cfg.round_id, step_id=0, loss=0.7, grad_h=np.full(z.shape, 1e-3, np.float32))
-        if case == "shape":
-            frame = TopGradients(round_id=cfg.round_id, step_id=0, loss=0.7, grad_h=np.zeros((2, 5, z.shape[2]), np.float32)).serialize()
-        elif case == "nan":
-            frame = bytearray(good.serialize())
-            frame[-z.nbytes:-z.nbytes + 4] = struct.pack("<f", math.nan)
-            frame = bytes(frame)
-        elif case == "unknown":
-            frame = TopGradients(round_id=cfg.round_id, step_id=5, loss=0.7, grad_h=good.grad_h).serialize()
+        if case == "zref":  # Z' in a round without align_top, as a raw frame (the client's own Connection refuses it)
+            frame = Activations(round_id=cfg.round_id, step_id=0, mode="train", z=z, attention_mask=np.ones((2, 6), np.int64),
+                                z_ref=z + 0.1, encoding="fp32").serialize()
         else:
-            await asyncio.sleep(ttl + 2.5)
-            frame = good.serialize()
+            await ws.send(conn.send(Activations(round_id=cfg.round_id, step_id=0, mode="train", z=z,
+                                                attention_mask=np.ones((2, 6), np.int64), encoding="fp32")))
+            h = conn.receive(await ws.recv())
+            assert isinstance(h, MiddleOutput), h
+            good = TopGradients(round_id=cfg.round_id, step_id=0, loss=0.7, grad_h=np.full(z.shape, 1e-3, np.float32))
+            if case == "shape":
+                frame = TopGradients(round_id=cfg.round_id, step_id=0, loss=0.7, grad_h=np.zeros((2, 5, z.shape[2]), np.float32)).serialize()
+            elif case == "nan":
+                frame = bytearray(good.serialize())
+                frame[-z.nbytes:-z.nbytes + 4] = struct.pack("<f", math.nan)
+                frame = bytes(frame)
+            elif case == "unknown":
+                frame = TopGradients(round_id=cfg.round_id, step_id=5, loss=0.7, grad_h=good.grad_h).serialize()
+            else:
+                await asyncio.sleep(ttl + 2.5)
+                frame = good.serialize()
         await ws.send(frame)
         try:
             while True:

@@ -1,12 +1,13 @@
 """A bad dL/dH is refused with a one-line error, changes nothing, and the round goes on.
 
-Four misbehaving U-shaped clients (``bad_u_client.py``, one process) join round 0 beside a real
+Five misbehaving U-shaped clients (``bad_u_client.py``, one process) join round 0 beside a real
 ``flexsfl edge run`` client and answer the middle's H with dL/dH of the wrong shape, with a NaN,
 for a step never sent, or after the middle's deadline (``--middle-ttl``; the deadline is kept by
-the server's timer, logged as ``u_expired`` before the late frame arrives). Each gets an Error
-with a one-line reason and a close; none of their steps reaches the middle's optimizer; and the
-good client's personal model and the server's global model equal the eager reference trained on
-the good client's batches alone (rel err <= 1e-4).
+the server's timer, logged as ``u_expired`` before the late frame arrives), or send Z' in a
+round without ``--align-top``. Each gets an Error with a one-line reason and a close; none of
+their steps reaches the middle's optimizer; and the good client's personal model and the
+server's global model equal the eager reference trained on the good client's batches alone
+(rel err <= 1e-4).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ WANT = {
     "nan": ("NON_FINITE", "grad_h"),
     "unknown": ("OUT_OF_ORDER", "TopGradients answers round 0 step 5, but the outstanding Activations is round 0 step 0"),
     "late": ("BAD_TENSOR", "arrived after the deadline"),
+    "zref": ("BAD_TENSOR", "carries z_ref (Z') in round 0, whose RoundConfig has align_top false"),
 }
 
 
@@ -39,7 +41,7 @@ def test_bad_dl_dh_is_refused_and_changes_nothing(tmp_path, u_models, u_bundles,
                                     env=env(), cwd=ROOT)
         procs["bad"] = (bad["p"], log)
 
-    state = federate_u(u_models["bert"], u_data, tmp_path, [("a", bundle, "ort")], min_clients=5, before_clients=start_bad,
+    state = federate_u(u_models["bert"], u_data, tmp_path, [("a", bundle, "ort")], min_clients=1 + len(WANT), before_clients=start_bad,
                        register=tuple(f"x-{c}" for c in WANT), serve_args=("--middle-ttl", str(TTL)))
     got = json.loads(out.read_text())
     for case, (code, text) in WANT.items():
