@@ -106,7 +106,7 @@ class FullModelTrainer:
         if adapters is not None and (not self._started or not settings.personal):
             with torch.no_grad():
                 for n, a in adapters.items():
-                    self.params[n].copy_(torch.from_numpy(np.asarray(a, dtype=np.float32)))
+                    self.params[n].copy_(torch.as_tensor(np.array(a, dtype=np.float32)))  # a copy: wire arrays are read-only
                     self._opt["w"].state.pop(self.params[n], None)  # replaced weights: fresh optimizer state
             self._started = True
         if settings.local_rule == "ditto":
