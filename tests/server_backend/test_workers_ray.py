@@ -120,6 +120,7 @@ def test_two_workers_serve_eight_clients_through_a_round(cluster, loader, tmp_pa
     state, results, pool, summary = asyncio.run(_serve(loader, tmp_path, n=8, steps=2, workers=2))
     assert isinstance(pool, WorkerPool)
     assert summary["steps"] == 16 and summary["clients"] == [f"synthetic{k}" for k in range(8)]
+    assert summary["server_steps"] == 16  # the fixed schedule (K = 1): one optimizer step per client step, on each worker
     assert all(len(r["steps"]) == 2 for r in results)
     loads = [sum(1 for i in pool.assignment.values() if i == w) for w in range(2)]
     assert loads == [4, 4], pool.assignment  # stable, balanced assignment
