@@ -167,3 +167,39 @@ def test_compute_worker_batches_without_changing_the_result(tiny_llama, reqs):
             assert (a.g is None) == (b.g is None) and (a.g is None or _rel(a.g, b.g) <= 1e-6)
         for n in seq[1]:
             assert _rel(bat[1][n], seq[1][n]) <= 1e-6, n
+
+
+@pytest.mark.parametrize("k,per_round", [(1, 6), (4, 2)])
+def test_real_server_steps_on_the_schedule_and_flushes_each_round(tiny_model_dirs, tmp_path, k, per_round):
+    # A real FlexServer on loopback, 3 synthetic client coroutines x 2 steps x 2 rounds: 6 client
+    # steps per round -> K=1: 6 server steps; K=4: a full group + a partial one stepped at the round end.
+    import json
+
+    from flexsfl.benchmarks.synthetic import SyntheticSpec, run_clients
+    from flexsfl.core.bundle import layout_fingerprint
+    from flexsfl.server_backend.server import FlexServer, ServerConfig, frame_limit
+    from flexsfl.server_backend.state import ServerState
+    from flexsfl.server_backend.strategy import TrainConfig, make_strategy
+
+    loaded = load_model(str(tiny_model_dirs["gpt2"]), num_labels=2, attn_implementation="sdpa")
+    host = TailHost(loaded, OptimizerConfig("sgd", 0.01, server_step_every=k))
+    strategy = make_strategy("flexpsfl", TrainConfig(rounds=2, min_clients=3, local_steps=2, batch_size=2, round_timeout=120))
+    state = ServerState(tmp_path / "state", {"model": loaded.info.id})
+    server = FlexServer(host, strategy, None, state, ServerConfig(port=0, max_batch=2, max_seq=8), compute_threads=1)
+
+    async def main():
+        serving = asyncio.create_task(server.serve())
+        await server.ready.wait()
+        spec = SyntheticSpec(url=f"ws://127.0.0.1:{server.port}", layout_hash=layout_fingerprint(loaded.info, loaded.lora, 1),
+                             split=1, hidden=loaded.info.hidden_size, batch=2, seq=8, max_frame_bytes=frame_limit(host, 2, 8))
+        await asyncio.wait_for(run_clients(spec, 3), 120)
+        await asyncio.wait_for(serving, 60)
+
+    try:
+        asyncio.run(main())
+    finally:
+        state.close()
+    rounds = [json.loads(line) for line in (tmp_path / "state" / "metrics.jsonl").read_text().splitlines()]
+    rounds = [e for e in rounds if e["event"] == "round"]
+    assert [(e["steps"], e["server_steps"]) for e in rounds] == [(6, per_round)] * 2
+    assert host.schedule.pending == 0 and host.steps == 2 * per_round
