@@ -110,10 +110,12 @@ def build_server(args: argparse.Namespace, loaded=None):
     from flexsfl.server_backend.server import FlexServer, ServerConfig
     from flexsfl.server_backend.state import ServerState
     from flexsfl.server_backend.strategy import make_strategy
+    from flexsfl.server_backend.schedule import check_step_every
     from flexsfl.server_backend.tail_host import OptimizerConfig, TailHost, resolve_device
     from flexsfl.server_backend.workers import HostSpec, make_compute
 
     device = str(resolve_device(args.device))  # a one-line error before any loading when CUDA is missing
+    check_step_every(args.server_step_every)  # likewise
     cfg = train_config(args)
     strategy = make_strategy(args.strategy, cfg)
     pool = args.workers > 1 or args.ray_address
