@@ -53,8 +53,8 @@ class ExportConfig:
         True, "leave out ONNX Runtime's own training/eval/optimizer models and checkpoint (the edge runtime "
               "trains with the forward/backward pair; the checkpoint is a second copy of the head's weights)",
         flag="--no-ort-training-artifacts")
-    fused_ops: bool = _f(False, "ONNX: run the forward's GELU/SiLU as ONNX Runtime's fused com.microsoft kernels "
-                                "(every standard onnxruntime build has them; recorded in the manifest's runtime.ort)")
+    fused_ops: bool = _f(False, "ONNX: run the forward's GELU as ONNX Runtime's fused com.microsoft::Gelu kernel "
+                                "(every standard onnxruntime build has it; recorded in the manifest's runtime.ort)")
     force: bool = _f(False, "replace an existing bundle directory", cli=False)
 
     def __post_init__(self) -> None:

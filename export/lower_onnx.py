@@ -5,7 +5,7 @@ Both are exported from the ``torch.export`` programs of :func:`flexsfl.export.pr
 ONNX operators only — the backward is plain MatMul/Mul/ReduceSum/... arithmetic, no training
 contrib ops — so any ONNX Runtime build runs them, the inference-only aarch64 wheel included.
 The IR version is set to what ONNX Runtime 1.19 reads (<= 10). With ``fused_ops`` the forward's
-activations become ONNX Runtime's fused ``com.microsoft`` kernels (:mod:`flexsfl.export.fuse_onnx`;
+GELU becomes ONNX Runtime's fused ``com.microsoft::Gelu`` (:mod:`flexsfl.export.fuse_onnx`;
 the CPU provider of every standard build has them). The LoRA tensors are inputs, so
 the device owns θ and updates it in place. Frozen weights (initializers of 1 KiB or more) live in
 one ``weights.bin`` beside the programs as ONNX external data, each stored once: the backward
@@ -55,7 +55,7 @@ def lower_onnx(programs: HeadPrograms, out_dir: str | pathlib.Path, *, verify: b
                fused_ops: bool = False) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
     """Write ``forward.onnx``, ``backward.onnx`` and their shared ``weights.bin`` into ``out_dir``; returns the three paths.
 
-    ``fused_ops``: the forward's GELU/SiLU become ONNX Runtime's ``com.microsoft`` fused kernels
+    ``fused_ops``: the forward's GELU becomes ONNX Runtime's fused ``com.microsoft::Gelu`` kernel
     (:mod:`flexsfl.export.fuse_onnx`); its inputs, outputs and saved activations stay the same."""
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

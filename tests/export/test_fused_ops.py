@@ -1,4 +1,4 @@
-"""Fused contrib ops in the ONNX forward: GELU -> com.microsoft::Gelu, SiLU -> QuickGelu.
+"""Fused contrib ops in the ONNX forward: GELU -> com.microsoft::Gelu.
 
 Small hand-built graphs pin down what is rewritten and what is left alone; a real exported head's
 forward, fused, must give the plain forward's outputs (z and every saved activation); and an
@@ -71,15 +71,10 @@ def test_a_lookalike_with_other_constants_is_left_alone():
     assert fuse_activations(m) == {}
 
 
-def test_silu_becomes_quickgelu_alpha_one():
+def test_silu_stays_as_it_is():
+    # Measured: QuickGelu(alpha=1) bought nothing over Sigmoid + Mul (export/fuse_onnx.py).
     m = _model([helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Mul", ["s", "x"], ["y"])], {}, ["y"])
-    x = np.linspace(-8, 8, 10, dtype=np.float32).reshape(2, 5)
-    assert fuse_activations(m) == {"QuickGelu": 1}
-    # ONNX Runtime's sigmoid is a fast approximation: 2e-4 relative on the far negative tail, where
-    # the values are ~1e-3; against the tensor's norm (the export's measure) it is ~1e-7.
-    got, want = _run(m, x)[0], x / (1 + np.exp(-x.astype(np.float64)))
-    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-6
-    np.testing.assert_allclose(got, want, rtol=5e-4, atol=1e-7)
+    assert fuse_activations(m) == {}
 
 
 def _feed(session, b: int = 3, t: int = 11) -> dict[str, np.ndarray]:
@@ -97,12 +92,11 @@ def _feed(session, b: int = 3, t: int = 11) -> dict[str, np.ndarray]:
     return feed
 
 
-@pytest.mark.parametrize("family, op", [("bert", "Gelu"), ("llama", "QuickGelu")])
-def test_a_fused_head_forward_gives_the_plain_outputs(tiny_bundles, tmp_path, family, op):
-    plain = tiny_bundles(family, 1, "ort") / "ort"
+def test_a_fused_head_forward_gives_the_plain_outputs(tiny_bundles, tmp_path):
+    plain = tiny_bundles("bert", 1, "ort") / "ort"
     fused = tmp_path / "ort"
     shutil.copytree(plain, fused)
-    assert fuse_program(fused / "forward.onnx") == {op: 1}
+    assert fuse_program(fused / "forward.onnx") == {"Gelu": 1}
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     a = ort.InferenceSession(str(plain / "forward.onnx"), opts, providers=["CPUExecutionProvider"])
@@ -111,7 +105,7 @@ def test_a_fused_head_forward_gives_the_plain_outputs(tiny_bundles, tmp_path, fa
     feed = _feed(a)
     for o, want, got in zip(a.get_outputs(), a.run(None, feed), b.run(None, feed)):
         err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12)
-        assert err <= 1e-5, f"{o.name}: rel err {err:.2e}"
+        assert err <= 1e-5, f"{o.name}: rel err {err:.2e}"  # z and every saved activation
 
 
 @pytest.mark.slow
