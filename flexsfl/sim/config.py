@@ -79,7 +79,9 @@ class SimConfig:
     bundle_cache: str | None = _f(None, "reuse exported bundles across runs (default: <cache>/bundles)", cli=False)
     bundle_seed: int | None = _f(None, "seed of the exported bundles' new weights (default: seed); every strategy "
                                  "overwrites them with the server's seeded model at the first round, so a benchmark "
-                                 "reuses one export across seeds", cli=False)
+                                 "reuses one export across seeds: for a model with pretrained weights only (a "
+                                 "weightless model's body comes from the seed, and the server refuses its bundle)",
+                                 cli=False)
     min_examples: int | None = _f(None, "dirichlet: redraw the label proportions until every client holds at least "
                                   "this many examples", cli=False)
     global_every_round: bool = _f(True, "score the global model on the union test set after every round (False: "
