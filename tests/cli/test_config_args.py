@@ -111,6 +111,7 @@ def test_export_config_names_the_bad_field(kw, field):
 @pytest.mark.parametrize("kw, field", [
     ({"strategy": "fedprox"}, "strategy"), ({"partition": "zipf"}, "partition"), ({"encoding": "fp8"}, "encoding"),
     ({"rounds": 0}, "rounds"), ({"clients": 2, "profiles": ("rpi4",)}, "profiles"),
+    ({"server_step_every": 0}, "server_step_every"),
 ])
 def test_sim_config_names_the_bad_field(kw, field):
     with pytest.raises(ConfigError, match=rf"^{field} (must|needs)"):

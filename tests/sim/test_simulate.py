@@ -27,6 +27,7 @@ def test_flexpsfl_on_vader_learns(tmp_path):
     # both clients trained every round and reported their phases
     for r in rows:
         assert set(r["clients"]) == {"c0", "c1"}
+        assert r["server_steps"] == 30  # the fixed schedule (K = 1): one tail step per client step
         for c in r["clients"].values():
             assert c["steps"] == 15 and c["client_compute_ms"] > 0 and c["server_ms"] > 0 and c["align_loss"] > 0
     assert (tmp_path / "run" / "accuracy_vs_time.png").stat().st_size > 10_000
