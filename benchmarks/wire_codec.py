@@ -1,10 +1,12 @@
 """Time the wire codec on one step's smashed data: serialize + parse of an Activations per encoding.
 
-    python -m flexsfl.benchmarks.wire_codec [--shape 8 128 384] [--repeat 50] [--warmup 5] [--json out.json]
+    python -m flexsfl.benchmarks.wire_codec [--shape 8 128 384] [--repeat 50] [--warmup 5] [--clock cpu] [--json out.json]
 
 Prints, per encoding, the median and p90 of ``serialize()``, ``parse()`` and both together over
 ``--repeat`` runs after ``--warmup`` runs, the frame size and the largest absolute error of the
-decoded Z, plus one line naming the machine, library versions and commit. Threads are pinned to
+decoded Z, plus one line naming the machine, library versions, commit and load average.
+``--clock cpu`` times with this thread's CPU time instead of wall time: on a machine shared with
+other work, time spent preempted is left out (cache pollution is not). Threads are pinned to
 one (numpy's BLAS plays no part, but the measurement should not depend on it either).
 
 A second table times the tensor codec alone, before (the kernels of commit e3d2e88, which
@@ -36,6 +38,9 @@ from flexsfl.benchmarks import wire_codec_before as before
 from flexsfl.core.wire import ENCODINGS, Activations, decode, encode, parse
 
 
+_now = time.perf_counter  # --clock cpu: time.thread_time
+
+
 def _environment() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
@@ -48,6 +53,8 @@ def _environment() -> dict:
         "numpy": np.__version__,
         "commit": commit,
         "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+        "load": round(os.getloadavg()[0], 1),
+        "clock": "cpu" if _now is time.thread_time else "wall",
     }
 
 
@@ -56,9 +63,9 @@ def _time(fn, repeat: int, warmup: int) -> list[float]:
         fn()
     out = []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = _now()
         fn()
-        out.append(time.perf_counter() - t)
+        out.append(_now() - t)
     return out
 
 
@@ -131,9 +138,9 @@ def bench_codec(shape: tuple[int, int, int], repeat: int, warmup: int) -> list[d
     for _ in range(repeat):  # round-robin: every case once per round
         for *key, fns in cases:
             for op in ("encode", "decode"):
-                t = time.perf_counter()
+                t = _now()
                 fns[op]()
-                times[tuple(key)][op].append(time.perf_counter() - t)
+                times[tuple(key)][op].append(_now() - t)
     return [
         {
             "input": k[0], "encoding": k[1], "impl": k[2],
@@ -163,8 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", type=int, nargs=3, default=(8, 128, 384), metavar=("B", "T", "D"), help="shape of Z (default: 8 128 384)")
     ap.add_argument("--repeat", type=int, default=50, help="timed runs per measurement (default: 50)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed runs first (default: 5)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall time, or this thread's CPU time (leaves out time preempted on a loaded machine)")
     ap.add_argument("--json", metavar="PATH", help="also write the rows and environment as JSON")
     args = ap.parse_args(argv)
+    global _now
+    _now = time.thread_time if args.clock == "cpu" else time.perf_counter
 
     env = _environment()
     rows = bench(tuple(args.shape), args.repeat, args.warmup)
