@@ -1,6 +1,7 @@
 """Where an ORT head step's time goes, by operator type: GEMMs against everything else.
 
     python -m flexsfl.benchmarks.op_profile --bundle DIR [--batch 8] [--seq 128] [--reps 10] [--json out.json]
+    python -m flexsfl.benchmarks.op_profile --bundle DIR --fused [--reps 30]
 
 Runs ``--reps`` train steps (forward, then backward with a fixed G) of the bundle's ORT programs
 on one thread with ONNX Runtime's own profiler on, after two warm-up steps, and sums each node's
@@ -10,6 +11,13 @@ achieved GFLOP/s over the GEMMs alone (FLOPs from the nodes' shapes) and against
 single-thread fp32 GEMM peak measured in the same run (:mod:`.machine`): the ceiling a fused
 LayerNorm/GELU/attention could lift the step to is ``GEMM time / step time`` of the peak ratio
 the GEMMs themselves reach.
+
+``--fused`` instead times the bundle's forward against the same forward with its GELU fused
+(``flexsfl export --fused-ops``, :mod:`flexsfl.export.fuse_onnx`, written beside a link to the
+bundle's weights), alternating one run of each, in this thread's CPU time (time preempted by
+other processes on a shared machine is left out): per-run medians and their ratio. The backward is
+the same program either way, so the forward's ratio is the whole difference (eval runs the forward
+alone; a training step runs it plus the backward).
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import time
 
 import numpy as np
 
-__all__ = ["profile_step", "main"]
+__all__ = ["profile_step", "fused_forward", "main"]
 
 GEMM_OPS = {"MatMul", "Gemm", "FusedMatMul", "FusedGemm"}
 
@@ -100,6 +108,47 @@ def profile_step(bundle_dir: str, batch: int, seq: int, reps: int, *, share_weig
     return out
 
 
+def fused_forward(bundle_dir: str, batch: int, seq: int, reps: int) -> dict:
+    """Median CPU ms of the bundle's ``forward.onnx`` and of the same with its GELU fused, side by side."""
+    import shutil
+
+    import onnxruntime as ort
+
+    from flexsfl.core.bundle import load_bundle
+    from flexsfl.export.lower_onnx import WEIGHTS_NAME, fuse_program
+
+    bundle = load_bundle(bundle_dir)
+    plain = bundle.path("ort.forward")
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="op_profile-fused-"))
+    try:
+        shutil.copy(plain, tmp / plain.name)
+        (tmp / WEIGHTS_NAME).symlink_to(plain.parent.resolve() / WEIGHTS_NAME)  # external data, read in place
+        fused = fuse_program(tmp / plain.name)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1  # kernels run in this thread, so its CPU time is theirs
+        opts.log_severity_level = 3
+        sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
+                    for k, p in (("plain", plain), ("fused", tmp / plain.name))}
+        rng = np.random.default_rng(0)
+        feed = {"input_ids": rng.integers(0, 1000, (batch, seq), dtype=np.int64), "attention_mask": np.ones((batch, seq), np.int64)}
+        for i in sessions["plain"].get_inputs()[2:]:  # LoRA tensors
+            feed[i.name] = (0.01 * rng.standard_normal([int(d) for d in i.shape])).astype(np.float32)
+        outs = {k: s.run(None, feed) for k, s in sessions.items()}
+        err = max(float(np.linalg.norm(f - p) / max(np.linalg.norm(p), 1e-12)) for p, f in zip(outs["plain"], outs["fused"]))
+        times: dict[str, list[float]] = {k: [] for k in sessions}
+        for i in range(reps + 2):
+            for k, s in sessions.items():
+                t = time.thread_time()
+                s.run(None, feed)
+                if i >= 2:
+                    times[k].append(time.thread_time() - t)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ms = {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+    return {"batch": batch, "seq": seq, "reps": reps, "fused": fused, "max_rel_err": err, "forward_cpu_ms": ms,
+            "fused_over_plain": ms["fused"] / ms["plain"], "load": os.getloadavg()[0]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", required=True, help="an ORT bundle directory")
@@ -108,7 +157,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--no-share", action="store_true", help="each session loads its own weights (no add_initializer)")
+    ap.add_argument("--fused", action="store_true", help="time the forward plain vs with GELU fused (--fused-ops), side by side")
     args = ap.parse_args(argv)
+    if args.fused:
+        res = fused_forward(args.bundle, args.batch, args.seq, args.reps)
+        ms = res["forward_cpu_ms"]
+        print(f"B{args.batch} T{args.seq}, load {res['load']:.1f}: forward CPU ms p50 plain {ms['plain']:.1f}, fused "
+              f"{ms['fused']:.1f} ({', '.join(f'{n} {op}' for op, n in res['fused'].items()) or 'nothing fused'}): "
+              f"fused/plain {res['fused_over_plain']:.3f}; outputs rel err <= {res['max_rel_err']:.1e}")
+        if args.json:
+            pathlib.Path(args.json).write_text(json.dumps(res, indent=2, sort_keys=True))
+        return 0
     from flexsfl.benchmarks.machine import measure_gemm_peak
 
     peak_before = measure_gemm_peak(1)["peak_gflops"]
