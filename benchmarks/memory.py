@@ -87,7 +87,8 @@ def memory_worker(chan) -> None:
         from flexsfl.edge_runtime.backends import ort  # noqa: F401
     elif name == "executorch":
         from flexsfl.edge_runtime.backends import executorch  # noqa: F401
-        from executorch.runtime import Runtime  # noqa: F401
+        import torch  # noqa: F401  # what the backend imports: torch and the bindings' C++ module
+        from executorch.extension.pybindings import _C  # noqa: F401
     else:
         from flexsfl.sim import eager_backend  # noqa: F401  (registers "torch")
     runtime_mb = _rss_mb()
