@@ -8,8 +8,9 @@ queue when it becomes free and runs them as one batch call (:meth:`TailHost.trai
 ``MiddleHost.forward_batch`` / ``backward_batch``) — under load, requests that arrive while a
 batch runs are batched together, without any artificial delay when idle. Batching never changes
 a result: the optimizer steps follow the fixed schedule of :mod:`.schedule` (one step per
-``--server-step-every`` client steps, in queue order), and the hosts cut a batch at its group
-boundaries. :meth:`ComputeWorker.end_round` steps a group left partial (the server calls it at
+``--server-step-every`` client steps, in queue order), and a training batch never spans a
+schedule group (``submit(..., limit=schedule.room)``), so each group's clients are answered as
+soon as their group is stepped; with ``K = 1`` every step runs, steps and answers alone. :meth:`ComputeWorker.end_round` steps a group left partial (the server calls it at
 every round end).
 
 Batching policy (``flexsfl serve --max-batch-tokens/--max-wait-ms``): a batch holds at most
@@ -90,18 +91,22 @@ class ComputeWorker:
         return self.host.steps
 
     async def train(self, req: StepRequest) -> StepResult:
-        return await self.submit(self.host.train_batch, req)
+        return await self.submit(self.host.train_batch, req, limit=self.host.schedule.room)
 
-    async def submit(self, batch_fn: Callable[[list], list], req: Any) -> Any:
+    async def submit(self, batch_fn: Callable[[list], list], req: Any, *, limit: Callable[[], int] | None = None) -> Any:
         """``batch_fn(batch)[i]`` for ``req`` at position ``i`` of a batch of the same-``batch_fn``
-        requests waiting in order (``batch_fn`` must accept any such run and answer each in order)."""
+        requests waiting in order (``batch_fn`` must accept any such run and answer each in order).
+
+        ``limit()``, read on the compute thread when a batch is formed, caps its requests: the
+        schedule's room, so that a batch never spans a group boundary and each group's clients get
+        their answers when their group is done (with ``K = 1``: one step, one answer, at once)."""
         fut = asyncio.get_running_loop().create_future()
-        self._q.put((batch_fn, req, fut))
+        self._q.put((batch_fn, req, fut, limit))
         return await fut
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         fut = asyncio.get_running_loop().create_future()
-        self._q.put((None, (fn, args), fut))
+        self._q.put((None, (fn, args), fut, None))
         return await fut
 
     async def end_round(self) -> None:
@@ -140,7 +145,9 @@ class ComputeWorker:
         """Add waiting same-kind requests to ``batch`` under the policy; anything else taken is held for later."""
         tokens = _tokens(batch[0][1])
         deadline = time.perf_counter() + self.max_wait
-        while len(batch) < self.max_batch_requests:
+        limit = batch[0][3]
+        cap = min(self.max_batch_requests, max(1, limit())) if limit is not None else self.max_batch_requests
+        while len(batch) < cap:
             try:
                 nxt = self._next(timeout=max(0.0, deadline - time.perf_counter()) if self.max_wait else 0)
             except queue.Empty:
@@ -160,25 +167,25 @@ class ComputeWorker:
         fn = items[0][0]
         t0 = time.perf_counter()
         try:
-            results = fn([req for _, req, _ in items])
+            results = fn([it[1] for it in items])
         except Exception as e:  # noqa: BLE001 - reported to every waiting client, the worker lives on
             log.exception("batch of %d failed", len(items))
-            for _, _, fut in items:
-                _resolve(fut, exc=e)
+            for it in items:
+                _resolve(it[2], exc=e)
             return
         finally:
             dt = time.perf_counter() - t0
             self.busy_seconds += dt
         if fn == self.host.train_batch:  # tail steps (the middle's are counted by MiddleHost and u_round)
             if self.on_batch is not None:
-                self.on_batch([req.tag for _, req, _ in items], dt)
+                self.on_batch([it[1].tag for it in items], dt)
             self.batches += 1
             self.steps += len(items)
-        for (_, _, fut), res in zip(items, results):
+        for (_, _, fut, _), res in zip(items, results):
             _resolve(fut, value=res)
 
     def _do_call(self, item) -> None:
-        _, (fn, args), fut = item
+        _, (fn, args), fut, _ = item
         t0 = time.perf_counter()
         try:
             value = fn(*args)

@@ -110,7 +110,8 @@ class UShaped:
         ``dL/dH`` is a TensorError and changes nothing."""
         key = (s.client_id, msg.round_id, msg.step_id)
         t0 = time.perf_counter()
-        res = await self.worker.submit(self.middle.backward_batch, MiddleBackward(key, np.asarray(msg.grad_h)))
+        res = await self.worker.submit(self.middle.backward_batch, MiddleBackward(key, np.asarray(msg.grad_h)),
+                                       limit=self.middle.host.schedule.room)  # a batch never spans a schedule group
         if res.g is None:
             raise TensorError(f"TopGradients for step {msg.step_id} refused: {res.error}", ErrorCode.BAD_TENSOR)
         ms = round(1e3 * (time.perf_counter() - t0), 3)

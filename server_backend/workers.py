@@ -13,7 +13,7 @@ How the pool trains (SplitFed-V1's server side, then FlexP-SFL's layer-wise aggr
   so do U-shaped middle halves (``submit``, batched as on one worker).
 - **Schedule**: each worker's TailHost steps under the fixed schedule of :mod:`.schedule`
   (``--server-step-every k``: one step per k of *its* clients' steps, in the order it receives
-  them), as one worker does; :meth:`WorkerPool.end_round` steps every worker's partial group
+  them; a batch holds at most k steps), as one worker does; :meth:`WorkerPool.end_round` steps every worker's partial group
   (and the front end's, for the middle) before it averages.
 - Each Ray actor (:class:`TailWorker`) holds a copy of the trainable tensors and trains it on the
   steps routed to it. A client's steps always go to the same worker (**stable assignment**: a new
@@ -260,9 +260,9 @@ class WorkerPool:
         """Optimizer steps taken: the workers' tails and the global model's (the U-shaped middle)."""
         return self.worker_steps + self.host.steps
 
-    async def submit(self, batch_fn: Callable[[list], list], req: Any) -> Any:
+    async def submit(self, batch_fn: Callable[[list], list], req: Any, *, limit: Callable[[], int] | None = None) -> Any:
         """``batch_fn`` over a batch of waiting requests on the global model's thread (the middle)."""
-        return await self.master.submit(batch_fn, req)
+        return await self.master.submit(batch_fn, req, limit=limit)
 
     async def train(self, req: StepRequest) -> StepResult:
         """One client's step on its worker; survives the worker dying (replayed and retried there)."""
@@ -349,7 +349,8 @@ class WorkerPool:
             batch = [slot.held if slot.held is not None else await slot.queue.get()]
             slot.held = None
             tokens = _tokens(batch[0][0])
-            while self.batching and len(batch) < self.max_batch_requests and not slot.queue.empty():
+            cap = min(self.max_batch_requests, self.spec.optimizer.server_step_every)  # at most one schedule group
+            while self.batching and len(batch) < cap and not slot.queue.empty():
                 nxt = slot.queue.get_nowait()
                 if self.max_batch_tokens and tokens + _tokens(nxt[0]) > self.max_batch_tokens:
                     slot.held = nxt  # the first of the next batch

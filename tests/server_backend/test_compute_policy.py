@@ -21,8 +21,9 @@ B, T = 2, 8
 
 @pytest.fixture(scope="module")
 def host(tiny_model_dirs):
-    return TailHost(load_model(str(tiny_model_dirs["gpt2"]), num_labels=2, attn_implementation="sdpa"), OptimizerConfig("sgd", 0.01),
-                    device="cpu")
+    # one schedule group of 64: the batching policy decides within a group (with K = 1 every batch is one step)
+    return TailHost(load_model(str(tiny_model_dirs["gpt2"]), num_labels=2, attn_implementation="sdpa"),
+                    OptimizerConfig("sgd", 0.01, server_step_every=64), device="cpu")
 
 
 def _req(host, k: int, t: int = T) -> StepRequest:

@@ -4,6 +4,7 @@ H, dL/dZ and the middle's weights after equal the one-at-a-time results, under t
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 
 import numpy as np
@@ -51,7 +52,10 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
-def _run(path, inputs, k: int, recompute: bool, together: bool):
+def _run(path, inputs, k: int, recompute: bool, mode: str):
+    """The SEQUENCE through a real ComputeWorker one at a time ("alone") or a line at a time
+    ("worker": the worker batches what waits, cut at schedule groups), or straight into
+    MiddleHost a run of one kind at a time ("direct": one backward_batch may span groups)."""
     lm = load_model(path, num_labels=3)
     _perturb(lm)
     mh = MiddleHost(TailHost(lm, OptimizerConfig("sgd", 0.1, server_step_every=k)), recompute=recompute)
@@ -66,17 +70,27 @@ def _run(path, inputs, k: int, recompute: bool, together: bool):
         sizes["B"].append(len(reqs))
         return mh.backward_batch(reqs)
 
-    def submit(kind, cid, step):
+    def request(kind, cid, step):
         s, u, *_ = CLIENTS[cid]
         z, mask, gh = inputs[cid, step]
         if kind == "F":
-            return worker.submit(fwd, MiddleRequest((cid, 0, step), s, u, z, mask))
-        return worker.submit(bwd, MiddleBackward((cid, 0, step), gh))
+            return MiddleRequest((cid, 0, step), s, u, z, mask)
+        return MiddleBackward((cid, 0, step), gh)
+
+    def submit(kind, cid, step):
+        if kind == "F":
+            return worker.submit(fwd, request(kind, cid, step))
+        return worker.submit(bwd, request(kind, cid, step), limit=mh.host.schedule.room)  # as u_round does
 
     async def go():
         results = {}
         for line in SEQUENCE:
-            if together:  # all of the line waits in the queue behind a held call
+            if mode == "direct":
+                for kind, run in itertools.groupby(line, key=lambda e: e[0]):
+                    run = list(run)
+                    results.update(zip(run, (fwd if kind == "F" else bwd)([request(*e) for e in run])))
+                continue
+            if mode == "worker":  # all of the line waits in the queue behind a held call
                 gate = threading.Event()
                 held = asyncio.ensure_future(worker.call(gate.wait))
                 await asyncio.sleep(0.05)
@@ -101,16 +115,20 @@ def _run(path, inputs, k: int, recompute: bool, together: bool):
 
 @pytest.mark.parametrize("k,recompute", [(1, False), (3, False), (3, True), (1, True)])
 def test_batched_middle_equals_one_at_a_time(tiny_llama, inputs, k, recompute):
-    alone, w_alone, steps_alone, sizes_alone, _ = _run(tiny_llama, inputs, k, recompute, together=False)
-    batched, w_batched, steps_batched, sizes, mh = _run(tiny_llama, inputs, k, recompute, together=True)
+    alone, w_alone, steps_alone, sizes_alone, _ = _run(tiny_llama, inputs, k, recompute, "alone")
     assert set(sizes_alone["F"]) == set(sizes_alone["B"]) == {1}
-    assert sizes == {"F": [4, 2, 2], "B": [3, 1, 4]}  # concurrent halves ran as one batch call per run
-    assert steps_alone == steps_batched == {1: 8, 3: 3}[k]  # 8 dL/dH: k=3 -> 2 full groups + a partial one at round end
-    for e, want in alone.items():
-        got = batched[e]
-        arr_w, arr_g = (want.h, got.h) if e[0] == "F" else (want.g, got.g)
-        assert arr_w is not None and arr_g is not None, e
-        assert arr_g.shape == arr_w.shape and _rel(arr_g, arr_w) <= 1e-6, e
-    for n in w_alone:
-        assert _rel(w_batched[n], w_alone[n]) <= 1e-6, n
-    assert not mh.pending and mh.held_bytes() == 0
+    assert steps_alone == {1: 8, 3: 3}[k]  # 8 dL/dH: k=3 -> 2 full groups + a partial one at round end
+    for mode, want_sizes in (("worker", {"F": [4, 2, 2], "B": {1: [1] * 8, 3: [3, 1, 2, 2]}[k]}),
+                             ("direct", {"F": [4, 2, 2], "B": [3, 1, 4]})):
+        batched, w_batched, steps_batched, sizes, mh = _run(tiny_llama, inputs, k, recompute, mode)
+        # concurrent forwards ran as one batch call per run; backwards per schedule group (worker) or per run
+        assert sizes == want_sizes, mode
+        assert steps_batched == steps_alone, mode
+        for e, want in alone.items():
+            got = batched[e]
+            arr_w, arr_g = (want.h, got.h) if e[0] == "F" else (want.g, got.g)
+            assert arr_w is not None and arr_g is not None, (mode, e)
+            assert arr_g.shape == arr_w.shape and _rel(arr_g, arr_w) <= 1e-6, (mode, e)
+        for n in w_alone:
+            assert _rel(w_batched[n], w_alone[n]) <= 1e-6, (mode, n)
+        assert not mh.pending and mh.held_bytes() == 0

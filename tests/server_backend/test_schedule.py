@@ -135,8 +135,9 @@ def test_group_steps_with_the_mean_and_partial_group_at_round_end(tiny_llama, re
 
 
 def test_compute_worker_batches_without_changing_the_result(tiny_llama, reqs):
-    # Real worker thread: all 7 requests wait in the queue behind a held call, so the worker takes
-    # them as one batch; the round end (end_round) steps the partial group. Same as sequential.
+    # Real worker thread: all 7 requests wait in the queue behind a held call, so the worker batches
+    # them, one schedule group per batch (K=3: [0 1 2] [3 4 5] with 4 refused, then [6]; K=1: one
+    # each, answered as soon as stepped); the round end (end_round) steps the partial group.
     async def go(k: int, together: bool):
         host = _host(tiny_llama, k)
         worker = ComputeWorker(host, threads=1)
@@ -161,7 +162,7 @@ def test_compute_worker_batches_without_changing_the_result(tiny_llama, reqs):
     for k in (1, 3):
         seq = asyncio.run(go(k, False))
         bat = asyncio.run(go(k, True))
-        assert seq[3] == 7 and bat[3] == 1  # 7 batches of one, then one batch of 7
+        assert seq[3] == 7 and bat[3] == {1: 7, 3: 3}[k]
         assert seq[2] == bat[2] == {1: 6, 3: 2}[k]
         for a, b in zip(bat[0], seq[0]):
             assert (a.g is None) == (b.g is None) and (a.g is None or _rel(a.g, b.g) <= 1e-6)
