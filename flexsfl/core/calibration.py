@@ -175,7 +175,7 @@ def calibration_from_runs(summaries: Sequence[pathlib.Path], metric: str = "pers
         for layout, vals in points.items():
             values.setdefault(layout, []).extend(vals)
             runs[layout] = runs.get(layout, 0) + 1
-    points = tuple(CalibrationPoint(s, t, sum(v) / len(v), len(v), runs[(s, t)])
+    points = tuple(CalibrationPoint(s, t, round(sum(v) / len(v), 6), len(v), runs[(s, t)])
                    for (s, t), v in sorted(values.items(), key=lambda kv: (kv[0][1] is not None, kv[0][0], kv[0][1] or 0)))
     return Calibration(points, metric, seen["model"][0], seen["task"][0], tuple(str(p) for p in summaries))
 
