@@ -16,7 +16,7 @@ thread, x86-64, Python 3.11, ``flexsfl bench memory``); split 5 was held out. Pe
 
     runtime                               fixed   measured (MiniLM s = 1, 3, 5; SmolLM2 s = 2)   model
     ort (onnxruntime 1.19, no torch)      43 MB   187, 264, 333; 351                              187, 263, 339; 350
-    executorch 1.5.1 (XNNPACK delegate)  420 MB   570, 704, 836; 786                              569, 704, 839; 785
+    executorch 1.5.1 (XNNPACK delegate)  278 MB   430 (s = 1 since 3b0fd39; before: 570, 704, 836; 786)  427, 562, 697; 643
     torch 2.13 eager (reference)         447 MB   581, 695, 768; 740                              580, 681, 781; 755
 
 The edge process itself (Python, numpy, tokenizers, websockets, safetensors) is 35 MB
@@ -28,8 +28,10 @@ ExecuTorch holds its weights twice (the program's and XNNPACK's packed copies) a
 activations 2.4 times (the forward's planned arena, the outputs handed to Python, the backward's
 planned inputs); it plans memory for the bundle's ``max_batch``, which ``flexsfl export`` sets
 to the training batch unless told otherwise, so predict with the batch the bundle was exported
-for. Its Python bindings import torch and link libtorch: 372 MB of RSS before a program is
-opened, most of its fixed part. (On x86, the ``onnxruntime-training`` 1.19.2 wheel imports torch
+for. Its Python bindings import torch and link libtorch: 232 MB of RSS before a program is
+opened, most of its fixed part (372 MB while the backend imported ``executorch.runtime``, which
+pulls ``executorch.exir``; since 3b0fd39 it calls the ``_C`` bindings, 142 MB less, a fixed cost:
+the fixed part moved from 420 to 278 MB, the rest of the fit is unchanged; benchmarks/README §12). (On x86, the ``onnxruntime-training`` 1.19.2 wheel imports torch
 when torch is installed, ~200 MB more; a device runs the plain ``onnxruntime`` wheel, as measured
 here.)
 """
@@ -85,10 +87,11 @@ RUNTIMES = {
     # The .pte's weights plus XNNPACK's packed copies; the forward's planned arena, the outputs
     # handed to Python and the backward's planned inputs each hold the saved activations; memory
     # is planned for the bundle's max batch, which export sets to the training batch by default
-    # (plan with the batch the bundle was exported for). 420 MB fixed: the Python bindings import
-    # torch and link libtorch (372 MB of RSS before a program is opened).
+    # (plan with the batch the bundle was exported for). 278 MB fixed: the Python bindings import
+    # torch and link libtorch (232 MB of RSS before a program is opened; 142 MB less since the
+    # backend calls the _C bindings instead of importing executorch.runtime, 3b0fd39).
     # The top's methods live in the same .pte; not measured yet, so the head's constants.
-    "executorch": Runtime(fixed_mb=420.0, block_weight_copies=2, activation_copies=2.4, workspace_blocks=0.0,
+    "executorch": Runtime(fixed_mb=278.0, block_weight_copies=2, activation_copies=2.4, workspace_blocks=0.0,
                           top_weight_copies=2, top_activation_copies=2.4, top_io_copies=2),
     # Autograd keeps the activations about twice (views and the graph's own copies); torch,
     # transformers and peft are most of the fixed part.
