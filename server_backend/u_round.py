@@ -6,6 +6,7 @@ task head, the labels and the loss); the server runs only the middle ``s..L-u-1`
     Activations  (Z, mask)   -> MiddleHost.forward   -> MiddleOutput (H)       # H's graph kept per step
     TopGradients (dL/dH)     -> MiddleHost.backward  -> Gradients   (dL/dZ)   # + the middle's optimizer step
     Activations  eval (Z)    -> MiddleHost.predict   -> MiddleOutput (H)       # the device scores its own top
+    Activations  (Z, Z')     -> forward + predict    -> MiddleOutput (H, H')   # --align-top: one compute call
 
 Nothing here can see a label: the session's :class:`~flexsfl.core.wire.Connection` refuses an
 Activations that carries labels before the server dispatches it, and these functions take only
@@ -38,7 +39,7 @@ from flexsfl.core.errors import AuthError, ConfigError, ErrorCode, TensorError
 from flexsfl.core.wire import Activations, Gradients, MiddleOutput, TopGradients
 from flexsfl.server_backend.aggregation import holds
 from flexsfl.server_backend.compute import ComputeWorker
-from flexsfl.server_backend.middle_host import MiddleBackward, MiddleHost, MiddleRequest
+from flexsfl.server_backend.middle_host import MiddleBackward, MiddleForward, MiddleHost, MiddleRequest
 from flexsfl.server_backend.state import ServerState
 
 __all__ = ["UShaped", "check_top", "client_specs"]
@@ -80,30 +81,36 @@ class UShaped:
             return MiddleOutput(round_id=msg.round_id, step_id=msg.step_id, h=h, encoding=s.conn.encoding)
         key = (s.client_id, msg.round_id, msg.step_id)
         t0 = time.perf_counter()
-        res, h_ref = await asyncio.gather(  # H' (align_top) queued right behind H: the same φ
-            self.worker.submit(self.middle.forward_batch, MiddleRequest(key, s.split, s.top, z, mask)), self.reference(s, msg))
+        req = MiddleRequest(key, s.split, s.top, z, mask)
+        if msg.z_ref is None:
+            res, h_ref = await self.worker.submit(self.middle.forward_batch, req), None
+        else:  # align_top: H and H' in one compute call, so both see the same middle
+            res, h_ref = await self.worker.call(self.reference, req, np.asarray(msg.z_ref))
         if res.h is None:
             raise TensorError(f"step {msg.step_id} refused: {res.error}", ErrorCode.NON_FINITE)
         self.state.log("u_forward", client=s.client_id, round=msg.round_id, step=msg.step_id,
                        server_ms=round(1e3 * (time.perf_counter() - t0), 3), held_bytes=self.middle.held_bytes())
+        if h_ref is not None:
+            self.state.log("u_reference", client=s.client_id, round=msg.round_id, step=msg.step_id)
         return MiddleOutput(round_id=msg.round_id, step_id=msg.step_id, h=res.h, h_ref=h_ref, encoding=s.conn.encoding)
 
-    async def reference(self, s: Any, msg: Activations) -> np.ndarray | None:
-        """``H' = middle_φ(Z')`` for a train Activations that carries ``z_ref`` (an align_top round;
-        the Connection allows it nowhere else), computed with no gradient and nothing kept; None
-        without ``z_ref``. :meth:`activations` queues it right behind the step's own forward, so
-        both see the same middle. A Z' the middle refuses is a one-line TensorError."""
-        if msg.z_ref is None:
-            return None
+    def reference(self, req: MiddleRequest, z_ref: np.ndarray) -> tuple[MiddleForward, np.ndarray | None]:
+        """On the compute thread, for a train step that carries Z' (an align_top round; the
+        Connection allows it nowhere else): the step's forward (kept for its backward) and then
+        ``H' = middle_φ(Z')`` with no gradient and nothing kept, in one call so that no optimizer
+        step of the middle falls between them. ``(forward, None)`` when the forward is refused; a
+        Z' the middle refuses, or whose H' is not finite, is refused the same way (the session then
+        closes, and :meth:`forget` frees the kept forward)."""
+        (res,) = self.middle.forward_batch([req])
+        if res.h is None:
+            return res, None
         try:
-            h_ref = await self.worker.call(self.middle.predict, s.split, s.top, np.asarray(msg.z_ref),
-                                           np.asarray(msg.attention_mask))
+            h_ref = self.middle.predict(req.split, req.top, z_ref, req.attention_mask)  # checks Z' as the forward checks Z
         except ConfigError as e:
-            raise TensorError(f"step {msg.step_id}: Z' refused: {e}") from None
+            return MiddleForward(None, f"Z': {e}"), None
         if not np.isfinite(h_ref).all():
-            raise TensorError(f"step {msg.step_id}: the middle's output for Z' is not finite", ErrorCode.NON_FINITE)
-        self.state.log("u_reference", client=s.client_id, round=msg.round_id, step=msg.step_id)
-        return h_ref
+            return MiddleForward(None, "the middle's output for Z' is not finite"), None
+        return res, h_ref
 
     async def top_gradients(self, s: Any, msg: TopGradients) -> Gradients:
         """``dL/dZ`` for the step ``msg`` names; the middle steps under the schedule. A refused
