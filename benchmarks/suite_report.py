@@ -22,8 +22,10 @@ from flexsfl.benchmarks.stats import Interval, paired_difference, t_interval
 __all__ = ["METRICS", "PAIRED", "summarize", "markdown", "plot_suite"]
 
 # metric -> column title; every one gets a mean ± 95% CI over seeds
+# (the global model on each client's own split equals "global acc" when, as in every suite, the clients'
+# test splits are the same size: it is left out)
 METRICS = {"personal_acc": "personal acc", "generalization_acc": "generalization acc", "global_acc": "global acc",
-           "global_own_acc": "global acc, own split", "label_prior_acc": "floor: global + prior", "device_s": "device time (s)", "mb": "train MB",
+           "label_prior_acc": "floor: global + prior", "device_s": "device time (s)", "mb": "train MB",
            "eval_mb": "eval MB", "train_s": "wall here (s)"}
 PAIRED = ("personal_acc", "generalization_acc")  # compared seed by seed against the reference
 FLOOR = "floor (same run)"  # the reference's personal accuracy against its own run's global + label prior
