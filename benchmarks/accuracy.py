@@ -75,6 +75,9 @@ def row(name: str, summary: dict) -> dict:
         **{k: f.get(k) for k in PPL_KEYS},  # causal LM: mean perplexities over clients (lower is better)
         "train_s": f["elapsed_s"], "total_s": summary["total_s"], "mb": (f["bytes"] or 0) / 1e6,
         "eval_mb": (f.get("eval_bytes") or 0) / 1e6, "device_s": f.get("device_s"), "unfit": summary.get("unfit", []),
+        # clients whose last-round metrics reached the server (a metrics message lost to a reconnect is missing)
+        "clients": len(summary["per_client"]),
+        "clients_reported": sum(c.get("personal_acc") is not None for c in summary["per_client"]),
         "target_acc": t.get("target_acc"), "target_ppl": t.get("target_ppl"), "time_to_target_s": t["elapsed_s"],
         "mb_to_target": None if t["bytes"] is None else t["bytes"] / 1e6, "round_to_target": t["round"],
     }

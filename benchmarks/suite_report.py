@@ -19,7 +19,7 @@ import numpy as np
 
 from flexsfl.benchmarks.stats import Interval, paired_difference, t_interval
 
-__all__ = ["METRICS", "PAIRED", "summarize", "markdown", "plot_suite"]
+__all__ = ["METRICS", "PAIRED", "CLIENT_SIDE", "incomplete", "summarize", "markdown", "plot_suite"]
 
 # metric -> column title; every one gets a mean ± 95% CI over seeds
 # (the global model on each client's own split equals "global acc" when, as in every suite, the clients'
@@ -31,8 +31,19 @@ PAIRED = ("personal_acc", "generalization_acc")  # compared seed by seed against
 FLOOR = "floor (same run)"  # the reference's personal accuracy against its own run's global + label prior
 
 
+# the metrics the clients report (personal accuracy, and the device clock and bytes built from their reports):
+# a run in which some client's report was lost (a reconnect under load) has them for part of the clients only
+CLIENT_SIDE = ("personal_acc", "device_s", "mb", "eval_mb")
+
+
+def incomplete(r: dict) -> bool:
+    """Whether some client's last-round metrics never reached the server in run ``r``."""
+    return r.get("clients_reported", r.get("clients", 0)) < r.get("clients", 0)
+
+
 def _by_seed(rows: Sequence[dict], run: str, key: str) -> dict[int, float | None]:
-    return {r["seed"]: r.get(key) for r in rows if r["run"] == run}
+    """``seed -> value``; a client-side metric of an incomplete run is None (left out, never averaged over part)."""
+    return {r["seed"]: None if key in CLIENT_SIDE and incomplete(r) else r.get(key) for r in rows if r["run"] == run}
 
 
 def _iv(iv: Interval, per_seed: dict | None = None) -> dict:
@@ -109,6 +120,10 @@ def markdown(suite, rows: Sequence[dict], report: dict, left_out: Sequence[str] 
             out.append(f"| {run} | " + " | ".join(cells) + " |")
     if left_out:
         out += ["", f"Not run (no such strategy on the server yet): {', '.join(left_out)}."]
+    lost = [f"{r['run']} seed {r['seed']} ({r['clients_reported']} of {r['clients']})" for r in rows if incomplete(r)]
+    if lost:
+        out += ["", "Client metrics lost (a client's report dropped with its connection), so its personal accuracy, "
+                    f"device time and bytes are left out of the means and pairs: {'; '.join(lost)}."]
     unfit = sorted({u for r in rows for u in r.get("unfit", [])})
     if unfit:
         out += ["", f"Would not fit its device's memory (timed anyway): {'; '.join(unfit)}."]
@@ -137,7 +152,9 @@ def plot_suite(suite, rows: Sequence[dict], path: pathlib.Path) -> pathlib.Path:
     xs_all = []
     for i, run in enumerate(runs):
         color = f"C{i % 10}"
-        per_seed = [_rounds(r["out"]) for r in rows if r["run"] == run]
+        per_seed = [_rounds(r["out"]) for r in rows if r["run"] == run and not incomplete(r)]
+        if not per_seed:
+            continue
         n = min(len(rs) for rs in per_seed)
         x = [float(np.mean([rs[k][xkey] for rs in per_seed])) for k in range(n)]
         y = [float(np.mean([rs[k]["personal_acc"] for rs in per_seed if rs[k].get("personal_acc") is not None]

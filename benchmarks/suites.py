@@ -167,5 +167,6 @@ def _same_config(stored: dict, cfg: SimConfig) -> bool:
     want = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, as stored
     if want.get("num_labels") is None:
         stored = {**stored, "num_labels": None}
-    # a field added to SimConfig after the run was stored cannot have been set by it: compare the shared ones
-    return all(stored[k] == want[k] for k in stored.keys() & want.keys())
+    # a field added to SimConfig after the run was stored cannot have been set by it: compare the shared ones;
+    # ``out`` is where the summary was found (stored absolute), so it is the same directory by construction
+    return all(stored[k] == want[k] for k in (stored.keys() & want.keys()) - {"out"})

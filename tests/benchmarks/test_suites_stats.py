@@ -72,3 +72,14 @@ def test_summarize_and_the_table():
     assert line.split(" | ")[6].strip(" |") == "loses", line  # generalization: below 0 beyond the noise
     assert "| flexpsfl | 1,3 | 0.920 ± 0.050 |" in md
     assert "Seeds 0, 1, 2; 4 clients" in md
+
+
+def test_a_run_with_lost_client_metrics_is_left_out_of_client_side_means():
+    rows = _rows()
+    rows[3] = {**rows[3], "clients": 4, "clients_reported": 2, "personal_acc": 0.10, "device_s": 1.0}  # splitfed seed 0
+    report = summarize(rows, reference="flexpsfl")
+    sf = report["intervals"]["splitfed"]
+    assert sf["personal_acc"]["n"] == 2 and sf["personal_acc"]["mean"] == pytest.approx(0.82)  # seeds 1, 2 only
+    assert sf["device_s"]["mean"] == pytest.approx(100.0) and sf["generalization_acc"]["n"] == 3  # server-side: all
+    assert report["paired"]["splitfed"]["personal_acc"]["per_seed"] == pytest.approx({1: 0.11, 2: 0.11})
+    assert "splitfed seed 0 (2 of 4)" in markdown(SUITES["supersense-a0.1"], rows, report)
