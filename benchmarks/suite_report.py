@@ -174,6 +174,7 @@ def plot_suite(suite, rows: Sequence[dict], path: pathlib.Path) -> pathlib.Path:
                                 "generalization (personal model, union test), final, ± 95% CI")):
         ax.set_xlabel(xlabel + (", log scale" if log_x else ""))
         ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1.02)  # an interval over 2 seeds (t = 12.7) may reach past [0, 1]
         ax.set_title(title, fontsize=10)
         if log_x:
             ax.set_xscale("log")
