@@ -302,7 +302,7 @@ class MiddleHost:
             rows = [(slice(int(a), int(a) + p.shape[0]), p.shape[1]) for a, p in zip(starts, pend)]
         gh = torch.zeros_like(h)
         for i, (r, t) in zip(idx, rows):
-            gh[r, :t] = torch.from_numpy(np.asarray(reqs[i].grad_h)).to(gh.device)
+            gh[r, :t] = torch.tensor(np.asarray(reqs[i].grad_h), device=gh.device)  # a copy: wire arrays are read-only
         names = list(batch.snapshot)
         gz, *gp = torch.autograd.grad(h, [z, *batch.snapshot.values()], gh, retain_graph=True, allow_unused=True)
         own = dict(batch.middle.named_parameters())
