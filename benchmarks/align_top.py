@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import pathlib
 import statistics
 import sys
 
-from flexsfl.benchmarks.align_overlap import _client_rows, _pin_client_to
+from flexsfl.benchmarks.loopback import add_common, apply_pin, client_rows, medians, run_pairs, write_result
 
 __all__ = ["main", "run_one"]
 
@@ -40,7 +38,7 @@ def run_one(out: pathlib.Path, *, align_top: bool, split: int, top: int, steps: 
                               profiles=None, rounds=rounds, local_steps=steps, align_lambda=lam, align_top=align_top,
                               out=str(out), eval_every=0, max_train=120, max_test=16, seed=seed)
     simulate(cfg, show=False)
-    rows = _client_rows(out)
+    rows = client_rows(out)
     for prev, r in zip(rows, rows[1:]):  # cumulative counters -> this round's training bytes per step
         total = r["bytes_sent"] + r["bytes_received"] - prev["bytes_sent"] - prev["bytes_received"]
         r["bytes_per_step"] = (total - r.get("eval_bytes_sent", 0) - r.get("eval_bytes_received", 0)) / r["steps"]
@@ -50,42 +48,25 @@ def run_one(out: pathlib.Path, *, align_top: bool, split: int, top: int, steps: 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pairs", type=int, default=3, help="off / on run pairs, alternating (default: 3)")
-    ap.add_argument("--steps", type=int, default=10, help="local steps per round (default: 10)")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds per run; the first is not counted (default: 3)")
+    add_common(ap, what="off / on", out="results/align_top")
     ap.add_argument("--split", type=int, default=2, help="head blocks on the device (default: 2)")
     ap.add_argument("--top", type=int, default=1, help="top blocks on the device (default: 1)")
     ap.add_argument("--lam", type=float, default=0.1, help="alignment λ in both modes (default: 0.1)")
-    ap.add_argument("--pin", action="store_true", help="server on the last CPU, the device on the first")
-    ap.add_argument("--out", default="results/align_top")
     args = ap.parse_args(argv)
     if args.rounds < 3 or not args.lam > 0:
         raise SystemExit("error: --rounds must be >= 3 (the first is not counted, bytes need the one before) and --lam > 0")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    if args.pin:
-        cpus = sorted(os.sched_getaffinity(0))
-        if len(cpus) < 2:
-            raise SystemExit("error: --pin needs at least 2 CPUs; run without it")
-        os.sched_setaffinity(0, {cpus[-1]})
-        _pin_client_to({cpus[0]})
+    apply_pin(args.pin)
     out = pathlib.Path(args.out)
-    runs: dict[str, list[dict]] = {"off": [], "on": []}
-    for i in range(args.pairs):
-        for mode in runs:
-            r = run_one(out / f"{mode}{i}", align_top=mode == "on", split=args.split, top=args.top, steps=args.steps,
-                        rounds=args.rounds, lam=args.lam)
-            runs[mode].append(r)
-            print(f"pair {i} align-top {mode}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items()), flush=True)
-    med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
-    per_pair = [on["step_ms"] / off["step_ms"] for off, on in zip(runs["off"], runs["on"])]
-    ratio = med["on"]["step_ms"] / med["off"]["step_ms"]
+    runs = run_pairs(["off", "on"], args.pairs, lambda name, i: run_one(
+        out / f"{name}{i}", align_top=name == "on", split=args.split, top=args.top, steps=args.steps,
+        rounds=args.rounds, lam=args.lam), fmt=".4g")
+    med = medians(runs)
+    ratio, per_pair = write_result(out / "align_top.json", runs, med, "off", "on",
+                                   split=args.split, top=args.top, lam=args.lam, pin=args.pin)
     print(f"median device step: align-top {med['on']['step_ms']:.1f} ms vs without {med['off']['step_ms']:.1f} ms: "
           f"{ratio:.3f}x (per pair {', '.join(f'{x:.3f}' for x in per_pair)}); bytes per step "
           f"{med['on']['bytes_per_step']:.0f} vs {med['off']['bytes_per_step']:.0f} "
           f"({med['on']['bytes_per_step'] / med['off']['bytes_per_step']:.3f}x); align_top_ratio {med['on'].get('align_top_ratio', 0):.4f}")
-    (out / "align_top.json").write_text(json.dumps({"runs": runs, "median": med, "ratio": ratio, "per_pair": per_pair,
-                                                    "split": args.split, "top": args.top, "lam": args.lam, "pin": args.pin},
-                                                   indent=2, sort_keys=True))
     return 0
 
 
