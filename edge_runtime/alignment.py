@@ -20,10 +20,12 @@ The price: the pushed vector is not the gradient of a fixed loss (its size follo
 when the heads agree exactly (``a = 0``, the first step from ``θ_k = φ``) there is nothing to add.
 :func:`alignment_loss_and_grad` (the raw token-mean term) is kept for reference and comparison.
 
-Two variants, :data:`ALIGNMENTS`, share the maths (softmax over the last axis): ``feature_kl``
-on the smashed data ``Z``/``Z'`` ([B, T, d], what a head/tail device has) and ``logit_kl`` on the
-model's outputs ``ℓ``/``ℓ'`` ([B, C], or [B, T, V] with a mask) with ``g = ∂L/∂ℓ`` — for whoever
-holds the task head (a U-shaped device's top, or a whole-model trainer).
+Two variants, :data:`ALIGNMENTS` (:mod:`flexsfl.core.alignment`, which also holds the scaling
+rule both use): ``feature_kl`` on the smashed data ``Z``/``Z'`` ([B, T, d]), here on the device,
+and ``logit_kl`` on the model's logits ``tail(Z)``/``tail(Z')``, which a head/tail device does not
+have: in a ``logit_kl`` round it sends ``Z'`` with ``Z`` and the server returns ``g`` with the
+term already in it (the device then adds nothing). :func:`sequence_kl` also takes [B, C] logits
+(``mask=None``), for a holder of the task head (the U-shaped top's input uses it on ``H``).
 """
 
 from __future__ import annotations
@@ -32,11 +34,11 @@ import dataclasses
 
 import numpy as np
 
+from flexsfl.core.alignment import ALIGNMENTS, scale_term
+
 __all__ = ["ALIGNMENTS", "AlignTerm", "AlignReference", "softmax", "alignment_loss_and_grad", "sequence_kl", "align_reference",
            "apply_alignment", "aligned_gradient"]
 
-ALIGNMENTS = ("feature_kl", "logit_kl")  # KL between softmaxes of the features Z, or of the logits
-_FP32_GAP = 1e-6  # relative differences below this are float32 rounding, not a personal head that drifted
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -112,12 +114,8 @@ def align_reference(z: np.ndarray, z_ref: np.ndarray, mask: np.ndarray | None) -
 def apply_alignment(g: np.ndarray, ref: AlignReference, lam: float) -> AlignTerm:
     """The term to add to ``g`` from a prepared :class:`AlignReference`: ``λ·‖g‖·a/‖a‖`` (see
     :func:`aligned_gradient`, which is this after :func:`align_reference`: the same numbers)."""
-    loss, a, na, gap = ref.loss, ref.a, ref.norm_a, ref.gap
-    ng = float(np.linalg.norm(g.astype(np.float64)))
-    if lam <= 0 or gap < _FP32_GAP or na <= 1e-300 or ng == 0.0:
-        return AlignTerm(loss, np.zeros(g.shape, np.float32), 0.0, gap)
-    grad = (lam * ng / na) * a
-    return AlignTerm(loss, grad.astype(np.float32), float(np.linalg.norm(grad)) / ng, gap)
+    grad, ratio = scale_term(g, ref.a, lam, ref.gap, norm_a=ref.norm_a)
+    return AlignTerm(ref.loss, grad, ratio, ref.gap)
 
 
 def aligned_gradient(g: np.ndarray, z: np.ndarray, z_ref: np.ndarray, mask: np.ndarray | None,

@@ -16,6 +16,17 @@ same weights. So cross-client batching is an optimization only: the same sequenc
 gives the same weights and the same ``g`` (up to float rounding of the summed gradients) however
 it is cut into batches (tests/server_backend/test_schedule.py).
 
+Logit-level alignment (``logit_kl`` rounds, :mod:`flexsfl.core.alignment`): a request with
+``z_ref`` (Z' = head(x; φ)) and ``align_lambda`` λ > 0 gets back
+``g = ∂L_task/∂Z + λ‖∂L_task/∂Z‖·a/‖a‖``, ``a = ∂/∂Z`` of the per-sequence mean
+``KL(softmax(ℓ') || softmax(ℓ))`` with ``ℓ = tail(Z)`` and ``ℓ' = tail(Z')`` (no gradient, the
+same weights), over the classes ([B, C]) or, for a causal LM, the vocabulary at every real token
+([B, T, V], attention mask). The norms are over the request's own batch, the rule of the device's
+feature_kl term, so λ means the same in both. The tail's parameters step on the task loss alone:
+the term regularizes the personal head, not the shared tail. Each request's term depends only on
+its own rows, so batching changes it no more than it changes ``g``. Cost: one more tail forward
+(Z') and one more backward to Z per aligned request.
+
 Device: ``TailHost(loaded, device="cuda:0")`` moves the model there once; every batch's ``Z``,
 mask and labels go to the device when the batch runs and ``g`` comes back to host memory, so
 callers only ever see numpy arrays, whatever the device. :func:`resolve_device` turns the CLI's
@@ -32,10 +43,12 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from flexsfl.core.alignment import scale_term
 from flexsfl.core.constants import OPTIMIZERS
 from flexsfl.core.errors import ConfigError
 from flexsfl.model.loading import LoadedModel
 from flexsfl.model.partition import Head, Tail, block_of, build_head, build_tail, canonical_names, task_loss
+from flexsfl.server_backend.logit_align import AlignedStep
 from flexsfl.server_backend.schedule import StepSchedule, check_step_every
 
 __all__ = ["OptimizerConfig", "StepRequest", "StepResult", "TailHost", "resolve_device"]
@@ -74,13 +87,18 @@ class StepRequest:
     attention_mask: np.ndarray  # [B, T] int64
     labels: np.ndarray  # [B] (seq_cls) or [B, T] (causal_lm) int64
     tag: str = ""  # who asked ("client:round:step"), for the server's log
+    z_ref: np.ndarray | None = None  # [B, T, d] float32: Z' = head(x; φ) of a logit_kl step (the term needs λ > 0 too)
+    align_lambda: float = 0.0  # λ of the logit-level alignment term
 
 
 @dataclasses.dataclass(frozen=True)
 class StepResult:
-    g: np.ndarray | None  # [B, T, d] float32: ∂L/∂Z; None when the request was refused
+    g: np.ndarray | None  # [B, T, d] float32: ∂L/∂Z (+ the logit-level term); None when the request was refused
     loss: float
     error: str | None = None  # why the request was refused (nothing was changed by it)
+    align_loss: float = 0.0  # logit_kl: the per-sequence mean KL(softmax(ℓ') || softmax(ℓ))
+    align_ratio: float = 0.0  # ‖term‖/‖∂L_task/∂Z‖: λ, or 0 when ℓ = ℓ' to float32 rounding
+    align_gap: float = 0.0  # ‖ℓ - ℓ'‖/‖ℓ'‖ over real positions
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -222,38 +240,79 @@ class TailHost:
     def _gradients(self, reqs: Sequence[StepRequest]) -> tuple[list[StepResult | None], dict | None]:
         """Per-request results and the summed parameter gradients of ``Σ_k L_k`` from the current
         weights, changing nothing. A result is None (and the gradients None) when the gradients
-        came out non-finite; a request with a non-finite loss is refused and left out."""
+        came out non-finite; a request with a non-finite loss (or alignment KL) is refused and left out."""
         results: list[StepResult | None] = [None] * len(reqs)
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(reqs):
             groups.setdefault(r.split, []).append(i)
-        live = []  # (request index, z leaf, its rows, its T, its loss)
+        live: list[AlignedStep] = []
         for split, idx in groups.items():
             z, mask, labels, rows = _concat([reqs[i] for i in idx], self.info.task)
             if self.device.type != "cpu":
                 z, mask, labels = (t.to(self.device, non_blocking=True) for t in (z, mask, labels))
             z.requires_grad_(True)
             logits = self.tail(split)(z, mask)
-            for i, r in zip(idx, rows):
+            refs = self._reference_logits(split, [reqs[i] for i in idx], mask, rows)
+            for i, r, ref in zip(idx, rows, refs):
                 loss = task_loss(logits[r], labels[r], self.info.task)
-                if math.isfinite(loss.item()):
-                    live.append((i, z, r, reqs[i].z.shape[1], loss))
-                else:
+                if not math.isfinite(loss.item()):
                     results[i] = StepResult(None, math.nan, "the tail's loss is not finite for these activations")
+                    continue
+                item = AlignedStep(i, z, r, reqs[i].z.shape[1], loss)
+                if ref is not None:
+                    item.align(logits[r], ref, mask[r])
+                    if not math.isfinite(item.align_loss):
+                        results[i] = StepResult(None, math.nan, "the alignment KL of the tail's logits is not finite")
+                        continue
+                live.append(item)
         if not live:
             return results, None
-        leaves = list({id(z): z for _, z, *_ in live}.values())
+        leaves = list({id(it.z): it.z for it in live}.values())
         params = list(self.params.values())
-        total = torch.stack([loss for *_, loss in live]).sum()
-        gz = torch.autograd.grad(total, [*leaves, *params], allow_unused=True)
+        total = torch.stack([it.loss for it in live]).sum()
+        pulls = [it for it in live if it.kl is not None]
+        gz = torch.autograd.grad(total, [*leaves, *params], allow_unused=True, retain_graph=bool(pulls))
         gzs, gps = dict(zip(map(id, leaves), gz[:len(leaves)])), gz[len(leaves):]
         grads = {p: g for p, g in zip(params, gps) if g is not None}
-        gs = {i: _numpy(gzs[id(z)][r, :t]) for i, z, r, t, _ in live}
-        if not all(np.isfinite(g).all() for g in gs.values()) or not all(bool(torch.isfinite(g).all()) for g in grads.values()):
+        gs = {it.i: _numpy(gzs[id(it.z)][it.rows, :it.t]) for it in live}
+        a: dict[int, np.ndarray] = {}
+        if pulls:  # ∂(Σ_k KL_k)/∂Z: request k's rows hold its own a_k; the parameters get nothing from it
+            kl_leaves = list({id(it.z): it.z for it in pulls}.values())
+            ga = dict(zip(map(id, kl_leaves), torch.autograd.grad(torch.stack([it.kl for it in pulls]).sum(), kl_leaves)))
+            a = {it.i: _numpy(ga[id(it.z)][it.rows, :it.t]) for it in pulls}
+        finite = [*gs.values(), *a.values()]
+        if not all(np.isfinite(g).all() for g in finite) or not all(bool(torch.isfinite(g).all()) for g in grads.values()):
             return [r if r is not None and r.error else None for r in results], None
-        for i, *_, loss in live:
-            results[i] = StepResult(gs[i], loss.item())
+        for it in live:
+            g, ratio = gs[it.i], 0.0
+            if it.i in a:
+                term, ratio = scale_term(g, a[it.i], reqs[it.i].align_lambda, it.gap)
+                g = g + term
+            results[it.i] = StepResult(g, it.loss.item(), align_loss=it.align_loss, align_ratio=ratio, align_gap=it.gap)
         return results, grads
+
+    @torch.no_grad()
+    def _reference_logits(self, split: int, reqs: Sequence[StepRequest], mask: torch.Tensor,
+                          rows: list[slice]) -> list[torch.Tensor | None]:
+        """``ℓ' = tail(Z')`` (no gradient) for each request of one split that aligns at the logits
+        (``z_ref`` and λ > 0), else None; one forward for all of them, padded to ``mask``'s T as Z is."""
+        want = [k for k, r in enumerate(reqs) if r.z_ref is not None and r.align_lambda > 0]
+        out: list[torch.Tensor | None] = [None] * len(reqs)
+        if not want:
+            return out
+        t, d = mask.shape[1], reqs[want[0]].z_ref.shape[2]
+        zr = np.zeros((sum(reqs[k].z_ref.shape[0] for k in want), t, d), np.float32)
+        sub, start = [], 0
+        for k in want:
+            b, tk = reqs[k].z_ref.shape[:2]
+            zr[start:start + b, :tk] = reqs[k].z_ref
+            sub.append(slice(start, start + b))
+            start += b
+        m = torch.cat([mask[rows[k]] for k in want])
+        ref = self.tail(split)(torch.from_numpy(zr).to(self.device), m)
+        for k, r in zip(want, sub):
+            out[k] = ref[r]
+        return out
 
     @torch.no_grad()
     def predict(self, split: int, z: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

@@ -1,11 +1,13 @@
 """Protocol messages: frozen dataclasses that own their wire format.
 
-A frame (protocol version 4; version 2 made a round's meaning typed fields of
+A frame (protocol version 5; version 2 made a round's meaning typed fields of
 :class:`RoundConfig` instead of version 1's free-form ``extra``; version 3 added the U-shaped
 topology: ``Hello.top``, :class:`MiddleOutput` and :class:`TopGradients`, and an
 :class:`Activations` whose labels the session, not the message, requires; version 4 added
 ``RoundConfig.local_rule``, ``head_steps`` and ``prox_mu``, how a whole-model device spends its
-steps for FedRep and Ditto) is::
+steps for FedRep and Ditto; version 5 added ``RoundConfig.alignment``, where the alignment term
+is computed: ``logit_kl`` rounds send ``Activations.z_ref`` from head/tail devices too, and the
+server's :class:`Gradients` say what its term added, ``align_loss``/``align_ratio``/``align_gap``) is::
 
     b"FSFL" | version u8 | kind u8 | flags u16 (0) | header_len u32 LE | header | payloads
 
@@ -43,6 +45,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from flexsfl.core.alignment import ALIGNMENTS
 from flexsfl.core.constants import LOCAL_RULES, OPTIMIZERS
 from flexsfl.core.errors import ErrorCode, FrameError, TensorError
 from flexsfl.core.wire.tensors import DEFAULT_LIMITS, ENCODINGS, Limits, TensorHeader, _is_int, _is_text, decode, encode
@@ -71,7 +74,7 @@ __all__ = [
     "parse",
 ]
 
-PROTOCOL_VERSION = 4  # the frame's version byte and Hello.protocol_version; peers must match exactly
+PROTOCOL_VERSION = 5  # the frame's version byte and Hello.protocol_version; peers must match exactly
 MAGIC = b"FSFL"
 _PREFIX = struct.Struct("<4sBBHI")  # magic, version, kind, flags, header_len
 _ALIGN = 8
@@ -460,6 +463,10 @@ class RoundConfig(Message):
     # U-shaped only: the alignment term also at the top's input H. The device then sends
     # Z' = head(x; φ) with Z (Activations.z_ref) and gets H' = middle_φ(Z') with H (MiddleOutput.h_ref).
     align_top: bool = _field(_bool, default=False)
+    # Where the alignment term is computed (core.alignment.ALIGNMENTS). feature_kl: on the device,
+    # at Z. logit_kl (head/tail sessions only): on the server, at the tail's logits; with
+    # align_lambda > 0 every train step's Activations carries Z' (z_ref) and the Gradients hold the term.
+    alignment: str = _field(_text(ALIGNMENTS), default="feature_kl")
     # Whole-model rounds only (mode full; a split round sends the defaults): how the device spends
     # its local_steps. fedrep: the first head_steps train the task head alone, the rest the body
     # alone; ditto: local_steps on the global model, then local_steps on the personal model with
@@ -488,8 +495,9 @@ class Activations(Message):
     ``labels`` int64 [B] (sequence classification) or [B, T] (causal LM, -100 = ignore).
     The session decides about labels (:mod:`.protocol`): a head/tail train step needs them, a
     U-shaped session (``Hello.top >= 0``) refuses any. ``z_ref``: Z' = head(x; φ), float32 like
-    ``z``, only in a U-shaped train step of a round whose RoundConfig has ``align_top`` (the
-    session checks). ``z`` and ``z_ref`` travel in ``encoding``.
+    ``z``, only in a train step of a round whose RoundConfig has ``align_top`` (U-shaped) or
+    ``alignment = logit_kl`` with ``align_lambda > 0`` (head/tail: there every train step needs it;
+    the session checks). ``z`` and ``z_ref`` travel in ``encoding``.
     """
 
     KIND = MessageKind.ACTIVATIONS
@@ -514,13 +522,22 @@ class Activations(Message):
 
 @_message
 class Gradients(Message):
-    """Server -> client: the answer to a train Activations; ``g`` = dL/dZ, float32 [B, T, d]."""
+    """Server -> client: the answer to a train Activations; ``g`` = dL/dZ, float32 [B, T, d].
+
+    In a ``logit_kl`` round ``g`` already holds the logit-level alignment term
+    (``λ‖g_task‖·a/‖a‖``), and the ``align_*`` fields say what it was: the per-sequence mean KL of
+    the global tail's logits of Z' against those of Z, ‖term‖/‖g_task‖ (λ, or 0 when there was
+    nothing to align) and ‖ℓ - ℓ'‖/‖ℓ'‖; all 0 in other rounds.
+    """
 
     KIND = MessageKind.GRADIENTS
     round_id: int = _field(_int())
     step_id: int = _field(_int())
     loss: float = _field(_float())
     g: np.ndarray = _array(_Slot("float", (3,)))
+    align_loss: float = _field(_float(0.0), default=0.0)
+    align_ratio: float = _field(_float(0.0), default=0.0)
+    align_gap: float = _field(_float(0.0), default=0.0)
     encoding: str = _encoding()
 
 

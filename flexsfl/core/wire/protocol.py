@@ -29,7 +29,10 @@ or TopGradients, and its train Activations must carry labels.
 Alignment at the top's input: in a round whose RoundConfig has ``align_top`` (only for a
 U-shaped session, with ``align_lambda > 0``), a train Activations may also carry ``z_ref``
 (Z' = head(x; φ)); its MiddleOutput must then carry ``h_ref`` (H' = middle_φ(Z')), and only then.
-A ``z_ref`` anywhere else (another round, an eval step, a head/tail session) is refused.
+Logit-level alignment: in a round whose RoundConfig has ``alignment = logit_kl`` (only for a
+head/tail session) and ``align_lambda > 0``, *every* train Activations must carry ``z_ref`` (the
+server needs Z' to compute the term; one without it is refused). A ``z_ref`` anywhere else
+(another round, an eval step, a head/tail session in a feature_kl round) is refused.
 
 At most one Activations is outstanding: until the step's last leg, only the next leg
 (:attr:`Pending.awaits`), Error or Bye may pass. Inside a round every round_id must be the round's; an answer must carry the ids
@@ -127,6 +130,7 @@ class _Session:
     session_id: str | None = None
     top: int = -1  # Hello.top: >= 0 in a U-shaped session
     align_top: bool = False  # the current round's RoundConfig.align_top: z_ref allowed in its train steps
+    logit_kl: bool = False  # the current round is logit_kl with align_lambda > 0: its head/tail train steps need z_ref
 
 
 _SENDER: dict[type[Message], Role] = {
@@ -199,6 +203,11 @@ class Connection:
     def align_top(self) -> bool:
         """The current round's RoundConfig.align_top: its U-shaped train steps may carry Z' (and get H')."""
         return self._s.align_top
+
+    @property
+    def logit_kl(self) -> bool:
+        """The current round aligns at the logits (RoundConfig.alignment logit_kl, λ > 0): every train step carries Z'."""
+        return self._s.logit_kl
 
     def send(self, msg: Message) -> bytes:
         """Check that this side may send ``msg`` now, advance the state and return the frame.
@@ -294,7 +303,11 @@ def _on_round_config(s: _Session, m: RoundConfig) -> _Session:
         raise ProtocolError("RoundConfig.align_top is for U-shaped sessions (Hello.top >= 0); this session is head/tail")
     if m.align_top and not m.align_lambda > 0:
         raise ProtocolError("RoundConfig.align_top needs align_lambda > 0: it applies the alignment term at the top's input too")
-    return dataclasses.replace(s, state=State.IN_ROUND, round_id=m.round_id, align_top=m.align_top)
+    if m.alignment == "logit_kl" and s.top >= 0:
+        raise ProtocolError("RoundConfig.alignment logit_kl is for head/tail sessions (the server holds the logits); "
+                            "this session is U-shaped")
+    return dataclasses.replace(s, state=State.IN_ROUND, round_id=m.round_id, align_top=m.align_top,
+                               logit_kl=m.alignment == "logit_kl" and m.align_lambda > 0)
 
 
 def _on_adapters(s: _Session, m: Adapters) -> _Session:
@@ -312,11 +325,16 @@ def _on_activations(s: _Session, m: Activations) -> _Session:
         _same_round(s, m)
     if m.encoding != s.encoding:
         raise TensorError(f"Activations.z travels in {m.encoding}, but the connection negotiated {s.encoding}")
-    if m.z_ref is not None and not (s.top >= 0 and m.mode == "train" and s.state is State.IN_ROUND and s.align_top):
-        where = ("a head/tail session" if s.top < 0 else "an eval step" if m.mode != "train"
-                 else f"round {m.round_id}, whose RoundConfig has align_top false")
+    in_train = m.mode == "train" and s.state is State.IN_ROUND
+    if m.z_ref is not None and not (in_train and (s.align_top if s.top >= 0 else s.logit_kl)):
+        where = ("an eval step" if m.mode != "train" else f"round {m.round_id}, whose RoundConfig has align_top false"
+                 if s.top >= 0 else f"a head/tail session (round {m.round_id} is not a logit_kl round)")
         raise ProtocolError(f"Activations round {m.round_id} step {m.step_id} carries z_ref (Z') in {where}; "
-                            "send Z' only in U-shaped train steps of an align_top round", ErrorCode.BAD_TENSOR)
+                            "send Z' only in train steps of an align_top (U-shaped) or logit_kl (head/tail) round",
+                            ErrorCode.BAD_TENSOR)
+    if m.z_ref is None and in_train and s.top < 0 and s.logit_kl:
+        raise ProtocolError(f"Activations round {m.round_id} step {m.step_id} lacks z_ref (Z'): round {m.round_id} aligns "
+                            "at the logits (logit_kl), so every train step sends Z' = head(x; φ) with Z", ErrorCode.BAD_TENSOR)
     if s.top >= 0:
         if m.labels is not None:
             raise ProtocolError(f"Activations round {m.round_id} step {m.step_id} carries labels in a U-shaped session "
