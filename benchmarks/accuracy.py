@@ -48,6 +48,8 @@ RUNS: dict[str, dict] = {
     "flexpsfl-l0.01": {"strategy": "flexpsfl", "align_lambda": 0.01},
     "flexpsfl-l1": {"strategy": "flexpsfl", "align_lambda": 1.0},
     "flexpsfl-u": {"strategy": "flexpsfl-u", "align_lambda": ALIGN_LAMBDA},
+    "flexpsfl-u-l0": {"strategy": "flexpsfl-u", "align_lambda": 0.0},
+    "flexpsfl-u-l1": {"strategy": "flexpsfl-u", "align_lambda": 1.0},
     "splitfed": {"strategy": "splitfed", "align_lambda": 0.0},
     "fedavg": {"strategy": "fedavg", "align_lambda": 0.0},
     "fedper": {"strategy": "fedper", "align_lambda": 0.0},
