@@ -36,7 +36,8 @@ __all__ = ["Suite", "SUITES", "SUITE_RUNS"]
 # The runs a suite compares, in table order: FlexP-SFL's λ sweep first (λ = 0.1 is the reference
 # of the paired differences), then its baselines. Names are keys of accuracy.RUNS; a name whose
 # strategy the server does not register (yet) is left out with a note.
-SUITE_RUNS = ("flexpsfl", "flexpsfl-l0", "flexpsfl-l0.01", "flexpsfl-l1", "flexpsfl-u", "splitfed", "splitfed-ft",
+SUITE_RUNS = ("flexpsfl", "flexpsfl-l0", "flexpsfl-l0.01", "flexpsfl-l1", "flexpsfl-logit", "flexpsfl-logit-l1",
+              "flexpsfl-u", "splitfed", "splitfed-ft",
               "fedavg", "fedavg-ft", "fedper", "fedrep", "ditto", "local")
 
 _FOUR = ("rpi4", "rpi4", "rpi5", "jetson-orin")  # the demo's devices: the planner picks different splits

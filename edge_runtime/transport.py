@@ -2,7 +2,8 @@
 
 :func:`run_client` connects, says Hello, and then does what the server asks: for each round, the
 local steps (Z out, g back; for a U-shaped trainer Z out, H back, dL/dH out, g back, and no
-labels on the wire; in an align_top round Z' travels with Z and H' with H), the upload of θ_k,
+labels on the wire; in an align_top round Z' travels with Z and H' with H; in a head/tail
+logit_kl round Z' travels with Z and the server's g holds the alignment term), the upload of θ_k,
 an evaluation of the personal model on the local test split, and the round's metrics. If the
 server goes away it reconnects with exponential backoff (with jitter) and carries on with the
 personal head it kept; a refusal that retrying cannot fix (unknown client, wrong token, a bundle
@@ -235,7 +236,7 @@ async def _train_round(link: _Link, trainer: Trainer, cfg: RoundConfig, adapters
     settings = RoundSettings(round_id=cfg.round_id, local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
                              optimizer=cfg.optimizer, align_lambda=cfg.align_lambda,
                              personal=cfg.personal, align_top=cfg.align_top, local_rule=cfg.local_rule, head_steps=cfg.head_steps,
-                             prox_mu=cfg.prox_mu)
+                             prox_mu=cfg.prox_mu, alignment=cfg.alignment)
     trainer.begin_round(settings, adapters)
     wait = 0.0
     t_round = time.perf_counter()
@@ -251,6 +252,8 @@ async def _train_round(link: _Link, trainer: Trainer, cfg: RoundConfig, adapters
             if ref is not None:
                 await ref
         wait += waited
+        if step.z_ref is not None:  # logit_kl: the term is in g; count what the server says it added
+            trainer.server_alignment(g.align_loss, g.align_ratio, g.align_gap)
         trainer.backward(np.asarray(g.g, dtype=np.float32), g.loss)
     params, n = trainer.upload()
     await link.send(Upload(round_id=cfg.round_id, num_samples=n, tensors=params))
@@ -270,7 +273,7 @@ async def _exchange(link: _Link, trainer: Trainer, round_id: int, step_id: int, 
     u = isinstance(trainer, UTrainer)
     await link.send(Activations(round_id=round_id, step_id=step_id, mode="train", z=step.z,
                                 attention_mask=step.attention_mask, labels=step.labels,
-                                z_ref=trainer.pending_z_ref if u else None, encoding=link.encoding))
+                                z_ref=trainer.pending_z_ref if u else step.z_ref, encoding=link.encoding))
     top_s = 0.0
     if u:  # step.labels is None: Z (+ Z') up, H (+ H') down, dL/dH (+ loss) up
         h = await _expect(link, MiddleOutput)
