@@ -14,34 +14,24 @@ records the server's Error (code, message) and the close code in OUT.json.
 from __future__ import annotations
 
 import asyncio
-import json
-import math
-import struct
 import sys
 
 import numpy as np
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
 
 from flexsfl.core.bundle import load_bundle
-from flexsfl.core.wire import Activations, Adapters, Connection, Error, Hello, MiddleOutput, Role, RoundConfig, TopGradients, parse
+from flexsfl.core.wire import Activations, Connection, MiddleOutput, Role, TopGradients
+
+from tests.integration.raw_frames import answer, join_round, nan_in_last_tensor, run_cases
 
 CASES = ("shape", "nan", "unknown", "late", "zref")
 
 
 async def one(case: str, port: int, bundle, token: str, ttl: float) -> dict:
     m = bundle.manifest
-    top = int(m.extra["top"]["blocks"])
-    out: dict = {}
     async with connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None) as ws:
         conn = Connection(Role.CLIENT)
-        await ws.send(conn.send(Hello(client_id=f"x-{case}", token=token, layout_hash=m.layout_hash, split=m.split, top=top,
-                                      backend="bad", encodings=("fp32",))))
-        conn.receive(await ws.recv())  # Welcome
-        while not isinstance(cfg := conn.receive(await ws.recv()), RoundConfig):
-            pass
-        if cfg.adapters:
-            assert isinstance(conn.receive(await ws.recv()), Adapters)
+        cfg = await join_round(ws, conn, m, f"x-{case}", token, int(m.extra["top"]["blocks"]))
         z = np.random.default_rng(1).standard_normal((2, 6, m.model.hidden_size)).astype(np.float32)
         if case == "zref":  # Z' in a round without align_top, as a raw frame (the client's own Connection refuses it)
             frame = Activations(round_id=cfg.round_id, step_id=0, mode="train", z=z, attention_mask=np.ones((2, 6), np.int64),
@@ -55,33 +45,19 @@ async def one(case: str, port: int, bundle, token: str, ttl: float) -> dict:
             if case == "shape":
                 frame = TopGradients(round_id=cfg.round_id, step_id=0, loss=0.7, grad_h=np.zeros((2, 5, z.shape[2]), np.float32)).serialize()
             elif case == "nan":
-                frame = bytearray(good.serialize())
-                frame[-z.nbytes:-z.nbytes + 4] = struct.pack("<f", math.nan)
-                frame = bytes(frame)
+                frame = nan_in_last_tensor(good.serialize(), z.nbytes)
             elif case == "unknown":
                 frame = TopGradients(round_id=cfg.round_id, step_id=5, loss=0.7, grad_h=good.grad_h).serialize()
             else:
                 await asyncio.sleep(ttl + 2.5)
                 frame = good.serialize()
         await ws.send(frame)
-        try:
-            while True:
-                msg = parse(await asyncio.wait_for(ws.recv(), 60))
-                if isinstance(msg, Error):
-                    out.update(code=msg.code.name, message=msg.message)
-                else:
-                    out.setdefault("other", []).append(type(msg).__name__)
-        except ConnectionClosed as e:
-            out["close"] = e.rcvd.code if e.rcvd else None
-    return out
+        return await answer(ws)
 
 
 async def main(port: int, bundle_path: str, token_dir: str, ttl: float, out_path: str) -> None:
     bundle = load_bundle(bundle_path)
-    tokens = {c: open(f"{token_dir}/x-{c}.token").read().strip() for c in CASES}
-    results = await asyncio.gather(*(one(c, port, bundle, tokens[c], ttl) for c in CASES), return_exceptions=True)
-    with open(out_path, "w") as f:
-        json.dump({c: (r if isinstance(r, dict) else {"exception": repr(r)}) for c, r in zip(CASES, results)}, f, indent=1)
+    await run_cases(CASES, lambda case, token: one(case, port, bundle, token, ttl), token_dir, out_path)
 
 
 if __name__ == "__main__":
