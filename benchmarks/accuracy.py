@@ -19,6 +19,8 @@ Strategies (``name: what``):
 
 - ``flexpsfl``: personal heads, split per device profile, layer-wise aggregation, alignment λ=0.1
 - ``flexpsfl-l0``, ``flexpsfl-l0.01``, ``flexpsfl-l1``: the same with λ = 0 (no alignment), 0.01, 1: the λ sweep
+- ``flexpsfl-logit``, ``flexpsfl-logit-l1``: the alignment term at the logits instead (``--align logit-kl``:
+  the server's KL of the global tail's logits for Z' and Z), λ = 0.1 and 1
 - ``flexpsfl-u``: FlexP-SFL-U, the label-private U-shaped topology: each device also keeps the last
   blocks + task head (personal); (split, top) per device profile; alignment as ``flexpsfl``
 - ``splitfed``: SplitFed/SplitLoRA: one fixed split for all, no personalization
@@ -47,6 +49,8 @@ RUNS: dict[str, dict] = {
     "flexpsfl-l0": {"strategy": "flexpsfl", "align_lambda": 0.0},
     "flexpsfl-l0.01": {"strategy": "flexpsfl", "align_lambda": 0.01},
     "flexpsfl-l1": {"strategy": "flexpsfl", "align_lambda": 1.0},
+    "flexpsfl-logit": {"strategy": "flexpsfl", "align_lambda": ALIGN_LAMBDA, "alignment": "logit_kl"},
+    "flexpsfl-logit-l1": {"strategy": "flexpsfl", "align_lambda": 1.0, "alignment": "logit_kl"},
     "flexpsfl-u": {"strategy": "flexpsfl-u", "align_lambda": ALIGN_LAMBDA},
     "flexpsfl-u-l0": {"strategy": "flexpsfl-u", "align_lambda": 0.0},
     "flexpsfl-u-l1": {"strategy": "flexpsfl-u", "align_lambda": 1.0},

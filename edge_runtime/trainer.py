@@ -17,6 +17,14 @@ The backend sees the same calls in the same order as when Z' is computed right a
 ``align_every = k`` computes Z' (and applies the alignment term) on every k-th step of a round
 only, saving the other steps' forward through φ.
 
+In a ``logit_kl`` round (``RoundSettings.alignment``, from RoundConfig) the term is the server's:
+:meth:`HeadTrainer.forward` computes Z' right after Z, *on the critical path* (it goes up with
+Z: ``Step.z_ref``), the server returns ``g`` with the logit-level term already in it, and
+:meth:`HeadTrainer.backward` applies ``G = g``; what the server says it added
+(``Gradients.align_*``) goes into the round's stats through :meth:`HeadTrainer.server_alignment`.
+Every train step of such a round must carry Z' (the protocol refuses one without), so
+``align_every`` > 1 is refused for it.
+
 Across rounds the trainer keeps θ_k (the personal head) unless the round's plan says otherwise
 (SplitFed starts every round from the global head), and its place in the local data. After every
 round :meth:`HeadTrainer.save` writes θ_k, the optimizer state and the data cursor to the state
@@ -64,6 +72,7 @@ class RoundSettings:
     align_lambda: float
     personal: bool = True  # keep θ_k across rounds (False: start from the global head)
     align_top: bool = False  # U-shaped: the alignment term also at the top's input H (RoundConfig.align_top)
+    alignment: str = "feature_kl"  # feature_kl: the term here, at Z; logit_kl: the server's, at the logits (Z' goes up)
     local_rule: str = "plain"  # whole-model devices: plain | fedrep | ditto (RoundConfig.local_rule)
     head_steps: int = 0  # fedrep: the first head_steps train the task head alone
     prox_mu: float = 0.0  # ditto: the personal model's proximal weight
@@ -76,6 +85,7 @@ class Step:
     z: np.ndarray  # [B, T, d] float32, the smashed data
     attention_mask: np.ndarray  # [B, T] int64
     labels: np.ndarray  # [B] or [B, T] int64
+    z_ref: np.ndarray | None = None  # [B, T, d] float32: Z' = head(x; φ), sent with Z in a logit_kl round
 
 
 @dataclasses.dataclass
@@ -87,8 +97,8 @@ class RoundStats:
     tokens: int = 0  # real (unpadded) tokens trained on
     loss_sum: float = 0.0
     align_loss_sum: float = 0.0
-    align_ratio_sum: float = 0.0  # ‖λ∇align‖/‖g‖ per step (alignment.aligned_gradient)
-    align_gap_sum: float = 0.0  # ‖Z - Z'‖/‖Z'‖ per step: how far the personal head's features are from φ's
+    align_ratio_sum: float = 0.0  # ‖λ∇align‖/‖g‖ per step (alignment.aligned_gradient; logit_kl: the server's)
+    align_gap_sum: float = 0.0  # ‖Z - Z'‖/‖Z'‖ per step (logit_kl: ‖ℓ - ℓ'‖/‖ℓ'‖): how far the personal output is from φ's
     forward_s: float = 0.0  # head forward of Z
     align_s: float = 0.0  # head forward of Z' through φ (off the critical path when overlapped)
     backward_s: float = 0.0  # head backward + optimizer step
@@ -225,6 +235,9 @@ class HeadTrainer:
         if settings.batch_size > self.bundle.manifest.max_batch:
             raise ConfigError(f"the server asks for batch {settings.batch_size}, over this bundle's limit "
                               f"{self.bundle.manifest.max_batch}; re-export with a larger --max-batch")
+        if settings.alignment == "logit_kl" and settings.align_lambda > 0 and self.align_every > 1:
+            raise ConfigError(f"the server aligns at the logits (logit_kl), which needs Z' with every step; restart this "
+                              f"device without --align-every {self.align_every}")
         self.settings = settings
         if adapters is not None:
             self.phi = {k: np.array(v, dtype=np.float32) for k, v in adapters.items()}
@@ -255,11 +268,17 @@ class HeadTrainer:
         self._ref = None
         aligns = s.align_lambda > 0 and self.phi is not None and self.stats.steps % self.align_every == 0
         self._ref_inputs = (enc.input_ids, enc.attention_mask) if aligns else None
-        if not self.overlap_alignment:
+        z_ref = None
+        if aligns and s.alignment == "logit_kl":  # Z' goes up with Z: computed now, on the critical path
+            self._ref_inputs = None
+            t0 = time.perf_counter()
+            z_ref = self.backend.forward(enc.input_ids, enc.attention_mask, params=self.phi, keep=False)
+            self.stats.align_s += time.perf_counter() - t0
+        elif not self.overlap_alignment:
             self.align_reference()
         self.stats.samples += len(batch)
         self.stats.tokens += int(enc.attention_mask.sum())
-        return Step(z, enc.attention_mask, labels)
+        return Step(z, enc.attention_mask, labels, z_ref)
 
     @property
     def needs_reference(self) -> bool:
@@ -311,6 +330,16 @@ class HeadTrainer:
         self.stats.step_s += t1 - self._t_step
         self.stats.steps += 1
         self.stats.loss_sum += float(loss)
+
+    def server_alignment(self, loss: float, ratio: float, gap: float) -> None:
+        """Count the logit-level term the server put into this step's ``g`` (a logit_kl step: its
+        Gradients' ``align_loss``, ``align_ratio``, ``align_gap``) in the round's stats, as the
+        device's own term is counted."""
+        st = self.stats
+        st.align_loss_sum += loss
+        st.align_ratio_sum += ratio
+        st.align_gap_sum += gap
+        st.aligned_steps += 1
 
     def upload(self) -> tuple[dict[str, np.ndarray], int]:
         """θ_k and the number of samples it was trained on this round."""

@@ -150,6 +150,7 @@ class Session:
     last_heard: float = dataclasses.field(default_factory=time.monotonic)  # last frame in or out
     in_step: bool = False  # the server is computing its step (its silence is not its fault)
     ledger: RoundLedger | None = None  # what the server served it this round (guards.py)
+    logit_lambda: float = 0.0  # this round's λ of the logit-level alignment term (logit_kl rounds; 0 otherwise)
     upload: asyncio.Future | None = None  # the round's Upload, set by the round loop
     metrics: asyncio.Future | None = None  # the round's Metrics (sent after the client's evaluation)
     _send_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
@@ -388,18 +389,22 @@ class FlexServer:
                 t0 = time.perf_counter()
                 s.in_step = True
                 try:
-                    res = await self.worker.train(StepRequest(s.split, np.asarray(msg.z), np.asarray(msg.attention_mask),
-                                                              np.asarray(msg.labels), tag=f"{s.client_id}:{msg.round_id}:{msg.step_id}"))
+                    res = await self.worker.train(StepRequest(
+                        s.split, np.asarray(msg.z), np.asarray(msg.attention_mask), np.asarray(msg.labels),
+                        tag=f"{s.client_id}:{msg.round_id}:{msg.step_id}", align_lambda=s.logit_lambda,
+                        z_ref=None if msg.z_ref is None else np.asarray(msg.z_ref)))  # Z': logit_kl rounds (the Connection checks)
                 finally:
                     s.in_step = False
                 if res.g is None:
                     raise TensorError(f"step {msg.step_id} refused: {res.error}", ErrorCode.NON_FINITE)
                 s.steps += 1
                 await s.send(Gradients(round_id=msg.round_id, step_id=msg.step_id, loss=res.loss, g=res.g,
-                                       encoding=s.conn.encoding))
+                                       encoding=s.conn.encoding, align_loss=res.align_loss, align_ratio=res.align_ratio,
+                                       align_gap=res.align_gap))
                 self.state.log("step", client=s.client_id, round=msg.round_id, step=msg.step_id, loss=res.loss,
                                batch=int(msg.z.shape[0]), seq=int(msg.z.shape[1]),
-                               server_ms=round(1e3 * (time.perf_counter() - t0), 3))
+                               server_ms=round(1e3 * (time.perf_counter() - t0), 3),
+                               **({"align_ratio": res.align_ratio, "align_loss": res.align_loss} if msg.z_ref is not None else {}))
             else:
                 logits = await self.worker.call(self._predict, s.split, np.asarray(msg.z), np.asarray(msg.attention_mask),
                                                 None if msg.labels is None else np.asarray(msg.labels))
@@ -496,11 +501,13 @@ class FlexServer:
             s.ledger = RoundLedger(r, plan.local_steps, plan.batch_size, whole_model=plan.mode is RoundMode.FULL,
                                    ref_norms=reference_norms(plan.adapters) if plan.adapters is not None else None)
             s.last_heard = time.monotonic()
+            s.logit_lambda = plan.align_lambda if plan.alignment == "logit_kl" else 0.0
             try:
                 await s.send(RoundConfig(round_id=r, local_steps=plan.local_steps, batch_size=plan.batch_size, lr=plan.lr,
                                          optimizer=plan.optimizer, align_lambda=plan.align_lambda, mode=plan.mode,
                                          personal=plan.personal, adapters=plan.adapters is not None, align_top=plan.align_top,
-                                         local_rule=plan.local_rule, head_steps=plan.head_steps, prox_mu=plan.prox_mu))
+                                         local_rule=plan.local_rule, head_steps=plan.head_steps, prox_mu=plan.prox_mu,
+                                         alignment=plan.alignment))
                 if plan.adapters is not None:
                     await s.send(Adapters(round_id=r, tensors=dict(plan.adapters)))
                 started.append(s)

@@ -9,7 +9,9 @@ thread, one at a time. The maths live in :mod:`.aggregation` as free functions.
 
 - :class:`FlexPSFL`: personal heads kept on the device across rounds, global adapters sent as the
   alignment reference (and as the first personal head), layer-wise aggregation across split
-  points. ``align_lambda = 0`` is the ablation. A U-shaped client (``top`` set) is planned and
+  points. ``align_lambda = 0`` is the ablation. ``alignment`` says where the term is computed:
+  ``feature_kl`` on the device at Z, ``logit_kl`` on the server at the tail's logits (the device
+  sends Z' with Z; :mod:`.tail_host`). A U-shaped client (``top`` set) is planned and
   aggregated over every block it holds (see :class:`FlexPSFLU`).
 - :class:`FlexPSFLU`: FlexP-SFL-U, the label-private U-shaped topology: each client holds its
   head blocks ``[0, s_k)`` *and* its top ``[L - u_k, L)`` + final norm + task head, all personal
@@ -17,7 +19,10 @@ thread, one at a time. The maths live in :mod:`.aggregation` as free functions.
   sends ``φ`` of every block the client holds (alignment reference, first personal model);
   layer-wise aggregation covers head and top blocks and the task head (:func:`.aggregation.holds`).
   The alignment term acts on the head's output as in FlexP-SFL, and with ``align_top`` also at
-  the top's input ``H`` (the client's RoundConfig says so).
+  the top's input ``H`` (the client's RoundConfig says so). ``logit_kl`` is not offered for U-shaped
+  clients: their logits come out of the device's top, whose exported program fuses a hard-label
+  cross-entropy; a logit-level term there needs a top program that also takes soft targets
+  (the global model's logits for the same batch, which the device does not have either).
 - :class:`SplitFed`: SplitFed/SplitLoRA: one split for everyone, no personalization (every round
   starts from the global head), FedAvg of the heads.
 - :class:`FedAvg`: FedAvg-LoRA with the whole model on the device (client mode "full").
@@ -38,6 +43,7 @@ from typing import Any, ClassVar, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from flexsfl.core.alignment import check_alignment
 from flexsfl.core.constants import ALIGN_LAMBDA, DITTO_MU, OPTIMIZERS
 from flexsfl.core.errors import ConfigError
 from flexsfl.core.wire import RoundMode
@@ -65,6 +71,7 @@ class TrainConfig:
     round_timeout: float = 600.0  # seconds to wait for uploads; late clients are left out of the round
     aggregation: str = "mean"  # how uploads combine per tensor: mean (sample-weighted) | median | trimmed-mean
     align_top: bool = False  # U-shaped clients: the alignment term also at the top's input H (needs align_lambda > 0)
+    alignment: str = "feature_kl"  # where the term is computed: feature_kl (device, at Z) | logit_kl (server, at the logits)
     seed: int = 0  # client sampling
     fedrep_head_steps: int = 5  # FedRep: of each round's local_steps, the first this many train the task head alone
     ditto_mu: float = DITTO_MU  # Ditto: proximal weight of the personal model towards the round's global model
@@ -88,6 +95,9 @@ class TrainConfig:
             raise ConfigError(f"ditto_mu and fedrep_head_steps must be >= 0, got {self.ditto_mu} and {self.fedrep_head_steps}")
         if self.align_top and not self.align_lambda > 0:
             raise ConfigError("align_top applies the alignment term at the top's input: set align_lambda > 0 too")
+        object.__setattr__(self, "alignment", check_alignment(self.alignment, "--align"))
+        if self.align_top and self.alignment == "logit_kl":
+            raise ConfigError("--align-top is for U-shaped clients, --align logit-kl for head/tail ones: choose one")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +114,7 @@ class RoundPlan:
     mode: RoundMode  # where the model trains: split (head on the device) or full (whole model)
     personal: bool  # the client keeps its own adapters across rounds
     align_top: bool = False  # U-shaped client: the alignment term also at the top's input H
+    alignment: str = "feature_kl"  # where the term is computed (RoundConfig.alignment): feature_kl | logit_kl
     local_rule: str = "plain"  # whole-model rounds: how the device spends its steps (constants.LOCAL_RULES)
     head_steps: int = 0  # fedrep: the first head_steps of local_steps train the task head alone
     prox_mu: float = 0.0  # ditto: the personal model's proximal weight
@@ -164,6 +175,9 @@ class Strategy(abc.ABC):
         if self.mode is RoundMode.FULL:
             return None  # the whole model trains on the device: the split layout does not matter
         topology = "head-tail" if top is None else "u"
+        if topology == "u" and self.cfg.alignment == "logit_kl" and self.cfg.align_lambda > 0:
+            return (f"strategy {self.name} aligns at the logits (--align logit-kl), which the server holds only for "
+                    "head/tail clients; this client has a U-shaped bundle (--top): export it without --top")
         if topology in self.topologies:
             return None
         if topology == "u":
@@ -173,11 +187,11 @@ class Strategy(abc.ABC):
                 "has no top: export it with --top U, or use strategy flexpsfl")
 
     def _round_plan(self, adapters: Mapping[str, np.ndarray] | None, align_lambda: float,
-                    align_top: bool = False, **rule: Any) -> RoundPlan:
+                    align_top: bool = False, alignment: str = "feature_kl", **rule: Any) -> RoundPlan:
         """The round's plan from the config; ``rule``: a whole-model strategy's local_rule, head_steps, prox_mu."""
         c = self.cfg
         return RoundPlan(c.local_steps, c.batch_size, c.lr, c.optimizer, align_lambda, adapters, self.mode, self.personal,
-                         align_top, **rule)
+                         align_top, alignment, **rule)
 
     @abc.abstractmethod
     def plan(self, round_id: int, client_id: str, split: int, host: StrategyHost, top: int | None = None) -> RoundPlan:
@@ -208,7 +222,8 @@ class FlexPSFL(Strategy):
     def plan(self, round_id: int, client_id: str, split: int, host: StrategyHost, top: int | None = None) -> RoundPlan:
         # φ of every block the client holds: the alignment reference every round, the initial θ_k at the first.
         align_top = self.cfg.align_top and top is not None
-        return self._round_plan(client_params(host, split, top), self.cfg.align_lambda, align_top)
+        alignment = self.cfg.alignment if top is None else "feature_kl"  # U-shaped: refused at Hello if logit_kl
+        return self._round_plan(client_params(host, split, top), self.cfg.align_lambda, align_top, alignment)
 
     def aggregate(self, round_id: int, host: StrategyHost, updates: Mapping[str, ClientUpdate]) -> None:
         host.load_state(layerwise_fedavg(host.state(), host.blocks, list(updates.values()), self.cfg.aggregation,
@@ -220,6 +235,12 @@ class FlexPSFLU(FlexPSFL):
 
     name = "flexpsfl-u"
     topologies = ("u",)
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        if cfg.alignment == "logit_kl" and cfg.align_lambda > 0:
+            raise ConfigError("strategy flexpsfl-u cannot align at the logits (--align logit-kl): a U-shaped device's "
+                              "logits come from its own top, whose program takes hard labels only; use --align feature-kl")
+        super().__init__(cfg)
 
     def plan(self, round_id: int, client_id: str, split: int, host: StrategyHost, top: int | None = None) -> RoundPlan:
         if top is None:

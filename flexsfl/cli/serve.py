@@ -57,6 +57,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--align-lambda", type=float, default=d.align_lambda, help="weight of the alignment term")
     p.add_argument("--align-top", action="store_true",
                    help="U-shaped clients: the alignment term also at the top's input H (needs --align-lambda > 0)")
+    p.add_argument("--align", dest="alignment", choices=("feature-kl", "logit-kl"), default="feature-kl",
+                   help="where the alignment term is computed: feature-kl (on the device, at the head's features Z) or "
+                        "logit-kl (here, at the tail's logits; head/tail devices send Z' with Z) (default: feature-kl)")
     p.add_argument("--round-timeout", type=float, default=d.round_timeout)
     p.add_argument("--fedrep-head-steps", type=int, default=d.fedrep_head_steps,
                    help="strategy fedrep: of each round's local steps, the first N train the task head alone")

@@ -14,6 +14,13 @@ the planner's cost model (:mod:`flexsfl.core.planner`, :mod:`flexsfl.core.cost`)
     client_k = round_k + steps_k · step_k    round_k: φ down, θ_k up, once per round (+ RTT)
     round   = max_k client_k                 a round ends when its slowest selected client ends
 
+Alignment (``align``): the device's forward of Z' through φ is in ``compute_k``, added to the
+step, not overlapped with the wait for ``g`` (an upper bound for ``feature_kl``, whose Z' the
+device computes while it waits; exact for ``logit_kl``, whose Z' must exist before Z is sent).
+A ``logit_kl`` step also sends Z' up with Z (one more Z-sized upload) and costs the server a
+second pass through the tail (the forward of Z' and the KL's backward to Z, counted as one more
+tail step: an upper bound).
+
 The server is shared equally among the round's clients for the whole round (the planner's
 assumption; a finished client's share is not handed on), so the round time is an upper bound
 for a server that rebalances. A whole-model client (FedAvg, local only) computes every block on
@@ -28,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable, Mapping
 
+from flexsfl.core.alignment import check_alignment
 from flexsfl.core.cost import ModelCost, head_step_flops, tail_step_flops
 from flexsfl.core.errors import ConfigError
 from flexsfl.core.memory import memory_mb
@@ -117,23 +125,26 @@ def _transfer_s(profile: DeviceProfile, up: float, down: float, round_trips: int
 
 
 def split_client(client: str, cost: ModelCost, profile: DeviceProfile, split: int, *, batch: int, seq: int,
-                 encoding: str = "fp32", align: bool = False, optimizer: str = "sgd") -> ClientStep:
+                 encoding: str = "fp32", align: bool = False, optimizer: str = "sgd",
+                 alignment: str = "feature_kl") -> ClientStep:
     """A head/tail split-learning client (head on the device, tail on the server), as the planner predicts it.
 
     Per step: the head's FLOPs (with the Z' forward when ``align``) at ``profile.head_gflops``;
     Z and its mask up, g down in ``encoding`` + RTT (the planner's network term); the tail's FLOPs on
-    the server. Per round: the head's adapters down and up.
+    the server. With ``align`` and ``alignment = "logit_kl"``, Z' goes up too and the server's
+    tail runs twice (module docstring). Per round: the head's adapters down and up.
     """
     if encoding not in WIRE_DTYPES:
         raise ConfigError(f"unknown encoding {encoding!r}; choose one of: {', '.join(WIRE_DTYPES)}")
+    logit = align and check_alignment(alignment) == "logit_kl"
     z = payload_nbytes(WIRE_DTYPES[encoding], encoding, (batch, seq, cost.hidden_size))
     adapters = _F32 * split * cost.lora_params_per_block
     mem = memory_mb(cost, split, batch=batch, seq=seq, optimizer=optimizer, runtime=profile.backend or "ort", align=align)
     return ClientStep(
         client=client, profile=profile.name,
         compute_s=head_step_flops(cost, split, batch=batch, seq=seq, align=align) / _rate(profile),
-        network_s=_transfer_s(profile, z + batch * seq, z),
-        server_flops=tail_step_flops(cost, split, batch=batch, seq=seq),
+        network_s=_transfer_s(profile, z * (2 if logit else 1) + batch * seq, z),
+        server_flops=tail_step_flops(cost, split, batch=batch, seq=seq) * (2 if logit else 1),
         round_s=_transfer_s(profile, adapters, adapters), memory_mb=mem, fits=mem <= profile.memory_budget_mb,
     )
 
@@ -210,7 +221,7 @@ def run_clients(cfg, splits: list[int], tops: list[int | None] | None = None) ->
         if whole:
             out[cid] = whole_model_client(cid, cost, p, **kw)
         elif u is None:
-            out[cid] = split_client(cid, cost, p, s, encoding=cfg.encoding, align=align, **kw)
+            out[cid] = split_client(cid, cost, p, s, encoding=cfg.encoding, align=align, alignment=cfg.alignment, **kw)
         else:
             out[cid] = u_client(cid, cost, p, s, u, encoding=cfg.encoding, align=align, **kw)
     return out

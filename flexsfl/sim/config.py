@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from flexsfl.core.alignment import check_alignment
 from flexsfl.core.constants import ALIGN_LAMBDA, DITTO_MU, OPTIMIZERS, TASKS, TRAIN_OPTIMIZER
 from flexsfl.core.errors import ConfigError
 from flexsfl.core.wire.tensors import ENCODINGS
@@ -46,6 +47,9 @@ class SimConfig:
                                 "(body frozen), the rest the body alone (head frozen)")
     ditto_mu: float = _f(DITTO_MU, "strategy ditto: proximal weight mu of each personal model towards the round's global "
                          "model (loss + mu/2 ||v - w||^2)")
+    alignment: str = _f("feature_kl", "where the alignment term is computed: feature-kl (on the device, KL of the head's "
+                         "features Z' and Z) or logit-kl (on the server, KL of the global tail's logits for Z' and Z; "
+                         "devices send Z' with Z; head/tail only)", choices=("feature-kl", "logit-kl"), flag="--align")
     align_every: int = _f(1, "devices compute the alignment reference Z' (and apply the term) every N-th local step only")
     align_top: bool = _f(False, "U-shaped devices also apply the alignment term at the top's input H (H' = the global "
                          "middle of Z'; Z' goes up with Z, H' comes down with H); needs --topology u and --align-lambda > 0")
@@ -124,6 +128,12 @@ class SimConfig:
         if self.align_top and (self.topology != "u" or not self.align_lambda > 0):
             raise ConfigError("--align-top is the alignment term at a U-shaped device's top: add --topology u and "
                               "--align-lambda > 0")
+        object.__setattr__(self, "alignment", check_alignment(self.alignment, "--align"))
+        if self.alignment == "logit_kl" and self.topology == "u":
+            raise ConfigError("--align logit-kl is for head/tail clients (the server holds their logits); a U-shaped "
+                              "device's top fuses a hard-label loss: use --align feature-kl with --topology u")
+        if self.alignment == "logit_kl" and self.align_every > 1:
+            raise ConfigError("--align logit-kl sends Z' with every step; --align-every is for feature-kl")
         if self.topology != "u" and self.tops is not None:
             raise ConfigError("--tops is for U-shaped clients: add --topology u")
         if self.tops is not None and (len(self.tops) not in (1, self.clients) or min(self.tops) < 0):
