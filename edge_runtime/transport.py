@@ -94,6 +94,9 @@ class ClientReport:
     bytes_sent: int = 0
     bytes_received: int = 0
     reason: str = ""  # why it stopped (the server's Bye)
+    # The last Metrics sent, until the server's next message on that connection shows it arrived (the server
+    # answers a round's Metrics with the next RoundConfig or Bye); a reconnect sends it again (_resend_metrics).
+    unconfirmed: Metrics | None = None
 
 
 class _Link:
@@ -143,6 +146,7 @@ async def run_client(trainer: Trainer, opts: ClientOptions, *, stop: asyncio.Eve
                     raise OrderError(f"expected Welcome, got {type(welcome).__name__}")
                 link.encoding = welcome.encoding
                 failures = 0
+                await _resend_metrics(link, welcome)
                 log.info("connected to %s as %s (split %d, %s, %s)", opts.server, opts.client_id, m.split,
                          trainer.backend_name, welcome.encoding)
                 reason = await _serve_rounds(link, trainer, opts)
@@ -162,6 +166,18 @@ async def run_client(trainer: Trainer, opts: ClientOptions, *, stop: asyncio.Eve
             if stop is not None and stop.is_set():
                 return report
             await asyncio.sleep(delay)
+
+
+async def _resend_metrics(link: _Link, welcome: Welcome) -> None:
+    """After a reconnect: send again the Metrics the last connection may have lost, if the server is still
+    in their round (it then starts no other round before it reads them); else keep them for after the next
+    round's own Metrics (:func:`_serve_rounds`: in that order the server's wait for the new ones is not
+    answered by the old)."""
+    m = link.report.unconfirmed
+    if m is None or welcome.info.get("round", m.round_id) != m.round_id:
+        return
+    log.info("sending round %d's metrics again (the connection that carried them was lost)", m.round_id)
+    await link.send(m)
 
 
 def _ssl_context(opts: ClientOptions) -> ssl.SSLContext | None:
@@ -202,6 +218,7 @@ async def _serve_rounds(link: _Link, trainer: Trainer, opts: ClientOptions) -> s
     """Answer the server until Bye. Returns the Bye's reason."""
     while True:
         msg = await link.recv()
+        link.report.unconfirmed = None  # the server read past our last Metrics: it has them
         if isinstance(msg, Bye):
             return msg.reason
         if not isinstance(msg, RoundConfig):
@@ -220,13 +237,16 @@ async def _serve_rounds(link: _Link, trainer: Trainer, opts: ClientOptions) -> s
             adapters = dict(a.tensors)
         metrics = await _train_round(link, trainer, msg, adapters)
         if opts.evaluate and trainer.test_set:
-            if full:
-                correct, total = trainer.evaluate()
+            if full:  # the whole model on this device: off the event loop, which must answer the server's pings
+                correct, total = await asyncio.to_thread(trainer.evaluate)
                 metrics.update(personal_acc=correct / max(total, 1), eval_examples=total)
             else:
                 metrics.update(await _evaluate(link, trainer, msg.round_id))
         metrics.update(bytes_sent=link.report.bytes_sent, bytes_received=link.report.bytes_received)
-        await link.send(Metrics(round_id=msg.round_id, metrics=metrics))
+        stale, link.report.unconfirmed = link.report.unconfirmed, Metrics(round_id=msg.round_id, metrics=metrics)
+        await link.send(link.report.unconfirmed)
+        if stale is not None:  # an earlier round's, lost with a connection: after this round's, never before it
+            await link.send(stale)
         link.report.rounds.append({"round": msg.round_id, **metrics})
         log.info("round %d: loss %.4f%s", msg.round_id, metrics["loss"],
                  f", personal acc {metrics['personal_acc']:.3f}" if "personal_acc" in metrics else "")
@@ -260,7 +280,7 @@ async def _train_round(link: _Link, trainer: Trainer, cfg: RoundConfig, adapters
     end = await link.recv()
     if not isinstance(end, RoundEnd):
         raise OrderError(f"expected RoundEnd, got {type(end).__name__}")
-    trainer.end_round()
+    await asyncio.to_thread(trainer.end_round)  # it may write the device's state to disk
     metrics = trainer.stats.as_metrics()
     metrics.update(roundtrip_ms=1e3 * wait / max(cfg.local_steps, 1), round_s=time.perf_counter() - t_round)
     return metrics

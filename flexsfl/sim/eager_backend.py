@@ -81,4 +81,5 @@ register_backend(TorchBackend, reference=True)
 
 def full_model_trainer(bundle: Bundle, train: list[Example], test: list[Example], cfg: dict) -> FullModelTrainer:
     """The trainer factory for ``flexsfl edge run --full-model`` (the whole-model baselines)."""
-    return FullModelTrainer(bundle, train, test, seed=int(cfg.get("seed") or 0), threads=cfg.get("threads"))
+    return FullModelTrainer(bundle, train, test, seed=int(cfg.get("seed") or 0), threads=cfg.get("threads"),
+                            state_dir=cfg.get("state_dir"))

@@ -24,10 +24,21 @@ every round; FedPer/FedRep for the body only; Ditto's ``w`` every round) and kep
 continues its own weights (FlexP-SFL's personal head, FedPer/FedRep's head, Ditto's ``v_k``, local
 only). FlexP-SFL's and SplitFed's numerics are unchanged by it; FedAvg's clients used to keep AdamW
 moments across rounds while their weights were replaced.
+
+**State across restarts**, as the split device's (:meth:`~flexsfl.edge_runtime.trainer.HeadTrainer.save`):
+with a ``state_dir`` every :meth:`~FullModelTrainer.end_round` writes the device's model, Ditto's
+``v_k``, both optimizers' state and the data cursor (``full.safetensors`` + ``full.json``), and a new
+trainer on that directory resumes from them: a device that restarts (or a client process started
+again) keeps its own model — local only's, FedPer/FedRep's head, Ditto's ``v_k`` — instead of
+starting over from the next global model. A reconnect within one process keeps the trainer itself.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import pathlib
 import time
 from typing import Mapping, Sequence
 
@@ -40,6 +51,11 @@ from flexsfl.edge_runtime.text import TextEncoder
 from flexsfl.edge_runtime.trainer import BatchCursor, RoundSettings, RoundStats
 
 __all__ = ["FullModelTrainer", "proximal_grad_"]
+
+log = logging.getLogger("flexsfl.sim.full_trainer")
+
+_STATE_FILE = "full.safetensors"
+_META_FILE = "full.json"
 
 
 def proximal_grad_(params, reference, mu: float) -> None:
@@ -61,7 +77,7 @@ class FullModelTrainer:
     whole_model = True
 
     def __init__(self, bundle: Bundle, train: Sequence[Example], test: Sequence[Example] = (), *, seed: int = 0,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, state_dir: str | os.PathLike | None = None) -> None:
         import torch
 
         from flexsfl.model.loading import LoraSettings, load_model
@@ -91,6 +107,11 @@ class FullModelTrainer:
         self._personal: dict | None = None  # Ditto: v_k between rounds
         self._upload: dict[str, np.ndarray] | None = None  # Ditto: w_k after the round's global steps
         self._upload_samples = 0
+        self.seed = seed
+        self.last_round = -1
+        self.state_dir = pathlib.Path(state_dir) if state_dir else None
+        if self.state_dir is not None:
+            self._restore()
 
     def begin_round(self, settings: RoundSettings, adapters: Mapping[str, np.ndarray] | None) -> None:
         """Start a round: take what the server sent (see the module for which tensors, and their
@@ -98,11 +119,7 @@ class FullModelTrainer:
         import torch
 
         self.settings = settings
-        key = (settings.optimizer, settings.lr)
-        if key != self._opt_key:
-            cls = torch.optim.SGD if settings.optimizer == "sgd" else torch.optim.AdamW
-            self._opt = {role: cls(list(self.params.values()), lr=settings.lr) for role in ("w", "v")}
-            self._opt_key = key
+        self._optimizers(settings.optimizer, settings.lr)
         if adapters is not None and (not self._started or not settings.personal):
             with torch.no_grad():
                 for n, a in adapters.items():
@@ -187,7 +204,92 @@ class FullModelTrainer:
         return {n: p.detach().numpy().copy() for n, p in self.params.items()}, max(self.stats.samples, 1)
 
     def end_round(self) -> None:
+        """The round is aggregated: with a ``state_dir``, persist the device's state (see the module)."""
+        if self.settings is not None:
+            self.last_round = self.settings.round_id
         self.settings = None
+        if self.state_dir is not None:
+            self.save()
+
+    def _optimizers(self, name: str, lr: float) -> None:
+        """One optimizer per role (``w``: the model the device uploads; ``v``: Ditto's personal model), rebuilt
+        (fresh state) when the server changes the optimizer or its learning rate."""
+        import torch
+
+        if (name, lr) != self._opt_key:
+            cls = torch.optim.SGD if name == "sgd" else torch.optim.AdamW
+            self._opt = {role: cls(list(self.params.values()), lr=lr) for role in ("w", "v")}
+            self._opt_key = (name, lr)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self) -> None:
+        """Write the device's model, Ditto's ``v_k``, the optimizers' state and the data cursor to ``state_dir``."""
+        from safetensors.numpy import save_file
+
+        from flexsfl.core.atomic import atomic_write_many
+
+        assert self.state_dir is not None
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {f"model/{n}": p.detach().numpy().copy() for n, p in self.params.items()}
+        if self._personal is not None:
+            tensors.update({f"v/{n}": t.numpy().copy() for n, t in self._personal.items()})
+        scalars = []
+        by_param = {id(p): n for n, p in self.params.items()}
+        for role, opt in self._opt.items():
+            for p, st in opt.state.items():
+                for k, v in st.items():
+                    key = f"opt/{role}/{k}/{by_param[id(p)]}"
+                    a = v.detach().numpy() if hasattr(v, "detach") else np.asarray(v, dtype=np.float32)
+                    if a.ndim == 0:
+                        scalars.append(key)
+                    tensors[key] = np.atleast_1d(a).copy()
+        meta = {"layout_hash": self.bundle.manifest.layout_hash, "epoch": self.cursor.epoch,
+                "position": self.cursor.position, "last_round": self.last_round, "started": self._started,
+                "optimizer": list(self._opt_key) if self._opt_key else None, "scalars": scalars}
+        # Data first, sidecar last: the JSON never describes tensors that are not on disk.
+        atomic_write_many({
+            self.state_dir / _STATE_FILE: lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp)),
+            self.state_dir / _META_FILE: lambda tmp: tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"),
+        })
+
+    def _restore(self) -> None:
+        import torch
+        from safetensors.numpy import load_file
+
+        assert self.state_dir is not None
+        path, meta_path = self.state_dir / _STATE_FILE, self.state_dir / _META_FILE
+        if not (path.exists() and meta_path.exists()):
+            return
+        todo = f"move {self.state_dir} aside to start this device's model afresh"
+        try:
+            meta = json.loads(meta_path.read_text())
+            tensors = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - json, OSError, safetensors' SafetensorError
+            raise ConfigError(f"{self.state_dir}: unreadable device state ({type(e).__name__}: {e}); {todo}") from None
+        if not isinstance(meta, dict) or not all(type(meta.get(k)) is int for k in ("epoch", "position", "last_round")):
+            raise ConfigError(f"{meta_path}: device state metadata lacks integer epoch/position/last_round; {todo}")
+        if meta.get("layout_hash") != self.bundle.manifest.layout_hash:
+            log.warning("%s holds a model for another bundle layout; starting fresh", self.state_dir)
+            return
+        model = {k[6:]: v for k, v in tensors.items() if k.startswith("model/")}
+        bad = sorted(set(self.params) ^ set(model)) or sorted(k for k, v in tensors.items() if not np.isfinite(v).all())
+        if bad:
+            raise ConfigError(f"{path}: device state does not fit this bundle's model or is not finite ({bad[0]!r}); {todo}")
+        self._load({n: torch.from_numpy(a) for n, a in model.items()})
+        v = {k[2:]: torch.from_numpy(a) for k, a in tensors.items() if k.startswith("v/")}
+        self._personal = v or None
+        if meta.get("optimizer"):
+            name, lr = meta["optimizer"]
+            self._optimizers(name, lr)
+            scalars = set(meta.get("scalars", ()))
+            for key, a in tensors.items():
+                if key.startswith("opt/"):
+                    _, role, k, n = key.split("/", 3)
+                    t = torch.from_numpy(a.copy())
+                    self._opt[role].state[self.params[n]][k] = t.reshape(()) if key in scalars else t
+        self.cursor = BatchCursor(self.train_set, self.seed, meta["epoch"], meta["position"])
+        self.last_round, self._started = meta["last_round"], bool(meta.get("started"))
+        log.info("restored the device's model from %s (after round %d)", path, self.last_round)
 
     def evaluate(self) -> tuple[int, int]:
         """(correct, total) of this device's model (Ditto: ``v_k``) on its local test split."""

@@ -244,6 +244,8 @@ async def _run(cfg: SimConfig, out: pathlib.Path, progress) -> dict:
     state_dir = out / "server"
     if state_dir.exists():
         shutil.rmtree(state_dir)
+    # the devices' own state (personal heads, whole models) of an earlier run in this directory: not this run's start
+    shutil.rmtree(out / "clients", ignore_errors=True)
     state = ServerState(state_dir, {"model": loaded.info.id, "strategy": strategy.name})
 
     evaluator = _RoundEval(host, encoder, partition, cfg)
