@@ -10,14 +10,18 @@ on a device without it. Per (model, split) at one (B, T)::
                      ort-separate   the same bundle with share_weights=False: each session its own copy
                      ort-before     a bundle exported before ort/weights.json (--before DIR): each session
                                     its own weights, the backward's transposed copies, per-session arenas
-                     executorch     the .pte, memory planned for the bundle's max batch (= B here)
+                     executorch     the .pte, memory planned for the bundle's max batch (= B here), run by
+                                    flexsfl's C shim over ExecuTorch's C++ runtime (torch made unimportable)
+                     executorch-bindings  the same .pte through ExecuTorch's torch-linked Python bindings
+                                    (the fallback where the shim cannot be built; not modelled by the planner)
                      torch          eager PyTorch (the reference backend: the whole model, autograd)
     runtime_mb       RSS once the runtime is imported, before the bundle is opened
     weights_mb       the head's frozen weights once: 4 B x (embedding + s x block parameters)
     saved_mb         the forward's outputs at (B, T): Z and every activation the backward reads
     lower_bound_mb   runtime + weights + saved: what any runtime must hold at the backward's start
     peak_rss_mb      the process's peak RSS; vs_lower_bound = peak / lower bound; vs_ort = peak / ort's
-    predicted_mb     :func:`flexsfl.core.memory.memory_mb` for this runtime (ort for the ort-* rows);
+    predicted_mb     :func:`flexsfl.core.memory.memory_mb` for this runtime (ort for the ort-* rows, none for
+                     executorch-bindings);
                      pred_err = predicted / peak - 1
 
 Targets (issue 13): ort <= 1.3x the lower bound at MiniLM splits 1, 3, 5 and SmolLM2 split 2;
@@ -30,6 +34,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import pathlib
 import sys
 from typing import Any
@@ -45,8 +50,11 @@ __all__ = ["MemoryConfig", "run_memory", "memory_worker", "lower_bound_mb", "add
 
 log = logging.getLogger("flexsfl.bench.memory")
 
-BACKENDS = ("ort", "ort-separate", "executorch", "torch")
-_RUNTIME = {"ort": "ort", "ort-separate": "ort", "ort-before": "ort", "executorch": "executorch", "torch": "torch"}
+BACKENDS = ("ort", "ort-separate", "executorch", "executorch-bindings", "torch")
+_RUNTIME = {"ort": "ort", "ort-separate": "ort", "ort-before": "ort", "executorch": "executorch",
+            "executorch-bindings": "executorch", "torch": "torch"}
+_PLANNED = {"ort": "ort", "ort-separate": "ort", "ort-before": "ort", "executorch": "executorch", "torch": "torch"}
+_TORCH_FREE = ("ort", "ort-separate", "ort-before", "executorch")  # run as on a device without torch
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1, "bool": 1}
 
 
@@ -76,8 +84,8 @@ def memory_worker(chan) -> None:
     """Worker: ``{"backend", "bundle", "batch", "seq", "warmup", "steps"}`` -> the process's memory figures."""
     spec = chan.recv()
     name = spec["backend"]
-    if _RUNTIME[name] == "ort":
-        sys.modules["torch"] = None  # type: ignore[assignment]  # as on a device: the ORT path never needs it
+    if name in _TORCH_FREE:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # as on a device: these paths never need it
     from flexsfl.core.bundle import load_bundle
     from flexsfl.edge_runtime.backends import open_backend
     from flexsfl.edge_runtime.optim import make_optimizer
@@ -86,8 +94,15 @@ def memory_worker(chan) -> None:
         import onnxruntime  # noqa: F401
         from flexsfl.edge_runtime.backends import ort  # noqa: F401
     elif name == "executorch":
-        from flexsfl.edge_runtime.backends import executorch  # noqa: F401
-        import torch  # noqa: F401  # what the backend imports: torch and the bindings' C++ module
+        from flexsfl.edge_runtime.backends import executorch
+
+        os.environ[executorch.RUNTIME_ENV] = "shim"
+        executorch.load_shim()  # the shim and ExecuTorch's libraries loaded (built first if not cached)
+    elif name == "executorch-bindings":
+        from flexsfl.edge_runtime.backends import executorch
+
+        os.environ[executorch.RUNTIME_ENV] = "pybindings"
+        import torch  # noqa: F401  # what the fallback imports: torch and the bindings' C++ module
         from executorch.extension.pybindings import _C  # noqa: F401
     else:
         from flexsfl.sim import eager_backend  # noqa: F401  (registers "torch")
@@ -112,7 +127,8 @@ def memory_worker(chan) -> None:
         backend.forward(ids, mask, keep=True)
         opt.step(backend.params, backend.backward(g))
         peaks.append(_peak_rss_mb())
-    chan.send({"runtime_mb": runtime_mb, "open_mb": open_mb, "peak_rss_mb": peaks[-1], "peak_per_step_mb": peaks})
+    chan.send({"runtime_mb": runtime_mb, "open_mb": open_mb, "peak_rss_mb": peaks[-1], "peak_per_step_mb": peaks,
+               "torch_loaded": "torch" in sys.modules and sys.modules["torch"] is not None})
 
 
 def _rss_mb() -> float:
@@ -196,13 +212,14 @@ def run_memory(cfg: MemoryConfig) -> tuple[list[dict[str, Any]], str]:
             got = _measure(b, name, cfg, logs)
             lb = lower_bound_mb(b, cfg.batch, cfg.seq, got["runtime_mb"])
             predicted = memory_mb(cost, split, batch=cfg.batch, seq=cfg.seq, optimizer=bundle.manifest.optimizer.get("name", "sgd"),
-                                  runtime=_RUNTIME[name])
+                                  runtime=_PLANNED[name]) if name in _PLANNED else None
             point.append({"model": model, "split": split, "batch": cfg.batch, "seq": cfg.seq, "backend": name,
                           **{k: round(v, 1) for k, v in lb.items()}, "open_mb": round(got["open_mb"], 1),
                           "peak_rss_mb": round(got["peak_rss_mb"], 1), "peak_per_step_mb": got["peak_per_step_mb"],
                           "vs_lower_bound": round(got["peak_rss_mb"] / lb["lower_bound_mb"], 3),
-                          "predicted_mb": round(predicted, 1), "pred_err": round(predicted / got["peak_rss_mb"] - 1, 3),
-                          "bundle": str(b.root)})
+                          "predicted_mb": None if predicted is None else round(predicted, 1),
+                          "pred_err": None if predicted is None else round(predicted / got["peak_rss_mb"] - 1, 3),
+                          "torch_loaded": got["torch_loaded"], "bundle": str(b.root)})
         ort = next((r for r in point if r["backend"] == "ort"), None)
         for r in point:
             r["vs_ort"] = round(r["peak_rss_mb"] / ort["peak_rss_mb"], 3) if ort else None

@@ -54,7 +54,7 @@ from flexsfl.core.bundle import Bundle
 from flexsfl.core.errors import BackendError
 from flexsfl.edge_runtime.backends import INSTALL_HINTS, ProgramBackend, _first_line
 
-__all__ = ["ExecuTorchBackend", "ExecuTorchTopPrograms", "RUNTIME_ENV", "SHIM_SOURCE", "shim_library"]
+__all__ = ["ExecuTorchBackend", "ExecuTorchTopPrograms", "RUNTIME_ENV", "SHIM_SOURCE", "load_shim", "shim_library"]
 
 log = logging.getLogger("flexsfl.edge.executorch")
 
@@ -166,7 +166,8 @@ def shim_library() -> pathlib.Path:
 
 
 @functools.cache
-def _shim() -> ctypes.CDLL:
+def load_shim() -> ctypes.CDLL:
+    """The shim, built if need be (:func:`shim_library`) and loaded into this process once."""
     path = shim_library()
     try:
         lib = ctypes.CDLL(str(path))
@@ -225,7 +226,7 @@ class _ShimMethod:
 
 class _ShimProgram:
     def __init__(self, path: pathlib.Path, threads: int | None) -> None:
-        self.lib = _shim()
+        self.lib = load_shim()
         if threads:
             # XNNPACK's thread pool is process-wide; it is what runs the delegated kernels.
             _check(self.lib, self.lib.fet_set_threads(threads) == 0)
