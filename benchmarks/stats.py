@@ -8,7 +8,8 @@ says whether one beats the other (a paired t-test). With n seeds the interval is
     mean ± t_{0.975, n-1} · s / √n        s: the sample standard deviation (ddof = 1)
 
 Student's t quantile comes from scipy (installed with the bench extra); with one seed there is no
-interval (``half`` is None), and the tables print the mean alone.
+interval (``half`` is None), and the tables print the mean alone. Which sign is a win depends on the
+metric: higher accuracy, lower perplexity (:func:`verdict`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["Interval", "t_interval", "paired_difference"]
+__all__ = ["Interval", "t_interval", "paired_difference", "verdict"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,3 +72,14 @@ def paired_difference(a: Mapping[int, float | None], b: Mapping[int, float | Non
         return None
     diffs = {s: float(a[s]) - float(b[s]) for s in seeds}
     return t_interval(list(diffs.values()), level), diffs
+
+
+def verdict(d: Interval | None, *, lower_is_better: bool = False) -> str:
+    """A paired difference ``reference − run``: "wins" or "loses" for the reference only when the interval
+    excludes 0, "tie" otherwise, "—" without an interval. ``lower_is_better`` (perplexity): a
+    negative difference — the reference lower — is the win."""
+    if d is None or d.half is None:
+        return "—"
+    if not d.excludes_zero():
+        return "tie"
+    return "wins" if (d.mean < 0) == lower_is_better else "loses"

@@ -31,7 +31,7 @@ import dataclasses
 
 from flexsfl.sim.config import SimConfig
 
-__all__ = ["Suite", "SUITES", "SUITE_RUNS"]
+__all__ = ["Suite", "SUITES", "SUITE_RUNS", "LM_RUNS", "LM_UNSUITED", "LM_TEST", "suite_runs", "left_out_why", "run_suite"]
 
 # The runs a suite compares, in table order: FlexP-SFL's λ sweep first (λ = 0.1 is the reference
 # of the paired differences), then its baselines. Names are keys of accuracy.RUNS; a name whose
@@ -41,6 +41,18 @@ SUITE_RUNS = ("flexpsfl", "flexpsfl-l0", "flexpsfl-l0.01", "flexpsfl-l1", "flexp
               "fedavg", "fedavg-ft", "fedper", "fedrep", "ditto", "local")
 
 _FOUR = ("rpi4", "rpi4", "rpi5", "jetson-orin")  # the demo's devices: the planner picks different splits
+# The lm suite's held-out texts per client: the server scores ~24 x this many SmolLM2 texts at the end of a run
+# (pretrained, global, personal on each client's own texts; each personal model on the other three clients' texts)
+LM_TEST = 100
+# The lm suite's runs: those whose numbers mean the same for a causal LM; the others, and why not.
+LM_RUNS = ("flexpsfl", "splitfed", "fedavg", "local")
+LM_UNSUITED = {
+    "fedper": "a causal LM has no task head past the last block (LoRA on q/v only; the LM head is frozen and tied to the "
+              "embedding), so FedPer's personal part is empty: it would be FedAvg",
+    "fedrep": "as FedPer: its head phase would train nothing",
+    "ditto": "its personal model v_k never leaves the device, and an LM's perplexity is scored by the server on what "
+             "the clients upload (Ditto's w_k): the table would show FedAvg's model under Ditto's name",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +63,13 @@ class Suite:
     what: str
     config: SimConfig
     seeds: int = 3
+    runs: tuple[str, ...] = SUITE_RUNS  # run by default, in table order (the first is the reference)
+    unsuited: dict[str, str] = dataclasses.field(default_factory=dict)  # run -> why this suite never runs it
+
+    @property
+    def lower_is_better(self) -> bool:
+        """A causal LM's suite is scored by perplexity: a lower mean is a better run."""
+        return self.config.task == "causal_lm"
 
 
 def _supersense(alpha: float) -> Suite:
@@ -76,26 +95,45 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
             rounds=4, local_steps=10, batch_size=8, lr=2e-3, optimizer="adamw", max_seq=48,
             max_train=400, max_test=200, eval_every=0, global_every_round=False, bundle_seed=0, in_process=True),
     ),
+    Suite(
+        name="lm",
+        what="SmolLM2 fine-tuned on each device's own VADER domain (perplexity, lower is better)",
+        config=SimConfig(
+            model="smollm2", task="causal_lm", data="vader", partition="natural", clients=4, profiles=_FOUR,
+            rounds=3, local_steps=8, batch_size=4, lr=1e-3, optimizer="adamw", max_seq=32,
+            max_train=200, max_test=LM_TEST, eval_every=0, bundle_seed=0, in_process=True),
+        runs=LM_RUNS, unsuited=LM_UNSUITED,
+    ),
 )}
 
 
-def suite_runs(requested: str | None) -> tuple[list[str], list[str]]:
-    """(runs to do, runs left out because the server has no such strategy yet) for ``--strategies``
-    (None: every run of :data:`SUITE_RUNS`, then any other of ``accuracy.RUNS``)."""
+def suite_runs(requested: str | None, suite: Suite | None = None) -> tuple[list[str], list[str]]:
+    """(runs to do, runs left out) for ``--strategies`` on ``suite`` (None: every run of
+    :data:`SUITE_RUNS`, then any other of ``accuracy.RUNS``; a suite with its own ``runs``: those).
+    Left out: a run whose strategy the server does not have (yet), or one the suite names unsuited
+    (:meth:`left_out_why` says why)."""
     from flexsfl.benchmarks.accuracy import RUNS
     from flexsfl.core.errors import ConfigError
     from flexsfl.server_backend.strategy import STRATEGIES
 
+    unsuited = suite.unsuited if suite is not None else {}
     if requested:
         names = [n.strip() for n in requested.split(",") if n.strip()]
         unknown = [n for n in names if n not in RUNS]
         if unknown or not names:
             raise ConfigError(f"--strategies {requested!r}: unknown {', '.join(unknown) or '(empty)'}; choose from "
                               f"{', '.join(RUNS)}")
+    elif suite is not None and suite.runs != SUITE_RUNS:
+        names = [n for n in suite.runs if n in RUNS] + sorted(unsuited)
     else:
         names = [n for n in SUITE_RUNS if n in RUNS] + [n for n in RUNS if n not in SUITE_RUNS]
-    return ([n for n in names if RUNS[n]["strategy"] in STRATEGIES],
-            [n for n in names if RUNS[n]["strategy"] not in STRATEGIES])
+    ok = lambda n: RUNS[n]["strategy"] in STRATEGIES and n not in unsuited  # noqa: E731
+    return [n for n in names if ok(n)], [n for n in names if not ok(n)]
+
+
+def left_out_why(suite: Suite, names: list[str]) -> dict[str, str]:
+    """Each left-out run of ``suite`` -> why it is not run (unsuited, or no such strategy on the server yet)."""
+    return {n: suite.unsuited.get(n, "no such strategy on the server yet") for n in names}
 
 
 def run_suite(args, **overrides) -> tuple[list[dict], str]:
@@ -121,7 +159,7 @@ def run_suite(args, **overrides) -> tuple[list[dict], str]:
     seeds = args.seeds if args.seeds is not None else suite.seeds
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
-    names, missing = suite_runs(args.strategies)
+    names, missing = suite_runs(args.strategies, suite)
     if not names:
         raise ConfigError(f"--strategies {args.strategies!r}: none of them is a strategy the server has yet "
                           f"({', '.join(missing)}); choose from {', '.join(RUNS)}")
@@ -145,7 +183,9 @@ def run_suite(args, **overrides) -> tuple[list[dict], str]:
                 summary = simulate(cfg, show=False)
                 how = f"{time.perf_counter() - t0:.0f} s"
             rows.append({**row(name, summary), "out": cfg.out})
-            print(f"{suite.name} seed {seed} {name}: personal {rows[-1]['personal_acc']:.3f} ({how})", flush=True)
+            key = "personal_ppl" if suite.lower_is_better else "personal_acc"
+            got = rows[-1].get(key)
+            print(f"{suite.name} seed {seed} {name}: {key} {'—' if got is None else f'{got:.3f}'} ({how})", flush=True)
             report = summarize(rows, reference=names[0])
             atomic_write_text(out / "suite.json", json.dumps({"suite": suite.name, "what": suite.what, "seeds": seeds,
                                                               "left_out": missing, "rows": rows, **report},
@@ -155,7 +195,7 @@ def run_suite(args, **overrides) -> tuple[list[dict], str]:
     if unfinished:
         print(f"not finished, left out of the report: {', '.join(unfinished)}", flush=True)
     report = summarize(rows, reference=names[0])
-    md = markdown(suite, rows, report, missing)
+    md = markdown(suite, rows, report, left_out_why(suite, missing))
     atomic_write_text(out / "suite.md", md)
     plot_suite(suite, rows, out / f"{suite.name}.png")
     return rows, md

@@ -16,7 +16,7 @@ import json
 import pytest
 
 from flexsfl.benchmarks import accuracy
-from flexsfl.benchmarks.suites import SUITES, suite_runs
+from flexsfl.benchmarks.suites import LM_TEST, SUITES, left_out_why, suite_runs
 from flexsfl.core.errors import ConfigError
 
 
@@ -74,5 +74,18 @@ def test_unknown_or_unregistered_runs_are_one_clear_error(tmp_path):
     names, missing = suite_runs(None)
     assert names[0] == "flexpsfl" and {"flexpsfl-l0", "flexpsfl-l1", "splitfed", "fedavg", "local"} <= set(names)
     assert not set(names) & set(missing)
-    for suite in SUITES.values():  # ≥ 200 test examples per client, a device profile per client
-        assert suite.config.max_test >= 200 and len(suite.config.profiles) == suite.config.clients
+    for suite in SUITES.values():  # ≥ 200 test examples per client (lm: see LM_TEST), a device profile per client
+        assert suite.config.max_test >= (LM_TEST if suite.lower_is_better else 200)
+        assert len(suite.config.profiles) == suite.config.clients
+
+
+def test_the_lm_suite_runs_what_means_the_same_for_a_causal_lm():
+    lm = SUITES["lm"]
+    assert lm.lower_is_better and lm.config.model == "smollm2" and lm.config.partition == "natural"
+    assert lm.config.bundle_seed == 0 and lm.config.in_process
+    names, left = suite_runs(None, lm)
+    assert names == ["flexpsfl", "splitfed", "fedavg", "local"] and set(left) == {"fedper", "fedrep", "ditto"}
+    assert all(why for why in left_out_why(lm, left).values())
+    names, left = suite_runs("flexpsfl,ditto", lm)  # asked for, still left out, with its reason
+    assert names == ["flexpsfl"] and left == ["ditto"] and "v_k" in left_out_why(lm, left)["ditto"]
+    assert suite_runs(None, SUITES["domains"]) == suite_runs(None)  # the classification suites: unchanged

@@ -3,12 +3,13 @@ the verdicts and the table built from them."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
-from flexsfl.benchmarks.stats import Interval, paired_difference, t_interval
-from flexsfl.benchmarks.suite_report import FLOOR, markdown, summarize
+from flexsfl.benchmarks.stats import Interval, paired_difference, t_interval, verdict
+from flexsfl.benchmarks.suite_report import FLOOR, markdown, plot_suite, summarize
 from flexsfl.benchmarks.suites import SUITES
 
 T975 = {1: 12.706204736, 2: 4.302652730, 4: 2.776445105}  # Student t, 0.975 quantile, by degrees of freedom
@@ -83,3 +84,47 @@ def test_a_run_with_lost_client_metrics_is_left_out_of_client_side_means():
     assert sf["device_s"]["mean"] == pytest.approx(100.0) and sf["generalization_acc"]["n"] == 3  # server-side: all
     assert report["paired"]["splitfed"]["personal_acc"]["per_seed"] == pytest.approx({1: 0.11, 2: 0.11})
     assert "splitfed seed 0 (2 of 4)" in markdown(SUITES["supersense-a0.1"], rows, report)
+
+
+def test_verdict_by_the_metric_direction():
+    assert verdict(Interval(0.05, 0.01, 3)) == "wins" and verdict(Interval(-0.05, 0.01, 3)) == "loses"
+    assert verdict(Interval(-5.0, 1.0, 3), lower_is_better=True) == "wins"  # the reference's perplexity is lower
+    assert verdict(Interval(5.0, 1.0, 3), lower_is_better=True) == "loses"
+    assert verdict(Interval(0.5, 1.0, 3), lower_is_better=True) == "tie" and verdict(Interval(1.0, None, 1)) == "—"
+
+
+def _lm_rows(tmp_path):
+    """Two runs × three seeds of a causal LM, each with a rounds.jsonl (last round scored, as eval_every 0)."""
+    ppl = {"flexpsfl": [(100.0, 120.0), (102.0, 121.0), (104.0, 119.0)],  # personal, generalization
+           "local": [(110.0, 150.0), (113.0, 149.0), (112.0, 152.0)]}
+    rows = []
+    for run, vals in ppl.items():
+        for s, (p, g) in enumerate(vals):
+            out = tmp_path / run / f"seed{s}"
+            out.mkdir(parents=True)
+            rounds = [{"round": 0, "device_s": 50.0, "elapsed_s": 5.0, "personal_ppl": None},
+                      {"round": 1, "device_s": 100.0, "elapsed_s": 9.0, "personal_ppl": p}]
+            (out / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+            rows.append({"run": run, "seed": s, "task": "causal_lm", "splits": "1,4" if run == "flexpsfl" else "whole model",
+                         "personal_ppl": p, "generalization_ppl": g, "global_ppl": 130.0, "pretrained_ppl": 180.0,
+                         "personal_acc": 0.3, "generalization_acc": None, "label_prior_acc": None, "device_s": 100.0,
+                         "mb": 5.0, "eval_mb": 1.0, "train_s": 60.0, "unfit": [], "out": str(out)})
+    return rows
+
+
+def test_a_perplexity_suite_lower_is_better_and_no_floor(tmp_path):
+    rows = _lm_rows(tmp_path)
+    report = summarize(rows, reference="flexpsfl")
+    assert report["lower_is_better"] and FLOOR not in report["paired"]
+    assert set(report["intervals"]["local"]) >= {"personal_ppl", "generalization_ppl", "global_ppl", "pretrained_ppl"}
+    assert "personal_acc" not in report["intervals"]["local"]  # not the LM suite's measure
+    d = report["paired"]["local"]["personal_ppl"]  # -10, -11, -8
+    assert d["per_seed"] == pytest.approx({0: -10.0, 1: -11.0, 2: -8.0}) and d["mean"] == pytest.approx(-29 / 3)
+    md = markdown(SUITES["lm"], rows, report, {"ditto": "its v_k never leaves the device"})
+    line = next(ln for ln in md.splitlines() if ln.startswith("| local |") and "-9.67" in ln)
+    assert line.split(" | ")[3] == "wins" and line.split(" | ")[6].strip(" |") == "wins", line  # lower ppl: a win
+    assert f"| {FLOOR} | — | — | — | — | — | — |" in md and "a win is a lower perplexity" in md
+    assert "| flexpsfl | 1,4 | 102.00 ± 4.97 |" in md and "Not run: ditto (its v_k never leaves the device)." in md
+    assert "floor: global + prior" not in md and "test texts per client" in md
+    png = plot_suite(SUITES["lm"], rows, tmp_path / "lm.png")
+    assert png.stat().st_size > 10_000
