@@ -13,7 +13,11 @@ any batch, sequence length and width (issue 18). Two places compute it (:data:`A
   ``Z' = head(x; φ)`` with ``Z``, the server backpropagates the KL of ``tail(Z)`` against
   ``tail(Z')`` through the tail to ``Z`` and returns ``g + λ‖g‖·a/‖a‖``.
 
-Both scale with :func:`scale_term`, so λ means the same in both. numpy only (core is torch-free).
+Both scale with :func:`scale_term`, so λ means the same in both. ``logit_kl`` is for head/tail
+clients only: a U-shaped device's logits come out of its own top, whose exported program fuses a
+hard-label cross-entropy (labels in, loss and gradients out); a logit-level term there would need
+a top program that also takes soft targets, and the global model's logits for the batch, which
+the device does not have. numpy only (core is torch-free).
 """
 
 from __future__ import annotations

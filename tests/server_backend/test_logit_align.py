@@ -105,3 +105,43 @@ def test_batched_equals_one_at_a_time_with_logit_alignment(tiny_llama, k):
             assert a.align_loss == pytest.approx(b.align_loss, rel=1e-5, abs=1e-12), (name, i)
         for n in ref_state:
             assert _rel(state[n], ref_state[n]) <= 1e-6, (name, n)
+
+
+def test_compute_worker_batches_logit_steps_without_changing_them(tiny_llama):
+    # The real worker thread: the requests wait behind a held call, so it batches them (K = 3).
+    import asyncio
+    import threading
+
+    from flexsfl.server_backend.compute import ComputeWorker
+
+    base = _host(tiny_llama)
+    reqs = [_request(base, 1 + i % 2, 2, 6 + i, seed=40 + i, ref=i != 2) for i in range(5)]
+
+    async def go(together: bool):
+        host = _host(tiny_llama, k=3)
+        worker = ComputeWorker(host, threads=1)
+        worker.start()
+        try:
+            if together:
+                gate = threading.Event()
+                held = asyncio.ensure_future(worker.call(gate.wait))
+                await asyncio.sleep(0.05)
+                futs = [asyncio.ensure_future(worker.train(r)) for r in reqs]
+                await asyncio.sleep(0.05)
+                gate.set()
+                await held
+                results = await asyncio.gather(*futs)
+            else:
+                results = [await worker.train(r) for r in reqs]
+            await worker.end_round()
+            return results, host.state(), worker.batches
+        finally:
+            worker.stop()
+
+    seq, bat = asyncio.run(go(False)), asyncio.run(go(True))
+    assert seq[2] == 5 and bat[2] == 2  # one at a time, then one batch per schedule group
+    for a, b in zip(bat[0], seq[0]):
+        assert _rel(a.g, b.g) <= 1e-6 and a.align_ratio == pytest.approx(b.align_ratio, rel=1e-6, abs=1e-12)
+    assert [r.align_ratio > 0 for r in seq[0]] == [i != 2 for i in range(5)]
+    for n in seq[1]:
+        assert _rel(bat[1][n], seq[1][n]) <= 1e-6, n
