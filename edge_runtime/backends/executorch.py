@@ -181,6 +181,7 @@ def load_shim() -> ctypes.CDLL:
         ("fet_method_num_inputs", i, [v]), ("fet_method_num_outputs", i, [v]),
         ("fet_method_set_input", i, [v, i, i, v, p64, i]), ("fet_method_execute", i, [v]),
         ("fet_output_shape", i, [v, i, ctypes.POINTER(i), p64, i]), ("fet_output_copy", i, [v, i, v, ctypes.c_size_t]),
+        ("fet_stage", i, [v, i, v, i]), ("fet_method_release", i, [v]), ("fet_method_planned_bytes", ctypes.c_size_t, [v]),
     ]:
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
@@ -199,10 +200,13 @@ class _ShimMethod:
         self._h = self._lib.fet_method_load(program.handle, name.encode())
         _check(self._lib, bool(self._h))
         self.num_inputs = self._lib.fet_method_num_inputs(self._h)
+        self.num_outputs = self._lib.fet_method_num_outputs(self._h)
+        self.planned_bytes = self._lib.fet_method_planned_bytes(self._h)
 
-    def __call__(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    def __call__(self, inputs: list[np.ndarray], *, first: int = 0, outputs: range | None = None) -> list[np.ndarray]:
+        """Set inputs ``first, first + 1, ...`` (the others were staged), execute, copy ``outputs`` (all) out."""
         lib, h = self._lib, self._h
-        for k, a in enumerate(inputs):
+        for k, a in enumerate(inputs, start=first):
             a = np.ascontiguousarray(a)
             if a.dtype not in _SCALAR:
                 raise RuntimeError(f"input {k} has dtype {a.dtype}, which the shim does not pass")
@@ -211,13 +215,21 @@ class _ShimMethod:
         _check(lib, lib.fet_method_execute(h) == 0)
         outs = []
         code, shape = ctypes.c_int(), (ctypes.c_int64 * _MAX_DIM)()
-        for k in range(lib.fet_method_num_outputs(h)):
+        for k in range(self.num_outputs) if outputs is None else outputs:
             ndim = lib.fet_output_shape(h, k, ctypes.byref(code), shape, _MAX_DIM)
             _check(lib, ndim >= 0 and code.value in _DTYPE)
             out = np.empty(tuple(shape[:ndim]), dtype=_DTYPE[code.value])
             _check(lib, lib.fet_output_copy(h, k, out.ctypes.data, out.nbytes) == 0)
             outs.append(out)
         return outs
+
+    def stage(self, index: int, src: "_ShimMethod", output: int) -> None:
+        """Input ``index`` from ``src``'s output ``output``, copied in ExecuTorch (no numpy copy)."""
+        _check(self._lib, self._lib.fet_stage(self._h, index, src._h, output) == 0)
+
+    def release(self) -> None:
+        """Hand the planned memory's pages back to the kernel (outputs are gone after this)."""
+        _check(self._lib, self._lib.fet_method_release(self._h) == 0)
 
     def __del__(self) -> None:
         if getattr(self, "_h", None):
@@ -321,25 +333,72 @@ def _load_methods(bundle: Bundle, threads: int | None, names: tuple[str, ...], f
     return program, runtime, methods
 
 
-def _call(method: Any, name: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
+def _call(method: Any, name: str, inputs: list[np.ndarray], **kwargs: Any) -> list[np.ndarray]:
     try:
-        return method(inputs)
+        return method(inputs, **kwargs)
     except Exception as e:  # noqa: BLE001
         raise BackendError(f"ExecuTorch {name} failed for inputs of shape {list(np.shape(inputs[0]))}: "
                            f"{_first_line(e)}; check the batch against the bundle's limits or re-export it") from None
 
 
+class _Staged:
+    """A saved activation that a kept forward staged straight into the backward's inputs (shim)."""
+
+    __slots__ = ("generation",)
+
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+
+
 class ExecuTorchBackend(ProgramBackend):
+    """With the shim, a kept forward copies its saved activations from its own planned memory
+    into the backward's planned inputs (never into numpy), and each method's planned memory is
+    released once its outputs are taken: a step holds one method's arena at a time, plus the
+    staged activations (benchmarks/README §12). With the bindings, the activations go through
+    numpy and both arenas stay resident."""
+
     name: ClassVar[str] = "executorch"
     runtime: str  # "shim" (torch-free) or "pybindings" (the torch-linked fallback)
 
     def __init__(self, bundle: Bundle, *, threads: int | None = None) -> None:
         self._program, self.runtime, self._methods = _load_methods(
             bundle, threads, ("forward", "backward"), "re-export the bundle with this executorch version")
+        self._keep = True
+        self._generation = 0  # of the saved activations staged in the backward's inputs (shim)
         self._setup(bundle, {m: meth.num_inputs for m, meth in self._methods.items()})
 
+    def forward(self, input_ids, attention_mask, *, params=None, keep: bool = True):
+        self._keep = keep  # _run stages what the backward reads only for a kept forward
+        return super().forward(input_ids, attention_mask, params=params, keep=keep)
+
     def _run(self, method: str, inputs: list[Any]) -> list[Any]:
-        return _call(self._methods[method], method, inputs)
+        if self.runtime != "shim":
+            return _call(self._methods[method], method, inputs)
+        fwd, bwd = self._methods["forward"], self._methods["backward"]
+        n_saved = fwd.num_outputs - 1  # forward: (ids, mask, *θ) -> (z, *saved); backward: (*saved, g, *θ)
+        if method == "forward":
+            try:
+                outs = _call(fwd, method, inputs, outputs=range(1))
+                if self._keep:
+                    self._generation += 1
+                    try:
+                        for k in range(n_saved):
+                            bwd.stage(k, fwd, k + 1)
+                    except RuntimeError as e:
+                        raise BackendError(f"ExecuTorch cannot hand the forward's activations to the backward "
+                                           f"({_first_line(e)}); re-export the bundle") from None
+                    outs += [_Staged(self._generation)] * n_saved
+            finally:
+                fwd.release()
+            return outs
+        saved = inputs[:n_saved]
+        if not all(isinstance(s, _Staged) and s.generation == self._generation for s in saved):
+            raise BackendError("backward() with saved activations other than the last kept forward's; run "
+                               "forward(..., keep=True) again")
+        try:
+            return _call(bwd, method, inputs[n_saved:], first=n_saved)
+        finally:
+            bwd.release()
 
 
 class ExecuTorchTopPrograms:

@@ -13,8 +13,15 @@
 // Contract: every function returns 0 / a non-null handle on success; on failure it returns -1 /
 // NULL and fet_last_error() says why in one line (per thread). Tensors are dense and row-major
 // (numpy C order); dtype codes are ExecuTorch's ScalarType (Long = 4, Float = 6). A method's
-// outputs live in its planned memory until its next execute: copy them out (fet_output_copy)
-// before then. Free methods before their program.
+// outputs live in its planned memory until its next execute or release: copy them out
+// (fet_output_copy) or into another method's inputs (fet_stage) before then. Free methods before
+// their program.
+//
+// Memory: each method's planned memory is its own anonymous mapping. fet_method_release hands
+// its pages back to the kernel (MADV_DONTNEED; they read as zeros when next touched): planned
+// memory holds nothing a later execution reads without setting it first (inputs are set on every
+// call; these programs have no mutable buffers), so a step never holds the forward's and the
+// backward's arenas at once.
 
 #include <executorch/extension/data_loader/mmap_data_loader.h>
 #include <executorch/extension/memory_allocator/malloc_memory_allocator.h>
@@ -26,10 +33,11 @@
 #include <executorch/runtime/executor/program.h>
 #include <executorch/runtime/platform/runtime.h>
 
+#include <sys/mman.h>
+
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -79,14 +87,21 @@ struct FetProgram {
   std::optional<Program> program;
 };
 
-struct FreeDeleter {
-  void operator()(uint8_t* p) const { std::free(p); }
+struct Mapping {
+  void* p = MAP_FAILED;
+  size_t size = 0;
+  Mapping() = default;
+  Mapping(const Mapping&) = delete;
+  Mapping(Mapping&& o) noexcept : p(o.p), size(o.size) { o.p = MAP_FAILED; }
+  ~Mapping() {
+    if (p != MAP_FAILED) munmap(p, size);
+  }
 };
 
 struct FetMethod {
   std::string name;
-  // Planned memory: one buffer per memory id, left uninitialized (pages are touched as used).
-  std::vector<std::unique_ptr<uint8_t, FreeDeleter>> buffers;
+  // Planned memory: one anonymous mapping per memory id (pages are touched as used).
+  std::vector<Mapping> buffers;
   std::vector<Span<uint8_t>> spans;
   std::optional<HierarchicalAllocator> planned;
   MallocMemoryAllocator method_allocator;
@@ -94,6 +109,19 @@ struct FetMethod {
   std::optional<MemoryManager> memory;
   std::optional<Method> method;
 };
+
+const EValue* output_value(FetMethod* m, int index) {
+  if (index < 0 || static_cast<size_t>(index) >= m->method->outputs_size()) {
+    set_error("method '%s' has no output %d", m->name.c_str(), index);
+    return nullptr;
+  }
+  const EValue& v = m->method->get_output(static_cast<size_t>(index));
+  if (!v.isTensor()) {
+    set_error("output %d of method '%s' is not a tensor", index, m->name.c_str());
+    return nullptr;
+  }
+  return &v;
+}
 
 size_t element_size(ScalarType t) {
   switch (t) {
@@ -162,16 +190,18 @@ void* fet_method_load(void* program_handle, const char* name) {
   }
   auto m = std::make_unique<FetMethod>();
   m->name = name;
+  m->buffers.reserve(meta->num_memory_planned_buffers());
   for (size_t i = 0; i < meta->num_memory_planned_buffers(); ++i) {
     const size_t size = static_cast<size_t>(meta->memory_planned_buffer_size(i).get());
-    const size_t rounded = (size + 63) / 64 * 64;
-    auto* p = static_cast<uint8_t*>(rounded ? std::aligned_alloc(64, rounded) : nullptr);
-    if (rounded && p == nullptr) {
+    Mapping buf;
+    buf.size = size ? size : 1;
+    buf.p = mmap(nullptr, buf.size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (buf.p == MAP_FAILED) {
       set_error("method '%s': cannot allocate its %zu-byte planned buffer", name, size);
       return nullptr;
     }
-    m->buffers.emplace_back(p);
-    m->spans.emplace_back(p, size);
+    m->spans.emplace_back(static_cast<uint8_t*>(buf.p), size);
+    m->buffers.push_back(std::move(buf));
   }
   m->planned.emplace(Span<Span<uint8_t>>(m->spans.data(), m->spans.size()));
   m->memory.emplace(&m->method_allocator, &*m->planned, &m->temp_allocator);
@@ -186,6 +216,25 @@ void* fet_method_load(void* program_handle, const char* name) {
 }
 
 void fet_method_free(void* handle) { delete static_cast<FetMethod*>(handle); }
+
+// Bytes of planned memory (all buffers) the method maps.
+size_t fet_method_planned_bytes(void* handle) {
+  size_t n = 0;
+  for (const auto& b : static_cast<FetMethod*>(handle)->buffers) n += b.size;
+  return n;
+}
+
+// Give the method's planned memory back to the kernel; its outputs are gone after this.
+int fet_method_release(void* handle) {
+  auto* m = static_cast<FetMethod*>(handle);
+  for (const auto& b : m->buffers) {
+    if (madvise(b.p, b.size, MADV_DONTNEED) != 0) {
+      set_error("method '%s': cannot release its planned memory", m->name.c_str());
+      return -1;
+    }
+  }
+  return 0;
+}
 
 int fet_method_num_inputs(void* handle) { return static_cast<int>(static_cast<FetMethod*>(handle)->method->inputs_size()); }
 
@@ -220,6 +269,21 @@ int fet_method_set_input(void* handle, int index, int dtype, void* data, const i
   return 0;
 }
 
+// Input `dst_index` of method `dst` from output `src_output` of method `src` (copied into dst's
+// planned memory), without a round trip through the caller.
+int fet_stage(void* dst, int dst_index, void* src, int src_output) {
+  auto* d = static_cast<FetMethod*>(dst);
+  const EValue* v = output_value(static_cast<FetMethod*>(src), src_output);
+  if (v == nullptr) return -1;
+  const Error e = d->method->set_input(*v, static_cast<size_t>(dst_index));
+  if (e != Error::Ok) {
+    set_error("method '%s' refused input %d from '%s' output %d (%s)", d->name.c_str(), dst_index,
+              static_cast<FetMethod*>(src)->name.c_str(), src_output, err_name(e));
+    return -1;
+  }
+  return 0;
+}
+
 int fet_method_execute(void* handle) {
   auto* m = static_cast<FetMethod*>(handle);
   const Error e = m->method->execute();
@@ -233,16 +297,9 @@ int fet_method_execute(void* handle) {
 // Output `index`'s dtype and shape (into shape[max_dim]); returns its number of dimensions.
 int fet_output_shape(void* handle, int index, int* dtype, int64_t* shape, int max_dim) {
   auto* m = static_cast<FetMethod*>(handle);
-  if (index < 0 || static_cast<size_t>(index) >= m->method->outputs_size()) {
-    set_error("method '%s' has no output %d", m->name.c_str(), index);
-    return -1;
-  }
-  const EValue& v = m->method->get_output(static_cast<size_t>(index));
-  if (!v.isTensor()) {
-    set_error("output %d of method '%s' is not a tensor", index, m->name.c_str());
-    return -1;
-  }
-  const Tensor t = v.toTensor();
+  const EValue* v = output_value(m, index);
+  if (v == nullptr) return -1;
+  const Tensor t = v->toTensor();
   if (t.dim() > max_dim) {
     set_error("output %d of method '%s' has %zd dimensions", index, m->name.c_str(), (ssize_t)t.dim());
     return -1;
@@ -255,16 +312,9 @@ int fet_output_shape(void* handle, int index, int* dtype, int64_t* shape, int ma
 // Copy output `index` into `dst`, which holds exactly `nbytes` (the output's size).
 int fet_output_copy(void* handle, int index, void* dst, size_t nbytes) {
   auto* m = static_cast<FetMethod*>(handle);
-  if (index < 0 || static_cast<size_t>(index) >= m->method->outputs_size()) {
-    set_error("method '%s' has no output %d", m->name.c_str(), index);
-    return -1;
-  }
-  const EValue& v = m->method->get_output(static_cast<size_t>(index));
-  if (!v.isTensor()) {
-    set_error("output %d of method '%s' is not a tensor", index, m->name.c_str());
-    return -1;
-  }
-  const Tensor t = v.toTensor();
+  const EValue* v = output_value(m, index);
+  if (v == nullptr) return -1;
+  const Tensor t = v->toTensor();
   if (t.nbytes() != nbytes || element_size(t.scalar_type()) == 0) {
     set_error("output %d of method '%s' holds %zu bytes, the caller's buffer %zu", index, m->name.c_str(),
               t.nbytes(), nbytes);
