@@ -14,8 +14,9 @@ the strategies can be compared seed by seed (:mod:`flexsfl.benchmarks.stats`).
   client: the demo's domain shift, binary sentiment.
 - ``lm``: SmolLM2 fine-tuned on each device's own VADER domain (the LM demo's model and data), scored
   by perplexity (lower is better) on each client's own held-out texts and, for generalization, on the
-  other clients'; 3 rounds × τ = 8 of B = 4, T ≤ 32, :data:`LM_TEST` test texts per client (the
-  server scores ~24 × that many SmolLM2 texts a run), pinned :data:`LM_SPLITS`. It runs
+  other clients'; the LM demo's budget (2 rounds × τ = 6 of B = 4, T ≤ 32), :data:`LM_TEST` test
+  texts per client (the server scores ~20 × that many SmolLM2 texts a run, the devices 2 × 4 ×
+  that many), pinned :data:`LM_SPLITS`. It runs
   :data:`LM_RUNS`; :data:`LM_UNSUITED` says why not the others.
 
 Every suite has the demo's 4 devices (rpi4, rpi4, rpi5, jetson-orin: the planner picks their
@@ -48,7 +49,7 @@ SUITE_RUNS = ("flexpsfl", "flexpsfl-l0", "flexpsfl-l0.01", "flexpsfl-l1", "flexp
 _FOUR = ("rpi4", "rpi4", "rpi5", "jetson-orin")  # the demo's devices: the planner picks different splits
 # The lm suite's held-out texts per client: the server scores ~24 x this many SmolLM2 texts at the end of a run
 # (pretrained, global, personal on each client's own texts; each personal model on the other three clients' texts)
-LM_TEST = 50
+LM_TEST = 24
 # The planner's splits for these devices and SmolLM2 are 1, 1, 4, 29; the Jetson's split-29 export had not finished
 # after 35 min on the loaded machine, so the Jetson runs split 4 here (the device clock still times each profile)
 LM_SPLITS = (1, 1, 4, 4)
@@ -108,8 +109,8 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
         what="SmolLM2 fine-tuned on each device's own VADER domain (perplexity, lower is better)",
         config=SimConfig(
             model="smollm2", task="causal_lm", data="vader", partition="natural", clients=4, profiles=_FOUR, splits=LM_SPLITS,
-            rounds=3, local_steps=8, batch_size=4, lr=1e-3, optimizer="adamw", max_seq=32,
-            max_train=200, max_test=LM_TEST, eval_every=0, bundle_seed=0, in_process=True),
+            rounds=2, local_steps=6, batch_size=4, lr=1e-3, optimizer="adamw", max_seq=32,
+            max_train=100, max_test=LM_TEST, eval_every=0, bundle_seed=0, in_process=True),
         runs=LM_RUNS, unsuited=LM_UNSUITED,
     ),
 )}
