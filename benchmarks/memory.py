@@ -12,6 +12,8 @@ on a device without it. Per (model, split) at one (B, T)::
                                     its own weights, the backward's transposed copies, per-session arenas
                      executorch     the .pte, memory planned for the bundle's max batch (= B here), run by
                                     flexsfl's C shim over ExecuTorch's C++ runtime (torch made unimportable)
+                     executorch-resident  the same with FLEXSFL_EXECUTORCH_LOW_MEMORY=0 (both methods' planned
+                                    memory kept resident: faster, more memory; not modelled by the planner)
                      executorch-bindings  the same .pte through ExecuTorch's torch-linked Python bindings
                                     (the fallback where the shim cannot be built; not modelled by the planner)
                      torch          eager PyTorch (the reference backend: the whole model, autograd)
@@ -50,11 +52,11 @@ __all__ = ["MemoryConfig", "run_memory", "memory_worker", "lower_bound_mb", "add
 
 log = logging.getLogger("flexsfl.bench.memory")
 
-BACKENDS = ("ort", "ort-separate", "executorch", "executorch-bindings", "torch")
+BACKENDS = ("ort", "ort-separate", "executorch", "executorch-resident", "executorch-bindings", "torch")
 _RUNTIME = {"ort": "ort", "ort-separate": "ort", "ort-before": "ort", "executorch": "executorch",
-            "executorch-bindings": "executorch", "torch": "torch"}
+            "executorch-resident": "executorch", "executorch-bindings": "executorch", "torch": "torch"}
 _PLANNED = {"ort": "ort", "ort-separate": "ort", "ort-before": "ort", "executorch": "executorch", "torch": "torch"}
-_TORCH_FREE = ("ort", "ort-separate", "ort-before", "executorch")  # run as on a device without torch
+_TORCH_FREE = ("ort", "ort-separate", "ort-before", "executorch", "executorch-resident")  # as on a device without torch
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1, "bool": 1}
 
 
@@ -93,10 +95,11 @@ def memory_worker(chan) -> None:
     if _RUNTIME[name] == "ort":
         import onnxruntime  # noqa: F401
         from flexsfl.edge_runtime.backends import ort  # noqa: F401
-    elif name == "executorch":
+    elif name in ("executorch", "executorch-resident"):
         from flexsfl.edge_runtime.backends import executorch
 
         os.environ[executorch.RUNTIME_ENV] = "shim"
+        os.environ[executorch.LOW_MEMORY_ENV] = "0" if name == "executorch-resident" else "1"
         executorch.load_shim()  # the shim and ExecuTorch's libraries loaded (built first if not cached)
     elif name == "executorch-bindings":
         from flexsfl.edge_runtime.backends import executorch

@@ -54,12 +54,14 @@ from flexsfl.core.bundle import Bundle
 from flexsfl.core.errors import BackendError
 from flexsfl.edge_runtime.backends import INSTALL_HINTS, ProgramBackend, _first_line
 
-__all__ = ["ExecuTorchBackend", "ExecuTorchTopPrograms", "RUNTIME_ENV", "SHIM_SOURCE", "load_shim", "shim_library"]
+__all__ = ["ExecuTorchBackend", "ExecuTorchTopPrograms", "LOW_MEMORY_ENV", "RUNTIME_ENV", "SHIM_SOURCE", "load_shim",
+           "shim_library"]
 
 log = logging.getLogger("flexsfl.edge.executorch")
 
 SHIM_SOURCE = pathlib.Path(__file__).parent / "et_shim" / "flexsfl_et.cpp"
 RUNTIME_ENV = "FLEXSFL_EXECUTORCH_RUNTIME"  # "shim" | "pybindings"; unset: the shim, else the bindings
+LOW_MEMORY_ENV = "FLEXSFL_EXECUTORCH_LOW_MEMORY"  # "0": keep the methods' planned memory resident (faster)
 _NO_RUNTIME_FIX = "install g++ (the shim is built once) or use --backend ort"
 _MAX_DIM = 16
 # numpy dtype -> ExecuTorch ScalarType code (runtime/core/portable_type/scalar_type.h)
@@ -352,10 +354,12 @@ class _Staged:
 
 class ExecuTorchBackend(ProgramBackend):
     """With the shim, a kept forward copies its saved activations from its own planned memory
-    into the backward's planned inputs (never into numpy), and each method's planned memory is
-    released once its outputs are taken: a step holds one method's arena at a time, plus the
-    staged activations (benchmarks/README §12). With the bindings, the activations go through
-    numpy and both arenas stay resident."""
+    into the backward's planned inputs, never into numpy, and each method's planned memory is
+    released once its outputs are taken: a step holds one arena at a time plus the staged
+    activations. The price is faulting the arenas back in on every step (MiniLM split 3: 48,700
+    minor faults, ~30 % more CPU time per step); ``$FLEXSFL_EXECUTORCH_LOW_MEMORY=0`` keeps both
+    arenas resident instead (MiniLM split 5 at B8 T128: 508 MB instead of 430; benchmarks/README
+    §12). The bindings keep both arenas and the activations in numpy once more."""
 
     name: ClassVar[str] = "executorch"
     runtime: str  # "shim" (torch-free) or "pybindings" (the torch-linked fallback)
@@ -365,6 +369,7 @@ class ExecuTorchBackend(ProgramBackend):
             bundle, threads, ("forward", "backward"), "re-export the bundle with this executorch version")
         self._keep = True
         self._generation = 0  # of the saved activations staged in the backward's inputs (shim)
+        self.low_memory = self.runtime == "shim" and os.environ.get(LOW_MEMORY_ENV, "1") != "0"
         self._setup(bundle, {m: meth.num_inputs for m, meth in self._methods.items()})
 
     def forward(self, input_ids, attention_mask, *, params=None, keep: bool = True):
@@ -389,7 +394,8 @@ class ExecuTorchBackend(ProgramBackend):
                                            f"({_first_line(e)}); re-export the bundle") from None
                     outs += [_Staged(self._generation)] * n_saved
             finally:
-                fwd.release()
+                if self.low_memory:
+                    fwd.release()
             return outs
         saved = inputs[:n_saved]
         if not all(isinstance(s, _Staged) and s.generation == self._generation for s in saved):
@@ -398,7 +404,8 @@ class ExecuTorchBackend(ProgramBackend):
         try:
             return _call(bwd, method, inputs[n_saved:], first=n_saved)
         finally:
-            bwd.release()
+            if self.low_memory:
+                bwd.release()
 
 
 class ExecuTorchTopPrograms:

@@ -38,10 +38,12 @@ def _batch(bundle, b, t, seed):
     return ids, mask
 
 
-def _steps(bundle, runtime, monkeypatch):
+def _steps(bundle, runtime, monkeypatch, low_memory="1"):
     """(Z, gradients, reference Z) per shape, and the runtime the backend says it used."""
     monkeypatch.setenv(et.RUNTIME_ENV, runtime)
+    monkeypatch.setenv(et.LOW_MEMORY_ENV, low_memory)
     be = open_backend("executorch", bundle, threads=1)
+    assert be.low_memory == (runtime == "shim" and low_memory == "1")
     rng = np.random.default_rng(7)
     phi = {n: (a + 0.01 * rng.standard_normal(a.shape)).astype(np.float32) for n, a in be.params.items()}
     out = []
@@ -57,9 +59,10 @@ def _steps(bundle, runtime, monkeypatch):
 def test_shim_matches_the_torch_linked_bindings_bit_for_bit(gpt2, monkeypatch, tmp_path):
     monkeypatch.setenv("FLEXSFL_CACHE", str(tmp_path))
     shim, rt_shim = _steps(gpt2, "shim", monkeypatch)
+    low, rt_low = _steps(gpt2, "shim", monkeypatch, low_memory="0")  # planned memory kept resident
     bind, rt_bind = _steps(gpt2, "pybindings", monkeypatch)
-    assert (rt_shim, rt_bind) == ("shim", "pybindings")
-    for (z1, g1, r1), (z2, g2, r2) in zip(shim, bind):
+    assert (rt_shim, rt_low, rt_bind) == ("shim", "shim", "pybindings")
+    for (z1, g1, r1), (z2, g2, r2) in [*zip(shim, bind), *zip(low, bind)]:
         assert z1.dtype == np.float32 and z1.flags.c_contiguous and np.array_equal(z1, z2) and np.array_equal(r1, r2)
         assert not np.array_equal(z1, r1)  # the reference forward ran with other adapters
         assert list(g1) == list(g2) and all(np.array_equal(g1[n], g2[n]) for n in g1)
@@ -134,6 +137,19 @@ def test_a_cache_others_may_write_is_refused(monkeypatch, tmp_path):
     with pytest.raises(BackendError, match="no one else may write") as e:
         et.shim_library()
     assert "\n" not in str(e.value)
+
+
+def test_backward_refuses_activations_of_another_forward(gpt2, monkeypatch, tmp_path):
+    monkeypatch.setenv("FLEXSFL_CACHE", str(tmp_path))
+    monkeypatch.setenv(et.RUNTIME_ENV, "shim")
+    be = open_backend("executorch", gpt2, threads=1)
+    ids, mask = _batch(gpt2, 2, 5, 0)
+    z = be.forward(ids, mask)
+    stale = be._kept
+    be.forward(ids, mask)  # a newer kept forward: the first one's staged activations are gone
+    be._kept = stale
+    with pytest.raises(BackendError, match="other than the last kept forward"):
+        be.backward(np.ones_like(z))
 
 
 def test_an_unknown_runtime_choice_is_refused(gpt2, monkeypatch):
