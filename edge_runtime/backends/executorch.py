@@ -144,7 +144,8 @@ def shim_library() -> pathlib.Path:
         return target
     cxx = _compiler()
     if cxx is None:
-        raise _ShimUnavailable(f"no C++ compiler to build flexsfl's ExecuTorch shim{' ($CXX not found)' if os.environ.get('CXX') else ''}")
+        where = " ($CXX not found)" if os.environ.get("CXX") else ""
+        raise _ShimUnavailable(f"no C++ compiler to build flexsfl's ExecuTorch shim{where}")
     folder.mkdir(mode=0o700, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=folder)
     os.close(fd)
