@@ -161,8 +161,10 @@ class _OrtPrograms:
     """``top_train.onnx`` / ``top_eval.onnx`` in two ONNX Runtime sessions."""
 
     def __init__(self, bundle: Bundle, threads: int | None) -> None:
+        from flexsfl.edge_runtime.backends.ort import import_onnxruntime
+
         try:
-            import onnxruntime as ort
+            ort = import_onnxruntime()
         except ImportError as e:
             raise BackendError(f"onnxruntime is not installed ({e}); {INSTALL_HINTS['ort']}") from None
         opts = ort.SessionOptions()

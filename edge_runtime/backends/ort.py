@@ -42,7 +42,7 @@ from flexsfl.core.bundle import Bundle
 from flexsfl.core.errors import BackendError, BundleError
 from flexsfl.edge_runtime.backends import ProgramBackend, _first_line
 
-__all__ = ["OrtBackend", "check_runtime_version"]
+__all__ = ["OrtBackend", "check_runtime_version", "import_onnxruntime"]
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -103,6 +103,30 @@ def _shared_arena(ort) -> None:
         _ARENA.append(info)
 
 
+def import_onnxruntime():
+    """``import onnxruntime``, without the ``onnxruntime.training`` package where it is installed.
+
+    The x86 ``onnxruntime-training`` wheel checks its build at import by importing ORTModule,
+    which imports torch and onnx (2.7 s of CPU and ~500 MB per process here; the plain wheel a
+    device runs has no such check). The edge runtime runs inference sessions only, so that
+    import is turned away for the duration (the check then reports no ORTModule) and may still
+    happen later in the same process.
+    """
+    import sys
+
+    if "onnxruntime" in sys.modules or "onnxruntime.training" in sys.modules:
+        import onnxruntime
+
+        return onnxruntime
+    sys.modules["onnxruntime.training"] = None  # type: ignore[assignment]  # None: "import ... raises ImportError"
+    try:
+        import onnxruntime
+    finally:
+        if sys.modules.get("onnxruntime.training", 0) is None:
+            del sys.modules["onnxruntime.training"]
+    return onnxruntime
+
+
 class OrtBackend(ProgramBackend):
     name: ClassVar[str] = "ort"
 
@@ -111,7 +135,7 @@ class OrtBackend(ProgramBackend):
         """``runtime_version`` stands for the installed onnxruntime's version in the check (tests use it);
         ``share_weights=False`` gives each session its own weights (see the module docstring)."""
         try:
-            import onnxruntime as ort
+            ort = import_onnxruntime()
         except ImportError as e:
             raise BackendError(f"onnxruntime is not installed ({e}); pip install 'flexsfl[edge]'") from None
         check_runtime_version(bundle, runtime_version or ort.__version__)

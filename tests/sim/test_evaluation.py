@@ -78,3 +78,22 @@ def test_personal_accuracy_swaps_the_tensors_in(setup, which):
     after = host.state()  # the live model was not touched
     assert all(np.array_equal(after[n], before[n]) for n in before)
     assert ev.accuracy(examples) == _acc(_predict_by_hand(host, encoder, examples), examples)
+
+
+def test_logits_come_back_in_the_examples_order_with_less_padding(setup):
+    host, encoder, examples = setup
+    ev = Evaluator(host, encoder, batch_size=8)
+    got = ev.logits(examples)
+    rows = []
+    with torch.no_grad():  # each example alone, no padding at all
+        for e in examples:
+            enc = encoder.encode([e.text])
+            rows.append(host.loaded.model(input_ids=torch.from_numpy(enc.input_ids),
+                                          attention_mask=torch.from_numpy(enc.attention_mask)).logits.numpy())
+    want = np.concatenate(rows)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # batches are by length: the padded tokens are fewer than batching in the given order
+    lengths = [int(encoder.encode([e.text]).attention_mask.sum()) for e in examples]
+    in_order = sum(max(lengths[i:i + 8]) * len(lengths[i:i + 8]) for i in range(0, len(lengths), 8))
+    padded = sum(int(ids.numel()) for ids, *_ in ev._batches(examples))
+    assert padded < in_order
