@@ -30,6 +30,7 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -58,7 +59,7 @@ from flexsfl.sim.config import SimConfig
 from flexsfl.sim.data import cache_dir, prepare
 from flexsfl.sim.data.text_corpus import text_dataset
 from flexsfl.sim.eager_backend import full_model_trainer
-from flexsfl.sim.evaluation import Evaluator, label_prior_accuracies
+from flexsfl.sim.evaluation import Evaluator, accuracy_of, label_prior_accuracies
 from flexsfl.sim.results import collect, plot
 
 __all__ = ["simulate", "bundle_for"]
@@ -147,6 +148,9 @@ class _RoundEval:
         self.ev = Evaluator(host, encoder)
         self.union = partition.test
         self.own = {f"c{c.client}": c.test for c in partition.clients}
+        # where each client's own test split lies in the union test set (partition.test: client by client)
+        ends = np.cumsum([len(c.test) for c in partition.clients])
+        self.spans = {f"c{c.client}": (int(e - len(c.test)), int(e)) for c, e in zip(partition.clients, ends)}
         self.clients = partition.clients
         self.cfg = cfg
         self.personal: dict[str, dict] = {}
@@ -168,6 +172,15 @@ class _RoundEval:
         return out
 
     def __call__(self, r: int, uploads: dict) -> dict:
+        # Every client has reported and waits for the next round: the evaluation may use every core.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(threads, os.cpu_count() or 1))
+        try:
+            return self._evaluate(r, uploads)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _evaluate(self, r: int, uploads: dict) -> dict:
         cfg = self.cfg
         if self.lm:
             for cid, u in uploads.items():
@@ -178,8 +191,15 @@ class _RoundEval:
             for cid, u in uploads.items():
                 self.personal[cid] = u.params
         last = cfg.rounds - 1
-        out: dict[str, Any] = {"global_acc": self.ev.accuracy(self.union)} if cfg.global_every_round or r == last else {}
-        if (cfg.eval_every and r % cfg.eval_every == cfg.eval_every - 1) or r == last:
+        due = (cfg.eval_every and r % cfg.eval_every == cfg.eval_every - 1) or r == last
+        out: dict[str, Any] = {}
+        if cfg.global_every_round or due:
+            # The global model once on the union test set, which is the clients' own splits one after another:
+            # its rows also give each client's own-split scores below.
+            glob = self.ev.logits(self.union)
+            if cfg.global_every_round or r == last:
+                out["global_acc"] = accuracy_of(glob, self.union)
+        if due:
             gen, own = {}, {}
             for cid, params in sorted(self.personal.items()):
                 gen[cid] = self.ev.accuracy(self.union, params)
@@ -188,9 +208,10 @@ class _RoundEval:
             out["generalization"] = gen
             if own:
                 out["personal_server"] = own
-            out["label_prior"] = label_prior_accuracies(self.ev, self.clients, cfg.num_labels)  # the floor
+            rows = {cid: glob[a:b] for cid, (a, b) in self.spans.items()}
+            out["label_prior"] = label_prior_accuracies(self.ev, self.clients, cfg.num_labels, rows)  # the floor
             # the global model itself on each client's own split, beside what the client ends its round with
-            out["global_own"] = {cid: self.ev.accuracy(t) for cid, t in sorted(self.own.items())}
+            out["global_own"] = {cid: accuracy_of(rows[cid], t) for cid, t in sorted(self.own.items())}
         return out
 
 
