@@ -23,8 +23,8 @@ import numpy as np
 
 from flexsfl.benchmarks.stats import Interval, paired_difference, t_interval, verdict
 
-__all__ = ["METRICS", "PAIRED", "LM_METRICS", "LM_PAIRED", "CLIENT_SIDE", "is_lm", "incomplete", "summarize", "markdown",
-           "plot_suite"]
+__all__ = ["METRICS", "PAIRED", "LM_METRICS", "LM_PAIRED", "CLIENT_SIDE", "PLATEAU_ROUNDS", "PLATEAU_GAIN", "is_lm",
+           "incomplete", "plateau", "summarize", "markdown", "plot_suite"]
 
 # metric -> column title; every one gets a mean ± 95% CI over seeds
 # (the global model on each client's own split equals "global acc" when, as in every suite, the clients'
@@ -45,6 +45,9 @@ LM_PAIRED = ("personal_ppl", "generalization_ppl")
 # the metrics the clients report (personal accuracy, and the device clock and bytes built from their reports):
 # a run in which some client's report was lost (a reconnect under load) has them for part of the clients only
 CLIENT_SIDE = ("personal_acc", "device_s", "mb", "eval_mb")
+# Trained to a plateau: the mean personal accuracy gained over the last PLATEAU_ROUNDS rounds is under PLATEAU_GAIN
+# (for a causal LM: the personal perplexity fell by less than that fraction over them)
+PLATEAU_ROUNDS, PLATEAU_GAIN = 3, 0.01
 
 
 def is_lm(rows: Sequence[dict]) -> bool:
@@ -68,6 +71,26 @@ def _by_seed(rows: Sequence[dict], run: str, key: str) -> dict[int, float | None
 
 def _iv(iv: Interval, per_seed: dict | None = None) -> dict:
     return {"mean": iv.mean, "half": iv.half, "n": iv.n, **({"per_seed": per_seed} if per_seed is not None else {})}
+
+
+def plateau(rows: Sequence[dict], run: str) -> dict | None:
+    """How much run ``run`` still gained at the end: the mean over its complete seeds of its clients'
+    mean personal accuracy at the last round minus :data:`PLATEAU_ROUNDS` rounds before (a causal
+    LM: the relative fall of its personal perplexity), ``{"gain", "per_seed", "plateau"}``; None
+    when no seed has that many scored rounds."""
+    key = "personal_ppl" if is_lm(rows) else "personal_acc"
+    per_seed = {}
+    for r in rows:
+        if r["run"] != run or incomplete(r) or not r.get("out") or not (pathlib.Path(r["out"]) / "rounds.jsonl").is_file():
+            continue
+        ys = [x[key] for x in _rounds(r["out"]) if x.get(key) is not None]
+        if len(ys) > PLATEAU_ROUNDS:
+            a, b = ys[-1 - PLATEAU_ROUNDS], ys[-1]
+            per_seed[r["seed"]] = (a - b) / a if key == "personal_ppl" else b - a
+    if not per_seed:
+        return None
+    gain = float(np.mean(list(per_seed.values())))
+    return {"gain": gain, "per_seed": per_seed, "plateau": gain < PLATEAU_GAIN}
 
 
 def summarize(rows: Sequence[dict], reference: str) -> dict:
@@ -96,7 +119,9 @@ def summarize(rows: Sequence[dict], reference: str) -> dict:
                                                          _by_seed(rows, reference, "label_prior_acc"))
         if got:
             paired[FLOOR] = {"personal_acc": _iv(*got)}
-    return {"reference": reference, "lower_is_better": is_lm(rows), "intervals": intervals, "paired": paired}
+    plateaus = {run: got for run in runs if (got := plateau(rows, run)) is not None}
+    return {"reference": reference, "lower_is_better": is_lm(rows), "intervals": intervals, "paired": paired,
+            "plateau": plateaus}
 
 
 def _cell(d: dict | None, digits: int = 3, signed: bool = False) -> str:
@@ -147,6 +172,12 @@ def markdown(suite, rows: Sequence[dict], report: dict, left_out: Sequence[str] 
             out.append(f"| {run} | " + " | ".join(cells) + " |")
         if lm:  # a causal LM has no labels, so no label prior: the classifier's floor does not apply
             out.append(f"| {FLOOR} | — | — | — | — | — | — |")
+    if report.get("plateau"):
+        what = ("relative fall of personal perplexity" if lm else "personal accuracy gained")
+        out += ["", f"Trained to a plateau? The {what} over the last {PLATEAU_ROUNDS} rounds, mean over seeds "
+                    f"(under {PLATEAU_GAIN:g}: a plateau): "
+                + "; ".join(f"{run} {p['gain']:+.3f}{'' if p['plateau'] else ' (still rising)'}"
+                            for run, p in report["plateau"].items()) + "."]
     if left_out:
         why = dict(left_out) if isinstance(left_out, Mapping) else dict.fromkeys(left_out, "no such strategy on the "
                                                                                           "server yet")

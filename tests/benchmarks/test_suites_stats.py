@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import pathlib
 
 import pytest
 
@@ -128,3 +129,33 @@ def test_a_perplexity_suite_lower_is_better_and_no_floor(tmp_path):
     assert "floor: global + prior" not in md and "test texts per client" in md
     png = plot_suite(SUITES["lm"], rows, tmp_path / "lm.png")
     assert png.stat().st_size > 10_000
+
+
+def test_plateau_is_the_gain_over_the_last_rounds(tmp_path):
+    """A run whose personal accuracy still rises over its last 3 rounds is "still rising"; one that
+    gained under 0.01 over them is at a plateau; a run with too few rounds has no verdict."""
+    from flexsfl.benchmarks.suite_report import plateau
+
+    curves = {"rising": [0.4, 0.6, 0.7, 0.75, 0.8], "flat": [0.4, 0.8, 0.85, 0.852, 0.856], "short": [0.5, 0.6]}
+    rows = []
+    for run, ys in curves.items():
+        for seed, shift in enumerate((0.0, 0.01)):
+            out = tmp_path / run / f"seed{seed}"
+            out.mkdir(parents=True)
+            (out / "rounds.jsonl").write_text("".join(json.dumps({"round": k, "personal_acc": y + shift}) + "\n"
+                                                      for k, y in enumerate(ys)))
+            rows.append({"run": run, "seed": seed, "out": str(out), "clients": 4, "clients_reported": 4, "splits": "1,5",
+                         "personal_acc": ys[-1] + shift})
+    rising, flat = plateau(rows, "rising"), plateau(rows, "flat")
+    assert rising["gain"] == pytest.approx(0.8 - 0.6) and not rising["plateau"]
+    assert flat["gain"] == pytest.approx(0.856 - 0.8) and not flat["plateau"]  # 0.056 over 3 rounds: not flat yet
+    assert plateau(rows, "short") is None
+    rows = [r for r in rows if r["run"] != "short"]
+    for r in rows:  # the flat run's last three rounds within 0.006
+        if r["run"] == "flat":
+            (pathlib.Path(r["out"]) / "rounds.jsonl").write_text("".join(
+                json.dumps({"round": k, "personal_acc": y}) + "\n" for k, y in enumerate([0.4, 0.8, 0.85, 0.852, 0.853, 0.854])))
+    report = summarize(rows, reference="rising")
+    assert report["plateau"]["flat"]["plateau"] and report["plateau"]["flat"]["gain"] == pytest.approx(0.004)
+    md = markdown(SUITES["supersense-a0.1"], rows, report)
+    assert "rising +0.200 (still rising)" in md and "flat +0.004." in md
