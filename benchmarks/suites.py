@@ -20,8 +20,10 @@ the strategies can be compared seed by seed (:mod:`flexsfl.benchmarks.stats`).
   :data:`LM_RUNS`; :data:`LM_UNSUITED` says why not the others.
 
 Every suite has the demo's 4 devices (rpi4, rpi4, rpi5, jetson-orin: the planner picks their
-splits) and is sized for a shared 2-core machine: MiniLM, T ≤ 48, 4 rounds × τ = 10 steps of
-B = 8 (320 of ≤ 400 training examples per client: a fixed small budget, not a plateau), exactly
+splits) and is sized for a shared 2-core machine: MiniLM, T ≤ 48, 10 rounds × τ = 10 steps of
+B = 8 (two passes over ≤ 400 training examples per client: long enough that FlexP-SFL's and SplitFed's
+personal accuracy levels off — the report says how much each run still gained over its last 3
+rounds, :func:`~flexsfl.benchmarks.suite_report.plateau`), exactly
 200 test examples per client. The clients run as tasks of the
 benchmark's process (``in_process``: the same websocket transport on loopback, without six
 interpreters starting under load), so wall time here is not a device's: the device clock is the
@@ -43,7 +45,7 @@ __all__ = ["Suite", "SUITES", "SUITE_RUNS", "LM_RUNS", "LM_UNSUITED", "LM_TEST",
 # of the paired differences), then its baselines. Names are keys of accuracy.RUNS; a name whose
 # strategy the server does not register (yet) is left out with a note.
 SUITE_RUNS = ("flexpsfl", "flexpsfl-l0", "flexpsfl-l0.01", "flexpsfl-l1", "flexpsfl-logit", "flexpsfl-logit-l1",
-              "flexpsfl-u", "splitfed", "splitfed-ft",
+              "flexpsfl-u", "flexpsfl-u-l0", "flexpsfl-u-l1", "splitfed", "splitfed-ft",
               "fedavg", "fedavg-ft", "fedper", "fedrep", "ditto", "local")
 
 _FOUR = ("rpi4", "rpi4", "rpi5", "jetson-orin")  # the demo's devices: the planner picks different splits
@@ -87,7 +89,7 @@ def _supersense(alpha: float) -> Suite:
         what=f"WordNet noun gloss -> 10 supersenses, 4 clients, Dirichlet label skew α = {alpha:g}",
         config=SimConfig(
             model="minilm", data="supersense", partition="dirichlet", alpha=alpha, clients=4, profiles=_FOUR,
-            rounds=4, local_steps=10, batch_size=8, lr=2e-3, optimizer="adamw", max_seq=48,
+            rounds=10, local_steps=10, batch_size=8, lr=2e-3, optimizer="adamw", max_seq=48,
             max_train=400, max_test=200, min_examples=1000,  # 1000 x test share 0.2 = a full 200-example test split
             eval_every=0, global_every_round=False, bundle_seed=0, in_process=True),
     )
@@ -101,7 +103,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
         what="VADER's 4 natural domains, one per client (binary sentiment under domain shift)",
         config=SimConfig(
             model="minilm", data="vader", partition="natural", clients=4, profiles=_FOUR,
-            rounds=4, local_steps=10, batch_size=8, lr=2e-3, optimizer="adamw", max_seq=48,
+            rounds=10, local_steps=10, batch_size=8, lr=2e-3, optimizer="adamw", max_seq=48,
             max_train=400, max_test=200, eval_every=0, global_every_round=False, bundle_seed=0, in_process=True),
     ),
     Suite(
