@@ -172,15 +172,6 @@ class _RoundEval:
         return out
 
     def __call__(self, r: int, uploads: dict) -> dict:
-        # Every client has reported and waits for the next round: the evaluation may use every core.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(threads, os.cpu_count() or 1))
-        try:
-            return self._evaluate(r, uploads)
-        finally:
-            torch.set_num_threads(threads)
-
-    def _evaluate(self, r: int, uploads: dict) -> dict:
         cfg = self.cfg
         if self.lm:
             for cid, u in uploads.items():
