@@ -206,6 +206,7 @@ class HeadTrainer:
         self.encoder = TextEncoder.from_bundle(bundle)
         self.train_set = list(train)
         self.test_set = list(test)
+        self._eval_order: list[Example] | None = None  # test_set by token count (eval_batches)
         self.seed = seed
         self.task = m.model.task
         self.eval_batch_size = min(eval_batch_size or m.max_batch, m.max_batch)
@@ -355,9 +356,14 @@ class HeadTrainer:
 
     # -- evaluation ----------------------------------------------------------------------------
     def eval_batches(self) -> Iterator[Step]:
-        """Forward passes over the local test split (no gradient kept)."""
-        for i in range(0, len(self.test_set), self.eval_batch_size):
-            batch = self.test_set[i : i + self.eval_batch_size]
+        """Forward passes over the local test split (no gradient kept), in batches of similar length
+        (the split sorted by token count once, each batch padded to its longest), so little of the
+        device's and the server's work is padding; the score is a count, whatever the order."""
+        if self._eval_order is None:
+            lengths = self.encoder.encode([e.text for e in self.test_set]).attention_mask.sum(axis=1)
+            self._eval_order = [self.test_set[j] for j in np.argsort(lengths, kind="stable")]
+        for i in range(0, len(self._eval_order), self.eval_batch_size):
+            batch = self._eval_order[i : i + self.eval_batch_size]
             enc = self.encoder.encode([e.text for e in batch])
             z = self.backend.forward(enc.input_ids, enc.attention_mask, keep=False)
             yield Step(z, enc.attention_mask, self._labels(batch, enc.input_ids, enc.attention_mask))
