@@ -16,7 +16,7 @@ thread, x86-64, Python 3.11, ``flexsfl bench memory``); split 5 was held out. Pe
 
     runtime                               fixed   measured (MiniLM s = 1, 3, 5; SmolLM2 s = 2)   model
     ort (onnxruntime 1.19, no torch)      43 MB   187, 264, 333; 351                              187, 263, 339; 350
-    executorch 1.5.1 (XNNPACK, C shim)     8 MB   213, 300, 430; SMOLLM2_TBD                        205, 313, 421; SMOLLM2_PRED
+    executorch 1.5.1 (XNNPACK, C shim)     8 MB   211, 311, 427; 387                              197, 300, 403; 406
     torch 2.13 eager (reference)         447 MB   581, 695, 768; 740                              580, 681, 781; 755
 
 The edge process itself (Python, numpy, tokenizers, websockets, safetensors) is 35 MB
@@ -24,18 +24,16 @@ The edge process itself (Python, numpy, tokenizers, websockets, safetensors) is 
 Runtime backend holds the frozen weights once (both sessions read one mapping of
 ``weights.bin``) and the saved activations about 1.4 times (the OrtValues handed from the forward
 to the backward, plus what the arena both sessions share keeps of the forward's temporaries).
-ExecuTorch holds its weights twice (the program's and XNNPACK's packed copies) and the
-activations 2.4 times (the forward's planned arena, the outputs handed to Python, the backward's
-planned inputs); it plans memory for the bundle's ``max_batch``, which ``flexsfl export`` sets
-to the training batch unless told otherwise, so predict with the batch the bundle was exported
-for. The backend runs it through flexsfl's C shim over ExecuTorch's C++ libraries (no torch: 43 MB
-of RSS with the runtime loaded, against 235 MB through the torch-linked Python bindings, which
+ExecuTorch plans memory for the bundle's ``max_batch``, which ``flexsfl export`` sets to the
+training batch unless told otherwise, so predict with the batch the bundle was exported for.
+The backend runs it through flexsfl's C shim over ExecuTorch's C++ libraries (no torch: 40 MB
+of RSS with the runtime loaded, against 232 MB through the torch-linked Python bindings, which
 this model no longer describes): a kept forward copies its saved activations straight into the
 backward's planned inputs, and each method's planned memory is released after it runs, so a
-step holds one arena at a time plus the staged activations (1.8 copies of the saved activations
-and 2.7 blocks' worth of workspace, fitted on MiniLM 1, 3, 5; benchmarks/README §12). With
-``FLEXSFL_EXECUTORCH_LOW_MEMORY=0`` both arenas stay resident (faster, +33–78 MB at MiniLM 1–5;
-not modelled). (On x86, the ``onnxruntime-training`` 1.19.2 wheel imports torch
+step holds one arena at a time plus the staged activations (2.0 copies of the saved activations
+and 2.5 blocks' worth of workspace; benchmarks/README §12). With
+``FLEXSFL_EXECUTORCH_LOW_MEMORY=0`` both arenas stay resident (faster, +33–77 MB at MiniLM 1–5,
++77 MB at SmolLM2 2; not modelled). (On x86, the ``onnxruntime-training`` 1.19.2 wheel imports torch
 when torch is installed, ~200 MB more; a device runs the plain ``onnxruntime`` wheel, as measured
 here.)
 """
@@ -89,16 +87,17 @@ RUNTIMES = {
     "ort": Runtime(fixed_mb=43.0, block_weight_copies=1, activation_copies=1.4, workspace_blocks=1.0,
                    top_weight_copies=4.0, top_activation_copies=2.3, top_io_copies=5.4, top_fixed_mb=0.8),
     # Through flexsfl's C shim (no torch; 8 MB on top of Python with ExecuTorch's libraries
-    # loaded): the .pte's weights (mapped, read while XNNPACK packs them) plus XNNPACK's packed
-    # copies; the saved activations in the forward's arena and staged in the backward's planned
-    # inputs, each method's arena released after it runs (the larger of forward + staged and the
-    # backward's arena, ~1.8 copies of the saved activations plus 2.7 blocks' workspace, fitted
-    # on MiniLM 1, 3, 5 with the fixed part pinned to the measured runtime). Memory is planned for
+    # loaded): the block weights count once (XNNPACK's packed copies; the .pte is mapped, not
+    # read into memory); the saved activations in the forward's arena and staged in the
+    # backward's planned inputs, each method's arena released after it runs (the larger of
+    # forward + staged and the backward's arena: ~2 copies of the saved activations plus 2.5
+    # blocks' workspace, fitted on MiniLM 1, 3 and SmolLM2 2 with the fixed part pinned to the
+    # measured runtime; MiniLM 5 held out, -6 %). Memory is planned for
     # the bundle's max batch, which export sets to the training batch by default (plan with the
     # batch the bundle was exported for).
     # The top's methods live in the same .pte and run without the staging/release; not measured
     # yet, so the constants of the head before the shim.
-    "executorch": Runtime(fixed_mb=8.0, block_weight_copies=2, activation_copies=1.8, workspace_blocks=2.7,
+    "executorch": Runtime(fixed_mb=8.0, block_weight_copies=1, activation_copies=2.0, workspace_blocks=2.5,
                           top_weight_copies=2, top_activation_copies=2.4, top_io_copies=2),
     # Autograd keeps the activations about twice (views and the graph's own copies); torch,
     # transformers and peft are most of the fixed part.
