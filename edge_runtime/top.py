@@ -11,7 +11,7 @@ float32 arrays by canonical (PEFT) name in the programs' input order, loaded fro
 ``top.adapter`` file. Two runtimes, chosen like the head's backend:
 
 - ``ort``: ``ort/top_train.onnx`` and ``ort/top_eval.onnx`` in ONNX Runtime; no torch;
-- ``executorch``: methods ``top_train`` / ``top_eval`` of the bundle's ``.pte`` (needs torch).
+- ``executorch``: methods ``top_train`` / ``top_eval`` of the bundle's ``.pte`` (the torch-free shim).
 
 Every input is checked before a program runs (shape, dtype, bounds, label range, finite ``H``);
 a bad one is a one-line :class:`ConfigError` and changes nothing.

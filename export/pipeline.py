@@ -55,7 +55,8 @@ def target_notes(target: TargetProfile, backends: tuple[str, ...]) -> list[str]:
             "training artifacts (ort/training) need ONNX Runtime built from source with --enable_training."
         )
     if "executorch" in backends:
-        notes.append("the executorch backend needs torch on the device (ExecuTorch's Python bindings link libtorch)")
+        notes.append("the executorch backend builds a small C shim over ExecuTorch's runtime with g++ once per device "
+                     "(no torch); without a compiler it falls back to ExecuTorch's Python bindings, which need torch")
     return notes
 
 

@@ -15,8 +15,9 @@ Each runtime lives in its own module, imported only when chosen, so that an unst
 API is touched in one file and a missing runtime gives one clear error:
 
 - ``ort``: ONNX Runtime (``forward.onnx`` + ``backward.onnx``); no torch needed.
-- ``executorch``: ExecuTorch (one ``.pte`` with ``forward`` and ``backward`` methods); its Python
-  bindings need torch.
+- ``executorch``: ExecuTorch (one ``.pte`` with ``forward`` and ``backward`` methods), through a C shim
+  over the wheel's runtime built once with g++ (no torch); ExecuTorch's own Python bindings, which
+  link libtorch, only where no compiler is found.
 - ``torch``: eager PyTorch, the reference for tests and benchmarks; it needs the model code and
   lives in :mod:`flexsfl.sim.eager_backend`, which registers it here (:func:`register_backend`)
   when imported.
@@ -232,5 +233,5 @@ def register_backend(cls: "type[Backend]", *, reference: bool = False) -> None:
 
 INSTALL_HINTS = {
     "ort": "pip install 'flexsfl[edge]' (onnxruntime-training on x86_64, onnxruntime on aarch64)",
-    "executorch": "pip install 'flexsfl[edge-executorch]' (needs torch)",
+    "executorch": "pip install 'flexsfl[edge-executorch]' (and g++ once, to build its torch-free shim)",
 }
