@@ -37,9 +37,7 @@ __all__ = ["MARKS", "TreeSampler", "phase_table", "main"]
 # (phase, regex of the log line that ends it): the first match of each, in the order they happen.
 MARKS = (
     ("start-up, data, model", r"flexsfl\.models INFO loaded"),
-    ("first bundle ready", r"bundle \S+ ready"),
     ("server listening", r"server listening"),
-    ("every bundle ready", r"every bundle ready"),
     ("clients connected", r"round 0: "),
     ("rounds (training + per-round eval)", r"round \d+ done in"),  # the last round's line (see phase_table)
     ("table, plot, exit", r"$^"),  # the process's exit

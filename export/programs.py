@@ -237,12 +237,14 @@ def build_head_programs(
 
 
 def export_programs(
-    programs: HeadPrograms, *, transform: Callable[[fx.GraphModule], None] | None = None
+    programs: HeadPrograms, *, transform: Callable[[fx.GraphModule], None] | None = None, aten: bool = False
 ) -> tuple[ExportedProgram, ExportedProgram]:
     """Both programs as ``torch.export`` programs with dynamic ``batch``/``seq`` (for lowering).
 
     ``transform`` edits a copy of each GraphModule before it is traced (a runtime's preferred
-    form of some ops); ``programs`` is not changed.
+    form of some ops); ``programs`` is not changed. ``aten``: traced once straight to the
+    functional ATen graph that ``run_decompositions`` would make of the default (training IR)
+    export, for a lowering that would otherwise trace it a second time (ONNX: ``lower_onnx``).
 
     Traced size-obliviously: otherwise the solver meets guards from contiguity checks on the
     backward's reshaped inputs (``seq*min(8, 8*seq) == 8*seq``) that hold for every size but
@@ -252,18 +254,18 @@ def export_programs(
     bounds = programs.bounds()
     return (
         export_program("forward", programs.forward, programs.forward_spec, programs.example_forward_args(), bounds,
-                       transform=transform),
+                       transform=transform, aten=aten),
         export_program("backward", programs.backward, programs.backward_spec, programs.example_backward_args(), bounds,
-                       transform=transform),
+                       transform=transform, aten=aten),
     )
 
 
 def export_program(which: str, gm: fx.GraphModule, spec: ProgramSpec, args: tuple[torch.Tensor, ...],
                    bounds: dict[str, tuple[int, int]], *,
-                   transform: Callable[[fx.GraphModule], None] | None = None) -> ExportedProgram:
+                   transform: Callable[[fx.GraphModule], None] | None = None, aten: bool = False) -> ExportedProgram:
     """One program (``gm`` taking ``spec.inputs``) as a ``torch.export`` program whose named dims
     have exactly ``bounds``; traced at ``args``, on a copy edited by ``transform`` (see
-    :func:`export_programs`). Every program this package builds is re-exported through here."""
+    :func:`export_programs`, also for ``aten``). Every program this package builds is re-exported through here."""
     dims = {name: Dim(name, min=lo, max=hi) for name, (lo, hi) in bounds.items()}
     if transform is not None:
         gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
@@ -274,11 +276,33 @@ def export_program(which: str, gm: fx.GraphModule, spec: ProgramSpec, args: tupl
     shapes = tuple({i: dims[s] for i, s in enumerate(t.shape) if isinstance(s, str)} or None for t in spec.inputs)
     try:
         with torch.fx.experimental._config.patch(backed_size_oblivious=True):
-            ep = torch.export.export(gm, args, dynamic_shapes=shapes, strict=False)
+            if aten:  # aot dispatch: functionalized, composite ops decomposed (torch.export's own run_decompositions route)
+                ep = torch.export._trace._export(gm, args, dynamic_shapes=shapes, strict=False, pre_dispatch=False)
+            else:
+                ep = torch.export.export(gm, args, dynamic_shapes=shapes, strict=False)
     except Exception as e:
         raise ExportError(f"re-exporting the {which} program failed: {type(e).__name__}: {_first_line(e)}") from e
     _check_dynamic(ep, spec, bounds, which)
+    if aten:
+        _drop_identity_expands(ep)
     return ep
+
+
+def _drop_identity_expands(ep: ExportedProgram) -> None:
+    """Remove ``expand`` nodes whose output has their input's (symbolic) shape, as a retrace of the
+    training IR does: the one-trace ``aten`` route then gives the same graph as the two-trace one."""
+    graph = ep.graph_module.graph
+    for n in list(graph.nodes):
+        if n.op == "call_function" and n.target is _aten.expand.default:
+            src = n.args[0]
+            if _val(src) is None or _val(n) is None:
+                continue
+            a, b = _val(src).shape, _val(n).shape
+            if len(a) == len(b) and all(str(x) == str(y) for x, y in zip(a, b)):
+                n.replace_all_uses_with(src)
+                graph.erase_node(n)
+    graph.lint()
+    ep.graph_module.recompile()
 
 
 def _check_dynamic(ep: ExportedProgram, spec: ProgramSpec, bounds: dict, which: str) -> None:
