@@ -21,7 +21,7 @@ from websockets.asyncio.client import connect
 from flexsfl.core.bundle import load_bundle
 from flexsfl.core.wire import Activations, Connection, Role
 
-from tests.integration.raw_frames import answer, join_round, nan_in_last_tensor, run_cases
+from tests.integration.raw_frames import answer, bad_z_ref_frame, join_round, run_cases
 
 CASES = ("shape", "nan", "missing", "eval")
 
@@ -35,13 +35,7 @@ async def one(case: str, port: int, bundle, token: str) -> dict:
         good = Activations(round_id=cfg.round_id, step_id=0, mode="eval" if case == "eval" else "train", z=z,
                            attention_mask=np.ones((2, 6), np.int64), labels=np.array([0, 1]),
                            z_ref=None if case == "missing" else z + 0.1, encoding="fp32")
-        if case == "shape":  # a frame no honest sender can build: Z' one token short (the message checks on construction)
-            object.__setattr__(good, "z_ref", np.ascontiguousarray(good.z_ref[:, :5]))
-            frame = good.serialize()
-        elif case == "nan":
-            frame = nan_in_last_tensor(good.serialize(), z.nbytes)  # z_ref is the last tensor
-        else:
-            frame = good.serialize()
+        frame = bad_z_ref_frame(case, good)
         await ws.send(frame)
         return {"alignment": cfg.alignment, **await answer(ws)}
 

@@ -13,11 +13,12 @@ import json
 import math
 import struct
 
+import numpy as np
 from websockets.exceptions import ConnectionClosed
 
 from flexsfl.core.wire import Adapters, Connection, Error, Hello, RoundConfig, parse
 
-__all__ = ["join_round", "answer", "nan_in_last_tensor", "run_cases"]
+__all__ = ["join_round", "answer", "nan_in_last_tensor", "bad_z_ref_frame", "run_cases"]
 
 
 async def join_round(ws, conn: Connection, manifest, client_id: str, token: str, top: int | None = None) -> RoundConfig:
@@ -53,6 +54,18 @@ def nan_in_last_tensor(frame: bytes, nbytes: int) -> bytes:
     out = bytearray(frame)
     out[-nbytes:-nbytes + 4] = struct.pack("<f", math.nan)
     return bytes(out)
+
+
+def bad_z_ref_frame(case: str, step) -> bytes:
+    """The frame of an Activations ``step`` that carries Z' (its last tensor), spoiled for ``case``:
+    ``shape``, Z' one token short (a frame no honest sender can build: the message checks on
+    construction); ``nan``, a NaN in Z'; any other case, the step as it is."""
+    if case == "shape":
+        object.__setattr__(step, "z_ref", np.ascontiguousarray(step.z_ref[:, :5]))
+        return step.serialize()
+    if case == "nan":
+        return nan_in_last_tensor(step.serialize(), step.z_ref.nbytes)
+    return step.serialize()
 
 
 async def run_cases(cases, one, token_dir: str, out_path: str) -> None:
