@@ -52,13 +52,25 @@ from flexsfl.core.errors import ConfigError, TensorError
 from flexsfl.edge_runtime.optim import make_optimizer
 from flexsfl.edge_runtime.text import TextEncoder, TokenBatch
 
-__all__ = ["RoundSettings", "Step", "RoundStats", "BatchCursor", "Trainer", "HeadTrainer"]
+__all__ = ["RoundSettings", "Step", "RoundStats", "BatchCursor", "Trainer", "HeadTrainer", "write_device_state"]
 
 log = logging.getLogger("flexsfl.edge.trainer")
 
 _STATE_FILE = "personal.safetensors"
 _META_FILE = "personal.json"
 
+
+
+def write_device_state(tensors_path: pathlib.Path, meta_path: pathlib.Path, tensors: Mapping[str, np.ndarray],
+                       meta: dict) -> None:
+    """A device's state on disk: ``tensors`` (safetensors) and ``meta`` (sorted JSON), written
+    atomically, data first and sidecar last, so the JSON never describes tensors that are not on disk."""
+    from safetensors.numpy import save_file
+
+    atomic_write_many({
+        tensors_path: lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp)),
+        meta_path: lambda tmp: tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"),
+    })
 
 @dataclasses.dataclass(frozen=True)
 class RoundSettings:
@@ -377,8 +389,6 @@ class HeadTrainer:
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self) -> None:
-        from safetensors.numpy import save_file
-
         assert self.state_dir is not None
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tensors = {f"theta/{k}": v for k, v in self.backend.get_params().items()}
@@ -388,11 +398,7 @@ class HeadTrainer:
             tensors.update({f"opt/{k}": v for k, v in self._optimizer.state_dict().items()})
         meta = {"layout_hash": self.bundle.manifest.layout_hash, "epoch": self.cursor.epoch, "position": self.cursor.position,
                 "last_round": self.last_round, "optimizer": list(self._opt_key) if self._opt_key else None}
-        # Data first, sidecar last: the JSON never describes tensors that are not on disk.
-        atomic_write_many({
-            self.state_dir / _STATE_FILE: lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp)),
-            self.state_dir / _META_FILE: lambda tmp: tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"),
-        })
+        write_device_state(self.state_dir / _STATE_FILE, self.state_dir / _META_FILE, tensors, meta)
 
     def _restore(self) -> None:
         from safetensors.numpy import load_file

@@ -48,7 +48,7 @@ from flexsfl.core.bundle import Bundle
 from flexsfl.core.errors import ConfigError
 from flexsfl.edge_runtime.data import Example
 from flexsfl.edge_runtime.text import TextEncoder
-from flexsfl.edge_runtime.trainer import BatchCursor, RoundSettings, RoundStats
+from flexsfl.edge_runtime.trainer import BatchCursor, RoundSettings, RoundStats, write_device_state
 
 __all__ = ["FullModelTrainer", "proximal_grad_"]
 
@@ -224,10 +224,6 @@ class FullModelTrainer:
     # -- persistence ---------------------------------------------------------------------------
     def save(self) -> None:
         """Write the device's model, Ditto's ``v_k``, the optimizers' state and the data cursor to ``state_dir``."""
-        from safetensors.numpy import save_file
-
-        from flexsfl.core.atomic import atomic_write_many
-
         assert self.state_dir is not None
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tensors = {f"model/{n}": p.detach().numpy().copy() for n, p in self.params.items()}
@@ -246,11 +242,7 @@ class FullModelTrainer:
         meta = {"layout_hash": self.bundle.manifest.layout_hash, "epoch": self.cursor.epoch,
                 "position": self.cursor.position, "last_round": self.last_round, "started": self._started,
                 "optimizer": list(self._opt_key) if self._opt_key else None, "scalars": scalars}
-        # Data first, sidecar last: the JSON never describes tensors that are not on disk.
-        atomic_write_many({
-            self.state_dir / _STATE_FILE: lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp)),
-            self.state_dir / _META_FILE: lambda tmp: tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"),
-        })
+        write_device_state(self.state_dir / _STATE_FILE, self.state_dir / _META_FILE, tensors, meta)
 
     def _restore(self) -> None:
         import torch
