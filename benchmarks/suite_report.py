@@ -23,7 +23,7 @@ import numpy as np
 
 from flexsfl.benchmarks.stats import Interval, paired_difference, t_interval, verdict
 
-__all__ = ["METRICS", "PAIRED", "LM_METRICS", "LM_PAIRED", "CLIENT_SIDE", "PLATEAU_ROUNDS", "PLATEAU_GAIN", "is_lm",
+__all__ = ["METRICS", "PAIRED", "LM_METRICS", "LM_PAIRED", "CLIENT_SIDE", "FINE_TUNED", "NO_FINE_TUNE", "PLATEAU_ROUNDS", "PLATEAU_GAIN", "is_lm",
            "incomplete", "plateau", "summarize", "markdown", "plot_suite"]
 
 # metric -> column title; every one gets a mean ± 95% CI over seeds
@@ -34,6 +34,11 @@ METRICS = {"personal_acc": "personal acc", "generalization_acc": "generalization
            "eval_mb": "eval MB", "train_s": "wall here (s)"}
 PAIRED = ("personal_acc", "generalization_acc")  # compared seed by seed against the reference
 FLOOR = "floor (same run)"  # the reference's personal accuracy against its own run's global + label prior
+# Strategies whose ``personal_acc`` is *global + local fine-tune* (sim/results.OWN_MODEL): the same run also gives the
+# plain global model on each client's own split (``global_own_acc``), the baseline without the fine-tune, paired as
+# "<run>, global (no fine-tune)" (personal accuracy only: the global model's generalization is the global acc column)
+FINE_TUNED = ("splitfed", "fedavg")
+NO_FINE_TUNE = "{run}, global (no fine-tune)"
 # a causal LM: perplexities on each client's own held-out text (personal, global, before training) and of each
 # personal model on the other clients' texts, means over clients (server-side: scored on what the clients upload)
 LM_METRICS = {"personal_ppl": "personal ppl", "generalization_ppl": "generalization ppl", "global_ppl": "global ppl",
@@ -96,7 +101,7 @@ def plateau(rows: Sequence[dict], run: str) -> dict | None:
 def summarize(rows: Sequence[dict], reference: str) -> dict:
     """``{"reference", "lower_is_better", "intervals": {run: {metric: {mean, half, n}}}, "paired": {run:
     {metric: {mean, half, n, per_seed}}}}``; paired holds every other run and, for a classifier,
-    :data:`FLOOR`, when the reference ran."""
+    :data:`FLOOR` and each fine-tuned baseline's global model (:data:`NO_FINE_TUNE`), when the reference ran."""
     runs = list(dict.fromkeys(r["run"] for r in rows))
     metrics, pairs = _measures(rows)
     intervals = {}
@@ -115,6 +120,10 @@ def summarize(rows: Sequence[dict], reference: str) -> dict:
                 got = paired_difference(_by_seed(rows, reference, key), _by_seed(rows, run, key))
                 if got:
                     paired.setdefault(run, {})[key] = _iv(*got)
+            if not is_lm(rows) and any(r["run"] == run and r.get("strategy") in FINE_TUNED for r in rows):
+                got = paired_difference(_by_seed(rows, reference, "personal_acc"), _by_seed(rows, run, "global_own_acc"))
+                if got:
+                    paired[NO_FINE_TUNE.format(run=run)] = {"personal_acc": _iv(*got)}
         got = None if is_lm(rows) else paired_difference(_by_seed(rows, reference, "personal_acc"),
                                                          _by_seed(rows, reference, "label_prior_acc"))
         if got:
@@ -165,7 +174,7 @@ def markdown(suite, rows: Sequence[dict], report: dict, left_out: Sequence[str] 
                 "| per seed | verdict |", "|---|---|---|---|---|---|---|"]
         for run, d in report["paired"].items():
             cells = []
-            for key in (("personal_acc", "generalization_acc") if run == FLOOR else pairs):
+            for key in (("personal_acc", "generalization_acc") if run not in report["intervals"] else pairs):
                 x = d.get(key)
                 per = "—" if x is None else ", ".join(f"{v:+.{d2}f}" for _, v in sorted(x["per_seed"].items()))
                 cells += [_cell(x, d2, True), per, _verdict(x, lm)]

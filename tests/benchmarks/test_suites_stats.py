@@ -76,6 +76,19 @@ def test_summarize_and_the_table():
     assert "Seeds 0, 1, 2; 4 clients" in md
 
 
+def test_a_fine_tuned_baseline_is_also_paired_as_its_plain_global_model():
+    """SplitFed's personal accuracy is global + local fine-tune; its global model on each client's own split is
+    the baseline without it, paired from the same run (and never for a strategy with personal models)."""
+    rows = [{**r, "strategy": r["run"], "global_own_acc": g} for r, g in zip(_rows(), (0.5, 0.5, 0.5, 0.78, 0.80, 0.79))]
+    report = summarize(rows, reference="flexpsfl")
+    plain = report["paired"]["splitfed, global (no fine-tune)"]
+    assert list(plain) == ["personal_acc"] and plain["personal_acc"]["per_seed"] == pytest.approx({0: 0.12, 1: 0.12, 2: 0.15})
+    assert not any(k.startswith("flexpsfl,") for k in report["paired"])
+    md = markdown(SUITES["supersense-a0.1"], rows, report)
+    line = next(ln for ln in md.splitlines() if ln.startswith("| splitfed, global (no fine-tune) |"))
+    assert "+0.130 ±" in line and line.split(" | ")[3] == "wins" and line.rstrip(" |").endswith("— | —"), line
+
+
 def test_a_run_with_lost_client_metrics_is_left_out_of_client_side_means():
     rows = _rows()
     rows[3] = {**rows[3], "clients": 4, "clients_reported": 2, "personal_acc": 0.10, "device_s": 1.0}  # splitfed seed 0
