@@ -59,6 +59,7 @@ def test_suite_two_seeds_end_to_end(tiny_model_dirs, tmp_path, capsys, monkeypat
         sum(a["personal_acc"] - b["personal_acc"] for a, b in zip(rows[:2], rows[2:])) / 2)
     assert "| flexpsfl |" in md and "Paired differences, flexpsfl − run" in md and md == (out / "suite.md").read_text()
     assert (out / "supersense-a0.5.png").stat().st_size > 10_000
+    assert "2 rounds × τ = 2" in md  # the --rounds the runs had, not the suite's default
     capsys.readouterr()
     again, _ = accuracy.run_accuracy(_args(tmp_path), **tiny)  # finished runs are reused, not run again
     assert capsys.readouterr().out.count("(reused)") == 4 and again == rows
