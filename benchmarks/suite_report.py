@@ -153,7 +153,7 @@ def markdown(suite, rows: Sequence[dict], report: dict, left_out: Sequence[str] 
     one = rows[0] if rows else {}
     what = "texts" if lm else "examples"
     out = [f"**{suite.name}**: {suite.what}. Seeds {', '.join(map(str, seeds))}; {cfg.clients} clients "
-           f"({', '.join(cfg.profiles or ())}), {one.get('rounds', cfg.rounds)} rounds × τ = {cfg.local_steps}, "
+           f"({', '.join(cfg.profiles or ())}), {one.get('rounds', cfg.rounds)} rounds × τ = {one.get('local_steps', cfg.local_steps)}, "
            f"B = {cfg.batch_size}, T ≤ {cfg.max_seq}, {cfg.optimizer} lr {cfg.lr:g}, ≤ {cfg.max_train} train / "
            f"{cfg.max_test} test {what} per client. Mean ± 95% t-interval over seeds "
            f"(no ± with one seed)" + ("; perplexity: lower is better." if lm else "."), ""]
