@@ -16,7 +16,7 @@ import json
 import pytest
 
 from flexsfl.benchmarks import accuracy
-from flexsfl.benchmarks.suites import LM_TEST, SUITES, left_out_why, suite_runs
+from flexsfl.benchmarks.suites import SUITES, left_out_why, suite_runs
 from flexsfl.core.errors import ConfigError
 
 
@@ -75,8 +75,8 @@ def test_unknown_or_unregistered_runs_are_one_clear_error(tmp_path):
     names, missing = suite_runs(None)
     assert names[0] == "flexpsfl" and {"flexpsfl-l0", "flexpsfl-l1", "splitfed", "fedavg", "local"} <= set(names)
     assert not set(names) & set(missing)
-    for suite in SUITES.values():  # ≥ 200 test examples per client (lm: see LM_TEST), a device profile per client
-        assert suite.config.max_test >= (LM_TEST if suite.lower_is_better else 200)
+    for suite in SUITES.values():  # ≥ 200 test examples per client, a device profile per client
+        assert suite.config.max_test >= 200
         assert len(suite.config.profiles) == suite.config.clients
 
 
