@@ -73,6 +73,7 @@ def row(name: str, summary: dict) -> dict:
     return {
         "run": name, "strategy": strategy, "align_lambda": summary["config"]["align_lambda"],
         "task": summary["config"].get("task", "seq_cls"), "seed": summary["config"]["seed"],
+        "rounds": summary["config"]["rounds"], "local_steps": summary["config"]["local_steps"],  # as run
         "splits": ("whole model" if STRATEGIES[strategy].mode is RoundMode.FULL
                    else ",".join(layout(c) for c in summary["per_client"])),
         "personal_acc": f["personal_acc"], "generalization_acc": f["generalization_acc"], "global_acc": f["global_acc"],
@@ -87,7 +88,6 @@ def row(name: str, summary: dict) -> dict:
         "target_acc": t.get("target_acc"), "target_ppl": t.get("target_ppl"), "time_to_target_s": t["elapsed_s"],
         "mb_to_target": None if t["bytes"] is None else t["bytes"] / 1e6, "round_to_target": t["round"],
     }
-
 
 
 def _markdown(rows: list[dict]) -> str:

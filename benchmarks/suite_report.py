@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from flexsfl.benchmarks.stats import Interval, paired_difference, t_interval, verdict
+from flexsfl.sim.results import FINE_TUNE, OWN_MODEL
 
 __all__ = ["METRICS", "PAIRED", "LM_METRICS", "LM_PAIRED", "CLIENT_SIDE", "FINE_TUNED", "NO_FINE_TUNE", "PLATEAU_ROUNDS", "PLATEAU_GAIN", "is_lm",
            "incomplete", "plateau", "summarize", "markdown", "plot_suite"]
@@ -34,10 +35,10 @@ METRICS = {"personal_acc": "personal acc", "generalization_acc": "generalization
            "eval_mb": "eval MB", "train_s": "wall here (s)"}
 PAIRED = ("personal_acc", "generalization_acc")  # compared seed by seed against the reference
 FLOOR = "floor (same run)"  # the reference's personal accuracy against its own run's global + label prior
-# Strategies whose ``personal_acc`` is *global + local fine-tune* (sim/results.OWN_MODEL): the same run also gives the
-# plain global model on each client's own split (``global_own_acc``), the baseline without the fine-tune, paired as
-# "<run>, global (no fine-tune)" (personal accuracy only: the global model's generalization is the global acc column)
-FINE_TUNED = ("splitfed", "fedavg")
+# Strategies whose ``personal_acc`` is *global + local fine-tune*: the same run also gives the plain global model on
+# each client's own split (``global_own_acc``), the baseline without the fine-tune, paired as "<run>, global (no
+# fine-tune)" (personal accuracy only: the global model's generalization is the global acc column)
+FINE_TUNED = tuple(strategy for strategy, own in OWN_MODEL.items() if own == FINE_TUNE)
 NO_FINE_TUNE = "{run}, global (no fine-tune)"
 # a causal LM: perplexities on each client's own held-out text (personal, global, before training) and of each
 # personal model on the other clients' texts, means over clients (server-side: scored on what the clients upload)

@@ -194,8 +194,7 @@ def run_suite(args, **overrides) -> tuple[list[dict], str]:
                 t0 = time.perf_counter()
                 summary = simulate(cfg, show=False)
                 how = f"{time.perf_counter() - t0:.0f} s"
-            rows.append({**row(name, summary), "out": cfg.out, "rounds": summary["config"]["rounds"],
-                         "local_steps": summary["config"]["local_steps"]})  # --rounds, --local-steps may override
+            rows.append({**row(name, summary), "out": cfg.out})
             key = "personal_ppl" if suite.lower_is_better else "personal_acc"
             got = rows[-1].get(key)
             print(f"{suite.name} seed {seed} {name}: {key} {'—' if got is None else f'{got:.3f}'} ({how})", flush=True)

@@ -42,12 +42,13 @@ from flexsfl.sim.config import SimConfig
 
 PPL_KEYS = ("personal_ppl", "global_ppl", "pretrained_ppl", "generalization_ppl")  # causal LM, mean over clients
 
-__all__ = ["PPL_KEYS", "layout", "OWN_MODEL", "accuracy_of", "collect", "plot", "table", "lm_table"]
+__all__ = ["PPL_KEYS", "layout", "FINE_TUNE", "OWN_MODEL", "accuracy_of", "collect", "plot", "table", "lm_table"]
 
 log = logging.getLogger("flexsfl.results")
 
 # What ``personal_acc`` measures, per strategy (anything not named here keeps a personal model).
-OWN_MODEL = {"splitfed": "global + local fine-tune", "fedavg": "global + local fine-tune", "local": "local only",
+FINE_TUNE = "global + local fine-tune"
+OWN_MODEL = {"splitfed": FINE_TUNE, "fedavg": FINE_TUNE, "local": "local only",
              "fedper": "personal head + locally trained global body", "fedrep": "personal head + locally trained global body",
              "ditto": "Ditto personal (v_k)"}
 
