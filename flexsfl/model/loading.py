@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import pathlib
+import threading
 from typing import Any
 
 from flexsfl.core.bundle import LoraInfo, ModelInfo
@@ -184,7 +185,23 @@ def load_model(
 
     ``attn_implementation="eager"`` is what on-device export needs (SDPA breaks the joint-graph
     export); the server may use ``"sdpa"`` for speed. Both give the same numbers to ~1e-6.
+
+    Thread-safe: loads in one process run one at a time (:data:`_LOAD_LOCK`), since the seed is
+    torch's process-wide generator and ``from_pretrained`` patches torch's init functions process-wide;
+    in-process simulated clients load their models from threads at once.
     """
+    with _LOAD_LOCK:
+        return _load_model(name_or_path, task=task, num_labels=num_labels, lora=lora,
+                           attn_implementation=attn_implementation, seed=seed)
+
+
+# Concurrent loads in two threads (in-process clients) drew their LoRA A from one interleaved generator, and a
+# whole-model SmolLM2 client's first forward gave uniform logits (loss ln V) and then diverged.
+_LOAD_LOCK = threading.Lock()
+
+
+def _load_model(name_or_path: str, *, task: str, num_labels: int, lora: LoraSettings, attn_implementation: str,
+                seed: int) -> LoadedModel:
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     if task == "seq_cls" and num_labels < 2:
