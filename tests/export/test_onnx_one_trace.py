@@ -47,7 +47,9 @@ def _two_trace(ep, spec):
     return onx.model_proto
 
 
-@pytest.mark.parametrize("family,split", [("bert", 1), ("bert", 2), ("llama", 1)])
+# bert-1 in `make test`; a deeper cut and the llama family in `make test-slow` (CI time: ~1.5 min between them)
+@pytest.mark.parametrize("family,split", [("bert", 1), pytest.param("bert", 2, marks=pytest.mark.slow),
+                                          pytest.param("llama", 1, marks=pytest.mark.slow)])
 def test_one_trace_lowers_to_the_same_graphs(tiny_model_dirs, tmp_path, family, split):
     import onnx
 
