@@ -51,7 +51,7 @@ SUITE_RUNS = ("flexpsfl", "flexpsfl-l0", "flexpsfl-l0.01", "flexpsfl-l1", "flexp
 _FOUR = ("rpi4", "rpi4", "rpi5", "jetson-orin")  # the demo's devices: the planner picks different splits
 # The lm suite's held-out texts per client, as every suite's (>= 200): the server scores ~24 x this many SmolLM2 texts
 # at the end of a run (pretrained, global, personal on each client's own texts; each personal model on the other three
-# clients' texts), ~10 CPU-min a run at 200
+# clients' texts): ~15-17 CPU-min a run at 200 (measured, user + sys, 3 seeds of FlexP-SFL or FedAvg)
 LM_TEST = 200
 # The planner's splits for these devices and SmolLM2 are 1, 1, 4, 29; the Jetson's split-29 export had not finished
 # after 35 min on the loaded machine, so the Jetson runs split 4 here (the device clock still times each profile)
