@@ -17,7 +17,7 @@ the strategies can be compared seed by seed (:mod:`flexsfl.benchmarks.stats`).
   other clients'; the LM demo's budget (2 rounds × τ = 6 of B = 4, T ≤ 32), :data:`LM_TEST` test
   texts per client (the server scores ~20 × that many SmolLM2 texts a run, the devices 2 × 4 ×
   that many), pinned :data:`LM_SPLITS`. It runs
-  :data:`LM_RUNS`; :data:`LM_UNSUITED` says why not the others.
+  :data:`LM_RUNS` (U-shaped with one top block, :data:`LM_RUN_CONFIG`); :data:`LM_UNSUITED` says why not the others.
 
 Every suite has the demo's 4 devices (rpi4, rpi4, rpi5, jetson-orin: the planner picks their
 splits) and is sized for a shared 2-core machine: MiniLM, T ≤ 48, 10 rounds × τ = 10 steps of
@@ -39,7 +39,8 @@ import dataclasses
 
 from flexsfl.sim.config import SimConfig
 
-__all__ = ["Suite", "SUITES", "SUITE_RUNS", "LM_RUNS", "LM_UNSUITED", "LM_TEST", "suite_runs", "left_out_why", "run_suite"]
+__all__ = ["Suite", "SUITES", "SUITE_RUNS", "LM_RUNS", "LM_RUN_CONFIG", "LM_UNSUITED", "LM_TEST", "suite_runs",
+           "left_out_why", "run_suite"]
 
 # The runs a suite compares, in table order: FlexP-SFL's λ sweep first (λ = 0.1 is the reference
 # of the paired differences), then its baselines. Names are keys of accuracy.RUNS; a name whose
@@ -57,7 +58,11 @@ LM_TEST = 200
 # after 35 min on the loaded machine, so the Jetson runs split 4 here (the device clock still times each profile)
 LM_SPLITS = (1, 1, 4, 4)
 # The lm suite's runs: those whose numbers mean the same for a causal LM; the others, and why not.
-LM_RUNS = ("flexpsfl", "splitfed", "fedavg", "local")
+LM_RUNS = ("flexpsfl", "flexpsfl-u", "splitfed", "fedavg", "local")
+# With the splits pinned, a U-shaped device's top defaults to 0 blocks: the final norm and the LM head, frozen (LoRA on
+# q/v only; the head is tied to the embedding), so its top would train nothing. One top block gives it a personal,
+# trainable top (its LoRA) beside the frozen head, as the planner's U choice does for MiniLM.
+LM_RUN_CONFIG = {"flexpsfl-u": {"tops": (1,)}}
 LM_UNSUITED = {
     "fedper": "a causal LM has no task head past the last block (LoRA on q/v only; the LM head is frozen and tied to the "
               "embedding), so FedPer's personal part is empty: it would be FedAvg",
@@ -77,6 +82,7 @@ class Suite:
     seeds: int = 3
     runs: tuple[str, ...] = SUITE_RUNS  # run by default, in table order (the first is the reference)
     unsuited: dict[str, str] = dataclasses.field(default_factory=dict)  # run -> why this suite never runs it
+    run_config: dict[str, dict] = dataclasses.field(default_factory=dict)  # run -> SimConfig fields it sets here
 
     @property
     def lower_is_better(self) -> bool:
@@ -114,7 +120,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
             model="smollm2", task="causal_lm", data="vader", partition="natural", clients=4, profiles=_FOUR, splits=LM_SPLITS,
             rounds=2, local_steps=6, batch_size=4, lr=1e-3, optimizer="adamw", max_seq=32,
             max_train=100, max_test=LM_TEST, eval_every=0, bundle_seed=0, in_process=True),
-        runs=LM_RUNS, unsuited=LM_UNSUITED,
+        runs=LM_RUNS, unsuited=LM_UNSUITED, run_config=LM_RUN_CONFIG,
     ),
 )}
 
@@ -183,7 +189,8 @@ def run_suite(args, **overrides) -> tuple[list[dict], str]:
     unfinished: list[str] = []  # --report-only: runs not (yet) finished under --out
     for name in names:
         for seed in range(seeds):
-            cfg = dataclasses.replace(base, seed=seed, out=str(out / name / f"seed{seed}"), **RUNS[name])
+            cfg = dataclasses.replace(base, seed=seed, out=str(out / name / f"seed{seed}"),
+                                      **{**RUNS[name], **suite.run_config.get(name, {})})
             done = pathlib.Path(cfg.out) / "summary.json"
             if done.is_file() and _same_config(json.loads(done.read_text())["config"], cfg):
                 summary, how = json.loads(done.read_text()), "reused"

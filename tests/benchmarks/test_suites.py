@@ -85,7 +85,8 @@ def test_the_lm_suite_runs_what_means_the_same_for_a_causal_lm():
     assert lm.lower_is_better and lm.config.model == "smollm2" and lm.config.partition == "natural"
     assert lm.config.bundle_seed == 0 and lm.config.in_process
     names, left = suite_runs(None, lm)
-    assert names == ["flexpsfl", "splitfed", "fedavg", "local"] and set(left) == {"fedper", "fedrep", "ditto"}
+    assert names == ["flexpsfl", "flexpsfl-u", "splitfed", "fedavg", "local"] and set(left) == {"fedper", "fedrep", "ditto"}
+    assert lm.run_config["flexpsfl-u"]["tops"] == (1,)  # a U top that has something to train (pinned splits: 0 else)
     assert all(why for why in left_out_why(lm, left).values())
     names, left = suite_runs("flexpsfl,ditto", lm)  # asked for, still left out, with its reason
     assert names == ["flexpsfl"] and left == ["ditto"] and "v_k" in left_out_why(lm, left)["ditto"]
