@@ -22,7 +22,10 @@ Strategies (``name: what``):
 - ``flexpsfl-logit``, ``flexpsfl-logit-l1``: the alignment term at the logits instead (``--align logit-kl``:
   the server's KL of the global tail's logits for Z' and Z), λ = 0.1 and 1
 - ``flexpsfl-u``: FlexP-SFL-U, the label-private U-shaped topology: each device also keeps the last
-  blocks + task head (personal); (split, top) per device profile; alignment as ``flexpsfl``
+  blocks + task head (personal); (split, top) per device profile; alignment as ``flexpsfl``;
+  ``flexpsfl-u-l0``, ``flexpsfl-u-l1``: λ = 0, 1
+- ``flexpsfl-u-top``, ``flexpsfl-u-top-l1``: FlexP-SFL-U with the alignment term also at the top's input
+  (``--align-top``: the personal top's input H pulled toward the global middle's H′), λ = 0.1 and 1
 - ``splitfed``: SplitFed/SplitLoRA: one fixed split for all, no personalization
 - ``fedavg``: FedAvg-LoRA, the whole model on every device
 - ``fedper``: FedPer, the whole model on the device, personal task head, body averaged
@@ -54,6 +57,8 @@ RUNS: dict[str, dict] = {
     "flexpsfl-u": {"strategy": "flexpsfl-u", "align_lambda": ALIGN_LAMBDA},
     "flexpsfl-u-l0": {"strategy": "flexpsfl-u", "align_lambda": 0.0},
     "flexpsfl-u-l1": {"strategy": "flexpsfl-u", "align_lambda": 1.0},
+    "flexpsfl-u-top": {"strategy": "flexpsfl-u", "align_lambda": ALIGN_LAMBDA, "align_top": True},
+    "flexpsfl-u-top-l1": {"strategy": "flexpsfl-u", "align_lambda": 1.0, "align_top": True},
     "splitfed": {"strategy": "splitfed", "align_lambda": 0.0},
     "fedavg": {"strategy": "fedavg", "align_lambda": 0.0},
     "fedper": {"strategy": "fedper", "align_lambda": 0.0},

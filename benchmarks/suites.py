@@ -47,7 +47,8 @@ __all__ = ["Suite", "SUITES", "SUITE_RUNS", "LM_RUNS", "LM_RUN_CONFIG", "LM_UNSU
 # strategy the server does not register (yet) is left out with a note. SplitFed and FedAvg are each two baselines
 # from one run: the global model and global + local fine-tune (suite_report.NO_FINE_TUNE).
 SUITE_RUNS = ("flexpsfl", "flexpsfl-l0", "flexpsfl-l0.01", "flexpsfl-l1", "flexpsfl-logit", "flexpsfl-logit-l1",
-              "flexpsfl-u", "flexpsfl-u-l0", "flexpsfl-u-l1", "splitfed", "fedavg", "fedper", "fedrep", "ditto", "local")
+              "flexpsfl-u", "flexpsfl-u-l0", "flexpsfl-u-l1", "flexpsfl-u-top", "flexpsfl-u-top-l1",
+              "splitfed", "fedavg", "fedper", "fedrep", "ditto", "local")
 
 _FOUR = ("rpi4", "rpi4", "rpi5", "jetson-orin")  # the demo's devices: the planner picks different splits
 # The lm suite's held-out texts per client, as every suite's (>= 200): the server scores ~24 x this many SmolLM2 texts

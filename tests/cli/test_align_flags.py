@@ -85,3 +85,13 @@ def test_benchmark_runs_use_logit_kl():
         assert name in SUITE_RUNS
     assert SUITE_RUNS.index("flexpsfl-logit") == SUITE_RUNS.index("flexpsfl-l1") + 1
     assert np.isclose(RUNS["flexpsfl-logit"]["align_lambda"], RUNS["flexpsfl"]["align_lambda"])
+
+
+def test_benchmark_runs_sweep_the_alignment_at_the_top():
+    from flexsfl.benchmarks.accuracy import RUNS
+    from flexsfl.benchmarks.suites import SUITE_RUNS
+
+    for name, lam in (("flexpsfl-u-top", 0.1), ("flexpsfl-u-top-l1", 1.0)):
+        cfg = dataclasses.replace(SimConfig(), **RUNS[name])  # a valid config: --align-top needs U and λ > 0
+        assert cfg.align_top and cfg.topology == "u" and cfg.strategy == "flexpsfl-u" and cfg.align_lambda == lam
+        assert name in SUITE_RUNS
