@@ -34,6 +34,7 @@ def _check_rows(rows, backends, tmp_path, summary):
     assert "| torch |" in summary
 
 
+@pytest.mark.slow  # three backends timed (~40 s); CI keeps the refusals below
 def test_latency_rows_for_every_backend(tiny_bundle, tmp_path):
     cfg = LatencyConfig(bundle=str(tiny_bundle), batch=(2,), seq=(8,), reps=4, rounds=2, warmup=1, out=str(tmp_path),
                         json=str(tmp_path / "extra.json"))

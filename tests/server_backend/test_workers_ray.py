@@ -167,6 +167,7 @@ def test_killing_a_worker_mid_round_loses_no_acknowledged_step(cluster, loader, 
     _assert_state_equal(state, _reference(loader, 2, 4))  # as if nothing had happened
 
 
+@pytest.mark.slow  # the bench's rows on a real cluster (~1 min); the pool itself is tested above, in CI
 def test_bench_server_rows_for_one_and_two_workers(cluster, tiny_model_dirs, tmp_path):
     from flexsfl.benchmarks.server import ServerBenchConfig, run_server_bench
 
