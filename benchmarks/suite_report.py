@@ -197,6 +197,13 @@ def markdown(suite, rows: Sequence[dict], report: dict, left_out: Sequence[str] 
         own = "" if lm else "personal accuracy, "
         out += ["", f"Client metrics lost (a client's report dropped with its connection), so its {own}"
                     f"device time and bytes are left out of the means and pairs: {'; '.join(lost)}."]
+    short = [f"{r['run']} seed {r['seed']} ("
+             + "; ".join(f"round {k}: {', '.join(v)}" for k, v in sorted(r["left_out"].items(), key=lambda kv: int(kv[0])))
+             + ")" for r in rows if r.get("left_out")]
+    if short:
+        out += ["", "Left out of an aggregation (the client's upload never reached the server, e.g. a step refused "
+                    "after the middle's deadline), so the run trained on fewer client steps than its peers: "
+                    f"{'; '.join(short)}."]
     unfit = sorted({u for r in rows for u in r.get("unfit", [])})
     if unfit:
         out += ["", f"Would not fit its device's memory (timed anyway): {'; '.join(unfit)}."]

@@ -76,6 +76,7 @@ def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why
         if e["event"] == "round":
             rounds.setdefault(r, {})["round_s"] = e["seconds"]
             rounds[r]["server_steps"] = e.get("server_steps")  # optimizer steps (fixed schedule): equal across strategies
+            rounds[r]["dropped"] = list(e.get("dropped", []))  # started the round, never uploaded: not aggregated
         elif e["event"] == "eval":
             rounds.setdefault(r, {}).update({k: v for k, v in e.items() if k not in ("t", "event", "round")})
         elif e["event"] == "client_metrics":
@@ -114,7 +115,7 @@ def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why
             "label_prior_acc": float(np.mean(list(row["label_prior"].values()))) if row.get("label_prior") else None,
             **_mean_ppl(row.get("lm")),
             "bytes": int(sum(c["train_bytes"] for c in clients.values())),
-            "server_steps": row.get("server_steps"),
+            "server_steps": row.get("server_steps"), "dropped": row.get("dropped", []),
             "eval_bytes": int(sum(eval_total.get(cid, 0) for cid in clients)),
             "accuracy_of": accuracy_of(cfg.strategy),
             **{k: row[k] for k in ("generalization", "personal_server", "label_prior", "global_own", "lm") if k in row},
@@ -150,6 +151,9 @@ def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why
         "accuracy_of": accuracy_of(cfg.strategy), "target": target, "per_client": per_client,
         # clients whose training would not fit their profile's memory: the run shows what such devices could not do
         "unfit": sorted(f"{cid} ({c.profile}: {c.memory_mb:.0f} MB)" for cid, c in (costs or {}).items() if not c.fits),
+        # round -> clients left out of its aggregation (their upload never came): this run trained on fewer client
+        # steps than its peers did, so it is not an equal-budget comparison
+        "left_out": {str(row["round"]): row["dropped"] for row in rows if row["dropped"]},
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary

@@ -100,6 +100,15 @@ def test_a_run_with_lost_client_metrics_is_left_out_of_client_side_means():
     assert "splitfed seed 0 (2 of 4)" in markdown(SUITES["supersense-a0.1"], rows, report)
 
 
+def test_a_run_with_a_client_left_out_of_an_aggregation_is_named():
+    rows = _rows()
+    rows[1] = {**rows[1], "left_out": {"1": ["c3"], "0": ["c1", "c2"]}}  # flexpsfl seed 1
+    md = markdown(SUITES["supersense-a0.1"], rows, summarize(rows, reference="flexpsfl"))
+    note = next(ln for ln in md.splitlines() if ln.startswith("Left out of an aggregation"))
+    assert note.endswith(": flexpsfl seed 1 (round 0: c1, c2; round 1: c3).")
+    assert "Left out of an aggregation" not in markdown(SUITES["supersense-a0.1"], _rows(), summarize(_rows(), "flexpsfl"))
+
+
 def test_verdict_by_the_metric_direction():
     assert verdict(Interval(0.05, 0.01, 3)) == "wins" and verdict(Interval(-0.05, 0.01, 3)) == "loses"
     assert verdict(Interval(-5.0, 1.0, 3), lower_is_better=True) == "wins"  # the reference's perplexity is lower
