@@ -161,7 +161,7 @@ class _OrtPrograms:
     """``top_train.onnx`` / ``top_eval.onnx`` in two ONNX Runtime sessions."""
 
     def __init__(self, bundle: Bundle, threads: int | None) -> None:
-        from flexsfl.edge_runtime.backends.ort import _shared_arena, import_onnxruntime
+        from flexsfl.edge_runtime.backends.ort import import_onnxruntime, use_shared_arena
 
         try:
             ort = import_onnxruntime()
@@ -174,10 +174,7 @@ class _OrtPrograms:
         # As the head's sessions (backends/ort.py): H's length changes from batch to batch, and ONNX Runtime's default
         # memory pattern plans and keeps a block per input shape, so a device's memory grew with every new (B, T)
         # (MiniLM U in the suites: +300-400 MB a round); instead temporaries go back to one shared arena
-        _shared_arena(ort)
-        opts.enable_mem_pattern = False
-        opts.enable_mem_reuse = False
-        opts.add_session_config_entry("session.use_env_allocators", "1")
+        use_shared_arena(ort, opts)
         self._sessions = {}
         for method in (TRAIN, EVAL):
             path = bundle.path(f"ort.{method}")

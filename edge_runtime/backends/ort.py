@@ -103,6 +103,16 @@ def _shared_arena(ort) -> None:
         _ARENA.append(info)
 
 
+def use_shared_arena(ort, opts) -> None:
+    """Set ``opts`` to take activations from the process's one shared arena, with no memory pattern
+    planned (and kept) per input shape and no buffer-reuse plan: each temporary goes back to the arena
+    after its last use. For sessions whose input shapes change from step to step."""
+    _shared_arena(ort)
+    opts.enable_mem_pattern = False  # no block planned (and kept) per input shape
+    opts.enable_mem_reuse = False  # each temporary is freed after its last use, not held for a later one
+    opts.add_session_config_entry("session.use_env_allocators", "1")  # the one shared arena
+
+
 def import_onnxruntime():
     """``import onnxruntime``, without the ``onnxruntime.training`` package where it is installed.
 
@@ -144,8 +154,6 @@ class OrtBackend(ProgramBackend):
         # One process trains one head: its threads are the device's cores (or what the user says).
         self._threads = threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or bundle.manifest.target.cores
         shared = self._shared_weights(bundle)
-        if shared is not None:
-            _shared_arena(ort)
         self._sessions = {m: self._session(bundle, f"ort.{m}", shared, share_weights) for m in ("forward", "backward")}
         self._inputs = {m: [i.name for i in s.get_inputs()] for m, s in self._sessions.items()}
         self._setup(bundle, {m: len(names) for m, names in self._inputs.items()})  # input counts first
@@ -172,9 +180,7 @@ class OrtBackend(ProgramBackend):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         if shared is not None:
-            opts.enable_mem_pattern = False  # no block planned (and kept) per input shape
-            opts.enable_mem_reuse = False  # each temporary is freed after its last use, not held for a later one
-            opts.add_session_config_entry("session.use_env_allocators", "1")  # the one shared arena
+            use_shared_arena(ort, opts)
             opts.add_session_config_entry("session.disable_prepacking", "1")  # no packed copy of each weight
             data, programs = shared
             values = self._initializers.setdefault(role, [])
