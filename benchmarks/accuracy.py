@@ -90,7 +90,7 @@ def row(name: str, summary: dict) -> dict:
         # clients whose last-round metrics reached the server (a metrics message lost to a reconnect is missing)
         "clients": len(summary["per_client"]),
         "clients_reported": sum(c.get("personal_acc") is not None for c in summary["per_client"]),
-        "left_out": summary.get("left_out", {}),  # round -> clients whose upload never came (not aggregated)
+        "dropped": summary.get("dropped", {}),  # round -> clients whose upload never came (not aggregated)
         "target_acc": t.get("target_acc"), "target_ppl": t.get("target_ppl"), "time_to_target_s": t["elapsed_s"],
         "mb_to_target": None if t["bytes"] is None else t["bytes"] / 1e6, "round_to_target": t["round"],
     }

@@ -198,8 +198,8 @@ def markdown(suite, rows: Sequence[dict], report: dict, left_out: Sequence[str] 
         out += ["", f"Client metrics lost (a client's report dropped with its connection), so its {own}"
                     f"device time and bytes are left out of the means and pairs: {'; '.join(lost)}."]
     short = [f"{r['run']} seed {r['seed']} ("
-             + "; ".join(f"round {k}: {', '.join(v)}" for k, v in sorted(r["left_out"].items(), key=lambda kv: int(kv[0])))
-             + ")" for r in rows if r.get("left_out")]
+             + "; ".join(f"round {k}: {', '.join(v)}" for k, v in sorted(r["dropped"].items(), key=lambda kv: int(kv[0])))
+             + ")" for r in rows if r.get("dropped")]
     if short:
         out += ["", "Left out of an aggregation (the client's upload never reached the server, e.g. a step refused "
                     "after the middle's deadline), so the run trained on fewer client steps than its peers: "

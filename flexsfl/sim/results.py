@@ -153,7 +153,7 @@ def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why
         "unfit": sorted(f"{cid} ({c.profile}: {c.memory_mb:.0f} MB)" for cid, c in (costs or {}).items() if not c.fits),
         # round -> clients left out of its aggregation (their upload never came): this run trained on fewer client
         # steps than its peers did, so it is not an equal-budget comparison
-        "left_out": {str(row["round"]): row["dropped"] for row in rows if row["dropped"]},
+        "dropped": {str(row["round"]): row["dropped"] for row in rows if row["dropped"]},
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary

@@ -102,7 +102,7 @@ def test_a_run_with_lost_client_metrics_is_left_out_of_client_side_means():
 
 def test_a_run_with_a_client_left_out_of_an_aggregation_is_named():
     rows = _rows()
-    rows[1] = {**rows[1], "left_out": {"1": ["c3"], "0": ["c1", "c2"]}}  # flexpsfl seed 1
+    rows[1] = {**rows[1], "dropped": {"1": ["c3"], "0": ["c1", "c2"]}}  # flexpsfl seed 1
     md = markdown(SUITES["supersense-a0.1"], rows, summarize(rows, reference="flexpsfl"))
     note = next(ln for ln in md.splitlines() if ln.startswith("Left out of an aggregation"))
     assert note.endswith(": flexpsfl seed 1 (round 0: c1, c2; round 1: c3).")

@@ -26,7 +26,7 @@ def test_a_client_left_out_of_an_aggregation_is_in_the_summary(tmp_path):
     cfg = SimConfig(clients=2, splits=(1,), rounds=2, local_steps=2, out=str(tmp_path))
     part = types.SimpleNamespace(clients=[types.SimpleNamespace(groups=("a",)), types.SimpleNamespace(groups=("b",))])
     summary = collect(cfg, tmp_path, part, [1, 1], [{"pinned": 1}, {"pinned": 1}], total_s=2.0)
-    assert summary["left_out"] == {"0": ["c1"]}
+    assert summary["dropped"] == {"0": ["c1"]}
     rounds = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
     assert [r["dropped"] for r in rounds] == [["c1"], []]
     assert summary["final"]["personal_acc"] == pytest.approx(0.65)  # the last round, both clients
