@@ -87,6 +87,7 @@ def test_a_users_instruction_file_trains_on_the_responses(weighted_llama, tmp_pa
         assert c["personal_ppl"] > 1.0 and c["pretrained_ppl"] > 1.0, c
 
 
+@pytest.mark.slow  # a few minutes on 2 cores (CI runs ~43 of its 45 min); `make test-slow`
 def test_bench_accuracy_scores_a_causal_lm_by_perplexity(weighted_llama, tmp_path):
     """`flexsfl bench accuracy --task causal-lm`: each run's rows carry per-round mean perplexities,
     the table is in perplexity, time-to-target counts a perplexity at or *below* the target, and the
@@ -112,6 +113,7 @@ def test_bench_accuracy_scores_a_causal_lm_by_perplexity(weighted_llama, tmp_pat
     assert (tmp_path / "acc" / "accuracy_vs_time.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # a few minutes on 2 cores (CI runs ~43 of its 45 min); `make test-slow`
 def test_u_shaped_causal_lm_keeps_the_lm_head_and_loss_on_the_devices(weighted_llama, tmp_path, capsys):
     """`simulate --task causal_lm --topology u`: each device holds its head and its top (the last
     block(s), final norm and LM head; u = 0 holds only those two), computes the next-token loss
