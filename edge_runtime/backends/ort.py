@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from typing import Any, ClassVar
 
 import numpy as np
@@ -87,6 +88,7 @@ def _check_names(bundle: Bundle, sessions: dict) -> None:
 
 
 _ARENA: list = []  # the process's one shared CPU arena, once registered
+_ARENA_LOCK = threading.Lock()  # in-process clients open their sessions from threads at once
 
 
 def _shared_arena(ort) -> None:
@@ -95,12 +97,14 @@ def _shared_arena(ort) -> None:
 
     With each session's own arena, the forward's freed memory stays reserved for the forward and
     the backward grows another; with one, the backward's temporaries reuse the forward's freed
-    chunks. Process-wide, registered once.
+    chunks. Process-wide, registered once: ONNX Runtime refuses a second registration ("An allocator
+    for this device has already been registered"), so the check and the registration hold one lock.
     """
-    if not _ARENA:
-        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))  # 1: kSameAsRequested
-        _ARENA.append(info)
+    with _ARENA_LOCK:
+        if not _ARENA:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))  # 1: kSameAsRequested
+            _ARENA.append(info)
 
 
 def use_shared_arena(ort, opts) -> None:
