@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pathlib
+import threading
 
 from typing import Callable
 
@@ -81,9 +82,10 @@ def _token(cfg: dict) -> str:
 TrainerFactory = Callable[[Bundle, list, list, dict], Trainer]
 
 
-def run_edge(cfg: dict, *, make_trainer: TrainerFactory | None = None) -> int:
+def run_edge(cfg: dict, *, make_trainer: TrainerFactory | None = None, stop: threading.Event | None = None) -> int:
     """Train against ``cfg["server"]`` until it says Bye. ``make_trainer`` replaces the head trainer
-    (the baselines' whole-model trainer comes from :mod:`flexsfl.sim`, which needs torch)."""
+    (the baselines' whole-model trainer comes from :mod:`flexsfl.sim`, which needs torch); ``stop``
+    (set from another thread, e.g. a simulation that ends early): return at the next lost connection."""
 
     bundle = load_bundle(cfg["bundle"])
     m = bundle.manifest
@@ -116,7 +118,7 @@ def run_edge(cfg: dict, *, make_trainer: TrainerFactory | None = None) -> int:
         max_retries=int(cfg.get("max_retries") or 0), ca_file=cfg.get("ca_file"),
         **({"encodings": tuple(encodings)} if encodings else {}),
     )
-    report = asyncio.run(run_client(trainer, opts))
+    report = asyncio.run(run_client(trainer, opts, stop=stop))
     print(f"done: {len(report.rounds)} rounds, {report.bytes_sent / 1e6:.1f} MB sent, "
           f"{report.bytes_received / 1e6:.1f} MB received ({report.reason or 'server closed'})")
     return 0

@@ -18,6 +18,7 @@ import ipaddress
 import logging
 import random
 import ssl
+import threading
 import time
 import urllib.parse
 from typing import Any
@@ -72,6 +73,7 @@ class ClientOptions:
     max_retries: int = 0  # reconnect attempts in a row before giving up; 0 = forever
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
+    healthy_s: float = 10.0  # a connection up this long has served: the backoff starts again from backoff_initial
     evaluate: bool = True  # evaluate on the local test split after every round
 
     def __post_init__(self) -> None:
@@ -123,8 +125,15 @@ class _Link:
         return msg
 
 
-async def run_client(trainer: Trainer, opts: ClientOptions, *, stop: asyncio.Event | None = None) -> ClientReport:
-    """Train until the server says Bye (returns) or refuses for good (raises)."""
+async def run_client(trainer: Trainer, opts: ClientOptions, *,
+                     stop: asyncio.Event | threading.Event | None = None) -> ClientReport:
+    """Train until the server says Bye (returns) or refuses for good (raises). ``stop`` (set from
+    this loop or, a :class:`threading.Event`, from another thread): return at the next lost connection
+    instead of reconnecting.
+
+    The reconnect backoff starts again only after a connection that stayed up ``opts.healthy_s``: a
+    server that welcomes and then fails at once is retried ever more slowly (and given up on after
+    ``max_retries``), not hammered every half second."""
     report = ClientReport()
     m = trainer.bundle.manifest
     limits = Limits(max_frame_bytes=_frame_limit(trainer))
@@ -136,6 +145,7 @@ async def run_client(trainer: Trainer, opts: ClientOptions, *, stop: asyncio.Eve
                   backend=trainer.backend_name, encodings=opts.encodings, profile=opts.profile)
     failures = 0
     while True:
+        welcomed_at = None
         try:
             async with connect(opts.server, compression=None, max_size=limits.max_frame_bytes, ssl=ssl_ctx,
                                open_timeout=opts.open_timeout, ping_interval=20, ping_timeout=60) as ws:
@@ -145,7 +155,7 @@ async def run_client(trainer: Trainer, opts: ClientOptions, *, stop: asyncio.Eve
                 if not isinstance(welcome, Welcome):
                     raise OrderError(f"expected Welcome, got {type(welcome).__name__}")
                 link.encoding = welcome.encoding
-                failures = 0
+                welcomed_at = time.monotonic()
                 await _resend_metrics(link, welcome)
                 log.info("connected to %s as %s (split %d, %s, %s)", opts.server, opts.client_id, m.split,
                          trainer.backend_name, welcome.encoding)
@@ -157,14 +167,17 @@ async def run_client(trainer: Trainer, opts: ClientOptions, *, stop: asyncio.Eve
         except (OSError, ConnectionClosed, InvalidHandshake, asyncio.TimeoutError, ProtocolError) as e:
             if isinstance(e, InvalidURI):
                 raise ConfigError(f"bad server URL {opts.server!r}: {e}") from None
+            if stop is not None and stop.is_set():
+                log.info("connection to %s closed (%s); stopping as asked", opts.server, _why(e))
+                return report
+            if welcomed_at is not None and time.monotonic() - welcomed_at >= opts.healthy_s:
+                failures = 0
             failures += 1
             report.reconnects += 1
             if opts.max_retries and failures > opts.max_retries:
-                raise FlexSFLError(f"gave up on {opts.server} after {failures - 1} reconnects: {_why(e)}") from None
+                raise FlexSFLError(f"gave up on {opts.server} after {failures - 1} reconnects in a row: {_why(e)}") from None
             delay = min(opts.backoff_max, opts.backoff_initial * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
             log.warning("connection to %s lost (%s); retrying in %.1f s", opts.server, _why(e), delay)
-            if stop is not None and stop.is_set():
-                return report
             await asyncio.sleep(delay)
 
 

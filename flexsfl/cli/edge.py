@@ -104,7 +104,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--threads", type=int, help="threads for the runtime")
     r.add_argument("--state-dir", dest="state_dir", help="where the personal head is kept between runs")
     r.add_argument("--encodings", help="preferred transfer encodings for Z and g, e.g. fp16,fp32")
-    r.add_argument("--max-retries", dest="max_retries", type=int, help="reconnect attempts before giving up (0 = forever)")
+    r.add_argument("--max-retries", dest="max_retries", type=int,
+                   help="failed reconnects in a row before giving up (a connection up 10 s starts the count again; "
+                        "0 = forever)")
     r.add_argument("--seed", type=int, help="data order seed")
     r.add_argument("--align-every", dest="align_every", type=int,
                    help="compute the alignment reference Z' (and apply the alignment term) every N-th step only (default: 1)")

@@ -18,6 +18,7 @@ and ``accuracy_vs_time.png``. The run is configured by :class:`~flexsfl.sim.conf
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,6 +28,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -270,6 +272,7 @@ async def _run(cfg: SimConfig, out: pathlib.Path, progress) -> dict:
     progress(f"server on {url}; starting {cfg.clients} clients")
     procs: list = []
     tasks: list = []
+    stop = threading.Event()
     full = strategy.mode == "full"
     try:
         for k, cid in enumerate(ids):
@@ -282,7 +285,7 @@ async def _run(cfg: SimConfig, out: pathlib.Path, progress) -> dict:
                 "full_model": full or None,
             }
             if cfg.in_process:
-                tasks.append(asyncio.create_task(asyncio.to_thread(_run_edge_quiet, args)))
+                tasks.append(asyncio.create_task(asyncio.to_thread(_run_edge_quiet, args, stop)))
             else:
                 procs.append(_spawn_client(args, out / "logs" / f"{cid}.log", cfg.threads))
         last_round = -1
@@ -306,8 +309,14 @@ async def _run(cfg: SimConfig, out: pathlib.Path, progress) -> dict:
         for p in procs:
             if p.poll() is None:
                 p.terminate()
+        stop.set()  # in-process clients: return at their next lost connection instead of reconnecting
         if not serve.done():
+            # Wait for the server to close its connections and stop listening before its state closes: a
+            # server still serving on a closed state welcomes clients and fails them (1011) forever.
             serve.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await serve
+        await asyncio.gather(*tasks, return_exceptions=True)
         state.close()
     return collect(cfg, out, partition, splits, why, time.perf_counter() - t_start)
 
@@ -330,9 +339,9 @@ def _default_cache() -> pathlib.Path:
     return cache_dir() / "bundles"
 
 
-def _run_edge_quiet(args: dict) -> int:
+def _run_edge_quiet(args: dict, stop: threading.Event | None = None) -> int:
     return run_edge({k: v for k, v in args.items() if v is not None},
-                    make_trainer=full_model_trainer if args.get("full_model") else None)
+                    make_trainer=full_model_trainer if args.get("full_model") else None, stop=stop)
 
 
 def _spawn_client(args: dict, log_path: pathlib.Path, threads: int) -> subprocess.Popen:
