@@ -1,6 +1,9 @@
 """The server's middle (U-shaped topology): split training equals centralized, batching and interleaving
 keep each client's dL/dZ its own, bounded memory, and bad backward halves change nothing."""
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -169,6 +172,31 @@ def test_recompute_holds_less_than_the_graph_and_both_free_everything(tiny_llama
         host.backward_batch([MiddleBackward("a", np.ones_like(z))])
         assert host.held_bytes() == 0
     assert held[True] < held[False] / 3  # Z + mask + adapters vs. every saved activation of 2 blocks
+
+
+def test_a_kept_graph_is_really_freed_after_its_backward(tiny_llama):
+    """held_bytes() said 0 while the memory stayed: the byte-counting pack hook kept each saved output
+    with its own grad_fn, a C++ cycle gc cannot break, so every kept graph of a U-shaped step leaked
+    (~10 MB a MiniLM step: a U server grew ~200 MB a round). Now the graph dies with its last use."""
+    lm = load_model(tiny_llama, num_labels=3)
+    ids, mask, _ = _batches(1, b=4, t=32)[0]
+    z = build_head(lm, 1)(ids, mask).detach().numpy()
+    host = MiddleHost(TailHost(lm, OptimizerConfig("sgd", 1e-3)))
+
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+
+    host.forward_batch([MiddleRequest(("c", 0, 0), 1, 0, z, mask.numpy())])
+    host.backward_batch([MiddleBackward(("c", 0, 0), np.ones_like(z))])
+    before = live_tensors()
+    for step in range(1, 6):
+        host.forward_batch([MiddleRequest(("c", 0, step), 1, 0, z, mask.numpy())])
+        graph = weakref.ref(host.pending["c", 0, step].batch.h)
+        host.backward_batch([MiddleBackward(("c", 0, step), np.ones_like(z))])
+        gc.collect()
+        assert graph() is None, f"step {step}: the forward's graph outlived its backward"
+    assert live_tensors() <= before  # nothing accumulates step after step
 
 
 def test_a_timer_frees_late_forwards_which_stay_late_and_a_leaving_client_frees_its_own(tiny_llama):
