@@ -49,14 +49,13 @@ from flexsfl.core.u_planner import choose_u_split
 from flexsfl.edge_runtime.client import run_edge
 from flexsfl.edge_runtime.text import TextEncoder
 from flexsfl.export.config import ExportConfig
-from flexsfl.export.pipeline import export_bundle
 from flexsfl.model.loading import load_model
 from flexsfl.server_backend.clients import ClientRegistry, add_client
 from flexsfl.server_backend.server import FlexServer, ServerConfig
 from flexsfl.server_backend.state import ServerState
 from flexsfl.server_backend.strategy import STRATEGIES, TrainConfig, make_strategy
 from flexsfl.server_backend.tail_host import OptimizerConfig, TailHost
-from flexsfl.sim.bundles import export_missing
+from flexsfl.sim.bundles import export_cached, export_missing
 from flexsfl.sim.config import SimConfig
 from flexsfl.sim.data import cache_dir, prepare
 from flexsfl.sim.data.text_corpus import text_dataset
@@ -131,7 +130,7 @@ def _bundle_for(cfg: SimConfig, split: int, cache: pathlib.Path, top: int | None
     if jobs is not None:
         jobs.append((path, config))
     else:
-        export_bundle(config, progress=False)
+        export_cached(config)
     return path
 
 
