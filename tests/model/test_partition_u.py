@@ -65,7 +65,9 @@ def test_bert_top_cls_only_last_block_changes_no_gradient(minilm, u):
         params = [p for _, p in top.trainable()]
         got[cls_only] = torch.autograd.grad(loss, [h, *params])
     for a, b in zip(got[True], got[False]):
-        assert float((a - b).norm() / b.norm().clamp_min(1e-30)) <= 1e-5
+        # fp32 through two summation orders: 1.1e-5 seen on an AVX-512 EPYC (1e-5 on others); a wrong
+        # cls-only path differs by O(1)
+        assert float((a - b).norm() / b.norm().clamp_min(1e-30)) <= 1e-4
 
 
 def test_top_and_middle_bounds_are_one_line_errors(minilm):
