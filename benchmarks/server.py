@@ -167,15 +167,22 @@ def hot_functions(raw: pathlib.Path, top: int = 12) -> dict[str, Any]:
 
 
 def _rss_cpu(pids: list[int]) -> tuple[float, float]:
-    """Summed RSS (bytes) and CPU seconds (user + system) of these processes."""
+    """Summed RSS (bytes) and CPU seconds (user + system) of these processes. This process's own
+    CPU comes from ``time.process_time`` (ns resolution): psutil reads /proc in 10 ms ticks, and a
+    tiny model's timed window could measure 0 CPU (a division by zero in the speedup)."""
+    import time
+
     import psutil
 
     rss = cpu = 0.0
     for pid in pids:
         p = psutil.Process(pid)
-        t = p.cpu_times()
         rss += p.memory_info().rss
-        cpu += t.user + t.system
+        if pid == os.getpid():
+            cpu += time.process_time()
+        else:
+            t = p.cpu_times()
+            cpu += t.user + t.system
     return rss, cpu
 
 
