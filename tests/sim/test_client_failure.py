@@ -12,6 +12,8 @@ import subprocess
 import sys
 import textwrap
 
+from tests.sim.test_inprocess_keepalive import _csv
+
 SCRIPT = textwrap.dedent("""
     import json, pathlib, sys, threading, time
     import flexsfl.sim.simulate as sm
@@ -46,9 +48,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_a_dead_in_process_client_ends_the_simulation_with_its_error(tiny_model_dirs, tmp_path):
-    words = ["good", "great", "fine", "bad", "dull", "poor"]
-    data = tmp_path / "d.csv"
-    data.write_text("text,label\n" + "".join(f"item {i} is {words[i % 6]},{int(i % 6 < 3)}\n" for i in range(96)))
+    data = _csv(tmp_path / "d.csv")
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     env = {"FLEXSFL_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
