@@ -96,8 +96,9 @@ class ClientReport:
     bytes_sent: int = 0
     bytes_received: int = 0
     reason: str = ""  # why it stopped (the server's Bye)
-    # The last Metrics sent, until the server's next message on that connection shows it arrived (the server
-    # answers a round's Metrics with the next RoundConfig or Bye); a reconnect sends it again (_resend_metrics).
+    # The last Metrics sent, until the server's next message on the connection that carried it shows it arrived
+    # (the server answers a round's Metrics with the next RoundConfig or Bye); a reconnect sends it again
+    # (_resend_metrics). A message on a newer connection confirms nothing: the frame may have died with the old one.
     unconfirmed: Metrics | None = None
 
 
@@ -107,6 +108,13 @@ class _Link:
     def __init__(self, ws: ClientConnection, conn: Connection, report: ClientReport) -> None:
         self.ws, self.conn, self.report = ws, conn, report
         self.encoding = "fp32"
+        self.carries_unconfirmed = False  # report.unconfirmed went out on this connection
+
+    async def send_metrics(self, m: Metrics) -> None:
+        """Send ``m`` and track it as the report's unconfirmed Metrics, carried by this connection."""
+        self.report.unconfirmed = m
+        await self.send(m)
+        self.carries_unconfirmed = True
 
     async def send(self, msg) -> None:
         data = self.conn.send(msg)
@@ -190,7 +198,7 @@ async def _resend_metrics(link: _Link, welcome: Welcome) -> None:
     if m is None or welcome.info.get("round", m.round_id) != m.round_id:
         return
     log.info("sending round %d's metrics again (the connection that carried them was lost)", m.round_id)
-    await link.send(m)
+    await link.send_metrics(m)
 
 
 def _ssl_context(opts: ClientOptions) -> ssl.SSLContext | None:
@@ -231,7 +239,8 @@ async def _serve_rounds(link: _Link, trainer: Trainer, opts: ClientOptions) -> s
     """Answer the server until Bye. Returns the Bye's reason."""
     while True:
         msg = await link.recv()
-        link.report.unconfirmed = None  # the server read past our last Metrics: it has them
+        if link.carries_unconfirmed:  # the server read past our last Metrics on the connection that carried them
+            link.report.unconfirmed, link.carries_unconfirmed = None, False
         if isinstance(msg, Bye):
             return msg.reason
         if not isinstance(msg, RoundConfig):
@@ -256,8 +265,8 @@ async def _serve_rounds(link: _Link, trainer: Trainer, opts: ClientOptions) -> s
             else:
                 metrics.update(await _evaluate(link, trainer, msg.round_id))
         metrics.update(bytes_sent=link.report.bytes_sent, bytes_received=link.report.bytes_received)
-        stale, link.report.unconfirmed = link.report.unconfirmed, Metrics(round_id=msg.round_id, metrics=metrics)
-        await link.send(link.report.unconfirmed)
+        stale = link.report.unconfirmed
+        await link.send_metrics(Metrics(round_id=msg.round_id, metrics=metrics))
         if stale is not None:  # an earlier round's, lost with a connection: after this round's, never before it
             await link.send(stale)
         link.report.rounds.append({"round": msg.round_id, **metrics})

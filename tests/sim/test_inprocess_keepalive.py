@@ -79,10 +79,13 @@ def test_a_slow_whole_model_client_keeps_its_connection_and_reports(tiny_model_d
     assert (tmp_path / "fedavg" / "clients" / "c0" / "full.safetensors").is_file()  # the device's state, per round
 
 
-@pytest.mark.slow
 def test_metrics_lost_with_the_connection_are_sent_again(tiny_model_dirs, tmp_path, monkeypatch):
     """The server closes c0's connection on its round-0 Metrics without reading them (as a keepalive
-    timeout would): c0 reconnects and sends them again; every round has every client's report."""
+    timeout would): c0 reconnects and sends them again; every round has every client's report.
+
+    The server ends round 0 without them (the session closed) and is waiting in round 1, the last, when c0
+    is back (its retry waits 0.5 s): c0 keeps them for after round 1's own. A RoundConfig on the new
+    connection must not count as the server having read them (it did once: they were dropped)."""
     monkeypatch.setenv("FLEXSFL_CACHE", str(tmp_path / "cache"))
     real_dispatch = server_mod.FlexServer._dispatch
     lost = []
