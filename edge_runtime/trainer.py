@@ -49,6 +49,7 @@ from flexsfl.core.atomic import atomic_write_many
 from flexsfl.core.bundle import Bundle
 from flexsfl.edge_runtime.data import Example, batches
 from flexsfl.core.errors import ConfigError, TensorError
+from flexsfl.core.scoring import Score, cls_score, summed
 from flexsfl.edge_runtime.optim import make_optimizer
 from flexsfl.edge_runtime.text import TextEncoder, TokenBatch
 
@@ -191,7 +192,7 @@ class Trainer(Protocol):
     def upload(self) -> tuple[dict[str, np.ndarray], int]: ...
     def end_round(self) -> None: ...
     def eval_batches(self) -> Iterator[Step]: ...
-    def evaluate(self) -> tuple[int, int]: ...
+    def evaluate(self) -> Score: ...
 
 
 class HeadTrainer:
@@ -381,11 +382,11 @@ class HeadTrainer:
             yield Step(z, enc.attention_mask, self._labels(batch, enc.input_ids, enc.attention_mask))
 
     @staticmethod
-    def score(task: str, logits: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
-        """(correct, counted) for one eval batch's server answer."""
+    def score(task: str, logits: np.ndarray, labels: np.ndarray) -> Score:
+        """What one eval batch's server answer scores (a causal LM: hits, tokens and summed NLL)."""
         if task == "causal_lm":  # the server answers [B, 3]: summed NLL, tokens, correct tokens
-            return int(logits[:, 2].sum()), int(logits[:, 1].sum())
-        return int((logits.argmax(-1) == labels).sum()), int(labels.shape[0])
+            return summed(logits)
+        return cls_score(logits, labels)
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self) -> None:

@@ -28,6 +28,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from flexsfl.core.errors import AuthError, ConfigError, ErrorCode, FlexSFLError, OrderError, ProtocolError
+from flexsfl.core.scoring import Score, perplexity
 from flexsfl.edge_runtime.trainer import HeadTrainer, RoundSettings, Step, Trainer
 from flexsfl.edge_runtime.u_trainer import UTrainer
 from flexsfl.core.wire import (
@@ -260,8 +261,7 @@ async def _serve_rounds(link: _Link, trainer: Trainer, opts: ClientOptions) -> s
         metrics = await _train_round(link, trainer, msg, adapters)
         if opts.evaluate and trainer.test_set:
             if full:  # the whole model on this device: off the event loop, which must answer the server's pings
-                correct, total = await asyncio.to_thread(trainer.evaluate)
-                metrics.update(personal_acc=correct / max(total, 1), eval_examples=total)
+                metrics.update(_eval_metrics(trainer.task, await asyncio.to_thread(trainer.evaluate)))
             else:
                 metrics.update(await _evaluate(link, trainer, msg.round_id))
         metrics.update(bytes_sent=link.report.bytes_sent, bytes_received=link.report.bytes_received)
@@ -270,8 +270,9 @@ async def _serve_rounds(link: _Link, trainer: Trainer, opts: ClientOptions) -> s
         if stale is not None:  # an earlier round's, lost with a connection: after this round's, never before it
             await link.send(stale)
         link.report.rounds.append({"round": msg.round_id, **metrics})
-        log.info("round %d: loss %.4f%s", msg.round_id, metrics["loss"],
-                 f", personal acc {metrics['personal_acc']:.3f}" if "personal_acc" in metrics else "")
+        log.info("round %d: loss %.4f%s%s", msg.round_id, metrics["loss"],
+                 f", personal acc {metrics['personal_acc']:.3f}" if "personal_acc" in metrics else "",
+                 f", personal perplexity {metrics['personal_ppl']:.2f}" if metrics.get("personal_ppl") else "")
 
 
 async def _train_round(link: _Link, trainer: Trainer, cfg: RoundConfig, adapters) -> dict[str, Any]:
@@ -335,20 +336,30 @@ async def _expect(link: _Link, kind: type):
     return msg
 
 
+def _eval_metrics(task: str, score: Score) -> dict[str, float]:
+    """A round's evaluation as Metrics: accuracy (a causal LM: of its next tokens) and, for a causal LM, the
+    personal model's perplexity on this device's own held-out text."""
+    out = {"personal_acc": score.correct / max(score.counted, 1), "eval_examples": score.counted}
+    if task == "causal_lm" and score.counted:
+        out["personal_ppl"] = perplexity(score.nll, score.counted)
+    return out
+
+
 async def _evaluate(link: _Link, trainer: Trainer, round_id: int) -> dict[str, float]:
     """Personalized accuracy: θ_k's head + the global tail (U-shaped: the global middle and this
     device's own top, scored here; no labels go out) on the local test split."""
     correct = total = 0
+    nll = 0.0
     sent, received = link.report.bytes_sent, link.report.bytes_received
     u = isinstance(trainer, UTrainer)
     for i, step in enumerate(trainer.eval_batches()):
         await link.send(Activations(round_id=round_id, step_id=i, mode="eval", z=step.z, attention_mask=step.attention_mask,
                                     labels=None if u else step.labels, encoding=link.encoding))
         if u:
-            c, n = trainer.score_top(np.asarray((await _expect(link, MiddleOutput)).h), step)
+            s = trainer.score_top(np.asarray((await _expect(link, MiddleOutput)).h), step)
         else:
-            c, n = HeadTrainer.score(trainer.task, np.asarray((await _expect(link, Predictions)).logits), step.labels)
-        correct, total = correct + c, total + n
+            s = HeadTrainer.score(trainer.task, np.asarray((await _expect(link, Predictions)).logits), step.labels)
+        correct, total, nll = correct + s.correct, total + s.counted, nll + s.nll
     # Counted apart from training traffic, so strategies that score on the server pay no hidden bytes.
-    return {"personal_acc": correct / max(total, 1), "eval_examples": total,
+    return {**_eval_metrics(trainer.task, Score(correct, total, nll)),
             "eval_bytes_sent": link.report.bytes_sent - sent, "eval_bytes_received": link.report.bytes_received - received}

@@ -45,6 +45,7 @@ import numpy as np
 from flexsfl.core.atomic import atomic_write_many
 from flexsfl.core.bundle import Bundle
 from flexsfl.core.errors import ConfigError
+from flexsfl.core.scoring import Score, cls_score, lm_score
 from flexsfl.edge_runtime.alignment import align_reference, aligned_gradient
 from flexsfl.edge_runtime.backends import Backend
 from flexsfl.edge_runtime.data import Example
@@ -241,16 +242,13 @@ class UTrainer(HeadTrainer):
         return {**params, **self.top.get_params()}, n
 
     # -- evaluation ----------------------------------------------------------------------------
-    def score_top(self, h: np.ndarray, step: Step) -> tuple[int, int]:
-        """(correct, counted) of the personal top's predictions for ``H`` of an eval batch, here on
-        the device: classes for classification, next tokens (labels not -100) for a causal LM."""
+    def score_top(self, h: np.ndarray, step: Step) -> Score:
+        """What the personal top's predictions for ``H`` of an eval batch score, here on the device:
+        classes for classification; next tokens (labels not -100) and their summed NLL for a causal LM."""
         logits = self.top.predict(h, step.attention_mask)
-        y = step.labels
         if self.task == "causal_lm":
-            pred, target = logits[:, :-1].argmax(-1), y[:, 1:]
-            keep = target != -100
-            return int((keep & (pred == target)).sum()), int(keep.sum())
-        return int((logits.argmax(-1) == y).sum()), int(y.shape[0])
+            return lm_score(logits, step.labels)
+        return cls_score(logits, step.labels)
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self) -> None:

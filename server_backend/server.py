@@ -31,6 +31,7 @@ from websockets.exceptions import ConnectionClosed
 
 from flexsfl.core.bundle import layout_fingerprint
 from flexsfl.core.errors import AuthError, ConfigError, ErrorCode, InvalidState, OrderError, ProtocolError, TensorError
+from flexsfl.core.scoring import lm_summary
 from flexsfl.core.tokens import read_admin_token
 from flexsfl.core.wire import (
     ENCODINGS,
@@ -454,7 +455,7 @@ class FlexServer:
         logits = self.host.predict(split, z, mask)
         if self.host.info.task == "causal_lm":
             # Full [B, T, V] logits would be huge: answer per sequence (summed NLL, tokens, correct).
-            return _lm_summary(logits, labels)
+            return lm_summary(logits, labels)
         return logits.astype(np.float32)
 
     def _upload_specs(self, s: Session) -> dict[str, tuple[int, ...]]:
@@ -605,21 +606,4 @@ class FlexServer:
 def _top(s: Session) -> int | None:
     """A session's top as strategies and aggregation take it: u, or None for head/tail."""
     return s.top if s.top >= 0 else None
-
-
-def _lm_summary(logits: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
-    """[B, T, V] logits + [B, T] labels -> [B, 3]: summed NLL, predicted tokens, correct tokens."""
-    b = logits.shape[0]
-    out = np.zeros((b, 3), np.float32)
-    if labels is None:
-        return out
-    lg, lab = logits[:, :-1].astype(np.float64), labels[:, 1:]
-    keep = lab != -100
-    m = lg.max(-1, keepdims=True)
-    logz = (m[..., 0] + np.log(np.exp(lg - m).sum(-1)))
-    picked = np.take_along_axis(lg, np.where(keep, lab, 0)[..., None], -1)[..., 0]
-    out[:, 0] = np.where(keep, logz - picked, 0).sum(1)
-    out[:, 1] = keep.sum(1)
-    out[:, 2] = (keep & (lg.argmax(-1) == lab)).sum(1)
-    return out
 

@@ -46,6 +46,7 @@ import numpy as np
 
 from flexsfl.core.bundle import Bundle
 from flexsfl.core.errors import ConfigError
+from flexsfl.core.scoring import Score, cls_score, lm_score
 from flexsfl.edge_runtime.data import Example
 from flexsfl.edge_runtime.text import TextEncoder
 from flexsfl.edge_runtime.trainer import BatchCursor, RoundSettings, RoundStats, write_device_state
@@ -283,23 +284,22 @@ class FullModelTrainer:
         self.last_round, self._started = meta["last_round"], bool(meta.get("started"))
         log.info("restored the device's model from %s (after round %d)", path, self.last_round)
 
-    def evaluate(self) -> tuple[int, int]:
-        """(correct, total) of this device's model (Ditto: ``v_k``) on its local test split."""
+    def evaluate(self) -> Score:
+        """What this device's model (Ditto: ``v_k``) scores on its local test split (a causal LM: next-token
+        hits over real tokens and their summed NLL, as the split devices report them)."""
         import torch
 
         correct = total = 0
+        nll = 0.0
         with torch.no_grad():
             for i in range(0, len(self.test_set), 64):
                 chunk = self.test_set[i : i + 64]
                 enc = self.encoder.encode([e.text for e in chunk])
                 logits = self.loaded.model(input_ids=torch.from_numpy(enc.input_ids),
                                            attention_mask=torch.from_numpy(enc.attention_mask)).logits
-                if self.task == "causal_lm":  # next-token accuracy over real tokens, as the split devices report it
-                    target = np.where(enc.attention_mask == 1, enc.input_ids, -100)[:, 1:]
-                    hit = (logits[:, :-1].argmax(-1).numpy() == target) & (target != -100)
-                    correct += int(hit.sum())
-                    total += int((target != -100).sum())
-                    continue
-                correct += int((logits.argmax(-1).numpy() == np.array([e.label for e in chunk])).sum())
-                total += len(chunk)
-        return correct, total
+                if self.task == "causal_lm":
+                    s = lm_score(logits.numpy(), np.where(enc.attention_mask == 1, enc.input_ids, -100))
+                else:
+                    s = cls_score(logits.numpy(), np.array([e.label for e in chunk]))
+                correct, total, nll = correct + s.correct, total + s.counted, nll + s.nll
+        return Score(correct, total, nll)

@@ -15,6 +15,9 @@ Accounting (issue 18), the same for every strategy:
   which is not the global model. ``generalization_acc`` is the uploaded model on the union test
   set, so not measured for Ditto (``v_k`` never leaves the device). ``accuracy_of`` in every row
   and the summary says which.
+- A causal LM: ``personal_ppl`` etc. (lower is better) where the server scores them (the last round,
+  or every ``eval_every``); in the other rounds ``personal_ppl`` is what the devices measured of
+  the same personal models on their own held-out texts, so each run has a perplexity curve.
 - ``label_prior_acc``: the floor any personalization must beat: the global model with each
   client's training label prior (:func:`flexsfl.sim.evaluation.label_prior_accuracies`).
 - ``device_s``: the round ends on the device clock (:mod:`flexsfl.sim.clock`) when the run
@@ -113,7 +116,7 @@ def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why
             "generalization_acc": float(np.mean(list(row["generalization"].values()))) if row.get("generalization") else None,
             "global_own_acc": float(np.mean(list(row["global_own"].values()))) if row.get("global_own") else None,
             "label_prior_acc": float(np.mean(list(row["label_prior"].values()))) if row.get("label_prior") else None,
-            **_mean_ppl(row.get("lm")),
+            **(_mean_ppl(row.get("lm")) or _device_ppl(clients)),
             "bytes": int(sum(c["train_bytes"] for c in clients.values())),
             "server_steps": row.get("server_steps"), "dropped": row.get("dropped", []),
             "eval_bytes": int(sum(eval_total.get(cid, 0) for cid in clients)),
@@ -159,6 +162,13 @@ def collect(cfg: SimConfig, out: pathlib.Path, partition, splits: list[int], why
     return summary
 
 
+def _device_ppl(clients: dict) -> dict:
+    """A causal-LM round the server did not score: the personal perplexity its devices measured on their own
+    held-out texts (the same model and texts as the server's scoring; {} for a classifier)."""
+    vals = [c["personal_ppl"] for c in clients.values() if c.get("personal_ppl") is not None]
+    return {"personal_ppl": float(np.mean(vals))} if vals else {}
+
+
 def _mean_ppl(lm: dict | None) -> dict:
     """A causal-LM round's perplexities averaged over clients (lower is better); {} for a classifier."""
     if not lm:
@@ -200,10 +210,10 @@ def plot(summaries: Sequence[tuple[str, pathlib.Path]], path: pathlib.Path) -> p
     device = any(r.get("device_s") is not None for _, rows in runs for r in rows)
     fig, axes = plt.subplots(1, 3 if device else 2, figsize=(16 if device else 11, 4))
     for label, rows in runs:
-        rows = [r for r in rows if r.get(own) is not None]  # an LM is scored on its eval rounds only
-        t = [r["elapsed_s"] for r in rows]
-        axes[0].plot(t, [r[own] for r in rows], marker="o", label=label)
-        axes[1].plot(t, [r[glob] for r in rows], marker="o", label=label)
+        scored = [r for r in rows if r.get(glob) is not None]  # an LM's global model: on the server's eval rounds only
+        rows = [r for r in rows if r.get(own) is not None]
+        axes[0].plot([r["elapsed_s"] for r in rows], [r[own] for r in rows], marker="o", label=label)
+        axes[1].plot([r["elapsed_s"] for r in scored], [r[glob] for r in scored], marker="o", label=label)
         if device and rows and rows[0].get("device_s") is not None:
             axes[2].plot([r["device_s"] for r in rows], [r[own] for r in rows], marker="o", label=label)
     word = "perplexity" if lm else "accuracy"

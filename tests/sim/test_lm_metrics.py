@@ -74,16 +74,19 @@ def test_full_model_trainer_scores_next_tokens_for_a_causal_lm(tiny_model_dirs, 
     export_bundle(ExportConfig(model=str(tiny_model_dirs["llama"]), split=1, out=str(tmp_path / "b"), backend="ort",
                                task="causal_lm", max_batch=8, max_seq=24, ort_training_artifacts=False), progress=False)
     t = FullModelTrainer(load_bundle(tmp_path / "b"), texts, texts, threads=1)
-    correct, total = t.evaluate()
+    correct, total, nll = t.evaluate()
     hits = n = 0
+    ref_nll = 0.0
     with torch.no_grad():
         for e in texts:
             enc = t.encoder.encode([e.text])
             ids = torch.from_numpy(enc.input_ids)
-            pred = t.loaded.model(input_ids=ids).logits[0, :-1].argmax(-1)
-            hits += int((pred == ids[0, 1:]).sum())
+            logits = t.loaded.model(input_ids=ids).logits[0, :-1]
+            hits += int((logits.argmax(-1) == ids[0, 1:]).sum())
+            ref_nll += float(torch.nn.functional.cross_entropy(logits.double(), ids[0, 1:], reduction="sum"))
             n += ids.shape[1] - 1
     assert (correct, total) == (hits, n) and n > len(texts)
+    assert nll == pytest.approx(ref_nll, rel=1e-5)  # the device's own-text perplexity, exp(nll / total), is HF's
 
 
 def test_instruction_examples_are_scored_on_the_response_only(setup):

@@ -4,6 +4,7 @@ LM table, and each client's merged personal model sampled, as ``flexsfl demo --t
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 
 import pytest
@@ -33,11 +34,17 @@ def test_causal_lm_federation_lowers_personal_perplexity_and_samples(weighted_ll
     from flexsfl.cli.demo import _samples
 
     cfg = SimConfig(strategy="flexpsfl", model=str(weighted_llama), task="causal-lm", data="vader", partition="natural",
-                    clients=2, rounds=1, local_steps=8, batch_size=4, lr=1e-2, optimizer="adamw", splits=(1, 2),
+                    clients=2, rounds=2, local_steps=8, batch_size=4, lr=1e-2, optimizer="adamw", splits=(1, 2),
                     max_train=32, max_test=8, max_seq=24, eval_every=0, in_process=True, out=str(tmp_path / "run"),
                     bundle_cache=str(tmp_path / "bundles"))
     assert cfg.task == "causal_lm"
     summary = simulate(cfg, show=False)
+    per_round = [json.loads(x) for x in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    # Every round has a perplexity curve point: the devices measure their personal model on their own text
+    # (the server scores only the last round here, eval_every 0), and agree with the server's scoring of it.
+    assert "lm" not in per_round[0] and per_round[0]["personal_ppl"] > 1.0
+    for cid, c in per_round[1]["clients"].items():
+        assert c["personal_ppl"] == pytest.approx(per_round[1]["lm"][cid]["personal_ppl"], rel=1e-4), cid
     rows = summary["per_client"]
     assert [c["split"] for c in rows] == [1, 2]
     for c in rows:
@@ -110,6 +117,9 @@ def test_bench_accuracy_scores_a_causal_lm_by_perplexity(weighted_llama, tmp_pat
     assert "personal ppl" in md and "pretrained ppl" in md and f"{rows[0]['personal_ppl']:.2f}" in md
     per_round = [json.loads(x) for x in (tmp_path / "acc" / "flexpsfl" / "rounds.jsonl").read_text().splitlines()]
     assert len(per_round) == 2 and all(r["personal_ppl"] > 1.0 and r["global_ppl"] > 1.0 for r in per_round)
+    local = json.loads((tmp_path / "acc" / "local" / "rounds.jsonl").read_text().splitlines()[-1])
+    for cid, c in local["clients"].items():  # the whole model scored on the device: the server's number for it
+        assert c["personal_ppl"] == pytest.approx(local["lm"][cid]["personal_ppl"], rel=1e-4), cid
     assert (tmp_path / "acc" / "accuracy_vs_time.png").stat().st_size > 10_000
 
 
@@ -128,6 +138,9 @@ def test_u_shaped_causal_lm_keeps_the_lm_head_and_loss_on_the_devices(weighted_l
     assert [(c["split"], c["choice"]["top"]) for c in rows] == [(1, 1), (1, 0)]
     for c in rows:
         assert c["personal_ppl"] > 1.0 and c["pretrained_ppl"] > 1.0 and c["tokens_per_s"] > 0, c
+    last = json.loads((tmp_path / "run" / "rounds.jsonl").read_text().splitlines()[-1])
+    for cid, c in last["clients"].items():  # scored on the device by its own top: the server's number for that model
+        assert c["personal_ppl"] == pytest.approx(last["lm"][cid]["personal_ppl"], rel=1e-4), cid
     text = table(summary)
     assert " 1+1 " in text and " 1+0 " in text
     from flexsfl.cli.demo import _samples
