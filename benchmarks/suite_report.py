@@ -186,7 +186,8 @@ def markdown(suite, rows: Sequence[dict], report: dict, left_out: Sequence[str] 
         what = ("relative fall of personal perplexity" if lm else "personal accuracy gained")
         out += ["", f"Trained to a plateau? The {what} over the last {PLATEAU_ROUNDS} rounds, mean over seeds "
                     f"(under {PLATEAU_GAIN:g}: a plateau): "
-                + "; ".join(f"{run} {p['gain']:+.3f}{'' if p['plateau'] else ' (still rising)'}"
+                + "; ".join(f"{run} {p['gain']:+.3f} ({', '.join(f'{v:+.3f}' for _, v in sorted(p['per_seed'].items()))})"
+                            f"{'' if p['plateau'] else (' (still falling)' if lm else ' (still rising)')}"
                             for run, p in report["plateau"].items()) + "."]
     if left_out:
         why = dict(left_out) if isinstance(left_out, Mapping) else dict.fromkeys(left_out, "no such strategy on the "

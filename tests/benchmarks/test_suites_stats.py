@@ -180,4 +180,4 @@ def test_plateau_is_the_gain_over_the_last_rounds(tmp_path):
     report = summarize(rows, reference="rising")
     assert report["plateau"]["flat"]["plateau"] and report["plateau"]["flat"]["gain"] == pytest.approx(0.004)
     md = markdown(SUITES["supersense-a0.1"], rows, report)
-    assert "rising +0.200 (still rising)" in md and "flat +0.004." in md
+    assert "rising +0.200 (+0.200, +0.200) (still rising)" in md and "flat +0.004 (+0.004, +0.004)." in md
