@@ -170,8 +170,6 @@ def _rss_cpu(pids: list[int]) -> tuple[float, float]:
     """Summed RSS (bytes) and CPU seconds (user + system) of these processes. This process's own
     CPU comes from ``time.process_time`` (ns resolution): psutil reads /proc in 10 ms ticks, and a
     tiny model's timed window could measure 0 CPU (a division by zero in the speedup)."""
-    import time
-
     import psutil
 
     rss = cpu = 0.0
