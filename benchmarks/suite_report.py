@@ -52,7 +52,8 @@ LM_PAIRED = ("personal_ppl", "generalization_ppl")
 # a run in which some client's report was lost (a reconnect under load) has them for part of the clients only
 CLIENT_SIDE = ("personal_acc", "device_s", "mb", "eval_mb")
 # Trained to a plateau: the mean personal accuracy gained over the last PLATEAU_ROUNDS rounds is under PLATEAU_GAIN
-# (for a causal LM: the personal perplexity fell by less than that fraction over them)
+# (for a causal LM: the personal perplexity fell by less than that fraction over them); where the devices score every
+# N-th round only (--score-every), over the span from the latest scored round at least that many rounds before the last
 PLATEAU_ROUNDS, PLATEAU_GAIN = 3, 0.01
 
 
@@ -89,9 +90,11 @@ def plateau(rows: Sequence[dict], run: str) -> dict | None:
     for r in rows:
         if r["run"] != run or incomplete(r) or not r.get("out") or not (pathlib.Path(r["out"]) / "rounds.jsonl").is_file():
             continue
-        ys = [x[key] for x in _rounds(r["out"]) if x.get(key) is not None]
-        if len(ys) > PLATEAU_ROUNDS:
-            a, b = ys[-1 - PLATEAU_ROUNDS], ys[-1]
+        scored = [(x["round"], x[key]) for x in _rounds(r["out"]) if x.get(key) is not None]
+        # against the latest scored round at least PLATEAU_ROUNDS before the last (devices may score every N-th round)
+        before = [y for n, y in scored if n <= scored[-1][0] - PLATEAU_ROUNDS]
+        if before:
+            a, b = before[-1], scored[-1][1]
             per_seed[r["seed"]] = (a - b) / a if key == "personal_ppl" else b - a
     if not per_seed:
         return None
@@ -184,7 +187,7 @@ def markdown(suite, rows: Sequence[dict], report: dict, left_out: Sequence[str] 
             out.append(f"| {FLOOR} | — | — | — | — | — | — |")
     if report.get("plateau"):
         what = ("relative fall of personal perplexity" if lm else "personal accuracy gained")
-        out += ["", f"Trained to a plateau? The {what} over the last {PLATEAU_ROUNDS} rounds, mean over seeds "
+        out += ["", f"Trained to a plateau? The {what} over (at least) the last {PLATEAU_ROUNDS} rounds, mean over seeds "
                     f"(under {PLATEAU_GAIN:g}: a plateau): "
                 + "; ".join(f"{run} {p['gain']:+.3f} ({', '.join(f'{v:+.3f}' for _, v in sorted(p['per_seed'].items()))})"
                             f"{'' if p['plateau'] else (' (still falling)' if lm else ' (still rising)')}"

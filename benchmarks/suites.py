@@ -39,7 +39,7 @@ import dataclasses
 
 from flexsfl.sim.config import SimConfig
 
-__all__ = ["Suite", "SUITES", "SUITE_RUNS", "LM_RUNS", "LM_RUN_CONFIG", "LM_UNSUITED", "LM_TEST", "suite_runs",
+__all__ = ["Suite", "SUITES", "SUITE_RUNS", "LM_RUNS", "LM_RUN_CONFIG", "LM_UNSUITED", "LM_TEST", "LM_SCORE_EVERY", "suite_runs",
            "left_out_why", "run_suite"]
 
 # The runs a suite compares, in table order: FlexP-SFL's λ sweep first (λ = 0.1 is the reference
@@ -55,6 +55,9 @@ _FOUR = ("rpi4", "rpi4", "rpi5", "jetson-orin")  # the demo's devices: the plann
 # at the end of a run (pretrained, global, personal on each client's own texts; each personal model on the other three
 # clients' texts): ~15-17 CPU-min a run at 200 (measured, user + sys, 3 seeds of FlexP-SFL or FedAvg)
 LM_TEST = 200
+# The devices score their 200 texts every 4th round (and the last): a round's scoring (~65 s here) costs ~3x its
+# training (6 steps of 4 texts, ~23 s), so a per-round curve would triple a long run's time
+LM_SCORE_EVERY = 4
 # The planner's splits for these devices and SmolLM2 are 1, 1, 4, 29; the Jetson's split-29 export had not finished
 # after 35 min on the loaded machine, so the Jetson runs split 4 here (the device clock still times each profile)
 LM_SPLITS = (1, 1, 4, 4)
@@ -120,7 +123,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
         config=SimConfig(
             model="smollm2", task="causal_lm", data="vader", partition="natural", clients=4, profiles=_FOUR, splits=LM_SPLITS,
             rounds=2, local_steps=6, batch_size=4, lr=1e-3, optimizer="adamw", max_seq=32,
-            max_train=100, max_test=LM_TEST, eval_every=0, bundle_seed=0, in_process=True),
+            max_train=100, max_test=LM_TEST, eval_every=0, score_every=LM_SCORE_EVERY, bundle_seed=0, in_process=True),
         runs=LM_RUNS, unsuited=LM_UNSUITED, run_config=LM_RUN_CONFIG,
     ),
 )}

@@ -75,7 +75,7 @@ class ClientOptions:
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     healthy_s: float = 10.0  # a connection up this long has served: the backoff starts again from backoff_initial
-    evaluate: bool = True  # evaluate on the local test split after every round
+    evaluate: bool = True  # score the local test split after each round the server asks it (RoundConfig.evaluate)
 
     def __post_init__(self) -> None:
         if not self.server.startswith(("ws://", "wss://")):
@@ -259,7 +259,7 @@ async def _serve_rounds(link: _Link, trainer: Trainer, opts: ClientOptions) -> s
                 raise OrderError(f"expected Adapters after RoundConfig, got {type(a).__name__}")
             adapters = dict(a.tensors)
         metrics = await _train_round(link, trainer, msg, adapters)
-        if opts.evaluate and trainer.test_set:
+        if opts.evaluate and msg.evaluate and trainer.test_set:  # the server says which rounds are scored
             if full:  # the whole model on this device: off the event loop, which must answer the server's pings
                 metrics.update(_eval_metrics(trainer.task, await asyncio.to_thread(trainer.evaluate)))
             else:

@@ -488,6 +488,7 @@ class FlexServer:
             self.round_id += 1
 
     async def _run_round(self, r: int) -> None:
+        cfg = self.strategy.cfg
         chosen = [self.sessions[c] for c in self.strategy.select(r, list(self.sessions))]
         t0 = time.perf_counter()
         steps0 = self.worker.steps + self.u.middle.steps  # client steps served: tail and U-shaped middle
@@ -508,7 +509,7 @@ class FlexServer:
                                          optimizer=plan.optimizer, align_lambda=plan.align_lambda, mode=plan.mode,
                                          personal=plan.personal, adapters=plan.adapters is not None, align_top=plan.align_top,
                                          local_rule=plan.local_rule, head_steps=plan.head_steps, prox_mu=plan.prox_mu,
-                                         alignment=plan.alignment))
+                                         alignment=plan.alignment, evaluate=cfg.scores(r)))
                 if plan.adapters is not None:
                     await s.send(Adapters(round_id=r, tensors=dict(plan.adapters)))
                 started.append(s)

@@ -75,12 +75,13 @@ class TrainConfig:
     seed: int = 0  # client sampling
     fedrep_head_steps: int = 5  # FedRep: of each round's local_steps, the first this many train the task head alone
     ditto_mu: float = DITTO_MU  # Ditto: proximal weight of the personal model towards the round's global model
+    score_every: int = 1  # the devices score their own test split every N-th round and in the last (RoundConfig.evaluate)
 
     def __post_init__(self) -> None:
         for name in ("rounds", "clients_per_round"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("min_clients", "local_steps", "batch_size"):
+        for name in ("min_clients", "local_steps", "batch_size", "score_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -98,6 +99,11 @@ class TrainConfig:
         object.__setattr__(self, "alignment", check_alignment(self.alignment, "--align"))
         if self.align_top and self.alignment == "logit_kl":
             raise ConfigError("--align-top is for U-shaped clients, --align logit-kl for head/tail ones: choose one")
+
+    def scores(self, r: int) -> bool:
+        """Whether round ``r``'s devices score their own test split: every ``score_every``-th round
+        (the N-th, 2N-th, ...) and the last of a run with a round count."""
+        return (r + 1) % self.score_every == 0 or (self.rounds > 0 and r == self.rounds - 1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -65,6 +65,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="strategy fedrep: of each round's local steps, the first N train the task head alone")
     p.add_argument("--ditto-mu", type=float, default=d.ditto_mu,
                    help="strategy ditto: proximal weight of each personal model towards the round's global model")
+    p.add_argument("--score-every", type=int, default=d.score_every, metavar="N",
+                   help="devices score their own test split every N-th round and in the last (a big model's scoring can "
+                        "cost more than its training; default: every round)")
     p.add_argument("--aggregation", choices=AGGREGATIONS, default=d.aggregation,
                    help="how uploads combine, tensor by tensor, keeping the layer-wise rule (median/trimmed-mean: robust "
                         "to a minority of bad uploads, ignore sample counts)")

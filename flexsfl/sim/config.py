@@ -69,6 +69,8 @@ class SimConfig:
     max_test: int | None = _f(100, "test examples per client")
     max_seq: int = _f(64, "tokens per example")
     eval_every: int = _f(1, "evaluate personal models on the union test set every N rounds (0: last only)")
+    score_every: int = _f(1, "the devices score their own test split (personal accuracy or perplexity) every N-th round "
+                          "and in the last", metavar="N")
     seed: int = _f(0, "seed of the partition, the new weights and the data order")
     out: str = _f("results/simulate", "results directory")
     in_process: bool = _f(False, "run clients as tasks of this process (fast tests only)")
@@ -103,7 +105,7 @@ class SimConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("clients", "rounds", "local_steps", "batch_size", "threads", "num_labels", "align_every",
-                     "server_step_every"):
+                     "server_step_every", "score_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_seq < 2:

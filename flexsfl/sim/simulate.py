@@ -251,7 +251,8 @@ async def _run(cfg: SimConfig, out: pathlib.Path, progress) -> dict:
     torch.set_num_threads(cfg.threads)
     train = TrainConfig(rounds=cfg.rounds, min_clients=cfg.clients, local_steps=cfg.local_steps, batch_size=cfg.batch_size,
                         lr=cfg.lr, optimizer=cfg.optimizer, align_lambda=cfg.align_lambda, seed=cfg.seed, round_timeout=1800,
-                        align_top=cfg.align_top, alignment=cfg.alignment, fedrep_head_steps=cfg.fedrep_head_steps, ditto_mu=cfg.ditto_mu)
+                        align_top=cfg.align_top, alignment=cfg.alignment, fedrep_head_steps=cfg.fedrep_head_steps, ditto_mu=cfg.ditto_mu,
+                        score_every=cfg.score_every)
     strategy = make_strategy(cfg.strategy, train)
     host = TailHost(loaded, OptimizerConfig(cfg.optimizer, cfg.lr, server_step_every=cfg.server_step_every))
     state_dir = out / "server"

@@ -72,7 +72,7 @@ def one_of_each(encoding: str = "fp32") -> list[Message]:
         Bye(reason="done"),
         Bye(),
         RoundConfig(round_id=5, local_steps=1, batch_size=2, lr=1e-2, optimizer="sgd", align_lambda=0.0, mode="full",
-                    personal=False, adapters=False),
+                    personal=False, adapters=False, evaluate=False),
         # U-shaped: the device holds a top of 2 blocks; Z without labels, H down, dL/dH (+ loss) up
         Hello(client_id="pi5-u", token="", layout_hash=HASH, split=2, top=2, backend="executorch"),
         Activations(round_id=4, step_id=6, mode="train", z=exact((b, t, d), encoding, 10), attention_mask=mask, encoding=encoding),

@@ -264,3 +264,12 @@ def test_flexpsfl_u_aggregates_head_and_top_blocks_layer_wise(host):
         else:  # 2, 3: a holds them, the server trained them for b
             want = (4 * a.astype(np.float64) + 6 * phi[n]) / 10
         np.testing.assert_allclose(got[n], want, rtol=1e-5, atol=1e-6, err_msg=n)
+
+
+def test_devices_score_every_nth_round_and_the_last():
+    assert [TrainConfig(rounds=7, score_every=3).scores(r) for r in range(7)] == [False, False, True, False, False, True, True]
+    assert all(TrainConfig(rounds=4).scores(r) for r in range(4))  # the default: every round
+    # a run without a round count has no last round: every N-th only
+    assert [TrainConfig(rounds=0, score_every=2).scores(r) for r in range(4)] == [False, True, False, True]
+    with pytest.raises(ConfigError, match="score_every must be >= 1, got 0"):
+        TrainConfig(score_every=0)

@@ -1,13 +1,14 @@
 """Protocol messages: frozen dataclasses that own their wire format.
 
-A frame (protocol version 5; version 2 made a round's meaning typed fields of
+A frame (protocol version 6; version 2 made a round's meaning typed fields of
 :class:`RoundConfig` instead of version 1's free-form ``extra``; version 3 added the U-shaped
 topology: ``Hello.top``, :class:`MiddleOutput` and :class:`TopGradients`, and an
 :class:`Activations` whose labels the session, not the message, requires; version 4 added
 ``RoundConfig.local_rule``, ``head_steps`` and ``prox_mu``, how a whole-model device spends its
 steps for FedRep and Ditto; version 5 added ``RoundConfig.alignment``, where the alignment term
 is computed: ``logit_kl`` rounds send ``Activations.z_ref`` from head/tail devices too, and the
-server's :class:`Gradients` say what its term added, ``align_loss``/``align_ratio``/``align_gap``) is::
+server's :class:`Gradients` say what its term added, ``align_loss``/``align_ratio``/``align_gap``;
+version 6 added ``RoundConfig.evaluate``, whether the device scores its own test split after the round) is::
 
     b"FSFL" | version u8 | kind u8 | flags u16 (0) | header_len u32 LE | header | payloads
 
@@ -74,7 +75,7 @@ __all__ = [
     "parse",
 ]
 
-PROTOCOL_VERSION = 5  # the frame's version byte and Hello.protocol_version; peers must match exactly
+PROTOCOL_VERSION = 6  # the frame's version byte and Hello.protocol_version; peers must match exactly
 MAGIC = b"FSFL"
 _PREFIX = struct.Struct("<4sBBHI")  # magic, version, kind, flags, header_len
 _ALIGN = 8
@@ -474,6 +475,9 @@ class RoundConfig(Message):
     local_rule: str = _field(_text(LOCAL_RULES), default="plain")
     head_steps: int = _field(_int(), default=0)
     prox_mu: float = _field(_float(0.0), default=0.0)
+    # Whether the device scores its own held-out split after this round's upload (its Metrics then
+    # carry personal_acc / personal_ppl); the server asks every --score-every rounds and in the last.
+    evaluate: bool = _field(_bool, default=True)
 
 
 @_message
