@@ -172,8 +172,8 @@ class FullModelTrainer:
                 batch = self.cursor.next(s.batch_size)
                 enc = self.encoder.encode([e.text for e in batch])
                 ids, mask = torch.from_numpy(enc.input_ids), torch.from_numpy(enc.attention_mask)
-                if self.task == "causal_lm":
-                    labels = torch.where(mask == 1, ids, -100)
+                if self.task == "causal_lm":  # padding and instruction prompts are never predicted, as on a split device
+                    labels = torch.from_numpy(self.encoder.lm_labels(enc, [e.prompt for e in batch]))
                 else:
                     labels = torch.tensor([e.label for e in batch])
                 t0 = time.perf_counter()
@@ -298,7 +298,7 @@ class FullModelTrainer:
                 logits = self.loaded.model(input_ids=torch.from_numpy(enc.input_ids),
                                            attention_mask=torch.from_numpy(enc.attention_mask)).logits
                 if self.task == "causal_lm":
-                    s = lm_score(logits.numpy(), np.where(enc.attention_mask == 1, enc.input_ids, -100))
+                    s = lm_score(logits.numpy(), self.encoder.lm_labels(enc, [e.prompt for e in chunk]))
                 else:
                     s = cls_score(logits.numpy(), np.array([e.label for e in chunk]))
                 correct, total, nll = correct + s.correct, total + s.counted, nll + s.nll

@@ -108,3 +108,37 @@ def test_instruction_examples_are_scored_on_the_response_only(setup):
             n += ids.shape[1] - n_prompt
     assert score.tokens == n
     assert math.isclose(score.perplexity, math.exp(nll / n), rel_tol=1e-5)
+
+
+def test_whole_model_devices_train_and_score_instruction_examples_on_the_response_only(tiny_model_dirs, tmp_path, setup):
+    """FedAvg / local-only devices: an instruction example's prompt carries no loss in training and is not
+    scored, as on a split device and in the server's scoring (they once predicted the prompt too)."""
+    from flexsfl.core.bundle import load_bundle
+    from flexsfl.edge_runtime.trainer import BatchCursor, RoundSettings
+    from flexsfl.export.pipeline import ExportConfig, export_bundle
+    from flexsfl.sim.full_trainer import FullModelTrainer
+
+    pairs = [("the film was", "very good"), ("a story not quite", "funny and warm"), ("plot", "dull long ending")]
+    examples = [Example(f"{p} : {r}", 0, f"{p} :") for p, r in pairs]
+    export_bundle(ExportConfig(model=str(tiny_model_dirs["llama"]), split=1, out=str(tmp_path / "b"), backend="ort",
+                               task="causal_lm", max_batch=8, max_seq=24, ort_training_artifacts=False), progress=False)
+    t = FullModelTrainer(load_bundle(tmp_path / "b"), examples, examples, seed=5, threads=1)
+
+    def hf_loss(batch):  # HF's own mean loss over the response tokens of ``batch``, and how many
+        enc = t.encoder.encode([e.text for e in batch])
+        labels = torch.from_numpy(t.encoder.lm_labels(enc, [e.prompt for e in batch]))
+        with torch.no_grad():
+            out = t.loaded.model(input_ids=torch.from_numpy(enc.input_ids), attention_mask=torch.from_numpy(enc.attention_mask),
+                                 labels=labels)
+        return float(out.loss), int((labels[:, 1:] != -100).sum())
+
+    _, total, nll = t.evaluate()
+    per = [hf_loss([e]) for e in examples]
+    assert total == sum(n for _, n in per) and total < sum(len(e.text.split()) for e in examples)
+    assert nll == pytest.approx(sum(loss * n for loss, n in per), rel=1e-5)
+
+    expected, _ = hf_loss(BatchCursor(examples, 5).next(len(examples)))  # the round's one batch, before its step
+    t.begin_round(RoundSettings(round_id=0, local_steps=1, batch_size=len(examples), lr=1e-3, optimizer="sgd",
+                                align_lambda=0.0, personal=True), None)
+    t.train_local()
+    assert t.stats.loss_sum == pytest.approx(expected, rel=1e-5)
