@@ -181,3 +181,28 @@ def test_plateau_is_the_gain_over_the_last_rounds(tmp_path):
     assert report["plateau"]["flat"]["plateau"] and report["plateau"]["flat"]["gain"] == pytest.approx(0.004)
     md = markdown(SUITES["supersense-a0.1"], rows, report)
     assert "rising +0.200 (+0.200, +0.200) (still rising)" in md and "flat +0.004 (+0.004, +0.004)." in md
+
+
+def test_plateau_needs_every_seed_and_reads_rounds_scored_every_nth(tmp_path):
+    """Devices that score every 4th round (``--score-every 4`` of 16: rounds 3, 7, 11, 15) are measured
+    from the latest scored round at least 3 before the last (11 -> 15); a
+    run is at a plateau only when every seed is: one still improving 4 % beside one 3 % past its best
+    averages under the 1 % bar and is not."""
+    from flexsfl.benchmarks.suite_report import plateau
+
+    def run(name, seed, ppl):  # round -> the devices' mean personal perplexity, where they scored
+        out = tmp_path / name / f"seed{seed}"
+        out.mkdir(parents=True)
+        (out / "rounds.jsonl").write_text("".join(
+            json.dumps({"round": k, "task": "causal_lm", "personal_ppl": ppl.get(k)}) + "\n" for k in range(16)))
+        return {"run": name, "seed": seed, "out": str(out), "clients": 4, "clients_reported": 4, "task": "causal_lm"}
+
+    rows = [run("gaps", 0, {3: 150.0, 7: 120.0, 11: 100.0, 15: 99.5})]
+    got = plateau(rows, "gaps")
+    assert got["per_seed"] == {0: pytest.approx(0.005)} and got["plateau"]  # 100 -> 99.5
+    rows[0] = run("gaps2", 0, {3: 150.0, 7: 120.0, 13: 100.0, 15: 99.5})  # 13 is 2 before the last: from 7
+    assert plateau(rows, "gaps2")["per_seed"] == {0: pytest.approx((120 - 99.5) / 120)}
+    rows = [run("split", 0, {3: 150.0, 12: 100.0, 15: 96.0}), run("split", 1, {3: 150.0, 12: 100.0, 15: 103.0})]
+    got = plateau(rows, "split")
+    assert got["gain"] == pytest.approx(0.005) and got["per_seed"] == {0: pytest.approx(0.04), 1: pytest.approx(-0.03)}
+    assert not got["plateau"]
