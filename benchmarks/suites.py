@@ -15,8 +15,8 @@ the strategies can be compared seed by seed (:mod:`flexsfl.benchmarks.stats`).
 - ``lm``: SmolLM2 fine-tuned on each device's own VADER domain (the LM demo's model and data), scored
   by perplexity (lower is better) on each client's own held-out texts and, for generalization, on the
   other clients'; the LM demo's budget (2 rounds × τ = 6 of B = 4, T ≤ 32), :data:`LM_TEST` test
-  texts per client (the server scores ~20 × that many SmolLM2 texts a run, the devices 2 × 4 ×
-  that many), pinned :data:`LM_SPLITS`. It runs
+  texts per client (the server scores ~20 × that many SmolLM2 texts a run, the devices 4 × that
+  many in every :data:`LM_SCORE_EVERY`-th round and the last), pinned :data:`LM_SPLITS`. It runs
   :data:`LM_RUNS` (U-shaped with one top block, :data:`LM_RUN_CONFIG`); :data:`LM_UNSUITED` says why not the others.
 
 Every suite has the demo's 4 devices (rpi4, rpi4, rpi5, jetson-orin: the planner picks their
