@@ -65,6 +65,9 @@ RUNS: dict[str, dict] = {
     "fedrep": {"strategy": "fedrep", "align_lambda": 0.0},
     "ditto": {"strategy": "ditto", "align_lambda": 0.0},
     "local": {"strategy": "local", "align_lambda": 0.0},
+    # on request only (suites.ON_REQUEST): FlexP-SFL with one server step per 4 client steps (the mean of their
+    # gradients) — with 4 clients, the shared part then takes as many optimizer steps a round as one client does
+    "flexpsfl-k4": {"strategy": "flexpsfl", "align_lambda": ALIGN_LAMBDA, "server_step_every": 4},
 }
 
 

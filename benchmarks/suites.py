@@ -39,8 +39,8 @@ import dataclasses
 
 from flexsfl.sim.config import SimConfig
 
-__all__ = ["Suite", "SUITES", "SUITE_RUNS", "LM_RUNS", "LM_RUN_CONFIG", "LM_UNSUITED", "LM_TEST", "LM_SCORE_EVERY", "suite_runs",
-           "left_out_why", "run_suite"]
+__all__ = ["Suite", "SUITES", "SUITE_RUNS", "LM_RUNS", "LM_RUN_CONFIG", "LM_UNSUITED", "LM_TEST", "LM_SCORE_EVERY",
+           "ON_REQUEST", "suite_runs", "left_out_why", "run_suite"]
 
 # The runs a suite compares, in table order: FlexP-SFL's λ sweep first (λ = 0.1 is the reference
 # of the paired differences), then its baselines. Names are keys of accuracy.RUNS; a name whose
@@ -49,6 +49,9 @@ __all__ = ["Suite", "SUITES", "SUITE_RUNS", "LM_RUNS", "LM_RUN_CONFIG", "LM_UNSU
 SUITE_RUNS = ("flexpsfl", "flexpsfl-l0", "flexpsfl-l0.01", "flexpsfl-l1", "flexpsfl-logit", "flexpsfl-logit-l1",
               "flexpsfl-u", "flexpsfl-u-l0", "flexpsfl-u-l1", "flexpsfl-u-top", "flexpsfl-u-top-l1",
               "splitfed", "fedavg", "fedper", "fedrep", "ditto", "local")
+
+# Runs of accuracy.RUNS that a suite does only when --strategies names them (diagnostics, not baselines)
+ON_REQUEST = ("flexpsfl-k4",)
 
 _FOUR = ("rpi4", "rpi4", "rpi5", "jetson-orin")  # the demo's devices: the planner picks different splits
 # The lm suite's held-out texts per client, as every suite's (>= 200): the server scores ~24 x this many SmolLM2 texts
@@ -131,7 +134,8 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
 
 def suite_runs(requested: str | None, suite: Suite | None = None) -> tuple[list[str], list[str]]:
     """(runs to do, runs left out) for ``--strategies`` on ``suite`` (None: every run of
-    :data:`SUITE_RUNS`, then any other of ``accuracy.RUNS``; a suite with its own ``runs``: those).
+    :data:`SUITE_RUNS`, then any other of ``accuracy.RUNS`` but :data:`ON_REQUEST`; a suite with its
+    own ``runs``: those).
     Left out: a run whose strategy the server does not have (yet), or one the suite names unsuited
     (:meth:`left_out_why` says why)."""
     from flexsfl.benchmarks.accuracy import RUNS
@@ -148,7 +152,7 @@ def suite_runs(requested: str | None, suite: Suite | None = None) -> tuple[list[
     elif suite is not None and suite.runs != SUITE_RUNS:
         names = [n for n in suite.runs if n in RUNS] + sorted(unsuited)
     else:
-        names = [n for n in SUITE_RUNS if n in RUNS] + [n for n in RUNS if n not in SUITE_RUNS]
+        names = [n for n in SUITE_RUNS if n in RUNS] + [n for n in RUNS if n not in SUITE_RUNS and n not in ON_REQUEST]
     ok = lambda n: RUNS[n]["strategy"] in STRATEGIES and n not in unsuited  # noqa: E731
     return [n for n in names if ok(n)], [n for n in names if not ok(n)]
 

@@ -92,3 +92,4 @@ def test_the_lm_suite_runs_what_means_the_same_for_a_causal_lm():
     names, left = suite_runs("flexpsfl,ditto", lm)  # asked for, still left out, with its reason
     assert names == ["flexpsfl"] and left == ["ditto"] and "v_k" in left_out_why(lm, left)["ditto"]
     assert suite_runs(None, SUITES["domains"]) == suite_runs(None)  # the classification suites: unchanged
+    assert "flexpsfl-k4" not in suite_runs(None)[0] and suite_runs("flexpsfl-k4", lm) == (["flexpsfl-k4"], [])  # on request
