@@ -52,8 +52,8 @@ LM_PAIRED = ("personal_ppl", "generalization_ppl")
 # a run in which some client's report was lost (a reconnect under load) has them for part of the clients only
 CLIENT_SIDE = ("personal_acc", "device_s", "mb", "eval_mb")
 # Trained to a plateau: the personal accuracy gained over the last PLATEAU_ROUNDS rounds is under PLATEAU_GAIN in
-# every seed (for a causal LM: the personal perplexity fell by less than that fraction over them); where the devices score every
-# N-th round only (--score-every), over the span from the latest scored round at least that many rounds before the last
+# every seed (for a causal LM: the personal perplexity fell by less than that fraction over them); where the devices
+# score every N-th round only (--score-every), from the latest scored round at least that many rounds before the last
 PLATEAU_ROUNDS, PLATEAU_GAIN = 3, 0.01
 
 
@@ -82,8 +82,9 @@ def _iv(iv: Interval, per_seed: dict | None = None) -> dict:
 
 def plateau(rows: Sequence[dict], run: str) -> dict | None:
     """How much run ``run`` still gained at the end: the mean over its complete seeds of its clients'
-    mean personal accuracy at the last round minus :data:`PLATEAU_ROUNDS` rounds before (a causal
-    LM: the relative fall of its personal perplexity), ``{"gain", "per_seed", "plateau"}``; a
+    mean personal accuracy at the last scored round minus the latest scored round at least
+    :data:`PLATEAU_ROUNDS` rounds before it (a causal LM: the relative fall of its personal
+    perplexity), ``{"gain", "per_seed", "plateau"}``; a
     plateau when every seed gained under :data:`PLATEAU_GAIN`. None when no seed has that many
     scored rounds."""
     key = "personal_ppl" if is_lm(rows) else "personal_acc"
