@@ -24,7 +24,7 @@ import numpy as np
 from flexsfl.benchmarks.stats import Interval, paired_difference, t_interval, verdict
 from flexsfl.sim.results import FINE_TUNE, OWN_MODEL
 
-__all__ = ["METRICS", "PAIRED", "LM_METRICS", "LM_PAIRED", "CLIENT_SIDE", "FINE_TUNED", "NO_FINE_TUNE", "PLATEAU_ROUNDS", "PLATEAU_GAIN", "is_lm",
+__all__ = ["METRICS", "PAIRED", "LM_METRICS", "LM_PAIRED", "CLIENT_SIDE", "FINE_TUNED", "NO_FINE_TUNE", "PLATEAU_ROUNDS", "PLATEAU_WINDOW", "PLATEAU_GAIN", "is_lm",
            "incomplete", "plateau", "summarize", "markdown", "plot_suite"]
 
 # metric -> column title; every one gets a mean ± 95% CI over seeds
@@ -51,10 +51,12 @@ LM_PAIRED = ("personal_ppl", "generalization_ppl")
 # the metrics the clients report (personal accuracy, and the device clock and bytes built from their reports):
 # a run in which some client's report was lost (a reconnect under load) has them for part of the clients only
 CLIENT_SIDE = ("personal_acc", "device_s", "mb", "eval_mb")
-# Trained to a plateau: the personal accuracy gained over the last PLATEAU_ROUNDS rounds is under PLATEAU_GAIN in
-# every seed (for a causal LM: the personal perplexity fell by less than that fraction over them); where the devices
-# score every N-th round only (--score-every), from the latest scored round at least that many rounds before the last
-PLATEAU_ROUNDS, PLATEAU_GAIN = 3, 0.01
+# Trained to a plateau: the trend of personal accuracy over the last PLATEAU_WINDOW rounds (a least-squares line
+# through the rounds the devices scored in them) gains under PLATEAU_GAIN per PLATEAU_ROUNDS rounds in every seed
+# (a causal LM: its personal perplexity falls by less than that fraction of its mean over them). A trend, not the
+# difference of two rounds: at 4 x 200 test examples a round's mean accuracy has a sampling error of ~0.01-0.02,
+# as large as the bar, so two rounds' difference called noise "still rising" (and a rise a plateau) by chance
+PLATEAU_ROUNDS, PLATEAU_WINDOW, PLATEAU_GAIN = 3, 10, 0.01
 
 
 def is_lm(rows: Sequence[dict]) -> bool:
@@ -81,23 +83,26 @@ def _iv(iv: Interval, per_seed: dict | None = None) -> dict:
 
 
 def plateau(rows: Sequence[dict], run: str) -> dict | None:
-    """How much run ``run`` still gained at the end: the mean over its complete seeds of its clients'
-    mean personal accuracy at the last scored round minus the latest scored round at least
-    :data:`PLATEAU_ROUNDS` rounds before it (a causal LM: the relative fall of its personal
-    perplexity), ``{"gain", "per_seed", "plateau"}``; a
-    plateau when every seed gained under :data:`PLATEAU_GAIN`. None when no seed has that many
-    scored rounds."""
+    """How much run ``run`` still gains at the end, ``{"gain", "per_seed", "plateau"}``: per complete seed,
+    the slope of a least-squares line through its clients' mean personal accuracy at the rounds scored in
+    its last :data:`PLATEAU_WINDOW` rounds, times :data:`PLATEAU_ROUNDS` (a causal LM: the fall of its
+    personal perplexity so measured, over the window's mean perplexity); ``gain`` is the mean over seeds.
+    A plateau when every seed gains under :data:`PLATEAU_GAIN`. A seed needs two scored rounds in the
+    window at least :data:`PLATEAU_ROUNDS` apart; None when no seed has them."""
     key = "personal_ppl" if is_lm(rows) else "personal_acc"
     per_seed = {}
     for r in rows:
         if r["run"] != run or incomplete(r) or not r.get("out") or not (pathlib.Path(r["out"]) / "rounds.jsonl").is_file():
             continue
         scored = [(x["round"], x[key]) for x in _rounds(r["out"]) if x.get(key) is not None]
-        # against the latest scored round at least PLATEAU_ROUNDS before the last (devices may score every N-th round)
-        before = [y for n, y in scored if n <= scored[-1][0] - PLATEAU_ROUNDS]
-        if before:
-            a, b = before[-1], scored[-1][1]
-            per_seed[r["seed"]] = (a - b) / a if key == "personal_ppl" else b - a
+        if not scored:
+            continue
+        window = [(n, y) for n, y in scored if n > scored[-1][0] - PLATEAU_WINDOW]  # devices may score every N-th round
+        if len(window) < 2 or window[-1][0] - window[0][0] < PLATEAU_ROUNDS:
+            continue
+        n, y = (np.asarray(v, dtype=float) for v in zip(*window))
+        slope = float(np.sum((n - n.mean()) * (y - y.mean())) / np.sum((n - n.mean()) ** 2))
+        per_seed[r["seed"]] = -slope * PLATEAU_ROUNDS / float(y.mean()) if key == "personal_ppl" else slope * PLATEAU_ROUNDS
     if not per_seed:
         return None
     gain = float(np.mean(list(per_seed.values())))
@@ -190,7 +195,8 @@ def markdown(suite, rows: Sequence[dict], report: dict, left_out: Sequence[str] 
             out.append(f"| {FLOOR} | — | — | — | — | — | — |")
     if report.get("plateau"):
         what = ("relative fall of personal perplexity" if lm else "personal accuracy gained")
-        out += ["", f"Trained to a plateau? The {what} over (at least) the last {PLATEAU_ROUNDS} rounds, mean over seeds "
+        out += ["", f"Trained to a plateau? The {what} per {PLATEAU_ROUNDS} rounds at the trend of the last "
+                    f"{PLATEAU_WINDOW} rounds (a least-squares line through the rounds scored), mean over seeds "
                     f"(under {PLATEAU_GAIN:g} in every seed: a plateau): "
                 + "; ".join(f"{run} {p['gain']:+.3f} ({', '.join(f'{v:+.3f}' for _, v in sorted(p['per_seed'].items()))})"
                             f"{'' if p['plateau'] else (' (still falling)' if lm else ' (still rising)')}"

@@ -153,12 +153,17 @@ def test_a_perplexity_suite_lower_is_better_and_no_floor(tmp_path):
     assert png.stat().st_size > 10_000
 
 
-def test_plateau_is_the_gain_over_the_last_rounds(tmp_path):
-    """A run whose personal accuracy still rises over its last 3 rounds is "still rising"; one that
-    gained under 0.01 over them is at a plateau; a run with too few rounds has no verdict."""
+def test_plateau_is_the_trend_of_the_last_rounds(tmp_path):
+    """The gain per 3 rounds of a least-squares line through the last 10 rounds: a steady rise of 0.004
+    a round (0.012 per 3) is "still rising"; a flat run whose rounds scatter ±0.02 by sampling noise is a
+    plateau, though its last round is 0.04 above the one 3 before it; a rise before the window does not
+    count; a run with too few rounds has no verdict."""
     from flexsfl.benchmarks.suite_report import plateau
 
-    curves = {"rising": [0.4, 0.6, 0.7, 0.75, 0.8], "flat": [0.4, 0.8, 0.85, 0.852, 0.856], "short": [0.5, 0.6]}
+    scatter = [1, -1, 1, -1, 1, 1, -1, 1, -1, 1]  # symmetric about its middle: a least-squares slope of 0
+    curves = {"rising": [0.4 + 0.05 * k for k in range(5)], "slow": [0.7 + 0.004 * k for k in range(12)],
+              "noisy": [0.8 + 0.02 * e for e in scatter], "late": [0.1, 0.3, 0.5] + [0.8] * 10, "short": [0.5, 0.6]}
+    assert curves["noisy"][-1] - curves["noisy"][-4] == pytest.approx(0.04)
     rows = []
     for run, ys in curves.items():
         for seed, shift in enumerate((0.0, 0.01)):
@@ -168,26 +173,24 @@ def test_plateau_is_the_gain_over_the_last_rounds(tmp_path):
                                                       for k, y in enumerate(ys)))
             rows.append({"run": run, "seed": seed, "out": str(out), "clients": 4, "clients_reported": 4, "splits": "1,5",
                          "personal_acc": ys[-1] + shift})
-    rising, flat = plateau(rows, "rising"), plateau(rows, "flat")
-    assert rising["gain"] == pytest.approx(0.8 - 0.6) and not rising["plateau"]
-    assert flat["gain"] == pytest.approx(0.856 - 0.8) and not flat["plateau"]  # 0.056 over 3 rounds: not flat yet
-    assert plateau(rows, "short") is None
-    rows = [r for r in rows if r["run"] != "short"]
-    for r in rows:  # the flat run's last three rounds within 0.006
-        if r["run"] == "flat":
-            (pathlib.Path(r["out"]) / "rounds.jsonl").write_text("".join(
-                json.dumps({"round": k, "personal_acc": y}) + "\n" for k, y in enumerate([0.4, 0.8, 0.85, 0.852, 0.853, 0.854])))
-    report = summarize(rows, reference="rising")
-    assert report["plateau"]["flat"]["plateau"] and report["plateau"]["flat"]["gain"] == pytest.approx(0.004)
+    got = {run: plateau(rows, run) for run in curves}
+    assert got["rising"]["gain"] == pytest.approx(0.15) and not got["rising"]["plateau"]
+    assert got["slow"]["per_seed"] == pytest.approx({0: 0.012, 1: 0.012}) and not got["slow"]["plateau"]
+    assert got["noisy"]["gain"] == pytest.approx(0.0, abs=1e-12) and got["noisy"]["plateau"]
+    assert got["late"]["gain"] == pytest.approx(0.0, abs=1e-12) and got["late"]["plateau"]
+    assert got["short"] is None
+    report = summarize([r for r in rows if r["run"] != "short"], reference="rising")
+    assert set(report["plateau"]) == {"rising", "slow", "noisy", "late"}
     md = markdown(SUITES["supersense-a0.1"], rows, report)
-    assert "rising +0.200 (+0.200, +0.200) (still rising)" in md and "flat +0.004 (+0.004, +0.004)." in md
+    assert "rising +0.150 (+0.150, +0.150) (still rising)" in md and "slow +0.012 (+0.012, +0.012) (still rising)" in md
+    assert "at the trend of the last 10 rounds" in md
 
 
 def test_plateau_needs_every_seed_and_reads_rounds_scored_every_nth(tmp_path):
     """Devices that score every 4th round (``--score-every 4`` of 16: rounds 3, 7, 11, 15) are measured
-    from the latest scored round at least 3 before the last (11 -> 15); a
-    run is at a plateau only when every seed is: one still improving 4 % beside one 3 % past its best
-    averages under the 1 % bar and is not."""
+    on the scored rounds of the last 10 (7, 11, 15), as the relative fall of perplexity; a run is at a
+    plateau only when every seed is: one still falling 3 % per 3 rounds beside one rising as fast
+    averages 0 and is not."""
     from flexsfl.benchmarks.suite_report import plateau
 
     def run(name, seed, ppl):  # round -> the devices' mean personal perplexity, where they scored
@@ -197,12 +200,12 @@ def test_plateau_needs_every_seed_and_reads_rounds_scored_every_nth(tmp_path):
             json.dumps({"round": k, "task": "causal_lm", "personal_ppl": ppl.get(k)}) + "\n" for k in range(16)))
         return {"run": name, "seed": seed, "out": str(out), "clients": 4, "clients_reported": 4, "task": "causal_lm"}
 
-    rows = [run("gaps", 0, {3: 150.0, 7: 120.0, 11: 100.0, 15: 99.5})]
-    got = plateau(rows, "gaps")
-    assert got["per_seed"] == {0: pytest.approx(0.005)} and got["plateau"]  # 100 -> 99.5
-    rows[0] = run("gaps2", 0, {3: 150.0, 7: 120.0, 13: 100.0, 15: 99.5})  # 13 is 2 before the last: from 7
-    assert plateau(rows, "gaps2")["per_seed"] == {0: pytest.approx((120 - 99.5) / 120)}
-    rows = [run("split", 0, {3: 150.0, 12: 100.0, 15: 96.0}), run("split", 1, {3: 150.0, 12: 100.0, 15: 103.0})]
+    # 7, 11, 15 -> 120, 100, 99.5: slope (-4 * 120 + 4 * 99.5) / 32 = -2.5625 a round, mean 106.5
+    got = plateau([run("falling", 0, {3: 150.0, 7: 120.0, 11: 100.0, 15: 99.5})], "falling")
+    assert got["per_seed"] == {0: pytest.approx(3 * 2.5625 / 106.5)} and not got["plateau"]
+    got = plateau([run("flat", 0, {3: 150.0, 7: 100.5, 11: 100.0, 15: 99.5})], "flat")  # 150 is outside the window
+    assert got["per_seed"] == {0: pytest.approx(3 * 0.125 / 100.0)} and got["plateau"]
+    rows = [run("split", 0, {3: 150.0, 7: 104.0, 11: 100.0, 15: 96.0}), run("split", 1, {3: 150.0, 7: 96.0, 11: 100.0, 15: 104.0})]
     got = plateau(rows, "split")
-    assert got["gain"] == pytest.approx(0.005) and got["per_seed"] == {0: pytest.approx(0.04), 1: pytest.approx(-0.03)}
+    assert got["gain"] == pytest.approx(0.0) and got["per_seed"] == {0: pytest.approx(0.03), 1: pytest.approx(-0.03)}
     assert not got["plateau"]
