@@ -24,7 +24,7 @@ import numpy as np
 from flexsfl.benchmarks.stats import Interval, paired_difference, t_interval, verdict
 from flexsfl.sim.results import FINE_TUNE, OWN_MODEL
 
-__all__ = ["METRICS", "PAIRED", "LM_METRICS", "LM_PAIRED", "CLIENT_SIDE", "FINE_TUNED", "NO_FINE_TUNE", "PLATEAU_ROUNDS", "PLATEAU_WINDOW", "PLATEAU_GAIN", "is_lm",
+__all__ = ["METRICS", "PAIRED", "LM_METRICS", "LM_PAIRED", "CLIENT_SIDE", "FINE_TUNED", "NO_FINE_TUNE", "PLATEAU_ROUNDS", "PLATEAU_PART", "PLATEAU_GAIN", "is_lm",
            "incomplete", "plateau", "summarize", "markdown", "plot_suite"]
 
 # metric -> column title; every one gets a mean ± 95% CI over seeds
@@ -51,12 +51,13 @@ LM_PAIRED = ("personal_ppl", "generalization_ppl")
 # the metrics the clients report (personal accuracy, and the device clock and bytes built from their reports):
 # a run in which some client's report was lost (a reconnect under load) has them for part of the clients only
 CLIENT_SIDE = ("personal_acc", "device_s", "mb", "eval_mb")
-# Trained to a plateau: the trend of personal accuracy over the last PLATEAU_WINDOW rounds (a least-squares line
-# through the rounds the devices scored in them) gains under PLATEAU_GAIN per PLATEAU_ROUNDS rounds in every seed
+# Trained to a plateau: the trend of personal accuracy over the last third of the run (at least PLATEAU_ROUNDS + 1
+# rounds; a least-squares line through the rounds the devices scored in them) gains under PLATEAU_GAIN per
+# PLATEAU_ROUNDS rounds in every seed
 # (a causal LM: its personal perplexity falls by less than that fraction of its mean over them). A trend, not the
 # difference of two rounds: at 4 x 200 test examples a round's mean accuracy has a sampling error of ~0.01-0.02,
 # as large as the bar, so two rounds' difference called noise "still rising" (and a rise a plateau) by chance
-PLATEAU_ROUNDS, PLATEAU_WINDOW, PLATEAU_GAIN = 3, 10, 0.01
+PLATEAU_ROUNDS, PLATEAU_PART, PLATEAU_GAIN = 3, 3, 0.01  # the last 1/PLATEAU_PART
 
 
 def is_lm(rows: Sequence[dict]) -> bool:
@@ -85,7 +86,8 @@ def _iv(iv: Interval, per_seed: dict | None = None) -> dict:
 def plateau(rows: Sequence[dict], run: str) -> dict | None:
     """How much run ``run`` still gains at the end, ``{"gain", "per_seed", "plateau"}``: per complete seed,
     the slope of a least-squares line through its clients' mean personal accuracy at the rounds scored in
-    its last :data:`PLATEAU_WINDOW` rounds, times :data:`PLATEAU_ROUNDS` (a causal LM: the fall of its
+    the last 1/:data:`PLATEAU_PART` of its rounds (at least ``PLATEAU_ROUNDS + 1``), times
+    :data:`PLATEAU_ROUNDS` (a causal LM: the fall of its
     personal perplexity so measured, over the window's mean perplexity); ``gain`` is the mean over seeds.
     A plateau when every seed gains under :data:`PLATEAU_GAIN`. A seed needs two scored rounds in the
     window at least :data:`PLATEAU_ROUNDS` apart; None when no seed has them."""
@@ -97,7 +99,9 @@ def plateau(rows: Sequence[dict], run: str) -> dict | None:
         scored = [(x["round"], x[key]) for x in _rounds(r["out"]) if x.get(key) is not None]
         if not scored:
             continue
-        window = [(n, y) for n, y in scored if n > scored[-1][0] - PLATEAU_WINDOW]  # devices may score every N-th round
+        last = scored[-1][0]  # the run's last round: devices score it whatever their --score-every
+        width = max(PLATEAU_ROUNDS + 1, -(-(last + 1) // PLATEAU_PART))  # rounds, rounded up
+        window = [(n, y) for n, y in scored if n > last - width]  # devices may score every N-th round
         if len(window) < 2 or window[-1][0] - window[0][0] < PLATEAU_ROUNDS:
             continue
         n, y = (np.asarray(v, dtype=float) for v in zip(*window))
@@ -195,8 +199,8 @@ def markdown(suite, rows: Sequence[dict], report: dict, left_out: Sequence[str] 
             out.append(f"| {FLOOR} | — | — | — | — | — | — |")
     if report.get("plateau"):
         what = ("relative fall of personal perplexity" if lm else "personal accuracy gained")
-        out += ["", f"Trained to a plateau? The {what} per {PLATEAU_ROUNDS} rounds at the trend of the last "
-                    f"{PLATEAU_WINDOW} rounds (a least-squares line through the rounds scored), mean over seeds "
+        out += ["", f"Trained to a plateau? The {what} per {PLATEAU_ROUNDS} rounds at the trend of the run's last "
+                    f"third (a least-squares line through the rounds scored in it), mean over seeds "
                     f"(under {PLATEAU_GAIN:g} in every seed: a plateau): "
                 + "; ".join(f"{run} {p['gain']:+.3f} ({', '.join(f'{v:+.3f}' for _, v in sorted(p['per_seed'].items()))})"
                             f"{'' if p['plateau'] else (' (still falling)' if lm else ' (still rising)')}"

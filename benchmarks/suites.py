@@ -22,7 +22,7 @@ the strategies can be compared seed by seed (:mod:`flexsfl.benchmarks.stats`).
 Every suite has the demo's 4 devices (rpi4, rpi4, rpi5, jetson-orin: the planner picks their
 splits) and is sized for a shared 2-core machine: MiniLM, T ≤ 48, 10 rounds × τ = 10 steps of
 B = 8 (two passes over ≤ 400 training examples per client; the report says how much each run
-still gains per 3 rounds at the trend of its last 10, :func:`~flexsfl.benchmarks.suite_report.plateau`: at
+still gains per 3 rounds at the trend of its last third, :func:`~flexsfl.benchmarks.suite_report.plateau`: at
 this budget the split strategies still gain, the whole-model ones much more — not a plateau), exactly
 200 test examples per client. The clients run as tasks of the
 benchmark's process (``in_process``: the same websocket transport on loopback, without six
