@@ -63,7 +63,7 @@ from flexsfl.sim.eager_backend import full_model_trainer
 from flexsfl.sim.evaluation import Evaluator, accuracy_of, label_prior_accuracies
 from flexsfl.sim.results import collect, plot
 
-__all__ = ["simulate", "bundle_for"]
+__all__ = ["simulate", "bundle_for", "server_scores"]
 
 log = logging.getLogger("flexsfl.simulate")
 
@@ -142,6 +142,12 @@ def _code_version() -> str:
     return h.hexdigest()[:12]
 
 
+def server_scores(r: int, every: int, rounds: int) -> bool:
+    """Whether the server scores round ``r`` (0-based) of ``rounds``: every ``every``-th round and the last;
+    ``every`` 0 scores the last only (unlike ``--score-every``, whose 0 is not allowed)."""
+    return bool(every and r % every == every - 1) or r == rounds - 1
+
+
 class _RoundEval:
     """The server's end-of-round evaluation (runs on its compute thread)."""
 
@@ -172,18 +178,20 @@ class _RoundEval:
                         "generalization_ppl": self.ev.perplexity(others, personal).perplexity if others else None}
         return out
 
+    def _due(self, r: int) -> bool:
+        return server_scores(r, self.cfg.eval_every, self.cfg.rounds)
+
     def __call__(self, r: int, uploads: dict) -> dict:
         cfg = self.cfg
         if self.lm:
             for cid, u in uploads.items():
                 self.personal[cid] = u.params
-            due = (cfg.eval_every and r % cfg.eval_every == cfg.eval_every - 1) or r == cfg.rounds - 1
-            return {"lm": self._lm()} if due else {}
+            return {"lm": self._lm()} if self._due(r) else {}
         if STRATEGIES[cfg.strategy].uploads_own_model:  # else (Ditto) the personal model never leaves the device
             for cid, u in uploads.items():
                 self.personal[cid] = u.params
         last = cfg.rounds - 1
-        due = (cfg.eval_every and r % cfg.eval_every == cfg.eval_every - 1) or r == last
+        due = self._due(r)
         out: dict[str, Any] = {}
         if cfg.global_every_round or due:
             # The global model once on the union test set, which is the clients' own splits one after another:

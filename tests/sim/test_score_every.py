@@ -10,14 +10,14 @@ import json
 import pytest
 
 from flexsfl.cli.main import main
-from tests.sim.test_user_csv import _args, _ten_class_csv
+from tests.sim.user_csv import simulate_args, ten_class_csv
 
 
 @pytest.mark.parametrize("strategy", ["flexpsfl", "fedavg"])
 def test_devices_score_only_the_rounds_the_server_asks(strategy, tiny_model_dirs, tmp_path, monkeypatch):
     monkeypatch.setenv("FLEXSFL_CACHE", str(tmp_path / "cache"))
-    csv = _ten_class_csv(tmp_path / "ten.csv")
-    args = _args(tmp_path, tiny_model_dirs["llama"], csv, "--strategy", strategy, "--score-every", "2")
+    csv = ten_class_csv(tmp_path / "ten.csv")
+    args = simulate_args(tmp_path, tiny_model_dirs["llama"], csv, "--strategy", strategy, "--score-every", "2")
     args[args.index("--rounds") + 1] = "3"
     assert main(args) == 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]

@@ -39,3 +39,13 @@ def test_bad_config_is_one_clear_error():
 
     with pytest.raises(ConfigError, match="splits needs 1 or 3"):
         SimConfig(clients=3, splits=(1, 2))
+
+
+def test_server_scores_every_nth_round_and_the_last():
+    """``--eval-every N``: the server scores rounds N-1, 2N-1, … and always the last; 0 scores the last only."""
+    from flexsfl.sim.simulate import server_scores
+
+    assert [r for r in range(10) if server_scores(r, 4, 10)] == [3, 7, 9]
+    assert [r for r in range(10) if server_scores(r, 1, 10)] == list(range(10))
+    assert [r for r in range(10) if server_scores(r, 0, 10)] == [9]
+    assert [r for r in range(8) if server_scores(r, 4, 8)] == [3, 7]

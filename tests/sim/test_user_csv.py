@@ -9,26 +9,13 @@ import json
 import pytest
 
 from flexsfl.cli.main import main
-
-
-def _ten_class_csv(path, n=120):
-    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
-    lines = ["text,label"] + [f"item {i} is about {words[i % 10]} {words[(i * 7) % 10]},{i % 10}" for i in range(n)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _args(tmp_path, model, csv, *extra):
-    return ["simulate", "--model", str(model), "--data", str(csv), "--partition", "iid", "--clients", "2",
-            "--rounds", "2", "--local-steps", "2", "--batch-size", "4", "--splits", "1", "--profiles", "rpi4,rpi5",
-            "--max-train", "40", "--max-test", "20", "--max-seq", "16", "--in-process",
-            "--out", str(tmp_path / "run"), *extra]
+from tests.sim.user_csv import simulate_args, ten_class_csv
 
 
 def test_ten_class_csv_without_groups_end_to_end(tiny_model_dirs, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("FLEXSFL_CACHE", str(tmp_path / "cache"))
-    csv = _ten_class_csv(tmp_path / "ten.csv")
-    assert main(_args(tmp_path, tiny_model_dirs["llama"], csv)) == 0
+    csv = ten_class_csv(tmp_path / "ten.csv")
+    assert main(simulate_args(tmp_path, tiny_model_dirs["llama"], csv)) == 0
     out = capsys.readouterr().out
     assert "c0" in out and "c1" in out and "device time" in out  # the final table (no IndexError without groups)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -55,8 +42,8 @@ def test_ten_class_csv_without_groups_end_to_end(tiny_model_dirs, tmp_path, caps
 
 def test_labels_outside_num_labels_are_refused_before_any_export(tiny_model_dirs, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("FLEXSFL_CACHE", str(tmp_path / "cache"))
-    csv = _ten_class_csv(tmp_path / "ten.csv")
-    rc = main(_args(tmp_path, tiny_model_dirs["llama"], csv, "--num-labels", "5"))
+    csv = ten_class_csv(tmp_path / "ten.csv")
+    rc = main(simulate_args(tmp_path, tiny_model_dirs["llama"], csv, "--num-labels", "5"))
     err = capsys.readouterr().err
     assert rc != 0 and "label 5 is out of range; labels must be 0..4" in err, err
     assert not (tmp_path / "cache" / "bundles").exists()
