@@ -51,13 +51,13 @@ LM_PAIRED = ("personal_ppl", "generalization_ppl")
 # the metrics the clients report (personal accuracy, and the device clock and bytes built from their reports):
 # a run in which some client's report was lost (a reconnect under load) has them for part of the clients only
 CLIENT_SIDE = ("personal_acc", "device_s", "mb", "eval_mb")
-# Trained to a plateau: the trend of personal accuracy over the last third of the run (at least PLATEAU_ROUNDS + 1
-# rounds; a least-squares line through the rounds the devices scored in them) gains under PLATEAU_GAIN per
-# PLATEAU_ROUNDS rounds in every seed
-# (a causal LM: its personal perplexity falls by less than that fraction of its mean over them). A trend, not the
-# difference of two rounds: at 4 x 200 test examples a round's mean accuracy has a sampling error of ~0.01-0.02,
-# as large as the bar, so two rounds' difference called noise "still rising" (and a rise a plateau) by chance
-PLATEAU_ROUNDS, PLATEAU_PART, PLATEAU_GAIN = 3, 3, 0.01  # the last 1/PLATEAU_PART
+# Trained to a plateau: the trend of personal accuracy over the last 1/PLATEAU_PART of the run (at least
+# PLATEAU_ROUNDS + 1 rounds; a least-squares line through the rounds the devices scored in them) gains under
+# PLATEAU_GAIN per PLATEAU_ROUNDS rounds in every seed (a causal LM: its personal perplexity falls by less than that
+# fraction of its mean over them). A trend, not the difference of two rounds: at 4 x 200 test examples a round's
+# mean accuracy has a sampling error of ~0.01-0.02, as large as the bar, so two rounds' difference called noise
+# "still rising" (and a rise a plateau) by chance. markdown() says "third": keep them together
+PLATEAU_ROUNDS, PLATEAU_PART, PLATEAU_GAIN = 3, 3, 0.01
 
 
 def is_lm(rows: Sequence[dict]) -> bool:
