@@ -51,9 +51,15 @@ from flexsfl.core.wire import RoundMode
 from flexsfl.server_backend.aggregation import AGGREGATIONS, ClientUpdate, fedavg, holds, layerwise_fedavg
 
 __all__ = ["TrainConfig", "RoundPlan", "StrategyHost", "Strategy", "FlexPSFL", "FlexPSFLU", "SplitFed", "FedAvg",
-           "LocalOnly", "STRATEGIES", "TOPOLOGIES", "make_strategy", "client_params"]
+           "LocalOnly", "STRATEGIES", "TOPOLOGIES", "make_strategy", "client_params", "every_nth_and_last"]
 
 TOPOLOGIES = ("head-tail", "u")  # head-tail: the server holds the output (and sees labels); u: the device does
+
+
+def every_nth_and_last(r: int, every: int, rounds: int) -> bool:
+    """Whether round ``r`` (0-based) is one of every ``every``-th (the N-th, 2N-th, ...; 0: none) or the
+    last of ``rounds`` (0: a run without a round count has no last)."""
+    return bool(every and (r + 1) % every == 0) or (rounds > 0 and r == rounds - 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +109,7 @@ class TrainConfig:
     def scores(self, r: int) -> bool:
         """Whether round ``r``'s devices score their own test split: every ``score_every``-th round
         (the N-th, 2N-th, ...) and the last of a run with a round count."""
-        return (r + 1) % self.score_every == 0 or (self.rounds > 0 and r == self.rounds - 1)
+        return every_nth_and_last(r, self.score_every, self.rounds)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,7 +53,7 @@ from flexsfl.model.loading import load_model
 from flexsfl.server_backend.clients import ClientRegistry, add_client
 from flexsfl.server_backend.server import FlexServer, ServerConfig
 from flexsfl.server_backend.state import ServerState
-from flexsfl.server_backend.strategy import STRATEGIES, TrainConfig, make_strategy
+from flexsfl.server_backend.strategy import STRATEGIES, TrainConfig, every_nth_and_last, make_strategy
 from flexsfl.server_backend.tail_host import OptimizerConfig, TailHost
 from flexsfl.sim.bundles import export_cached, export_missing
 from flexsfl.sim.config import SimConfig
@@ -63,7 +63,7 @@ from flexsfl.sim.eager_backend import full_model_trainer
 from flexsfl.sim.evaluation import Evaluator, accuracy_of, label_prior_accuracies
 from flexsfl.sim.results import collect, plot
 
-__all__ = ["simulate", "bundle_for", "server_scores"]
+__all__ = ["simulate", "bundle_for"]
 
 log = logging.getLogger("flexsfl.simulate")
 
@@ -142,12 +142,6 @@ def _code_version() -> str:
     return h.hexdigest()[:12]
 
 
-def server_scores(r: int, every: int, rounds: int) -> bool:
-    """Whether the server scores round ``r`` (0-based) of ``rounds``: every ``every``-th round and the last;
-    ``every`` 0 scores the last only (unlike ``--score-every``, whose 0 is not allowed)."""
-    return bool(every and r % every == every - 1) or r == rounds - 1
-
-
 class _RoundEval:
     """The server's end-of-round evaluation (runs on its compute thread)."""
 
@@ -179,7 +173,8 @@ class _RoundEval:
         return out
 
     def _due(self, r: int) -> bool:
-        return server_scores(r, self.cfg.eval_every, self.cfg.rounds)
+        """Whether the server scores round ``r``: every ``eval_every``-th and the last (``eval_every`` 0: the last only)."""
+        return every_nth_and_last(r, self.cfg.eval_every, self.cfg.rounds)
 
     def __call__(self, r: int, uploads: dict) -> dict:
         cfg = self.cfg

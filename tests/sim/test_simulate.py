@@ -42,8 +42,9 @@ def test_bad_config_is_one_clear_error():
 
 
 def test_server_scores_every_nth_round_and_the_last():
-    """``--eval-every N``: the server scores rounds N-1, 2N-1, … and always the last; 0 scores the last only."""
-    from flexsfl.sim.simulate import server_scores
+    """``--eval-every N``: the server scores rounds N-1, 2N-1, … and always the last; 0 scores the last only
+    (the rule ``--score-every`` shares, TrainConfig.scores)."""
+    from flexsfl.server_backend.strategy import every_nth_and_last as server_scores
 
     assert [r for r in range(10) if server_scores(r, 4, 10)] == [3, 7, 9]
     assert [r for r in range(10) if server_scores(r, 1, 10)] == list(range(10))
